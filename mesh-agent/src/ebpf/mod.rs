@@ -1,0 +1,21 @@
+//! The kernel side of the data path as seen from userspace: the embedded eBPF object, loading it,
+//! attaching its programs and reading its maps.
+
+mod counters;
+mod datapath;
+mod error;
+mod tc;
+
+pub use counters::CounterSnapshot;
+pub use datapath::{Datapath, ObjectEntry};
+pub use error::DatapathError;
+pub use tc::{TcAttachment, TcHook};
+
+/// The compiled `mesh-ebpf` object (ELF with BTF), embedded at build time by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// Names of the programs in [`OBJECT`], as `bpftool prog show` lists them.
+pub mod programs {
+    /// tc program that counts frames by family and size and never changes their fate.
+    pub const TC_OBSERVE: &str = "mesh_tc_observe";
+}

@@ -1,0 +1,6 @@
+//! mesh-agent: a sidecarless, eBPF-accelerated service mesh agent speaking Istio's APIs and HBONE.
+//!
+//! The crate is a library (so end-to-end tests can drive pieces of it in-process) plus the
+//! `mesh-agent` binary. See docs/ARCHITECTURE.md for where each concern lives.
+
+pub mod ebpf;

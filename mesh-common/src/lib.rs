@@ -1,0 +1,12 @@
+//! Types and constants shared by `mesh-ebpf` (kernel side) and `mesh-agent` (userspace).
+//!
+//! Everything here is `#![no_std]` and `#[repr(C)]`/plain integers so the same definitions describe
+//! the map layouts on both sides of the kernel boundary.
+#![no_std]
+
+pub mod counters;
+
+pub use counters::Counter;
+
+/// Name of the per-CPU array that holds the data path's per-reason counters.
+pub const COUNTERS_MAP: &str = "MESH_COUNTERS";

@@ -1,0 +1,133 @@
+//! `cargo xtask`: the project's automation. Every command a README tells a person to run is here.
+mod cmd;
+mod setup;
+mod testbed;
+
+use std::{env, path::PathBuf, process::Command};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "mesh-agent project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, Debian packages).
+    /// Idempotent: a second run changes nothing.
+    Setup,
+    /// Build the workspace (runs setup first if anything is missing).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// THE test command: setup if needed, lints, then every unit and end-to-end test
+    /// (privileged ones too when run as root).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Leave a named network-namespace mini-cluster running to poke at, inspect it, remove it.
+    Testbed {
+        #[command(subcommand)]
+        command: testbed::TestbedCmd,
+    },
+}
+
+fn main() -> Result<()> {
+    add_cargo_bin_to_path();
+    match Cli::parse().command {
+        Cmd::Setup => {
+            let report = setup::run()?;
+            if report.actions.is_empty() {
+                println!("setup: nothing to do");
+            } else {
+                println!("setup: done: {}", report.actions.join("; "));
+            }
+            Ok(())
+        }
+        Cmd::Build { release } => {
+            ensure_setup()?;
+            let mut cargo = cargo(&["build"]);
+            if release {
+                cargo.arg("--release");
+            }
+            cmd::run(&mut cargo)
+        }
+        Cmd::Test {
+            no_lint,
+            cargo_test_args,
+        } => test(no_lint, &cargo_test_args),
+        Cmd::Testbed { command } => testbed::run(command),
+    }
+}
+
+fn test(no_lint: bool, extra: &[String]) -> Result<()> {
+    ensure_setup()?;
+    if !no_lint {
+        println!("• lint");
+        cmd::run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+        cmd::run(&mut cargo(&[
+            "clippy",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    println!("• build (end-to-end tests run the real binaries)");
+    cmd::run(&mut cargo(&["build", "--bins"]))?;
+    println!("• test");
+    if !setup::is_root() {
+        println!("  (not root: privileged end-to-end tests will print why they skip)");
+    }
+    let mut test = cargo(&["test"]);
+    if !extra.is_empty() {
+        test.args(extra);
+    }
+    cmd::run(&mut test)
+}
+
+/// Runs setup when a quick check finds anything missing, so `test`/`build` work on a fresh clone.
+fn ensure_setup() -> Result<()> {
+    if setup::looks_complete() {
+        println!("✓ setup complete (cargo xtask setup: nothing to do)");
+        return Ok(());
+    }
+    println!("• running setup");
+    setup::run().map(drop)
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_owned()
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
+/// bpf-linker lives in $CARGO_HOME/bin, which a minimal (CI) environment may not have on PATH.
+fn add_cargo_bin_to_path() {
+    let bin = setup::cargo_home().join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    if !env::split_paths(&path).any(|p| p == bin) {
+        let joined = env::join_paths(std::iter::once(bin).chain(env::split_paths(&path)))
+            .expect("PATH entries contain no separator");
+        // SAFETY: single-threaded at this point; no other thread reads the environment.
+        unsafe { env::set_var("PATH", joined) };
+    }
+}
