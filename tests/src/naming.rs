@@ -58,7 +58,7 @@ impl RunId {
 
     /// Parses the text form produced by `Display`.
     pub fn parse(text: &str) -> Option<Self> {
-        if let Some((pid, seq)) = text.split_once('.') {
+        if let Some((pid, seq)) = text.split_once('_') {
             return Some(RunId::Ephemeral {
                 pid: pid.parse().ok()?,
                 seq: seq.parse().ok()?,
@@ -112,7 +112,7 @@ impl RunId {
 impl fmt::Display for RunId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RunId::Ephemeral { pid, seq } => write!(f, "{pid}.{seq}"),
+            RunId::Ephemeral { pid, seq } => write!(f, "{pid}_{seq}"),
             RunId::Named(name) => f.write_str(name),
         }
     }
@@ -135,7 +135,7 @@ mod tests {
     #[test]
     fn named_ids_are_validated_and_never_stale() {
         assert!(RunId::named("demo1").is_ok());
-        for bad in ["", "1abc", "Demo", "a-b", "a.b", "abcdefghijklmnopq"] {
+        for bad in ["", "1abc", "Demo", "a.b", "a_b", "abcdefghijklmnopq"] {
             assert!(RunId::named(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(!RunId::named("demo").unwrap().is_stale());
@@ -150,6 +150,12 @@ mod tests {
     fn a_run_of_a_dead_process_is_stale_and_ours_is_not() {
         assert!(!RunId::ephemeral().is_stale());
         // pid_max is at most 2^22, so this pid cannot exist.
-        assert!(RunId::Ephemeral { pid: 1 << 23, seq: 0 }.is_stale());
+        assert!(
+            RunId::Ephemeral {
+                pid: 1 << 23,
+                seq: 0
+            }
+            .is_stale()
+        );
     }
 }

@@ -1,0 +1,142 @@
+//! The no-mesh baseline and the testbed's own guarantees: dual-stack pod↔pod TCP across nodes and
+//! on one node with a real client, and teardown that leaves nothing behind (on success, on panic,
+//! and for runs whose owner died).
+use std::{fs, panic, process::Command};
+
+use mesh_testbed::{
+    HostNetSnapshot, Testbed, TestbedSpec, can_run,
+    naming::RunId,
+    netns, sweep_stale,
+    traffic::{checked_send, iperf3_send, pattern_digest},
+};
+
+const TWO_BY_TWO: TestbedSpec = TestbedSpec {
+    nodes: 2,
+    pods_per_node: 2,
+};
+
+#[test]
+fn dual_stack_pod_to_pod_tcp_cross_node_and_same_node_then_nothing_left() {
+    if !can_run("testbed baseline", &["ip", "iperf3"]) {
+        return;
+    }
+    let host_before = HostNetSnapshot::take().unwrap();
+    let tb = Testbed::build(TWO_BY_TWO).unwrap();
+    let client = tb.pod(1, 1);
+    let cases = [("cross-node", tb.pod(2, 1)), ("same-node", tb.pod(1, 2))];
+    for (what, server) in cases {
+        for v6 in [false, true] {
+            let bytes = 4 << 20;
+            // A real client: iperf3.
+            let t = iperf3_send(&client.place, &server.place, server.ip(v6), 5201, bytes)
+                .unwrap_or_else(|e| panic!("{what} v6={v6}: {e:#}"));
+            assert_eq!(t.bytes_sent, bytes, "{what} v6={v6}");
+            assert_eq!(t.local, client.ip(v6), "{what} v6={v6}");
+            assert_eq!(t.remote, server.ip(v6), "{what} v6={v6}");
+            // Exact bytes, intact, and no NAT: the server sees the client pod's own address.
+            let addr = (server.ip(v6), 7000).into();
+            let got = checked_send(&client.place, &server.place, addr, bytes)
+                .unwrap_or_else(|e| panic!("{what} v6={v6}: {e:#}"));
+            assert_eq!(got.bytes, bytes, "{what} v6={v6}");
+            assert_eq!(got.digest, pattern_digest(bytes), "{what} v6={v6}");
+            assert_eq!(got.peer.ip(), client.ip(v6), "{what} v6={v6}");
+        }
+    }
+    let info = tb.info().clone();
+    assert_eq!(info.netns_inodes.len(), 1 + 2 + 4, "fabric + nodes + pods");
+    tb.teardown().unwrap();
+    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    let added = HostNetSnapshot::take().unwrap().added_since(&host_before);
+    assert!(added.is_empty(), "host network changed: {added:#?}");
+}
+
+#[test]
+fn processes_join_their_place_and_closures_run_in_its_netns() {
+    if !can_run("testbed places", &["ip", "sleep"]) {
+        return;
+    }
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })
+    .unwrap();
+    let pod = tb.pod(1, 1);
+    // Binding the pod's address only works inside the pod's namespace.
+    let bound = pod
+        .place
+        .in_netns(|| std::net::TcpListener::bind((pod.ipv4, 0)).map(|l| l.local_addr()))
+        .unwrap();
+    assert!(bound.is_ok(), "bind in pod netns: {bound:?}");
+    assert!(std::net::TcpListener::bind((pod.ipv4, 0)).is_err());
+    // A spawned process is in the pod's cgroup and netns.
+    let sleeper = pod.place.spawn("sleep", &["30"]).unwrap();
+    let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", sleeper.pid())).unwrap();
+    let run_dir = tb
+        .info()
+        .cgroup_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        cgroup.contains(&format!("{run_dir}/{}", pod.name())),
+        "cgroup of spawned process: {cgroup}"
+    );
+    let ns = fs::read_link(format!("/proc/{}/ns/net", sleeper.pid())).unwrap();
+    let inode = netns::inode(&pod.place.netns).unwrap();
+    assert_eq!(ns.to_string_lossy(), format!("net:[{inode}]"));
+    // Teardown kills what is still running in the run's cgroups.
+    let pid = sleeper.pid();
+    std::mem::forget(sleeper);
+    let info = tb.info().clone();
+    tb.teardown().unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid));
+    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[test]
+fn a_panicking_test_still_tears_down() {
+    if !can_run("testbed teardown on panic", &["ip"]) {
+        return;
+    }
+    let mut info = None;
+    let result = panic::catch_unwind(panic::AssertUnwindSafe(|| {
+        let tb = Testbed::build(TestbedSpec {
+            nodes: 2,
+            pods_per_node: 1,
+        })
+        .unwrap();
+        info = Some(tb.info().clone());
+        panic!("deliberate failure inside a test");
+    }));
+    assert!(result.is_err());
+    let info = info.expect("testbed was built before the panic");
+    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+}
+
+#[test]
+fn runs_of_dead_processes_are_swept() {
+    if !can_run("testbed sweep", &["ip", "true"]) {
+        return;
+    }
+    // A pid that existed and is gone: a finished child of ours.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let run = RunId::Ephemeral {
+        pid: dead_pid,
+        seq: 0,
+    };
+    let ns = run.netns_name("node1");
+    netns::add(&ns).unwrap();
+    let cgroup = run.cgroup_dir(&mesh_testbed::cgroup::cgroup2_root().unwrap());
+    fs::create_dir_all(cgroup.join("node1")).unwrap();
+    assert!(run.is_stale());
+    sweep_stale();
+    assert!(netns::names_with_prefix(&run.netns_prefix()).is_empty());
+    assert!(!cgroup.exists(), "{} survived the sweep", cgroup.display());
+}
