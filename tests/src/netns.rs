@@ -47,9 +47,8 @@ pub fn names_with_prefix(prefix: &str) -> Vec<String> {
     names
 }
 
-/// Inodes of every network namespace some process is in or holds an fd to, and every named one:
-/// a namespace not in this set no longer exists.
-pub fn live_inodes() -> HashSet<u64> {
+/// Inodes of network namespaces that some process is in or holds an fd to.
+pub fn held_inodes() -> HashSet<u64> {
     let mut inodes = HashSet::new();
     let parse = |link: &Path| -> Option<u64> {
         let target = fs::read_link(link).ok()?;
@@ -87,14 +86,17 @@ pub fn live_inodes() -> HashSet<u64> {
             }
         }
     }
-    if let Ok(named) = fs::read_dir(NETNS_DIR) {
-        for entry in named.flatten() {
-            if let Ok(meta) = entry.metadata() {
-                inodes.insert(meta.ino());
-            }
-        }
-    }
     inodes
+}
+
+/// Inodes of every namespace that has a name under /run/netns.
+pub fn named_inodes() -> HashSet<u64> {
+    fs::read_dir(NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| Some(entry.metadata().ok()?.ino()))
+        .collect()
 }
 
 /// Runs `f` on a fresh thread that has joined the named netns (only that thread moves, so the rest

@@ -256,11 +256,10 @@ impl Testbed {
         for name in netns::names_with_prefix(&run.netns_prefix()) {
             left.push(format!("netns name {name}"));
         }
-        let live = netns::live_inodes();
-        for inode in &info.netns_inodes {
-            if live.contains(inode) {
-                left.push(format!("network namespace inode {inode} still alive"));
-            }
+        for inode in unnamed_but_held(&info.netns_inodes) {
+            left.push(format!(
+                "network namespace inode {inode} still held by a process or fd"
+            ));
         }
         for (what, path) in [
             ("cgroup", &info.cgroup_dir),
@@ -273,6 +272,23 @@ impl Testbed {
         }
         left
     }
+}
+
+/// Which of `inodes` are namespaces that lost their name but are still held. The kernel reuses
+/// nsfs inode numbers at once, so an inode held *and named* is another run's new namespace, and a
+/// hit is rechecked briefly to let a namespace being named (`ip netns add`) get its name.
+fn unnamed_but_held(inodes: &[u64]) -> Vec<u64> {
+    let mut suspects: Vec<u64> = inodes.to_vec();
+    for _ in 0..10 {
+        let held = netns::held_inodes();
+        let named = netns::named_inodes();
+        suspects.retain(|i| held.contains(i) && !named.contains(i));
+        if suspects.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    suspects
 }
 
 impl Drop for Testbed {

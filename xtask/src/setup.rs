@@ -113,19 +113,7 @@ pub struct Nightly {
 impl Nightly {
     fn detect() -> Result<Self> {
         let vv = cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
-        let field = |key: &str| {
-            vv.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(str::trim)
-                .map(str::to_owned)
-        };
-        let version = field("release:").context("rustc -vV printed no release")?;
-        let llvm = field("LLVM version:").context("rustc -vV printed no LLVM version")?;
-        let llvm_major = llvm
-            .split('.')
-            .next()
-            .and_then(|m| m.parse().ok())
-            .with_context(|| format!("unparseable LLVM version {llvm:?}"))?;
+        let (version, llvm_major) = parse_rustc_vv(&vv)?;
         let sysroot = cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
         Ok(Self {
             sysroot: PathBuf::from(sysroot.trim()),
@@ -153,6 +141,19 @@ impl Nightly {
         }
         bail!("no libLLVM.so.* ELF file in {}", lib.display())
     }
+}
+
+/// The release and LLVM major version from `rustc -vV` output.
+fn parse_rustc_vv(vv: &str) -> Result<(String, u32)> {
+    let field = |key: &str| vv.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    let version = field("release:").context("rustc -vV printed no release")?;
+    let llvm = field("LLVM version:").context("rustc -vV printed no LLVM version")?;
+    let llvm_major = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("unparseable LLVM version {llvm:?}"))?;
+    Ok((version.to_owned(), llvm_major))
 }
 
 fn is_elf(path: &Path) -> bool {
@@ -221,15 +222,15 @@ fn bpf_linker_ok(nightly: &Nightly) -> Result<bool> {
     }
     let want = fs::canonicalize(nightly.libllvm()?)?;
     let ldd = cmd::output(Command::new("ldd").arg(&linker))?;
-    Ok(ldd.lines().any(|line| {
-        line.contains("libLLVM")
-            && line
-                .split("=>")
-                .nth(1)
-                .and_then(|rhs| rhs.split_whitespace().next())
-                .and_then(|p| fs::canonicalize(p).ok())
-                .is_some_and(|p| p == want)
-    }))
+    Ok(ldd_libllvm(&ldd).is_some_and(|p| fs::canonicalize(p).is_ok_and(|p| p == want)))
+}
+
+/// The path `ldd` resolved libLLVM to (None if not linked or "not found").
+fn ldd_libllvm(ldd: &str) -> Option<&str> {
+    ldd.lines()
+        .filter(|line| line.contains("libLLVM"))
+        .find_map(|line| line.split("=>").nth(1)?.split_whitespace().next())
+        .filter(|path| path.starts_with('/'))
 }
 
 fn bpf_linker(nightly: &Nightly, report: &mut Report) -> Result<()> {
@@ -280,4 +281,33 @@ fn bpf_linker(nightly: &Nightly, report: &mut Report) -> Result<()> {
         .actions
         .push(format!("built bpf-linker with {feature}"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_release_and_llvm_major_from_rustc_vv() {
+        let vv = "rustc 1.97.0-nightly (abc 2026-05-19)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\n\
+                  release: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+        assert_eq!(
+            parse_rustc_vv(vv).unwrap(),
+            ("1.97.0-nightly".to_owned(), 22)
+        );
+        assert!(parse_rustc_vv("release: 1.0\n").is_err());
+    }
+
+    #[test]
+    fn finds_where_ldd_resolved_libllvm() {
+        let ok = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibLLVM.so.22.1-rust-1.97.0-nightly => \
+                  /root/.cargo/mesh-agent/llvm/x/lib/libLLVM.so.22.1-rust-1.97.0-nightly (0x00007f36)\n";
+        assert_eq!(
+            ldd_libllvm(ok),
+            Some("/root/.cargo/mesh-agent/llvm/x/lib/libLLVM.so.22.1-rust-1.97.0-nightly")
+        );
+        let missing = "\tlibLLVM.so.21.1-rust-1.96.0-nightly => not found\n";
+        assert_eq!(ldd_libllvm(missing), None);
+        assert_eq!(ldd_libllvm("\tlibc.so.6 => /lib/libc.so.6 (0x1)\n"), None);
+    }
 }
