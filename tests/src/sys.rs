@@ -8,6 +8,14 @@ pub fn ip(args: &[&str]) -> Result<()> {
     run("ip", args).map(drop)
 }
 
+/// Runs `ip -n <netns> <args>`, with `args` one whitespace-separated string (names and addresses
+/// never contain spaces), so topology code reads like the commands a person would type.
+pub fn ip_in(netns: &str, args: &str) -> Result<()> {
+    let mut argv = vec!["-n", netns];
+    argv.extend(args.split_whitespace());
+    ip(&argv)
+}
+
 /// Runs `program args`, returning stdout; a non-zero exit becomes an error naming the command.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)

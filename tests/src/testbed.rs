@@ -13,7 +13,7 @@ use crate::{
     naming::{BPFFS_ROOT, MANIFEST_DIR, PREFIX, RunId},
     netns,
     place::Place,
-    sys::{self, ip},
+    sys::{self, ip_in},
     topology::{Node, Pod, TestbedInfo},
 };
 
@@ -146,48 +146,27 @@ impl Testbed {
             .with_context(|| format!("creating {}", self.info.bpffs_dir.display()))?;
         let info = self.info.clone();
         create_place(&info.fabric, false)?;
-        ip(&[
-            "-n",
-            &info.fabric.netns,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-        ip(&["-n", &info.fabric.netns, "link", "set", "br0", "up"])?;
+        let fab = info.fabric.netns.as_str();
+        ip_in(fab, "link add br0 type bridge mcast_snooping 0")?;
+        ip_in(fab, "link set br0 up")?;
         for node in &info.nodes {
             create_node(&info.fabric, node)?;
         }
         for pod in &info.pods {
-            let node = &info.nodes[pod.node - 1];
-            create_pod(node, pod)?;
+            create_pod(&info.nodes[pod.node - 1], pod)?;
         }
         // Each node routes the other nodes' pod CIDRs over the fabric, like kindnet.
         for node in &info.nodes {
             for other in info.nodes.iter().filter(|o| o.index != node.index) {
                 let ns = &node.place.netns;
-                ip(&[
-                    "-n",
+                ip_in(
                     ns,
-                    "route",
-                    "add",
-                    &other.pod_cidr_v4,
-                    "via",
-                    &other.ipv4.to_string(),
-                ])?;
-                ip(&[
-                    "-n",
+                    &format!("route add {} via {}", other.pod_cidr_v4, other.ipv4),
+                )?;
+                ip_in(
                     ns,
-                    "-6",
-                    "route",
-                    "add",
-                    &other.pod_cidr_v6,
-                    "via",
-                    &other.ipv6.to_string(),
-                ])?;
+                    &format!("-6 route add {} via {}", other.pod_cidr_v6, other.ipv6),
+                )?;
             }
         }
         let inodes = self
@@ -323,142 +302,40 @@ fn create_place(place: &Place, forwarding: bool) -> Result<()> {
 
 fn create_node(fabric: &Place, node: &Node) -> Result<()> {
     create_place(&node.place, true)?;
-    let ns = node.place.netns.as_str();
-    let port = node.name();
-    ip(&[
-        "-n",
+    let (ns, up) = (node.place.netns.as_str(), node.uplink.as_str());
+    let (port, fab) = (node.name(), fabric.netns.as_str());
+    ip_in(
         ns,
-        "link",
-        "add",
-        &node.uplink,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        &fabric.netns,
-    ])?;
-    ip(&[
-        "-n",
-        &fabric.netns,
-        "link",
-        "set",
-        port,
-        "master",
-        "br0",
-        "up",
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{}/24", node.ipv4),
-        "dev",
-        &node.uplink,
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{}/64", node.ipv6),
-        "dev",
-        &node.uplink,
-        "nodad",
-    ])?;
-    ip(&["-n", ns, "link", "set", &node.uplink, "up"])
+        &format!("link add {up} type veth peer name {port} netns {fab}"),
+    )?;
+    ip_in(fab, &format!("link set {port} master br0 up"))?;
+    ip_in(ns, &format!("addr add {}/24 dev {up}", node.ipv4))?;
+    ip_in(ns, &format!("addr add {}/64 dev {up} nodad", node.ipv6))?;
+    ip_in(ns, &format!("link set {up} up"))
 }
 
 fn create_pod(node: &Node, pod: &Pod) -> Result<()> {
     create_place(&pod.place, false)?;
     let (pns, nns) = (pod.place.netns.as_str(), node.place.netns.as_str());
-    let (gw4, gw6) = (GATEWAY_V4.to_string(), GATEWAY_V6.to_string());
-    ip(&[
-        "-n",
+    let (eth, veth) = (pod.iface.as_str(), pod.host_veth.as_str());
+    let (gw4, gw6) = (GATEWAY_V4, GATEWAY_V6);
+    ip_in(
         pns,
-        "link",
-        "add",
-        &pod.iface,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &pod.host_veth,
-        "netns",
-        nns,
-    ])?;
+        &format!("link add {eth} type veth peer name {veth} netns {nns}"),
+    )?;
     // Pod side: /32 and /128 addresses, everything via the node's gateway address (ptp).
-    ip(&[
-        "-n",
-        pns,
-        "addr",
-        "add",
-        &format!("{}/32", pod.ipv4),
-        "dev",
-        &pod.iface,
-    ])?;
-    ip(&[
-        "-n",
-        pns,
-        "addr",
-        "add",
-        &format!("{}/128", pod.ipv6),
-        "dev",
-        &pod.iface,
-        "nodad",
-    ])?;
-    ip(&["-n", pns, "link", "set", &pod.iface, "up"])?;
-    ip(&[
-        "-n", pns, "route", "add", &gw4, "dev", &pod.iface, "scope", "link",
-    ])?;
-    ip(&[
-        "-n", pns, "route", "add", "default", "via", &gw4, "dev", &pod.iface,
-    ])?;
-    ip(&[
-        "-n", pns, "-6", "route", "add", "default", "via", &gw6, "dev", &pod.iface,
-    ])?;
+    ip_in(pns, &format!("addr add {}/32 dev {eth}", pod.ipv4))?;
+    ip_in(pns, &format!("addr add {}/128 dev {eth} nodad", pod.ipv6))?;
+    ip_in(pns, &format!("link set {eth} up"))?;
+    ip_in(pns, &format!("route add {gw4} dev {eth} scope link"))?;
+    ip_in(pns, &format!("route add default via {gw4} dev {eth}"))?;
+    ip_in(pns, &format!("-6 route add default via {gw6} dev {eth}"))?;
     // Node side: the gateway addresses on the host veth, a host route to the pod.
-    ip(&[
-        "-n",
-        nns,
-        "addr",
-        "add",
-        &format!("{gw4}/32"),
-        "dev",
-        &pod.host_veth,
-    ])?;
-    ip(&[
-        "-n",
-        nns,
-        "addr",
-        "add",
-        &format!("{gw6}/64"),
-        "dev",
-        &pod.host_veth,
-        "nodad",
-    ])?;
-    ip(&["-n", nns, "link", "set", &pod.host_veth, "up"])?;
-    ip(&[
-        "-n",
-        nns,
-        "route",
-        "add",
-        &format!("{}/32", pod.ipv4),
-        "dev",
-        &pod.host_veth,
-    ])?;
-    ip(&[
-        "-n",
-        nns,
-        "-6",
-        "route",
-        "add",
-        &format!("{}/128", pod.ipv6),
-        "dev",
-        &pod.host_veth,
-    ])
+    ip_in(nns, &format!("addr add {gw4}/32 dev {veth}"))?;
+    ip_in(nns, &format!("addr add {gw6}/64 dev {veth} nodad"))?;
+    ip_in(nns, &format!("link set {veth} up"))?;
+    ip_in(nns, &format!("route add {}/32 dev {veth}", pod.ipv4))?;
+    ip_in(nns, &format!("-6 route add {}/128 dev {veth}", pod.ipv6))
 }
 
 /// Mounts the bpf filesystem at /sys/fs/bpf unless it already is (the agent pins there too).
