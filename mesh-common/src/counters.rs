@@ -15,15 +15,21 @@ pub enum Counter {
     ObservedOtherPackets = 2,
     /// Bytes (skb length, L2 included) seen by the tc observer program.
     ObservedBytes = 3,
+    /// Packets from an enrolled pod's interface that passed the source-address check.
+    FromPodAccepted = 4,
+    /// Packets from an enrolled pod's interface whose source address is not the pod's: dropped.
+    DroppedSpoofed = 5,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 6] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
         Counter::ObservedBytes,
+        Counter::FromPodAccepted,
+        Counter::DroppedSpoofed,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -41,6 +47,8 @@ impl Counter {
             Counter::ObservedIpv6Packets => "observed_ipv6_packets",
             Counter::ObservedOtherPackets => "observed_other_packets",
             Counter::ObservedBytes => "observed_bytes",
+            Counter::FromPodAccepted => "from_pod_accepted",
+            Counter::DroppedSpoofed => "dropped_spoofed",
         }
     }
 }

@@ -5,8 +5,10 @@
 #![no_std]
 
 pub mod counters;
+pub mod pods;
 
 pub use counters::Counter;
+pub use pods::{POD_HAS_IPV4, POD_HAS_IPV6, PODS_MAP, PodAddrs};
 
 /// Name of the per-CPU array that holds the data path's per-reason counters.
 pub const COUNTERS_MAP: &str = "MESH_COUNTERS";

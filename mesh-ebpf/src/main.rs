@@ -4,6 +4,7 @@
 #![no_main]
 
 mod counters;
+mod from_pod;
 mod observe;
 
 #[cfg(not(test))]

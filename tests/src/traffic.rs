@@ -78,6 +78,23 @@ fn parse_client_json(text: &str) -> Result<Transfer> {
     })
 }
 
+/// Connects from `client`'s namespace with source address `src` (which must be configured there)
+/// to `dst`, failing after `timeout`. Lets tests send from an address that is not the pod's own.
+pub fn connect_from(
+    client: &Place,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<io::Result<TcpStream>> {
+    client.in_netns(|| {
+        let domain = socket2::Domain::for_address(dst);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.connect_timeout(&dst.into(), timeout)?;
+        Ok(socket.into())
+    })
+}
+
 /// The outcome of [`checked_send`], as the receiving side measured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedTransfer {

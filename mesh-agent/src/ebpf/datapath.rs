@@ -37,6 +37,7 @@ impl Datapath {
     /// Runs every program through the kernel verifier now, instead of at first attach.
     pub fn verify_all(&mut self) -> Result<(), DatapathError> {
         self.classifier(TC_OBSERVE)?;
+        self.classifier(super::programs::TC_FROM_POD)?;
         Ok(())
     }
 
@@ -67,8 +68,24 @@ impl Datapath {
         hook: TcHook,
         pin: Option<&Path>,
     ) -> Result<TcAttachment, DatapathError> {
-        let prog = self.classifier(TC_OBSERVE)?;
-        tc::attach(prog, TC_OBSERVE, iface, hook, pin)
+        self.attach_tc(TC_OBSERVE, iface, hook, pin)
+    }
+
+    /// Attaches the named tc program (see [`super::programs`]) to `iface`.
+    pub(super) fn attach_tc(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        hook: TcHook,
+        pin: Option<&Path>,
+    ) -> Result<TcAttachment, DatapathError> {
+        let prog = self.classifier(name)?;
+        tc::attach(prog, name, iface, hook, pin)
+    }
+
+    /// The underlying object, for sibling modules that own other maps.
+    pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Sums the per-CPU counters.

@@ -29,6 +29,12 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("interface {iface} does not exist in this network namespace: {source}")]
+    NoInterface {
+        iface: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,

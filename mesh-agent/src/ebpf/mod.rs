@@ -3,11 +3,13 @@
 
 mod counters;
 mod datapath;
+mod enrollment;
 mod error;
 mod tc;
 
 pub use counters::CounterSnapshot;
 pub use datapath::{Datapath, ObjectEntry};
+pub use enrollment::{Enrollment, pod_addrs};
 pub use error::DatapathError;
 pub use tc::{TcAttachment, TcHook};
 
@@ -18,4 +20,6 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub mod programs {
     /// tc program that counts frames by family and size and never changes their fate.
     pub const TC_OBSERVE: &str = "mesh_tc_observe";
+    /// tc program on an enrolled pod's host interface (ingress: what the pod sends).
+    pub const TC_FROM_POD: &str = "mesh_tc_from_pod";
 }

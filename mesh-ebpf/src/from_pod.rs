@@ -1,0 +1,74 @@
+//! `mesh_tc_from_pod`: tcx ingress of an enrolled pod's host-side interface, i.e. every frame the
+//! pod sends. First duty: anti-spoofing. The interface is the pod's identity (a pod cannot choose
+//! which veth its packets arrive on); a packet whose source address is not the pod's own is
+//! dropped and counted, so later stages may trust the source address of what passes.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, map},
+    maps::HashMap,
+    programs::TcContext,
+};
+use mesh_common::{Counter, PodAddrs, pods::MAX_PODS};
+
+use crate::counters;
+
+/// Enrolled pods by host-interface ifindex. Not in the map = not enrolled = untouched.
+#[map(name = "MESH_PODS")]
+static MESH_PODS: HashMap<u32, PodAddrs> = HashMap::with_max_entries(MAX_PODS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+const IPPROTO_ICMPV6: u8 = 58;
+/// Offsets from the start of the L3 header.
+const IPV4_SRC: usize = 12;
+const IPV6_NEXT_HEADER: usize = 6;
+const IPV6_SRC: usize = 8;
+/// ARP for IPv4 over Ethernet: the sender protocol address.
+const ARP_SENDER_IP: usize = 14;
+
+#[classifier]
+pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only use of a value copied out of the map.
+    let Some(pod) = (unsafe { MESH_PODS.get(&ifindex) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    if source_is_pods(&ctx, &pod) {
+        counters::add(Counter::FromPodAccepted, 1);
+        TC_ACT_UNSPEC
+    } else {
+        counters::add(Counter::DroppedSpoofed, 1);
+        TC_ACT_SHOT as i32
+    }
+}
+
+/// Whether the frame's source address belongs to the pod. Unreadable (truncated) IP/ARP headers
+/// count as spoofed: from an enrolled pod we only pass what we could check.
+#[inline(always)]
+fn source_is_pods(ctx: &TcContext, pod: &PodAddrs) -> bool {
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => pod.has_ipv4() && ctx.load::<[u8; 4]>(ETH_HLEN + IPV4_SRC) == Ok(pod.ipv4),
+        ETH_P_ARP => {
+            pod.has_ipv4() && ctx.load::<[u8; 4]>(ETH_HLEN + ARP_SENDER_IP) == Ok(pod.ipv4)
+        }
+        ETH_P_IPV6 => {
+            let Ok(src) = ctx.load::<[u8; 16]>(ETH_HLEN + IPV6_SRC) else {
+                return false;
+            };
+            if pod.has_ipv6() && src == pod.ipv6 {
+                return true;
+            }
+            // Neighbour discovery and DAD use link-local or unspecified sources; those are only
+            // meaningful on the link, and only for ICMPv6.
+            let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
+            let unspecified = src == [0u8; 16];
+            (link_local || unspecified)
+                && ctx.load::<u8>(ETH_HLEN + IPV6_NEXT_HEADER) == Ok(IPPROTO_ICMPV6)
+        }
+        // Other ethertypes never leave the link (nodes route only IP): not ours to judge.
+        _ => true,
+    }
+}
