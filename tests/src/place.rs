@@ -3,11 +3,11 @@
 use std::{
     ffi::OsStr,
     fs,
-    io::ErrorKind,
+    io::{ErrorKind, Read},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -78,10 +78,11 @@ impl Place {
             .with_context(|| format!("starting `{program}` in {}", self.name))
     }
 
-    /// Starts a long-running `program args` here. Its output goes to the returned handle; it is
-    /// killed when the handle drops (and with every process of the run at teardown).
+    /// Starts a long-running `program args` here. Its output is collected (the last
+    /// [`OUTPUT_TAIL`] bytes of each stream) and returned when it ends; it is killed when the
+    /// handle drops (and with every process of the run at teardown).
     pub fn spawn(&self, program: &str, args: &[&str]) -> Result<Background> {
-        let child = self
+        let mut child = self
             .command(program)?
             .args(args)
             .stdin(Stdio::null())
@@ -89,9 +90,13 @@ impl Place {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting `{program}` in {}", self.name))?;
+        let stdout = child.stdout.take().map(drain);
+        let stderr = child.stderr.take().map(drain);
         Ok(Background {
             child: Some(child),
             what: format!("`{program} {}` in {}", args.join(" "), self.name),
+            stdout,
+            stderr,
         })
     }
 
@@ -115,11 +120,35 @@ impl Place {
     }
 }
 
+/// How much of each output stream a [`Background`] process keeps (its tail).
+pub const OUTPUT_TAIL: usize = 4 << 20;
+
+/// Reads a stream to its end on a thread, so a chatty process never blocks on a full pipe, keeping
+/// the last [`OUTPUT_TAIL`] bytes.
+fn drain(mut stream: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > OUTPUT_TAIL {
+                kept.drain(..kept.len() - OUTPUT_TAIL);
+            }
+        }
+        kept
+    })
+}
+
 /// A process started by [`Place::spawn`].
 #[derive(Debug)]
 pub struct Background {
     child: Option<Child>,
     what: String,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
 }
 
 impl Background {
@@ -184,15 +213,28 @@ impl Background {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        let child = self.child.take().expect("present until collected");
-        Ok(child.wait_with_output()?)
+        self.collect()
     }
 
     /// Kills the process and returns its output so far.
     pub fn kill(mut self) -> Result<Output> {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+        self.collect()
+    }
+
+    /// Reaps the (exited or killed) process and joins the output readers, which end once every
+    /// holder of the pipes (the process and anything it forked) has exited.
+    fn collect(&mut self) -> Result<Output> {
         let mut child = self.child.take().expect("present until collected");
-        let _ = child.kill();
-        Ok(child.wait_with_output()?)
+        let status = child.wait()?;
+        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map(|h| h.join().unwrap_or_default());
+        Ok(Output {
+            status,
+            stdout: join(self.stdout.take()).unwrap_or_default(),
+            stderr: join(self.stderr.take()).unwrap_or_default(),
+        })
     }
 }
 

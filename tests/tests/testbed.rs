@@ -140,3 +140,30 @@ fn runs_of_dead_processes_are_swept() {
     assert!(netns::names_with_prefix(&run.netns_prefix()).is_empty());
     assert!(!cgroup.exists(), "{} survived the sweep", cgroup.display());
 }
+
+#[test]
+fn a_chatty_background_process_never_blocks_on_its_output() {
+    if !can_run("testbed background output", &["ip", "sh", "head"]) {
+        return;
+    }
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 0,
+    })
+    .unwrap();
+    // 8 MiB on stdout (far beyond a 64 KiB pipe) then a marker on stderr: finishes only if the
+    // output is drained while the process runs.
+    let chatty = tb
+        .node(1)
+        .place
+        .spawn("sh", &["-c", "head -c 8388608 /dev/zero; echo done >&2"])
+        .unwrap();
+    let out = chatty.wait(std::time::Duration::from_secs(20)).unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        out.stdout.len(),
+        mesh_testbed::place::OUTPUT_TAIL,
+        "keeps the tail"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "done");
+}
