@@ -5,8 +5,7 @@ use std::{env, path::PathBuf};
 use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
-    let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    if !skip && which::which("bpf-linker").is_err() {
+    if which::which("bpf-linker").is_err() {
         bail!(
             "bpf-linker is not on PATH; run `cargo xtask setup` (it builds bpf-linker against the nightly's LLVM)"
         );

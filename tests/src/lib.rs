@@ -8,6 +8,7 @@
 //! and by a sweep of dead runs when the next testbed is built.
 
 pub mod addressing;
+pub mod binaries;
 pub mod cgroup;
 pub mod hostnet;
 pub mod naming;

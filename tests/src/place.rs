@@ -224,12 +224,20 @@ impl Background {
         self.collect()
     }
 
-    /// Reaps the (exited or killed) process and joins the output readers, which end once every
-    /// holder of the pipes (the process and anything it forked) has exited.
+    /// Reaps the (exited or killed) process and joins the output readers. They end once every
+    /// holder of the pipes has exited; a grandchild that keeps them open (killed at teardown with
+    /// the cgroup) must not hang us, so each reader gets a bounded wait.
     fn collect(&mut self) -> Result<Output> {
         let mut child = self.child.take().expect("present until collected");
         let status = child.wait()?;
-        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map(|h| h.join().unwrap_or_default());
+        let join = |h: Option<JoinHandle<Vec<u8>>>| {
+            let h = h?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !h.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            h.is_finished().then(|| h.join().unwrap_or_default())
+        };
         Ok(Output {
             status,
             stdout: join(self.stdout.take()).unwrap_or_default(),

@@ -30,6 +30,8 @@ pub struct Testbed {
     run: RunId,
     info: TestbedInfo,
     torn_down: bool,
+    /// True until the build finished: a half-built testbed is torn down on drop even if named.
+    building: bool,
 }
 
 impl Testbed {
@@ -60,6 +62,7 @@ impl Testbed {
             run,
             info,
             torn_down: false,
+            building: false,
         })
     }
 
@@ -126,10 +129,12 @@ impl Testbed {
             run,
             info,
             torn_down: false,
+            building: true,
         };
         testbed.write_manifest()?;
         testbed.create()?;
         testbed.write_manifest()?;
+        testbed.building = false;
         Ok(testbed)
     }
 
@@ -272,7 +277,7 @@ fn unnamed_but_held(inodes: &[u64]) -> Vec<u64> {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        if self.torn_down || self.run.is_named() {
+        if self.torn_down || (self.run.is_named() && !self.building) {
             return;
         }
         if let Err(e) = teardown_run(&self.run) {
@@ -339,7 +344,13 @@ fn create_pod(node: &Node, pod: &Pod) -> Result<()> {
 }
 
 /// Mounts the bpf filesystem at /sys/fs/bpf unless it already is (the agent pins there too).
+/// Serialised: parallel tests checking and mounting at once would stack several bpffs instances
+/// and hide each other's pins.
 fn ensure_bpffs() -> Result<()> {
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MOUNTING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
     let mounted = mountinfo.lines().any(|line| {
         line.split_once(" - ").is_some_and(|(left, right)| {

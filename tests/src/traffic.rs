@@ -117,8 +117,28 @@ pub fn checked_send(
     let listener = server
         .in_netns(|| TcpListener::bind(server_addr))?
         .with_context(|| format!("binding {server_addr} in {}", server.name))?;
+    // Nonblocking accept with a deadline: if the client never connects, the receiver thread (and
+    // the listener, which pins the server's netns) must not outlive this call.
+    listener.set_nonblocking(true)?;
     let receiver = thread::spawn(move || -> io::Result<CheckedTransfer> {
-        let (mut conn, peer) = listener.accept()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let (mut conn, peer) = loop {
+            match listener.accept() {
+                Ok(accepted) => break accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no client connected",
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        drop(listener);
+        conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut hasher = std::hash::DefaultHasher::new();
         let mut buf = vec![0u8; 64 << 10];

@@ -10,7 +10,7 @@ use mesh_testbed::{
 
 #[test]
 fn observer_program_loads_attaches_counts_and_detaches() {
-    if !can_run("eBPF observer", &["ip"]) {
+    if !can_run("eBPF observer", &["ip", "bpftool"]) {
         return;
     }
     let tb = Testbed::build(TestbedSpec {
@@ -63,8 +63,36 @@ fn observer_program_loads_attaches_counts_and_detaches() {
         "a detached program must not run"
     );
 
-    drop(datapath);
+    // Leave a pinned link behind on purpose: teardown must remove the pin, which releases the
+    // link and with it the last reference to the program.
+    let pin2 = tb.bpffs_dir().join("left_for_teardown");
+    let left = node
+        .place
+        .in_netns(|| datapath.attach_tc_observer(&client.host_veth, TcHook::Egress, Some(&pin2)))
+        .unwrap()
+        .unwrap();
+    drop((left, datapath));
+    assert!(
+        program_loaded("mesh_tc_observe"),
+        "the pin keeps the program"
+    );
     let info = tb.info().clone();
     tb.teardown().unwrap();
     assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while program_loaded("mesh_tc_observe") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !program_loaded("mesh_tc_observe"),
+        "teardown left the pinned program loaded"
+    );
+}
+
+/// Whether the kernel has a program with this name loaded (`bpftool prog show name`).
+fn program_loaded(name: &str) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["prog", "show", "name", name])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
 }

@@ -119,26 +119,64 @@ fn a_panicking_test_still_tears_down() {
 }
 
 #[test]
-fn runs_of_dead_processes_are_swept() {
+fn runs_of_dead_processes_are_swept_and_live_or_named_runs_are_not() {
     if !can_run("testbed sweep", &["ip", "true"]) {
         return;
     }
+    let cgroup_root = mesh_testbed::cgroup::cgroup2_root().unwrap();
     // A pid that existed and is gone: a finished child of ours.
     let mut child = Command::new("true").spawn().unwrap();
     let dead_pid = child.id();
     child.wait().unwrap();
-    let run = RunId::Ephemeral {
+    let dead = RunId::Ephemeral {
         pid: dead_pid,
         seq: 0,
     };
-    let ns = run.netns_name("node1");
-    netns::add(&ns).unwrap();
-    let cgroup = run.cgroup_dir(&mesh_testbed::cgroup::cgroup2_root().unwrap());
-    fs::create_dir_all(cgroup.join("node1")).unwrap();
-    assert!(run.is_stale());
+    let live = RunId::ephemeral();
+    let named = RunId::named("sweeptest").unwrap();
+    // Plain `ip netns add`: a parallel test's sweep may remove the stale run at any moment, which
+    // is fine for the assertions below but must not make these steps fail.
+    let make = |run: &RunId| {
+        let _ = Command::new("ip")
+            .args(["netns", "add", &run.netns_name("node1")])
+            .status();
+        let _ = fs::create_dir_all(run.cgroup_dir(&cgroup_root).join("node1"));
+        let _ = fs::create_dir_all(run.bpffs_dir());
+        let _ = fs::create_dir_all("/run/mesh-testbed");
+        let _ = fs::write(run.manifest_path(), "{}");
+    };
+    for run in [&dead, &live, &named] {
+        make(run);
+    }
+    assert!(dead.is_stale() && !live.is_stale() && !named.is_stale());
     sweep_stale();
-    assert!(netns::names_with_prefix(&run.netns_prefix()).is_empty());
-    assert!(!cgroup.exists(), "{} survived the sweep", cgroup.display());
+    let exists = |run: &RunId| {
+        [
+            !netns::names_with_prefix(&run.netns_prefix()).is_empty(),
+            run.cgroup_dir(&cgroup_root).exists(),
+            run.bpffs_dir().exists(),
+            run.manifest_path().exists(),
+        ]
+    };
+    assert_eq!(
+        exists(&dead),
+        [false; 4],
+        "netns, cgroup, bpffs, manifest of the dead run"
+    );
+    assert_eq!(exists(&live), [true; 4], "a live run must survive a sweep");
+    assert_eq!(
+        exists(&named),
+        [true; 4],
+        "a named run must survive a sweep"
+    );
+    for run in [&live, &named] {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &run.netns_name("node1")])
+            .status();
+        mesh_testbed::cgroup::remove_tree(&run.cgroup_dir(&cgroup_root)).unwrap();
+        fs::remove_dir_all(run.bpffs_dir()).unwrap();
+        fs::remove_file(run.manifest_path()).unwrap();
+    }
 }
 
 #[test]

@@ -35,6 +35,7 @@ pub struct Report {
 pub fn run() -> Result<Report> {
     let mut report = Report::default();
     debian_packages(&mut report)?;
+    stable_components(&mut report)?;
     let nightly = nightly_toolchain(&mut report)?;
     bpf_linker(&nightly, &mut report)?;
     Ok(report)
@@ -44,6 +45,7 @@ pub fn run() -> Result<Report> {
 /// run setup at all).
 pub fn looks_complete() -> bool {
     missing_packages().map(|m| m.is_empty()).unwrap_or(false)
+        && missing_components().is_empty()
         && Nightly::detect().is_ok_and(|n| n.has_rust_src() && bpf_linker_ok(&n).unwrap_or(false))
 }
 
@@ -96,6 +98,40 @@ fn debian_packages(report: &mut Report) -> Result<()> {
     report
         .actions
         .push(format!("installed Debian packages {}", missing.join(" ")));
+    Ok(())
+}
+
+/// Components of the default (stable) toolchain that `cargo xtask test` runs: the lints.
+const STABLE_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "fmt"), ("clippy", "clippy")];
+
+fn missing_components() -> Vec<&'static str> {
+    STABLE_COMPONENTS
+        .iter()
+        .filter(|(_, sub)| {
+            !Command::new("cargo")
+                .args([sub, "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(component, _)| *component)
+        .collect()
+}
+
+fn stable_components(report: &mut Report) -> Result<()> {
+    let missing = missing_components();
+    if missing.is_empty() {
+        println!("✓ rustfmt and clippy");
+        return Ok(());
+    }
+    println!("• adding toolchain components: {}", missing.join(" "));
+    cmd::run(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )?;
+    report
+        .actions
+        .push(format!("added components {}", missing.join(" ")));
     Ok(())
 }
 
@@ -263,13 +299,27 @@ fn bpf_linker(nightly: &Nightly, report: &mut Report) -> Result<()> {
         soname.to_string_lossy()
     );
     let feature = format!("llvm-{}", nightly.llvm_major);
-    cmd::run(
-        Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--force", "--version"])
-            .arg(BPF_LINKER_VERSION)
+    let install = |version: Option<&str>| {
+        let mut cargo = Command::new("cargo");
+        cargo.args(["install", "bpf-linker", "--locked", "--force"]);
+        if let Some(v) = version {
+            cargo.args(["--version", v]);
+        }
+        cargo
             .args(["--no-default-features", "--features", &feature])
-            .env("LLVM_PREFIX", &prefix),
-    )?;
+            // Where bpf_linker_ok() looks, whatever install.root/CARGO_INSTALL_ROOT say.
+            .arg("--root")
+            .arg(cargo_home())
+            .env("LLVM_PREFIX", &prefix);
+        cmd::run(&mut cargo)
+    };
+    // The known-good line first; a nightly with a newer LLVM needs a newer bpf-linker.
+    if let Err(e) = install(Some(BPF_LINKER_VERSION)) {
+        println!(
+            "! bpf-linker {BPF_LINKER_VERSION} with {feature} failed ({e:#}); trying the newest release"
+        );
+        install(None)?;
+    }
     if !bpf_linker_ok(nightly)? {
         bail!(
             "bpf-linker was built but does not resolve {}; check `ldd {}`",

@@ -72,12 +72,14 @@ impl Datapath {
     }
 
     /// Un-enrolls: the map entry goes first (the program then passes the pod's packets
-    /// untouched), then the program is detached.
+    /// untouched), then the program is detached — always, even if the map update failed, so no
+    /// pinned link outlives the enrolment. The first error is returned.
     pub fn unenroll_pod(&mut self, enrollment: Enrollment) -> Result<(), DatapathError> {
-        self.pods_map()?
-            .remove(&enrollment.ifindex)
-            .map_err(map_err)?;
-        enrollment.attachment.detach()
+        let removed = self
+            .pods_map()
+            .and_then(|mut map| map.remove(&enrollment.ifindex).map_err(map_err));
+        let detached = enrollment.attachment.detach();
+        removed.and(detached)
     }
 
     fn pods_map(&mut self) -> Result<HashMap<&mut MapData, u32, PodAddrs>, DatapathError> {
