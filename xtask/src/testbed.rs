@@ -153,12 +153,14 @@ fn print(tb: &Testbed) {
             );
         }
     }
-    if let Some(pod) = info.pods.first() {
+    println!("\n  enter a place (joins its netns and cgroup):");
+    for place in tb.places() {
         println!(
-            "\n  enter a place:   cargo xtask testbed exec {} {} -- bash",
-            info.run,
-            pod.name()
+            "    cargo xtask testbed exec {} {} -- bash",
+            info.run, place.name
         );
-        println!("  or by hand:      {}", pod.place.enter_hint());
+    }
+    if let Some(pod) = info.pods.first() {
+        println!("  or by hand, e.g.: {}", pod.place.enter_hint());
     }
 }
