@@ -18,7 +18,15 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 /// The mount point of the first mount with filesystem type `fstype` in mountinfo text.
 pub(crate) fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
+    mount_points(mountinfo, fstype).next()
+}
+
+/// Mount points of every mount with filesystem type `fstype` in mountinfo text.
+pub(crate) fn mount_points<'a>(
+    mountinfo: &'a str,
+    fstype: &'a str,
+) -> impl Iterator<Item = PathBuf> + 'a {
+    mountinfo.lines().filter_map(move |line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_point = left.split(' ').nth(4)?;
         (right.split(' ').next()? == fstype).then(|| PathBuf::from(unescape_octal(mount_point)))

@@ -230,6 +230,21 @@ impl Testbed {
         teardown_run(&self.run)
     }
 
+    /// [`Testbed::teardown`], then fails unless [`Testbed::leftovers`] finds nothing.
+    pub fn teardown_verified(self) -> Result<()> {
+        let info = self.info.clone();
+        self.teardown()?;
+        let left = Self::leftovers(&info);
+        if !left.is_empty() {
+            bail!(
+                "testbed {} torn down, but these remain: {}",
+                info.run,
+                left.join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// What of this run still exists (empty after a clean teardown): names, cgroup and bpffs
     /// directories, the manifest, and namespaces that live on unnamed (held by a process or fd).
     pub fn leftovers(info: &TestbedInfo) -> Vec<String> {
@@ -352,11 +367,7 @@ fn ensure_bpffs() -> Result<()> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    let mounted = mountinfo.lines().any(|line| {
-        line.split_once(" - ").is_some_and(|(left, right)| {
-            right.starts_with("bpf ") && left.split(' ').nth(4) == Some(BPFFS_ROOT)
-        })
-    });
+    let mounted = cgroup::mount_points(&mountinfo, "bpf").any(|p| p == Path::new(BPFFS_ROOT));
     if !mounted {
         sys::run("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
     }

@@ -32,7 +32,5 @@ fn ebpf_check_verifies_every_program_inside_a_node() {
         out.contains("ok: the kernel accepted every program"),
         "{out}"
     );
-    let info = tb.info().clone();
-    tb.teardown().unwrap();
-    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    tb.teardown_verified().unwrap();
 }

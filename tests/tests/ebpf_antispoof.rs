@@ -127,7 +127,5 @@ fn enrolled_pod_cannot_send_from_an_address_that_is_not_its_own() {
     );
 
     drop((datapath, listeners));
-    let info = tb.info().clone();
-    tb.teardown().unwrap();
-    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    tb.teardown_verified().unwrap();
 }

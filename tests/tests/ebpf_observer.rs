@@ -76,9 +76,7 @@ fn observer_program_loads_attaches_counts_and_detaches() {
         program_loaded("mesh_tc_observe"),
         "the pin keeps the program"
     );
-    let info = tb.info().clone();
-    tb.teardown().unwrap();
-    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    tb.teardown_verified().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while program_loaded("mesh_tc_observe") && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -48,10 +48,12 @@ fn dual_stack_pod_to_pod_tcp_cross_node_and_same_node_then_nothing_left() {
             assert_eq!(got.peer.ip(), client.ip(v6), "{what} v6={v6}");
         }
     }
-    let info = tb.info().clone();
-    assert_eq!(info.netns_inodes.len(), 1 + 2 + 4, "fabric + nodes + pods");
-    tb.teardown().unwrap();
-    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
+    assert_eq!(
+        tb.info().netns_inodes.len(),
+        1 + 2 + 4,
+        "fabric + nodes + pods"
+    );
+    tb.teardown_verified().unwrap();
     let added = HostNetSnapshot::take().unwrap().added_since(&host_before);
     assert!(added.is_empty(), "host network changed: {added:#?}");
 }
@@ -94,10 +96,8 @@ fn processes_join_their_place_and_closures_run_in_its_netns() {
     // Teardown kills what is still running in the run's cgroups.
     let pid = sleeper.pid();
     std::mem::forget(sleeper);
-    let info = tb.info().clone();
-    tb.teardown().unwrap();
+    tb.teardown_verified().unwrap();
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid));
-    assert_eq!(Testbed::leftovers(&info), Vec::<String>::new());
 }
 
 fn is_zombie(pid: u32) -> bool {

@@ -74,16 +74,7 @@ pub fn run(command: TestbedCmd) -> Result<()> {
                 vec![name]
             };
             for name in names {
-                let tb = Testbed::open_named(&name)?;
-                let info = tb.info().clone();
-                tb.teardown()?;
-                let left = Testbed::leftovers(&info);
-                if !left.is_empty() {
-                    bail!(
-                        "testbed {name} removed, but these remain: {}",
-                        left.join(", ")
-                    );
-                }
+                Testbed::open_named(&name)?.teardown_verified()?;
                 println!("testbed {name} removed; nothing left behind");
             }
             Ok(())
