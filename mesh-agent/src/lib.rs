@@ -3,4 +3,7 @@
 //! The crate is a library (so end-to-end tests can drive pieces of it in-process) plus the
 //! `mesh-agent` binary. See docs/ARCHITECTURE.md for where each concern lives.
 
+pub mod capture;
+pub mod discovery;
 pub mod ebpf;
+pub mod node;

@@ -1,7 +1,13 @@
 //! The `mesh-agent` binary: one executable, one subcommand per role.
+use std::{path::PathBuf, time::Duration};
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_agent::ebpf::Datapath;
+use mesh_agent::{
+    capture,
+    ebpf::Datapath,
+    node::{self, HandlerMode, NodeOptions},
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -17,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the per-node agent (capture, and for now a pass-through relay), or inspect/remove the
+    /// kernel state it owns.
+    Node(NodeArgs),
     /// Inspect the embedded eBPF data path.
     Ebpf {
         #[command(subcommand)]
@@ -31,12 +40,35 @@ enum EbpfCommand {
     Check,
 }
 
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Local-mode configuration file (node, namespaces, workloads); reloaded when it changes.
+    #[arg(long, required_unless_present_any = ["explain_datapath", "uninstall"])]
+    config: Option<PathBuf>,
+    /// bpffs directory holding the pinned programs, maps and links.
+    #[arg(long, default_value = capture::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// What to do with captured connections.
+    #[arg(long, value_enum, default_value = "passthrough")]
+    handler: HandlerMode,
+    /// Config file polling interval, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    reload_interval_ms: u64,
+    /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
+    #[arg(long, conflicts_with = "uninstall")]
+    explain_datapath: bool,
+    /// Remove every kernel object the capture owns on this node, then exit.
+    #[arg(long)]
+    uninstall: bool,
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Node(args) => node(args),
         Command::Ebpf {
             command: EbpfCommand::Check,
         } => ebpf_check(),
@@ -53,4 +85,30 @@ fn ebpf_check() -> anyhow::Result<()> {
     }
     println!("ok: the kernel accepted every program");
     Ok(())
+}
+
+fn node(args: NodeArgs) -> anyhow::Result<()> {
+    if args.explain_datapath {
+        print!("{}", node::explain(&args.bpffs_dir)?);
+        return Ok(());
+    }
+    if args.uninstall {
+        node::uninstall(&args.bpffs_dir)?;
+        println!(
+            "removed the capture's kernel objects ({})",
+            args.bpffs_dir.display()
+        );
+        return Ok(());
+    }
+    let opts = NodeOptions {
+        config: args.config.context("--config is required")?,
+        bpffs_dir: args.bpffs_dir,
+        handler: args.handler,
+        reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(node::run(opts))
 }

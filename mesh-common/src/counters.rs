@@ -19,17 +19,50 @@ pub enum Counter {
     FromPodAccepted = 4,
     /// Packets from an enrolled pod's interface whose source address is not the pod's: dropped.
     DroppedSpoofed = 5,
+    /// SYNs from an enrolled pod handed to the outbound listener (15001).
+    CapturedOutbound = 6,
+    /// SYNs to an enrolled pod handed to the inbound plaintext listener (15006).
+    CapturedInboundPlaintext = 7,
+    /// SYNs to `<enrolled pod>:15008` handed to the HBONE listener.
+    CapturedInboundHbone = 8,
+    /// Packets of an already-captured connection steered to the agent socket that owns it.
+    SteeredToSocket = 9,
+    /// Outbound SYNs refused with a RST because the agent's listener is gone (agent down).
+    RefusedNoListener = 10,
+    /// Inbound SYNs to an enrolled pod dropped because the agent's listener is gone.
+    DroppedNoListener = 11,
+    /// TCP packets of enrolled pods left alone: connections that predate enrolment.
+    PassedUncaptured = 12,
+    /// TCP we could not parse safely (IP fragments, IPv6 extension headers): dropped, fail closed.
+    DroppedUnparseable = 13,
+    /// sendmsg calls redirected socket-to-socket by sk_msg (same-node splice).
+    SplicedMessages = 14,
+    /// Bytes moved socket-to-socket by sk_msg instead of the TCP/IP stack.
+    SplicedBytes = 15,
+    /// Connections whose peer socket was not spliceable at their first send: left on TCP for good.
+    SpliceFallbacks = 16,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 17] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
         Counter::ObservedBytes,
         Counter::FromPodAccepted,
         Counter::DroppedSpoofed,
+        Counter::CapturedOutbound,
+        Counter::CapturedInboundPlaintext,
+        Counter::CapturedInboundHbone,
+        Counter::SteeredToSocket,
+        Counter::RefusedNoListener,
+        Counter::DroppedNoListener,
+        Counter::PassedUncaptured,
+        Counter::DroppedUnparseable,
+        Counter::SplicedMessages,
+        Counter::SplicedBytes,
+        Counter::SpliceFallbacks,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -49,6 +82,17 @@ impl Counter {
             Counter::ObservedBytes => "observed_bytes",
             Counter::FromPodAccepted => "from_pod_accepted",
             Counter::DroppedSpoofed => "dropped_spoofed",
+            Counter::CapturedOutbound => "captured_outbound",
+            Counter::CapturedInboundPlaintext => "captured_inbound_plaintext",
+            Counter::CapturedInboundHbone => "captured_inbound_hbone",
+            Counter::SteeredToSocket => "steered_to_socket",
+            Counter::RefusedNoListener => "refused_no_listener",
+            Counter::DroppedNoListener => "dropped_no_listener",
+            Counter::PassedUncaptured => "passed_uncaptured",
+            Counter::DroppedUnparseable => "dropped_unparseable",
+            Counter::SplicedMessages => "spliced_messages",
+            Counter::SplicedBytes => "spliced_bytes",
+            Counter::SpliceFallbacks => "splice_fallbacks",
         }
     }
 }

@@ -4,9 +4,11 @@
 //! the map layouts on both sides of the kernel boundary.
 #![no_std]
 
+pub mod capture;
 pub mod counters;
 pub mod pods;
 
+pub use capture::{FlowInfo, FlowKey, FlowKind, PodIpEntry};
 pub use counters::Counter;
 pub use pods::{POD_HAS_IPV4, POD_HAS_IPV6, PODS_MAP, PodAddrs};
 

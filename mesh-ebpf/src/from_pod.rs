@@ -1,24 +1,28 @@
 //! `mesh_tc_from_pod`: tcx ingress of an enrolled pod's host-side interface, i.e. every frame the
-//! pod sends. First duty: anti-spoofing. The interface is the pod's identity (a pod cannot choose
-//! which veth its packets arrive on); a packet whose source address is not the pod's own is
-//! dropped and counted, so later stages may trust the source address of what passes.
+//! pod sends.
+//!
+//! 1. Anti-spoofing: the interface is the pod's identity (a pod cannot choose which veth its
+//!    packets arrive on); a packet whose source address is not the pod's own is dropped and
+//!    counted, so everything after may trust the source address of what passes.
+//! 2. TCP of a connection a local agent socket owns (the pod's replies to the agent's transparent
+//!    connections, later segments of captured connections) is delivered to that socket.
+//! 3. A new connection (SYN) goes to the outbound listener, with the interface recorded in the
+//!    flow table as the source identity; if the agent is down the SYN is answered with a RST.
+//! 4. Other TCP (connections older than the enrolment) passes untouched.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::{classifier, map},
-    maps::HashMap,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{Counter, PodAddrs, pods::MAX_PODS};
+use mesh_common::{Counter, FlowKind, PodAddrs};
 
-use crate::counters;
+use crate::{
+    counters,
+    maps::MESH_PODS,
+    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Parsed},
+    refuse, steer,
+};
 
-/// Enrolled pods by host-interface ifindex. Not in the map = not enrolled = untouched.
-#[map(name = "MESH_PODS")]
-static MESH_PODS: HashMap<u32, PodAddrs> = HashMap::with_max_entries(MAX_PODS, 0);
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 const IPPROTO_ICMPV6: u8 = 58;
 /// Offsets from the start of the L3 header.
@@ -36,13 +40,34 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
     let Some(pod) = (unsafe { MESH_PODS.get(&ifindex) }).copied() else {
         return TC_ACT_UNSPEC;
     };
-    if source_is_pods(&ctx, &pod) {
-        counters::add(Counter::FromPodAccepted, 1);
-        TC_ACT_UNSPEC
-    } else {
+    if !source_is_pods(&ctx, &pod) {
         counters::add(Counter::DroppedSpoofed, 1);
-        TC_ACT_SHOT as i32
+        return TC_ACT_SHOT as i32;
     }
+    counters::add(Counter::FromPodAccepted, 1);
+    let seg = match packet::parse(&ctx) {
+        Parsed::NotTcp => return TC_ACT_UNSPEC,
+        Parsed::Unparseable => {
+            counters::add(Counter::DroppedUnparseable, 1);
+            return TC_ACT_SHOT as i32;
+        }
+        Parsed::Tcp(seg) => seg,
+    };
+    if steer::owned_by_local_socket(&ctx, &seg) {
+        steer::mark_local(&ctx);
+        counters::add(Counter::SteeredToSocket, 1);
+        return TC_ACT_OK as i32;
+    }
+    if !seg.is_pure_syn() {
+        counters::add(Counter::PassedUncaptured, 1);
+        return TC_ACT_UNSPEC;
+    }
+    if steer::assign_to_listener(&ctx, &seg, FlowKind::Outbound, ifindex) {
+        counters::add(Counter::CapturedOutbound, 1);
+        return TC_ACT_OK as i32;
+    }
+    counters::add(Counter::RefusedNoListener, 1);
+    refuse::refuse_syn(&ctx, &seg, ifindex).unwrap_or(TC_ACT_SHOT as i32)
 }
 
 /// Whether the frame's source address belongs to the pod. Unreadable (truncated) IP/ARP headers

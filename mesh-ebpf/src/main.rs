@@ -5,7 +5,12 @@
 
 mod counters;
 mod from_pod;
+mod maps;
 mod observe;
+mod packet;
+mod refuse;
+mod steer;
+mod to_pods;
 
 #[cfg(not(test))]
 #[panic_handler]

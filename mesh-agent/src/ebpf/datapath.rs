@@ -2,7 +2,7 @@
 use std::path::Path;
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
     programs::{Program, SchedClassifier},
 };
@@ -34,10 +34,28 @@ impl Datapath {
         })
     }
 
+    /// Loads the object with every map pinned in `maps_dir` (created if missing): maps already
+    /// pinned there by a previous agent are adopted with their contents, the others are created
+    /// and pinned. This is what lets enrolments and captured flows survive an agent restart.
+    pub fn load_pinned(maps_dir: &Path) -> Result<Self, DatapathError> {
+        std::fs::create_dir_all(maps_dir).map_err(|source| DatapathError::PinDir {
+            path: maps_dir.to_owned(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        for name in super::MAPS {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        Ok(Self {
+            ebpf: loader.load(OBJECT)?,
+        })
+    }
+
     /// Runs every program through the kernel verifier now, instead of at first attach.
     pub fn verify_all(&mut self) -> Result<(), DatapathError> {
-        self.classifier(TC_OBSERVE)?;
-        self.classifier(super::programs::TC_FROM_POD)?;
+        for name in super::programs::ALL_TC {
+            self.classifier(name)?;
+        }
         Ok(())
     }
 
@@ -72,7 +90,9 @@ impl Datapath {
     }
 
     /// Attaches the named tc program (see [`super::programs`]) to `iface`.
-    pub(super) fn attach_tc(
+    /// Attaches program `name` to `iface` (calling thread's netns) at `hook`, pinning the link at
+    /// `pin` if given (the attachment then outlives this process until the pin is removed).
+    pub fn attach_tc(
         &mut self,
         name: &'static str,
         iface: &str,
@@ -84,6 +104,23 @@ impl Datapath {
     }
 
     /// The underlying object, for sibling modules that own other maps.
+    /// Pins every tc program at `<dir>/<program>`, replacing pins of an earlier instance, so
+    /// `bpftool prog show pinned` finds what is running.
+    pub fn pin_programs(&mut self, dir: &Path) -> Result<(), DatapathError> {
+        for name in super::programs::ALL_TC {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            }
+            self.classifier(name)?
+                .pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+
     pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }

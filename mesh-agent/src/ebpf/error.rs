@@ -47,6 +47,12 @@ pub enum DatapathError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("creating bpffs directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("removing pin {path}: {source}")]
     Unpin {
         path: PathBuf,

@@ -9,7 +9,7 @@ mod tc;
 
 pub use counters::CounterSnapshot;
 pub use datapath::{Datapath, ObjectEntry};
-pub use enrollment::{Enrollment, pod_addrs};
+pub use enrollment::{Enrollment, addrs_of, ifindex_of, ip_from_key, ip_key, pod_addrs};
 pub use error::DatapathError;
 pub use tc::{TcAttachment, TcHook};
 
@@ -22,4 +22,17 @@ pub mod programs {
     pub const TC_OBSERVE: &str = "mesh_tc_observe";
     /// tc program on an enrolled pod's host interface (ingress: what the pod sends).
     pub const TC_FROM_POD: &str = "mesh_tc_from_pod";
+    /// tc program on every other way into the node (uplinks, non-enrolled pods' interfaces):
+    /// captures TCP addressed to enrolled pods.
+    pub const TC_TO_PODS: &str = "mesh_tc_to_pods";
+    /// Every tc program, for verification.
+    pub const ALL_TC: [&str; 3] = [TC_OBSERVE, TC_FROM_POD, TC_TO_PODS];
 }
+
+/// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
+pub const MAPS: [&str; 4] = [
+    mesh_common::COUNTERS_MAP,
+    mesh_common::PODS_MAP,
+    mesh_common::capture::POD_IPS_MAP,
+    mesh_common::capture::FLOWS_MAP,
+];

@@ -1,0 +1,313 @@
+//! The capture controller: owns the loaded data path and converges the kernel to a desired set of
+//! enrolled pods and watched interfaces — maps, tcx attachments and their pins — adopting or
+//! replacing whatever an earlier agent instance left in bpffs.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context as _;
+use mesh_common::{PodIpEntry, capture::POD_IP_ENROLLED};
+use tracing::{info, warn};
+
+use super::pins::{BpffsLayout, instance_name, is_on_bpffs};
+use crate::ebpf::{
+    Datapath, TcAttachment, TcHook, addrs_of, ifindex_of, pod_addrs,
+    programs::{TC_FROM_POD, TC_TO_PODS},
+};
+
+/// A pod of this node as the capture needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCapture {
+    /// `namespace/name`, for logs and attribution.
+    pub key: String,
+    /// The pod's interface in the node's network namespace (the host side of its veth).
+    pub host_iface: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What the kernel should look like.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredCapture {
+    /// Pods whose traffic is captured.
+    pub enrolled: Vec<PodCapture>,
+    /// Pods on this node that are not enrolled (their interfaces still watch for traffic *to*
+    /// enrolled pods, and their connections through the agent drain).
+    pub bystanders: Vec<PodCapture>,
+    /// Interfaces traffic from other nodes arrives on.
+    pub uplinks: Vec<String>,
+}
+
+/// Who a captured connection belongs to, as the handlers see it.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureView {
+    /// Enrolled pods by host-interface ifindex.
+    pub by_ifindex: HashMap<u32, PodCapture>,
+    /// Enrolled pods by address.
+    pub by_ip: HashMap<IpAddr, PodCapture>,
+}
+
+/// One interface's attachment made by this instance.
+struct Attached {
+    iface: String,
+    attachment: TcAttachment,
+}
+
+pub struct CaptureController {
+    datapath: Datapath,
+    layout: BpffsLayout,
+    instance: String,
+    attached: BTreeMap<(&'static str, u32), Attached>,
+    view: Arc<RwLock<CaptureView>>,
+}
+
+/// Per-item problems of one reconciliation (the rest of the desired state still applies).
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub errors: Vec<String>,
+}
+
+impl CaptureController {
+    /// Loads the data path with its maps pinned (adopting existing ones) under `layout`, and pins
+    /// the programs. Nothing is attached until [`CaptureController::reconcile`].
+    pub fn start(layout: BpffsLayout) -> anyhow::Result<Self> {
+        layout
+            .create()
+            .with_context(|| format!("creating {}", layout.root.display()))?;
+        anyhow::ensure!(
+            is_on_bpffs(&layout.root),
+            "{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
+            layout.root.display()
+        );
+        let mut datapath =
+            Datapath::load_pinned(&layout.maps()).context("loading the eBPF data path")?;
+        datapath
+            .verify_all()
+            .context("loading the capture programs into the kernel")?;
+        datapath.pin_programs(&layout.progs())?;
+        Ok(Self {
+            datapath,
+            layout,
+            instance: instance_name(),
+            attached: BTreeMap::new(),
+            view: Arc::default(),
+        })
+    }
+
+    pub fn view(&self) -> Arc<RwLock<CaptureView>> {
+        Arc::clone(&self.view)
+    }
+
+    pub fn layout(&self) -> &BpffsLayout {
+        &self.layout
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// Converges maps, attachments and pins to `desired`. New attachments are made before old ones
+    /// are removed, so an interface is never left uncaptured in between.
+    pub fn reconcile(&mut self, desired: &DesiredCapture) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let mut view = CaptureView::default();
+
+        // 1. Enrolled pods: maps first (the program ignores interfaces it does not know), then
+        //    the program.
+        let mut wanted_links: HashSet<(&'static str, u32)> = HashSet::new();
+        let mut enrolled_ifindexes = HashSet::new();
+        let mut wanted_ips: HashMap<IpAddr, PodIpEntry> = HashMap::new();
+        for pod in &desired.enrolled {
+            let ifindex = match ifindex_of(&pod.host_iface) {
+                Ok(i) => i,
+                Err(e) => {
+                    report.errors.push(format!("pod {}: {e}", pod.key));
+                    continue;
+                }
+            };
+            let v4 = pod.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            });
+            let v6 = pod.ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            });
+            if let Err(e) = self.datapath.set_pod(ifindex, pod_addrs(v4, v6)) {
+                report.errors.push(format!("pod {}: {e}", pod.key));
+                continue;
+            }
+            for ip in pod.ips.iter().copied() {
+                wanted_ips.insert(
+                    ip,
+                    PodIpEntry {
+                        ifindex,
+                        flags: POD_IP_ENROLLED,
+                    },
+                );
+                view.by_ip.insert(ip, pod.clone());
+            }
+            match self.ensure_attached(TC_FROM_POD, &pod.host_iface, ifindex) {
+                Ok(()) => {
+                    wanted_links.insert((TC_FROM_POD, ifindex));
+                    enrolled_ifindexes.insert(ifindex);
+                    view.by_ifindex.insert(ifindex, pod.clone());
+                }
+                Err(e) => report.errors.push(format!("pod {}: {e:#}", pod.key)),
+            }
+        }
+
+        // 2. Every other way in: bystander pods' interfaces and the uplinks.
+        let existing_ips: HashMap<IpAddr, PodIpEntry> = match self.datapath.pod_ips() {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                report.errors.push(format!("reading pod addresses: {e}"));
+                HashMap::new()
+            }
+        };
+        let bystander_ifaces = desired.bystanders.iter().map(|p| (Some(p), &p.host_iface));
+        let uplinks = desired.uplinks.iter().map(|u| (None, u));
+        for (pod, iface) in bystander_ifaces.chain(uplinks) {
+            let what = pod.map_or_else(|| format!("uplink {iface}"), |p| format!("pod {}", p.key));
+            let ifindex = match ifindex_of(iface) {
+                Ok(i) => i,
+                Err(e) => {
+                    report.errors.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            match self.ensure_attached(TC_TO_PODS, iface, ifindex) {
+                Ok(()) => {
+                    wanted_links.insert((TC_TO_PODS, ifindex));
+                }
+                Err(e) => report.errors.push(format!("{what}: {e:#}")),
+            }
+            // A pod that was enrolled keeps draining: connections the agent owns stay with it.
+            if let Some(pod) = pod {
+                for ip in &pod.ips {
+                    if existing_ips.contains_key(ip) && !wanted_ips.contains_key(ip) {
+                        wanted_ips.insert(*ip, PodIpEntry { ifindex, flags: 0 });
+                    }
+                }
+            }
+        }
+
+        // 3. Map contents: exactly the wanted entries.
+        for (ip, entry) in &wanted_ips {
+            if existing_ips.get(ip) != Some(entry)
+                && let Err(e) = self.datapath.set_pod_ip(*ip, *entry)
+            {
+                report.errors.push(format!("address {ip}: {e}"));
+            }
+        }
+        for ip in existing_ips
+            .keys()
+            .filter(|ip| !wanted_ips.contains_key(ip))
+        {
+            if let Err(e) = self.datapath.remove_pod_ip(*ip) {
+                report.errors.push(format!("address {ip}: {e}"));
+            }
+        }
+        match self.datapath.pods() {
+            Ok(pods) => {
+                for (ifindex, _) in pods {
+                    if !enrolled_ifindexes.contains(&ifindex)
+                        && let Err(e) = self.datapath.remove_pod_iface(ifindex)
+                    {
+                        report.errors.push(format!("interface {ifindex}: {e}"));
+                    }
+                }
+            }
+            Err(e) => report.errors.push(format!("reading enrolled pods: {e}")),
+        }
+
+        // 4. Attachments this instance made that are no longer wanted, then every pin that is
+        //    not one of ours (earlier instances, vanished interfaces).
+        let stale: Vec<_> = self
+            .attached
+            .keys()
+            .filter(|k| !wanted_links.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Some(a) = self.attached.remove(&key) {
+                info!(program = key.0, iface = %a.iface, "detaching");
+                if let Err(e) = a.attachment.detach() {
+                    report
+                        .errors
+                        .push(format!("detaching {} from {}: {e}", key.0, a.iface));
+                }
+            }
+        }
+        self.remove_foreign_link_pins(&mut report);
+
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        for e in &report.errors {
+            warn!(error = %e, "capture reconciliation");
+        }
+        report
+    }
+
+    /// Detaches everything and forgets every enrolment (maps emptied); the pins of maps and
+    /// programs stay until [`remove_all`](super::remove_all).
+    pub fn detach_all(&mut self) -> ReconcileReport {
+        self.reconcile(&DesiredCapture::default())
+    }
+
+    fn ensure_attached(
+        &mut self,
+        program: &'static str,
+        iface: &str,
+        ifindex: u32,
+    ) -> anyhow::Result<()> {
+        if self.attached.contains_key(&(program, ifindex)) {
+            return Ok(());
+        }
+        let pin = self.layout.link_path(program, ifindex, &self.instance);
+        let attachment = self
+            .datapath
+            .attach_tc(program, iface, TcHook::Ingress, Some(&pin))?;
+        info!(program, iface, ifindex, pin = %pin.display(), "attached");
+        self.attached.insert(
+            (program, ifindex),
+            Attached {
+                iface: iface.to_owned(),
+                attachment,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_foreign_link_pins(&self, report: &mut ReconcileReport) {
+        let pins = match self.layout.link_pins() {
+            Ok(p) => p,
+            Err(e) => {
+                report.errors.push(format!("listing link pins: {e}"));
+                return;
+            }
+        };
+        let ours: HashSet<_> = self
+            .attached
+            .values()
+            .filter_map(|a| a.attachment.pin_path().map(|p| p.to_owned()))
+            .collect();
+        for pin in pins.into_iter().filter(|p| !ours.contains(&p.path)) {
+            info!(pin = %pin.path.display(), instance = %pin.instance, "removing link pin left by an earlier agent");
+            if let Err(e) = std::fs::remove_file(&pin.path) {
+                report
+                    .errors
+                    .push(format!("removing {}: {e}", pin.path.display()));
+            }
+        }
+    }
+}
+
+/// Addresses of an enrolled pod entry, for display.
+pub fn describe_pod_ips(entry: &mesh_common::PodAddrs) -> String {
+    addrs_of(entry)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,71 @@
+//! The agent's capture listeners: one IP_TRANSPARENT socket per port and family, bound to the
+//! wildcard address. The tc programs assign captured SYNs to them with `bpf_sk_assign`; because the
+//! socket is transparent, the connection TCP creates keeps the original destination as its local
+//! address, so `local_addr()` of an accepted stream *is* the original destination.
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::Context as _;
+use mesh_common::FlowKind;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A bound capture listener and what it receives.
+pub struct CaptureListener {
+    pub kind: FlowKind,
+    pub listener: TcpListener,
+}
+
+/// Binds the transparent listeners for `kinds`, IPv4 and IPv6 each. Must run inside a tokio
+/// runtime, in the node's network namespace, with CAP_NET_ADMIN (IP_TRANSPARENT).
+pub fn bind_all(kinds: &[FlowKind], backlog: i32) -> anyhow::Result<Vec<CaptureListener>> {
+    let mut out = Vec::new();
+    for &kind in kinds {
+        for ip in [
+            std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
+            let addr = SocketAddr::new(ip, kind.port());
+            let listener = bind_transparent(addr, backlog)
+                .with_context(|| format!("binding the {kind:?} capture listener on {addr}"))?;
+            out.push(CaptureListener { kind, listener });
+        }
+    }
+    Ok(out)
+}
+
+fn bind_transparent(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // One socket per family keeps the kernel's listener lookup from the tc program exact.
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `dst` with `src_ip` as the source address (transparent: `src_ip` is the original
+/// client's, not ours), so the destination and its NetworkPolicy see the real peer. The kernel
+/// picks the source port. Replies come back to this socket because the capture programs steer
+/// packets of connections a local socket owns.
+pub async fn connect_transparent(
+    src_ip: std::net::IpAddr,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let src = SocketAddr::new(src_ip, 0);
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if dst.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&src.into())?;
+    let std_stream: std::net::TcpStream = socket.into();
+    TcpSocket::from_std_stream(std_stream).connect(dst).await
+}

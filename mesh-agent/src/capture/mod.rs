@@ -1,0 +1,90 @@
+//! Traffic capture: the agent side of the eBPF data path. Loads and pins the programs and maps,
+//! keeps their attachments and the enrolment maps in line with the pods of this node, owns the
+//! policy routing that delivers steered packets locally, binds the transparent listeners, and
+//! tells a handler which pod each accepted connection came from. See docs/ARCHITECTURE.md,
+//! "Capture".
+
+pub mod controller;
+pub mod flows;
+pub mod listeners;
+pub mod pins;
+pub mod routing;
+
+use std::{fmt::Write as _, path::Path};
+
+pub use controller::{CaptureController, CaptureView, DesiredCapture, PodCapture, ReconcileReport};
+pub use flows::{CapturedFlow, FlowTable};
+pub use pins::BpffsLayout;
+
+/// Default bpffs directory of the node agent's data path.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
+
+/// Removes every kernel object the capture owns: link pins (detaching the programs), program and
+/// map pins, the bpffs directory, and the routing rule and table. Idempotent.
+pub fn remove_all(layout: &BpffsLayout) -> anyhow::Result<()> {
+    routing::remove()?;
+    if layout.root.exists() {
+        for dir in [layout.links(), layout.progs(), layout.maps()] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+            remove_dir_if_present(&dir)?;
+        }
+        remove_dir_if_present(&layout.root)?;
+    }
+    Ok(())
+}
+
+fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A human-readable list of every kernel object the capture owns on this node: pinned maps,
+/// programs and tcx links (with the interface each link is on), and the routing rule and routes.
+pub fn explain(layout: &BpffsLayout) -> anyhow::Result<String> {
+    let mut out = String::new();
+    writeln!(out, "bpffs directory: {}", layout.root.display())?;
+    let pins = layout.all_pins()?;
+    if pins.is_empty() {
+        writeln!(out, "  (nothing pinned)")?;
+    }
+    let links = layout.link_pins()?;
+    for pin in pins {
+        let full = layout.root.join(&pin);
+        let detail = links
+            .iter()
+            .find(|l| l.path == full)
+            .map(|l| {
+                let iface = nix::net::if_::if_indextoname(l.ifindex)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "<gone>".to_owned());
+                format!(
+                    "  tcx ingress of {iface} (ifindex {}), agent instance {}",
+                    l.ifindex, l.instance
+                )
+            })
+            .unwrap_or_default();
+        writeln!(out, "  {}{detail}", pin.display())?;
+    }
+    writeln!(out, "routing:")?;
+    let routing = routing::describe()?;
+    if routing.is_empty() {
+        writeln!(out, "  (no rule or route installed)")?;
+    }
+    for r in routing {
+        writeln!(out, "  {:<9} {}", r.kind, r.description)?;
+    }
+    writeln!(
+        out,
+        "listeners (while the agent runs): IP_TRANSPARENT tcp 0.0.0.0 and [::] ports {}, {}, {}",
+        mesh_common::capture::PORT_OUTBOUND,
+        mesh_common::capture::PORT_INBOUND_PLAINTEXT,
+        mesh_common::capture::PORT_INBOUND_HBONE
+    )?;
+    Ok(out)
+}

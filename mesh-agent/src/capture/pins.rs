@@ -1,0 +1,153 @@
+//! Where the data path lives in bpffs, and how pinned tcx links are named so that a restarted
+//! agent can tell which program on which interface a pin holds, and which agent instance made it.
+//!
+//! ```text
+//! <dir>/maps/<MAP>                         every map (adopted across restarts)
+//! <dir>/progs/<program>                    the programs of the running instance
+//! <dir>/links/<program>-if<ifindex>-<instance>   one tcx attachment
+//! ```
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+/// The bpffs directories of one data path.
+#[derive(Clone, Debug)]
+pub struct BpffsLayout {
+    pub root: PathBuf,
+}
+
+/// A pinned tcx link, decoded from its file name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkPin {
+    pub program: String,
+    pub ifindex: u32,
+    pub instance: String,
+    pub path: PathBuf,
+}
+
+impl BpffsLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn progs(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Creates the directories (bpffs must already be mounted at or above `root`).
+    pub fn create(&self) -> std::io::Result<()> {
+        for dir in [self.maps(), self.progs(), self.links()] {
+            fs::create_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    pub fn link_path(&self, program: &str, ifindex: u32, instance: &str) -> PathBuf {
+        self.links()
+            .join(format!("{program}-if{ifindex}-{instance}"))
+    }
+
+    /// Every link pin in the links directory (unparseable names are reported as instance "?").
+    pub fn link_pins(&self) -> std::io::Result<Vec<LinkPin>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(self.links()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            out.push(parse_link_name(&name, entry.path()));
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Every pinned file under the root, relative, sorted: what `--explain-datapath` lists.
+    pub fn all_pins(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for dir in [self.maps(), self.progs(), self.links()] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry?.path();
+                out.push(path.strip_prefix(&self.root).unwrap_or(&path).to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn parse_link_name(name: &str, path: PathBuf) -> LinkPin {
+    let unknown = || LinkPin {
+        program: name.to_owned(),
+        ifindex: 0,
+        instance: "?".to_owned(),
+        path: path.clone(),
+    };
+    let Some((program, rest)) = name.split_once("-if") else {
+        return unknown();
+    };
+    let Some((ifindex, instance)) = rest.split_once('-') else {
+        return unknown();
+    };
+    let Ok(ifindex) = ifindex.parse() else {
+        return unknown();
+    };
+    LinkPin {
+        program: program.to_owned(),
+        ifindex,
+        instance: instance.to_owned(),
+        path,
+    }
+}
+
+/// A name for this agent instance that bpffs accepts (no dots) and that differs across restarts.
+pub fn instance_name() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}{:09}p{}",
+        now.as_secs(),
+        now.subsec_nanos(),
+        std::process::id()
+    )
+}
+
+/// Whether `path` is on a bpffs mount (pins elsewhere would silently fail).
+pub fn is_on_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_round_trip() {
+        let layout = BpffsLayout::new("/sys/fs/bpf/mesh");
+        let path = layout.link_path("mesh_tc_from_pod", 42, "1700000000123p99");
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let pin = parse_link_name(name, path.clone());
+        assert_eq!(pin.program, "mesh_tc_from_pod");
+        assert_eq!(pin.ifindex, 42);
+        assert_eq!(pin.instance, "1700000000123p99");
+        assert!(!instance_name().contains('.'));
+        assert_eq!(parse_link_name("junk", path).instance, "?");
+    }
+}

@@ -1,0 +1,277 @@
+//! The local-mode configuration file: this node, namespaces (with labels) and workloads. Later
+//! issues add services, policies and waypoints to the same file. Unknown fields are errors; YAML
+//! errors carry the line and column; semantic errors name the offending entry and field.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use serde::Deserialize;
+
+use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeSection {
+    /// This node's name; workloads whose `node` equals it are local.
+    pub name: String,
+    /// Interfaces traffic from other nodes arrives on (watched for traffic to enrolled pods).
+    #[serde(default)]
+    pub uplinks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub host_network: bool,
+    /// The pod's interface in the node's network namespace (host side of its veth). Required for
+    /// pods of this node that are not host-network.
+    #[serde(default)]
+    pub host_interface: Option<String>,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+/// Why a configuration file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// serde_yaml's message includes the line and column.
+    #[error("{path}: {source}")]
+    Syntax {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl LocalConfig {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax { source, .. } => ConfigError::Syntax { path: p, source },
+            ConfigError::Invalid { field, message, .. } => ConfigError::Invalid {
+                path: p,
+                field,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: LocalConfig =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
+                path: "<config>".to_owned(),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: "<config>".to_owned(),
+            field,
+            message,
+        };
+        if self.node.name.is_empty() {
+            return Err(invalid("node.name".into(), "must not be empty".into()));
+        }
+        let mut seen_ns = HashSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if !seen_ns.insert(&ns.name) {
+                return Err(invalid(
+                    format!("namespaces[{i}].name"),
+                    format!("namespace {:?} is listed twice", ns.name),
+                ));
+            }
+        }
+        let mut seen_wl = HashSet::new();
+        let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = |f: &str| format!("workloads[{i}] ({}/{}).{f}", w.namespace, w.name);
+            if w.name.is_empty() || w.namespace.is_empty() {
+                return Err(invalid(
+                    at("name"),
+                    "name and namespace must not be empty".into(),
+                ));
+            }
+            if !seen_wl.insert((&w.namespace, &w.name)) {
+                return Err(invalid(at("name"), "workload is listed twice".into()));
+            }
+            if w.ips.is_empty() && !w.host_network {
+                return Err(invalid(
+                    at("ips"),
+                    "a pod needs at least one address".into(),
+                ));
+            }
+            let v4 = w.ips.iter().filter(|ip| ip.is_ipv4()).count();
+            if v4 > 1 || w.ips.len() - v4 > 1 {
+                return Err(invalid(
+                    at("ips"),
+                    "at most one IPv4 and one IPv6 address per pod".into(),
+                ));
+            }
+            if !w.host_network {
+                for ip in &w.ips {
+                    if let Some(other) = ip_owner.insert(*ip, format!("{}/{}", w.namespace, w.name))
+                    {
+                        return Err(invalid(at("ips"), format!("{ip} is also used by {other}")));
+                    }
+                }
+            }
+            if w.node == self.node.name && !w.host_network && w.host_interface.is_none() {
+                return Err(invalid(
+                    at("hostInterface"),
+                    "required for pods on this node (the host side of the pod's interface)".into(),
+                ));
+            }
+            if let Some(mode) = w.labels.get(DATAPLANE_MODE_LABEL)
+                && mode != DATAPLANE_MODE_AMBIENT
+                && mode != DATAPLANE_MODE_NONE
+            {
+                return Err(invalid(
+                    at(&format!("labels.{DATAPLANE_MODE_LABEL}")),
+                    format!("{mode:?} is not one of \"ambient\", \"none\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `w` is in the mesh, with Istio's rules: host-network pods never; pod label
+    /// `istio.io/dataplane-mode=none` opts out; otherwise the pod's or its namespace's label
+    /// `istio.io/dataplane-mode=ambient` enrols.
+    pub fn is_enrolled(&self, w: &Workload) -> bool {
+        if w.host_network {
+            return false;
+        }
+        match w.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+            Some(DATAPLANE_MODE_NONE) => false,
+            Some(DATAPLANE_MODE_AMBIENT) => true,
+            _ => self
+                .namespaces
+                .iter()
+                .find(|ns| ns.name == w.namespace)
+                .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
+                .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
+        }
+    }
+
+    /// Pods on this node (not host-network).
+    pub fn local_pods(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads
+            .iter()
+            .filter(|w| w.node == self.node.name && !w.host_network)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: {name: n1, uplinks: [eth0]}
+namespaces:
+  - name: mesh
+    labels: {istio.io/dataplane-mode: ambient}
+  - name: plain
+workloads:
+  - {name: a, namespace: mesh, node: n1, ips: [10.0.0.1, "fd00::1"], hostInterface: veth-a}
+  - {name: b, namespace: mesh, node: n1, ips: [10.0.0.2], hostInterface: veth-b,
+     labels: {istio.io/dataplane-mode: none}}
+  - {name: c, namespace: plain, node: n1, ips: [10.0.0.3], hostInterface: veth-c,
+     labels: {istio.io/dataplane-mode: ambient}}
+  - {name: d, namespace: plain, node: n1, ips: [10.0.0.4], hostInterface: veth-d}
+  - {name: h, namespace: mesh, node: n1, ips: [], hostNetwork: true}
+  - {name: r, namespace: mesh, node: n2, ips: [10.0.1.1]}
+"#;
+
+    #[test]
+    fn enrolment_follows_istio_labels() {
+        let c = LocalConfig::parse(GOOD).unwrap();
+        let enrolled: Vec<_> = c
+            .workloads
+            .iter()
+            .filter(|w| c.is_enrolled(w))
+            .map(|w| w.name.as_str())
+            .collect();
+        // namespace label enrols a; pod label none opts b out; pod label enrols c in a plain
+        // namespace; d is plain; host-network h never; r is enrolled but on another node.
+        assert_eq!(enrolled, ["a", "c", "r"]);
+        assert_eq!(c.local_pods().count(), 4);
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_field() {
+        let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n1, ips: [10.0.0.300], hostInterface: v}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3"), "{e}");
+        let e = LocalConfig::parse("node: {name: n1, colour: red}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n1, ips: [10.0.0.1]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workloads[0] (x/a).hostInterface"), "{e}");
+        let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1]}\n  - {name: b, namespace: x, node: n2, ips: [10.0.0.1]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.0.0.1 is also used by x/a"), "{e}");
+        let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1], labels: {istio.io/dataplane-mode: sidecar}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("labels.istio.io/dataplane-mode"), "{e}");
+    }
+}

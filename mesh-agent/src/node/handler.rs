@@ -1,0 +1,263 @@
+//! What the node agent does with a captured connection until the HBONE issue lands, and the
+//! attribution every handler relies on.
+//!
+//! - `passthrough` (default): a transparent L4 relay. Outbound and inbound-plaintext connections
+//!   are connected onwards to their original destination *from the original client address*;
+//!   inbound HBONE (15008) is refused, because HBONE termination is not built yet.
+//! - `report`: a diagnostic sink. Each connection receives one JSON line saying what the capture
+//!   learnt (listener, client, original destination, the pod it is attributed to); the agent then
+//!   reads until the client half-closes and answers with a second line, the byte count and FNV-1a
+//!   digest of what it received. Tests use it to check capture without a relay in between.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use mesh_common::FlowKind;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::{info, warn};
+
+use crate::capture::{CaptureView, FlowTable, PodCapture, listeners::connect_transparent};
+
+/// How captured connections are handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HandlerMode {
+    Passthrough,
+    Report,
+}
+
+/// Everything a connection task needs, shared.
+pub struct HandlerContext {
+    pub mode: HandlerMode,
+    pub flows: FlowTable,
+    pub view: Arc<RwLock<CaptureView>>,
+}
+
+/// The first line of a `report` answer.
+#[derive(Serialize)]
+struct Report<'a> {
+    listener: &'static str,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    /// Outbound: the pod the connection came from; inbound: the pod it is for.
+    pod: &'a str,
+    ifindex: u32,
+}
+
+/// A connection the capture attributed: the pod and the kernel's record.
+struct Attributed {
+    pod: PodCapture,
+    ifindex: u32,
+}
+
+pub fn listener_name(kind: FlowKind) -> &'static str {
+    match kind {
+        FlowKind::Outbound => "outbound",
+        FlowKind::InboundPlaintext => "inbound_plaintext",
+        FlowKind::InboundHbone => "inbound_hbone",
+    }
+}
+
+/// Serves one accepted connection to completion.
+pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind) {
+    let (Ok(client), Ok(original_dst)) = (stream.peer_addr(), stream.local_addr()) else {
+        return;
+    };
+    let client = canonical(client);
+    let original_dst = canonical(original_dst);
+    let listener = listener_name(kind);
+    let attributed = match attribute(&ctx, kind, client, original_dst) {
+        Ok(a) => a,
+        Err(reason) => {
+            warn!(listener, %client, %original_dst, reason, "refusing captured connection");
+            reset(stream);
+            return;
+        }
+    };
+    let pod = attributed.pod.key.as_str();
+    match (ctx.mode, kind) {
+        (HandlerMode::Report, _) => {
+            let report = Report {
+                listener,
+                client,
+                original_dst,
+                pod,
+                ifindex: attributed.ifindex,
+            };
+            if let Err(e) = report_and_sink(stream, &report).await {
+                info!(listener, %client, %original_dst, error = %e, "report connection ended early");
+            }
+        }
+        (HandlerMode::Passthrough, FlowKind::InboundHbone) => {
+            warn!(listener, %client, %original_dst, pod,
+                "HBONE termination is not built yet (issue #4); refusing");
+            reset(stream);
+        }
+        (HandlerMode::Passthrough, _) => relay(stream, listener, client, original_dst, pod).await,
+    }
+}
+
+/// Decides who a connection belongs to from what the kernel recorded, never from the client
+/// address alone.
+fn attribute(
+    ctx: &HandlerContext,
+    kind: FlowKind,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> Result<Attributed, &'static str> {
+    let flow = ctx.flows.take(client, original_dst).ok_or(
+        "no capture record for this connection (not captured by our programs, or evicted)",
+    )?;
+    if flow.kind != kind {
+        return Err("capture record names a different listener");
+    }
+    let view = ctx.view.read().unwrap_or_else(|e| e.into_inner());
+    let pod = match kind {
+        FlowKind::Outbound => {
+            let pod = view
+                .by_ifindex
+                .get(&flow.ifindex)
+                .ok_or("the interface it came from is not an enrolled pod's")?;
+            if !pod.ips.contains(&client.ip()) {
+                return Err("client address is not the address of the pod it came from");
+            }
+            pod.clone()
+        }
+        FlowKind::InboundPlaintext | FlowKind::InboundHbone => view
+            .by_ip
+            .get(&original_dst.ip())
+            .ok_or("destination is not an enrolled pod of this node")?
+            .clone(),
+    };
+    Ok(Attributed {
+        pod,
+        ifindex: flow.ifindex,
+    })
+}
+
+async fn report_and_sink(mut stream: TcpStream, report: &Report<'_>) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    let mut digest = Fnv1a64::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        digest.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    let summary = format!(
+        "{{\"bytes\":{bytes},\"digest\":\"{:016x}\"}}\n",
+        digest.finish()
+    );
+    stream.write_all(summary.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn relay(
+    mut inbound: TcpStream,
+    listener: &'static str,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    pod: &str,
+) {
+    let started = std::time::Instant::now();
+    let connect = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_transparent(client.ip(), original_dst),
+    );
+    let mut upstream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(listener, %client, %original_dst, pod, error = %e, "upstream connect failed");
+            reset(inbound);
+            return;
+        }
+        Err(_) => {
+            info!(listener, %client, %original_dst, pod, "upstream connect timed out");
+            reset(inbound);
+            return;
+        }
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await {
+        Ok((sent, received)) => info!(
+            listener, %client, %original_dst, pod, sent, received,
+            duration_ms = started.elapsed().as_millis() as u64, "connection closed"
+        ),
+        Err(e) => {
+            info!(listener, %client, %original_dst, pod, error = %e, "connection reset");
+            reset(inbound);
+            reset(upstream);
+        }
+    }
+}
+
+/// Closes with a RST (SO_LINGER 0) so the client sees a refusal, not a clean end of stream.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// IPv4 peers of a dual-stack socket appear as `::ffff:a.b.c.d`; we speak plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// FNV-1a, 64 bit: the report digest (stable across builds, trivially reimplemented by clients).
+pub struct Fnv1a64(u64);
+
+impl Fnv1a64 {
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_vectors() {
+        let mut h = Fnv1a64::new();
+        assert_eq!(h.finish(), 0xcbf29ce484222325);
+        h.update(b"a");
+        assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
+        let mut h = Fnv1a64::new();
+        h.update(b"foobar");
+        assert_eq!(h.finish(), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn v4_mapped_peers_become_ipv4() {
+        let a: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(canonical(a), "10.1.2.3:80".parse().unwrap());
+    }
+}

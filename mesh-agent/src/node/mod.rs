@@ -1,0 +1,180 @@
+//! `mesh-agent node`: the per-node agent. Loads the data path, installs its routing, binds the
+//! capture listeners, follows the configuration (reloaded when the file changes) and hands each
+//! captured connection to a handler.
+//!
+//! When the agent stops, the data path stays attached on purpose: captured pods' new connections
+//! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
+
+pub mod handler;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use mesh_common::FlowKind;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+pub use handler::HandlerMode;
+
+use crate::{
+    capture::{
+        self, BpffsLayout, CaptureController, DesiredCapture, FlowTable, PodCapture, listeners,
+        routing,
+    },
+    discovery::LocalConfig,
+};
+
+/// Options of `mesh-agent node`.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub config: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub handler: HandlerMode,
+    /// How often the config file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// The capture's desired state for this node from a local configuration.
+pub fn desired_capture(config: &LocalConfig) -> DesiredCapture {
+    let mut desired = DesiredCapture {
+        uplinks: config.node.uplinks.clone(),
+        ..DesiredCapture::default()
+    };
+    for w in config.local_pods() {
+        let Some(iface) = &w.host_interface else {
+            continue;
+        };
+        let pod = PodCapture {
+            key: format!("{}/{}", w.namespace, w.name),
+            host_iface: iface.clone(),
+            ips: w.ips.clone(),
+        };
+        if config.is_enrolled(w) {
+            desired.enrolled.push(pod);
+        } else {
+            desired.bystanders.push(pod);
+        }
+    }
+    desired
+}
+
+/// Runs the node agent until SIGINT/SIGTERM.
+pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
+    let config = LocalConfig::load(&opts.config)?;
+    let layout = BpffsLayout::new(&opts.bpffs_dir);
+    routing::ensure().context("installing the capture's policy routing")?;
+    let mut controller = CaptureController::start(layout.clone())?;
+    let report = controller.reconcile(&desired_capture(&config));
+    log_state(&controller, &config, report.errors.len());
+
+    let ctx = Arc::new(handler::HandlerContext {
+        mode: opts.handler,
+        flows: FlowTable::open(&layout.maps())?,
+        view: controller.view(),
+    });
+    let kinds = [
+        FlowKind::Outbound,
+        FlowKind::InboundPlaintext,
+        FlowKind::InboundHbone,
+    ];
+    for l in listeners::bind_all(&kinds, 4096)? {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            loop {
+                match l.listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(handler::handle(Arc::clone(&ctx), stream, l.kind));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(listener = handler::listener_name(l.kind), error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    info!(handler = ?opts.handler, config = %opts.config.display(), bpffs = %layout.root.display(), "node agent ready");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut watcher = ConfigWatcher::new(&opts.config);
+    let mut tick = tokio::time::interval(opts.reload_interval);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = tick.tick() => {
+                if !watcher.changed() {
+                    continue;
+                }
+                match LocalConfig::load(&opts.config) {
+                    Ok(new) => {
+                        let report = controller.reconcile(&desired_capture(&new));
+                        log_state(&controller, &new, report.errors.len());
+                    }
+                    // Keep serving the last good configuration.
+                    Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+                }
+            }
+        }
+    }
+    info!(
+        "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
+    );
+    Ok(())
+}
+
+fn log_state(controller: &CaptureController, config: &LocalConfig, errors: usize) {
+    let view = controller.view();
+    let view = view.read().unwrap_or_else(|e| e.into_inner());
+    let mut enrolled: Vec<_> = view.by_ifindex.values().map(|p| p.key.clone()).collect();
+    enrolled.sort();
+    info!(node = %config.node.name, enrolled = ?enrolled, errors, "capture reconciled");
+}
+
+/// Detects changes of the config file by modification time and size (cheap, and robust to
+/// editors that replace the file).
+struct ConfigWatcher {
+    path: PathBuf,
+    last: Option<(SystemTime, u64)>,
+}
+
+impl ConfigWatcher {
+    fn new(path: &Path) -> Self {
+        let mut w = Self {
+            path: path.to_owned(),
+            last: None,
+        };
+        w.last = w.stamp();
+        w
+    }
+
+    fn stamp(&self) -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    fn changed(&mut self) -> bool {
+        let now = self.stamp();
+        if now != self.last {
+            self.last = now;
+            return now.is_some();
+        }
+        false
+    }
+}
+
+/// `mesh-agent node --uninstall`: removes every kernel object the capture owns.
+pub fn uninstall(bpffs_dir: &Path) -> anyhow::Result<()> {
+    capture::remove_all(&BpffsLayout::new(bpffs_dir))
+}
+
+/// `mesh-agent node --explain-datapath`.
+pub fn explain(bpffs_dir: &Path) -> anyhow::Result<String> {
+    capture::explain(&BpffsLayout::new(bpffs_dir))
+}

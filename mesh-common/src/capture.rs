@@ -1,0 +1,109 @@
+//! Capture contract between the tc programs and the agent: listener ports, the routing mark, and
+//! the flow table that tells the agent which pod a captured connection came from.
+
+/// Agent listener for TCP captured leaving an enrolled pod (ztunnel's port).
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Agent listener for plaintext TCP captured on its way to an enrolled pod.
+pub const PORT_INBOUND_PLAINTEXT: u16 = 15006;
+/// Agent listener for HBONE: TCP to `<enrolled pod IP>:15008`.
+pub const PORT_INBOUND_HBONE: u16 = 15008;
+
+/// skb mark bit set on every packet the tc programs steer to a local agent socket. The agent's
+/// policy-routing rule (`fwmark MARK/MARK lookup ROUTE_TABLE`, table holding `local default dev lo`)
+/// makes the node deliver such packets locally although their destination is not a node address.
+pub const MARK_DELIVER_LOCAL: u32 = 0x0000_2000;
+/// Routing table the agent fills with the `local` default routes for [`MARK_DELIVER_LOCAL`].
+pub const ROUTE_TABLE: u32 = 2000;
+/// Priority of the agent's `ip rule`s: ahead of `main` (32766), behind `local` (0).
+pub const RULE_PRIORITY: u32 = 2000;
+
+/// Name of the LRU hash [`FlowKey`] -> [`FlowInfo`] written when a connection is captured.
+pub const FLOWS_MAP: &str = "MESH_FLOWS";
+/// Capacity of [`FLOWS_MAP`]: connections captured but not yet accepted by the agent. LRU, so a
+/// flood evicts the oldest unaccepted entries (the agent then refuses those connections).
+pub const MAX_FLOWS: u32 = 65_536;
+
+/// Name of the hash map pod address (v4-mapped for IPv4) -> [`PodIpEntry`], for pods of this node
+/// that are enrolled or were enrolled and may still have connections through the agent.
+pub const POD_IPS_MAP: &str = "MESH_POD_IPS";
+
+/// [`PodIpEntry::flags`]: the pod is enrolled; new connections to it are captured.
+pub const POD_IP_ENROLLED: u32 = 1;
+
+/// A local pod address the tc programs must look at. Without [`POD_IP_ENROLLED`] the pod is
+/// draining: its connections that the agent already owns keep flowing through the agent, new ones
+/// are not captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodIpEntry {
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// Why a connection was captured: which listener it was handed to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowKind {
+    Outbound = 1,
+    InboundPlaintext = 2,
+    InboundHbone = 3,
+}
+
+impl FlowKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(FlowKind::Outbound),
+            2 => Some(FlowKind::InboundPlaintext),
+            3 => Some(FlowKind::InboundHbone),
+            _ => None,
+        }
+    }
+
+    /// The agent listener this kind of flow is handed to.
+    pub const fn port(self) -> u16 {
+        match self {
+            FlowKind::Outbound => PORT_OUTBOUND,
+            FlowKind::InboundPlaintext => PORT_INBOUND_PLAINTEXT,
+            FlowKind::InboundHbone => PORT_INBOUND_HBONE,
+        }
+    }
+}
+
+/// A TCP connection as the client sees it. Addresses are 16 bytes, IPv4 as `::ffff:a.b.c.d`;
+/// ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// What the tc program knew when it captured the connection's SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Interface the SYN arrived on. For outbound flows this is the source pod's host interface:
+    /// the unforgeable identity of the client.
+    pub ifindex: u32,
+    /// A [`FlowKind`].
+    pub kind: u32,
+}
+
+/// `::ffff:a.b.c.d`, the 16-byte form IPv4 addresses take in [`FlowKey`] and [`POD_IPS_MAP`].
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+// SAFETY: repr(C), integer arrays and u16s, no padding (16 + 16 + 2 + 2 = 36 bytes, align 2).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: repr(C), two u32s, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowInfo {}
+// SAFETY: repr(C), two u32s, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PodIpEntry {}

@@ -1,0 +1,20 @@
+//! Maps shared by several programs. The agent pins every map under its bpffs directory, so the
+//! state (enrolments, captured flows, counters) survives an agent restart.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use mesh_common::{FlowInfo, FlowKey, PodAddrs, PodIpEntry, capture::MAX_FLOWS, pods::MAX_PODS};
+
+/// Enrolled pods by host-interface ifindex. Not in the map = not enrolled = untouched.
+#[map(name = "MESH_PODS")]
+pub static MESH_PODS: HashMap<u32, PodAddrs> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// Local pods' addresses (IPv4 v4-mapped): "is this an enrolled (or draining) pod of this node?"
+/// for traffic arriving from the network or from other pods.
+#[map(name = "MESH_POD_IPS")]
+pub static MESH_POD_IPS: HashMap<[u8; 16], PodIpEntry> = HashMap::with_max_entries(MAX_PODS * 2, 0);
+
+/// Captured connections the agent has not yet accepted: who sent the SYN, and why it was captured.
+#[map(name = "MESH_FLOWS")]
+pub static MESH_FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(MAX_FLOWS, 0);

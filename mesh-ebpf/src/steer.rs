@@ -1,0 +1,140 @@
+//! Steering a TCP segment to an agent socket in the node's network namespace.
+//!
+//! Two cases. A segment of a connection a local socket already owns (an agent socket accepted
+//! earlier, or the agent's transparent socket towards a pod) only needs the routing mark: the node
+//! then delivers it locally and TCP's own lookup finds the socket. A connection-opening SYN is
+//! assigned to the agent's IP_TRANSPARENT listener with `bpf_sk_assign`; the socket TCP creates
+//! for it keeps the original destination as its local address, which is how the agent learns it.
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_tuple},
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+use mesh_common::{FlowInfo, FlowKey, FlowKind, capture::MARK_DELIVER_LOCAL};
+
+use crate::{
+    maps::MESH_FLOWS,
+    packet::{Family, TcpSegment},
+};
+
+/// Lookup in the namespace of the device the packet is on (`BPF_F_CURRENT_NETNS`).
+const CURRENT_NETNS: u64 = u64::MAX;
+const TCP_LISTEN: u32 = 10;
+
+#[repr(C)]
+struct Tuple4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// Sets the bit that the agent's policy-routing rule turns into local delivery.
+#[inline(always)]
+pub fn mark_local(ctx: &TcContext) {
+    // SAFETY: reading a field of the valid context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | MARK_DELIVER_LOCAL);
+}
+
+/// Whether a local non-listening socket owns this exact 4-tuple (established, handshaking or in
+/// TIME_WAIT). A listener never counts: matching a host service's wildcard listener here would
+/// deliver pod traffic to it.
+#[inline(always)]
+pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment) -> bool {
+    // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
+    let sk = unsafe { lookup(ctx, seg, seg.dport_be, true) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket pointer from the lookup helper; `state` is readable on sock_common.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    state != TCP_LISTEN
+}
+
+/// Assigns a SYN to the agent listener on `port`, marks it for local delivery and records the
+/// flow. `false` when no such listener exists (the agent is down).
+#[inline(always)]
+pub fn assign_to_listener(ctx: &TcContext, seg: &TcpSegment, kind: FlowKind, ifindex: u32) -> bool {
+    // SAFETY: as above; the full-socket lookup returns a listener or an exact match.
+    let sk = unsafe { lookup(ctx, seg, kind.port().to_be(), false) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket from the lookup.
+    let state = unsafe { (*sk).state };
+    let assigned = state == TCP_LISTEN
+        && unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0;
+    // SAFETY: every socket reference from a lookup is released exactly once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    if !assigned {
+        return false;
+    }
+    let key = FlowKey {
+        src: seg.src,
+        dst: seg.dst,
+        sport: u16::from_be(seg.sport_be),
+        dport: u16::from_be(seg.dport_be),
+    };
+    let info = FlowInfo {
+        ifindex,
+        kind: kind as u32,
+    };
+    // A full LRU map evicts its oldest entry; the insert itself cannot fail for lack of room.
+    let _ = MESH_FLOWS.insert(&key, &info, 0);
+    mark_local(ctx);
+    true
+}
+
+/// `bpf_skc_lookup_tcp` (any socket state) or `bpf_sk_lookup_tcp` (full sockets) for the segment's
+/// addresses with destination port `dport_be`, in the current namespace.
+#[inline(always)]
+unsafe fn lookup(
+    ctx: &TcContext,
+    seg: &TcpSegment,
+    dport_be: u16,
+    any_state: bool,
+) -> *mut bpf_sock {
+    let skb = ctx.skb.skb as *mut _;
+    match seg.family {
+        Family::V4 => {
+            let mut t = Tuple4 {
+                saddr: seg.src4(),
+                daddr: seg.dst4(),
+                sport: seg.sport_be,
+                dport: dport_be,
+            };
+            let tuple = &mut t as *mut Tuple4 as *mut bpf_sock_tuple;
+            let size = core::mem::size_of::<Tuple4>() as u32;
+            if any_state {
+                unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
+            } else {
+                unsafe { bpf_sk_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
+            }
+        }
+        Family::V6 => {
+            let mut t = Tuple6 {
+                saddr: seg.src,
+                daddr: seg.dst,
+                sport: seg.sport_be,
+                dport: dport_be,
+            };
+            let tuple = &mut t as *mut Tuple6 as *mut bpf_sock_tuple;
+            let size = core::mem::size_of::<Tuple6>() as u32;
+            if any_state {
+                unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
+            } else {
+                unsafe { bpf_sk_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `mesh_tc_to_pods`: tcx ingress of every other way into the node — its uplinks and the host-side
+//! interfaces of pods that are not enrolled. Only TCP addressed to an enrolled pod of this node is
+//! touched:
+//!
+//! - segments of connections a local agent socket owns go to that socket (replies to the agent's
+//!   transparent connections, later segments of captured inbound connections);
+//! - a SYN to port 15008 goes to the HBONE listener, any other SYN to the inbound plaintext
+//!   listener (where PeerAuthentication decides); with the agent down it is dropped (fail closed;
+//!   the client's retransmission succeeds once the agent is back);
+//! - segments of connections older than the enrolment pass;
+//! - a pod that was un-enrolled stays in the address map as "draining": its connections the agent
+//!   already owns keep reaching the agent, its new ones are not captured.
+//!
+//! Host-originated traffic (kubelet probes, host-network pods, the agent itself) never crosses an
+//! ingress hook, so it is never captured.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use mesh_common::{
+    Counter, FlowKind,
+    capture::{POD_IP_ENROLLED, PORT_INBOUND_HBONE},
+};
+
+use crate::{
+    counters,
+    maps::MESH_POD_IPS,
+    packet::{self, Parsed},
+    steer,
+};
+
+#[classifier]
+pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
+    let seg = match packet::parse(&ctx) {
+        Parsed::NotTcp => return TC_ACT_UNSPEC,
+        // Cannot tell whether it is for an enrolled pod; the pod's own stack handles junk.
+        Parsed::Unparseable => return TC_ACT_UNSPEC,
+        Parsed::Tcp(seg) => seg,
+    };
+    // SAFETY: read-only map lookups, values copied out.
+    let to_pod = unsafe { MESH_POD_IPS.get(&seg.dst) }.copied();
+    // A draining pod's own packets (this program now sits on its interface) may still belong to
+    // connections the agent owns.
+    let from_pod = to_pod.is_none() && unsafe { MESH_POD_IPS.get(&seg.src) }.is_some();
+    if to_pod.is_none() && !from_pod {
+        return TC_ACT_UNSPEC;
+    }
+    if steer::owned_by_local_socket(&ctx, &seg) {
+        steer::mark_local(&ctx);
+        counters::add(Counter::SteeredToSocket, 1);
+        return TC_ACT_OK as i32;
+    }
+    let enrolled = to_pod.is_some_and(|p| p.flags & POD_IP_ENROLLED != 0);
+    if !seg.is_pure_syn() || !enrolled {
+        counters::add(Counter::PassedUncaptured, 1);
+        return TC_ACT_UNSPEC;
+    }
+    let (kind, counter) = if u16::from_be(seg.dport_be) == PORT_INBOUND_HBONE {
+        (FlowKind::InboundHbone, Counter::CapturedInboundHbone)
+    } else {
+        (
+            FlowKind::InboundPlaintext,
+            Counter::CapturedInboundPlaintext,
+        )
+    };
+    // SAFETY: valid context pointer.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if steer::assign_to_listener(&ctx, &seg, kind, ifindex) {
+        counters::add(counter, 1);
+        TC_ACT_OK as i32
+    } else {
+        counters::add(Counter::DroppedNoListener, 1);
+        TC_ACT_SHOT as i32
+    }
+}
