@@ -15,6 +15,7 @@ pub mod naming;
 pub mod netns;
 pub mod place;
 pub mod privilege;
+pub mod probe;
 mod sys;
 mod testbed;
 pub mod topology;

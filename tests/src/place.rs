@@ -216,6 +216,14 @@ impl Background {
         self.collect()
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it to exit.
+    pub fn terminate(self, timeout: Duration) -> Result<Output> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("signalling {}", self.what))?;
+        self.wait(timeout)
+    }
+
     /// Kills the process and returns its output so far.
     pub fn kill(mut self) -> Result<Output> {
         if let Some(child) = self.child.as_mut() {

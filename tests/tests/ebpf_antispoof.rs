@@ -100,7 +100,11 @@ fn enrolled_pod_cannot_send_from_an_address_that_is_not_its_own() {
         )
         .unwrap()
         .expect_err("no agent: the captured connection is refused");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "v6={v6}: {err}");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "v6={v6}: {err}"
+        );
     }
     let own = datapath.counters().unwrap().since(&before);
     assert_eq!(own.get(Counter::RefusedNoListener), 2, "{own:?}");

@@ -6,6 +6,7 @@
 
 pub mod controller;
 pub mod flows;
+pub mod inspect;
 pub mod listeners;
 pub mod pins;
 pub mod routing;
@@ -14,6 +15,7 @@ use std::{fmt::Write as _, path::Path};
 
 pub use controller::{CaptureController, CaptureView, DesiredCapture, PodCapture, ReconcileReport};
 pub use flows::{CapturedFlow, FlowTable};
+pub use inspect::PinnedMaps;
 pub use pins::BpffsLayout;
 
 /// Default bpffs directory of the node agent's data path.
@@ -70,6 +72,37 @@ pub fn explain(layout: &BpffsLayout) -> anyhow::Result<String> {
             })
             .unwrap_or_default();
         writeln!(out, "  {}{detail}", pin.display())?;
+    }
+    let maps = PinnedMaps::new(&layout.maps());
+    if let Ok(pods) = maps.pods() {
+        writeln!(out, "enrolled interfaces (MESH_PODS):")?;
+        for (ifindex, addrs) in pods {
+            let iface = nix::net::if_::if_indextoname(ifindex)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "<gone>".to_owned());
+            writeln!(
+                out,
+                "  {iface} (ifindex {ifindex}): {}",
+                controller::describe_pod_ips(&addrs)
+            )?;
+        }
+    }
+    if let Ok(ips) = maps.pod_ips() {
+        writeln!(out, "watched pod addresses (MESH_POD_IPS):")?;
+        for (ip, entry) in ips {
+            let state = if entry.flags & mesh_common::capture::POD_IP_ENROLLED != 0 {
+                "enrolled"
+            } else {
+                "draining"
+            };
+            writeln!(out, "  {ip} -> ifindex {} ({state})", entry.ifindex)?;
+        }
+    }
+    if let Ok(counters) = maps.counters() {
+        writeln!(out, "counters (MESH_COUNTERS, all CPUs):")?;
+        for (counter, value) in counters.iter().filter(|(_, v)| *v > 0) {
+            writeln!(out, "  {:<28} {value}", counter.name())?;
+        }
     }
     writeln!(out, "routing:")?;
     let routing = routing::describe()?;

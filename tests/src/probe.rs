@@ -1,0 +1,229 @@
+//! The two-line probe protocol the end-to-end tests speak with servers in pods and with the
+//! agent's `report` handler: on connect the answering side sends one JSON line about itself (a
+//! server: `{"role":"server","peer":..,"local":..}`; the agent: what the capture learnt), then reads
+//! until the client half-closes and answers `{"bytes":N,"digest":"<fnv1a64 hex>"}`. So a test
+//! learns from the first line *who* answered, and from the second that the bytes arrived intact.
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::place::Place;
+
+/// FNV-1a 64 (the agent's report digest), streaming.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv(u64);
+
+impl Fnv {
+    pub fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Byte `i` of a probe payload.
+fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(31).wrapping_add(i >> 13) % 251) as u8
+}
+
+/// The FNV digest of `bytes` bytes of the probe payload.
+pub fn payload_digest(bytes: u64) -> String {
+    let mut h = Fnv::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0;
+    while off < bytes {
+        let n = (bytes - off).min(buf.len() as u64) as usize;
+        fill(off, &mut buf[..n]);
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.hex()
+}
+
+fn fill(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(offset + i as u64);
+    }
+}
+
+/// A probe server in a place: dual-stack, every port given, one thread per connection.
+pub struct ProbeServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ProbeServer {
+    pub fn start(place: &Place, ports: &[u16]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &port in ports {
+            let listener = place
+                .in_netns(|| -> io::Result<TcpListener> {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+                    s.set_only_v6(false)?;
+                    s.set_reuse_address(true)?;
+                    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+                    s.listen(1024)?;
+                    s.set_nonblocking(true)?;
+                    Ok(s.into())
+                })?
+                .with_context(|| format!("probe server on {}:{port}", place.name))?;
+            let stop = Arc::clone(&stop);
+            threads.push(thread::spawn(move || accept_loop(listener, &stop)));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for ProbeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                thread::spawn(move || {
+                    let _ = serve(stream, peer);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+fn serve(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let local = stream.local_addr()?;
+    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let hello = serde_json::json!({"role": "server", "peer": canon(peer).to_string(), "local": canon(local).to_string()});
+    stream.write_all(format!("{hello}\n").as_bytes())?;
+    let mut h = Fnv::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let r = stream.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    stream.write_all(format!("{{\"bytes\":{n},\"digest\":\"{}\"}}\n", h.hex()).as_bytes())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// A client connection speaking the probe protocol.
+pub struct Probe {
+    reader: BufReader<TcpStream>,
+    pub dst: SocketAddr,
+}
+
+impl Probe {
+    /// Connects from `place` to `dst` (the socket lives in the place's netns).
+    pub fn connect(place: &Place, dst: SocketAddr, timeout: Duration) -> Result<io::Result<Self>> {
+        place.in_netns(|| Self::connect_here(dst, timeout))
+    }
+
+    /// Connects from the calling thread's network namespace (inside [`Place::in_netns`]).
+    pub fn connect_here(dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let s = TcpStream::connect_timeout(&dst, timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(Probe {
+            reader: BufReader::new(s),
+            dst,
+        })
+    }
+
+    /// The answering side's first line.
+    pub fn hello(&mut self) -> Result<Value> {
+        read_json(&mut self.reader).with_context(|| format!("first line from {}", self.dst))
+    }
+
+    /// Sends `bytes` of payload, half-closes, and returns the answering side's summary after
+    /// checking it received exactly those bytes.
+    pub fn finish(mut self, bytes: u64) -> Result<()> {
+        let stream = self.reader.get_mut();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut off = 0;
+        while off < bytes {
+            let n = (bytes - off).min(buf.len() as u64) as usize;
+            fill(off, &mut buf[..n]);
+            stream.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        stream.shutdown(Shutdown::Write)?;
+        let summary =
+            read_json(&mut self.reader).with_context(|| format!("summary from {}", self.dst))?;
+        let want = payload_digest(bytes);
+        if summary["bytes"] != bytes || summary["digest"] != want.as_str() {
+            bail!(
+                "{}: sent {bytes} bytes (digest {want}), the other side got {summary}",
+                self.dst
+            );
+        }
+        Ok(())
+    }
+
+    /// The local address of the client socket.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.reader.get_ref().local_addr()
+    }
+}
+
+fn read_json(reader: &mut BufReader<TcpStream>) -> Result<Value> {
+    let mut line = String::new();
+    let n = reader.read_line(&mut line)?;
+    if n == 0 {
+        bail!("connection closed before a line arrived");
+    }
+    serde_json::from_str(line.trim()).with_context(|| format!("not JSON: {line:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_and_payload_digest_are_stable() {
+        let mut h = Fnv::new();
+        h.update(b"foobar");
+        assert_eq!(h.hex(), "85944171f73967e8");
+        assert_eq!(payload_digest(0), "cbf29ce484222325");
+        assert_ne!(payload_digest(100_000), payload_digest(100_001));
+    }
+}

@@ -1,0 +1,211 @@
+//! Running real `mesh-agent node` processes on a testbed: config files generated from the
+//! topology, start / kill / restart, waiting for a reconciliation to land, and reading the pinned
+//! counters. Shared by the capture end-to-end tests.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use mesh_agent::{capture::PinnedMaps, ebpf::CounterSnapshot};
+use mesh_testbed::{Background, Pod, Testbed, binaries};
+
+/// A pod by (node, index), 1-based like the testbed.
+pub type PodId = (usize, usize);
+
+/// One node agent process and its files.
+pub struct Agent {
+    pub node: usize,
+    pub handler: &'static str,
+    pub config: PathBuf,
+    pub bpffs: PathBuf,
+    process: Option<Background>,
+}
+
+/// The local-mode config for `node`: every pod of the testbed as a workload, `enrolled` ones in
+/// namespace `mesh` (labelled ambient), the others in `plain`.
+pub fn config_yaml(tb: &Testbed, node: usize, enrolled: &BTreeSet<PodId>) -> String {
+    let mut y = format!(
+        "node: {{name: node{node}, uplinks: [{}]}}\nnamespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\nworkloads:\n",
+        tb.node(node).uplink
+    );
+    for pod in tb.pods() {
+        let ns = if enrolled.contains(&(pod.node, pod.index)) {
+            "mesh"
+        } else {
+            "plain"
+        };
+        y += &format!(
+            "  - {{name: {}, namespace: {ns}, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}}}\n",
+            pod.name(),
+            pod.name(),
+            pod.node,
+            pod.ipv4,
+            pod.ipv6,
+            pod.host_veth
+        );
+    }
+    y
+}
+
+/// `namespace/name` as the agent reports a pod.
+pub fn pod_key(pod: &Pod, enrolled: bool) -> String {
+    format!("{}/{}", if enrolled { "mesh" } else { "plain" }, pod.name())
+}
+
+impl Agent {
+    /// Starts the agent of `node` with `handler` (`report` or `passthrough`) and waits until all
+    /// three listeners are up.
+    pub fn start(
+        tb: &Testbed,
+        node: usize,
+        handler: &'static str,
+        enrolled: &BTreeSet<PodId>,
+    ) -> Result<Self> {
+        let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
+        let config =
+            std::env::temp_dir().join(format!("mesh-e2e-{}-node{node}.yaml", tb.info().run));
+        std::fs::write(&config, config_yaml(tb, node, enrolled))?;
+        let mut agent = Agent {
+            node,
+            handler,
+            config,
+            bpffs: dir,
+            process: None,
+        };
+        agent.spawn(tb)?;
+        agent.wait_enrolled(tb, enrolled)?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self, tb: &Testbed) -> Result<()> {
+        let bin = binaries::mesh_agent()?;
+        let mut p = tb.node(self.node).place.spawn(
+            bin.to_str().context("agent path")?,
+            &[
+                "node",
+                "--config",
+                self.config.to_str().context("config path")?,
+                "--bpffs-dir",
+                self.bpffs.to_str().context("bpffs path")?,
+                "--handler",
+                self.handler,
+                "--reload-interval-ms",
+                "100",
+            ],
+        )?;
+        for port in [15001, 15006, 15008] {
+            if let Err(e) = p.wait_listening(port, Duration::from_secs(20)) {
+                let out = p.kill()?;
+                bail!(
+                    "{e:#}\nagent stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        self.process = Some(p);
+        Ok(())
+    }
+
+    /// Rewrites the config with a new enrolled set and waits until the kernel maps show it.
+    pub fn set_enrolled(&mut self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
+        std::fs::write(&self.config, config_yaml(tb, self.node, enrolled))?;
+        self.wait_enrolled(tb, enrolled)
+    }
+
+    /// Waits until MESH_PODS holds exactly the host interfaces of this node's enrolled pods.
+    pub fn wait_enrolled(&self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
+        let want: BTreeSet<u32> = tb
+            .pods()
+            .iter()
+            .filter(|p| p.node == self.node && enrolled.contains(&(p.node, p.index)))
+            .map(|p| {
+                tb.node(self.node)
+                    .place
+                    .in_netns(|| mesh_agent::ebpf::ifindex_of(&p.host_veth))
+                    .and_then(|r| Ok(r?))
+            })
+            .collect::<Result<_>>()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let have: BTreeSet<u32> = self
+                .maps()
+                .pods()
+                .map(|v| v.into_iter().map(|(i, _)| i).collect())
+                .unwrap_or_default();
+            if have == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node{}: enrolled interfaces {have:?}, want {want:?}",
+                    self.node
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn maps(&self) -> PinnedMaps {
+        PinnedMaps::new(&self.bpffs.join("maps"))
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.maps().counters().expect("pinned counters readable")
+    }
+
+    /// SIGKILL, as a crash would: nothing is cleaned up by the agent.
+    pub fn kill(&mut self) -> Result<String> {
+        let out = self.process.take().context("agent not running")?.kill()?;
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Starts the agent again with the same config and bpffs directory.
+    pub fn restart(&mut self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
+        anyhow::ensure!(self.process.is_none(), "agent still running");
+        self.spawn(tb)?;
+        self.wait_enrolled(tb, enrolled)
+    }
+
+    /// `mesh-agent node --explain-datapath` for this agent.
+    pub fn explain(&self, tb: &Testbed) -> Result<String> {
+        self.agent_cmd(tb, &["--explain-datapath"])
+    }
+
+    /// `mesh-agent node --uninstall` for this agent.
+    pub fn uninstall(&self, tb: &Testbed) -> Result<String> {
+        self.agent_cmd(tb, &["--uninstall"])
+    }
+
+    fn agent_cmd(&self, tb: &Testbed, extra: &[&str]) -> Result<String> {
+        let bin = binaries::mesh_agent()?;
+        let mut args = vec!["node", "--bpffs-dir", self.bpffs.to_str().context("path")?];
+        args.extend_from_slice(extra);
+        tb.node(self.node)
+            .place
+            .run(bin.to_str().context("path")?, &args)
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(p) = self.process.take() {
+            let _ = p.kill();
+        }
+        let _ = std::fs::remove_file(&self.config);
+        // The testbed's teardown removes the namespaces (rules, routes, links with their
+        // interfaces) and the bpffs directory; nothing else is left.
+    }
+}
+
+/// The set of pods, as a `BTreeSet`.
+pub fn pods(ids: &[PodId]) -> BTreeSet<PodId> {
+    ids.iter().copied().collect()
+}
