@@ -19,12 +19,13 @@ use mesh_common::{Counter, FlowKind, PodAddrs};
 use crate::{
     counters,
     maps::MESH_PODS,
-    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Parsed},
+    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_HLEN, Parsed},
     refuse, steer,
 };
 
 const ETH_P_ARP: u16 = 0x0806;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPV6_HOP_BY_HOP: u8 = 0;
 /// Offsets from the start of the L3 header.
 const IPV4_SRC: usize = 12;
 const IPV6_NEXT_HEADER: usize = 6;
@@ -86,12 +87,16 @@ fn source_is_pods(ctx: &TcContext, pod: &PodAddrs) -> bool {
             if pod.has_ipv6() && src == pod.ipv6 {
                 return true;
             }
-            // Neighbour discovery and DAD use link-local or unspecified sources; those are only
-            // meaningful on the link, and only for ICMPv6.
+            // Neighbour discovery, DAD and MLD use link-local or unspecified sources; those are
+            // only meaningful on the link (the node never forwards them), and only for ICMPv6,
+            // directly or behind MLD's hop-by-hop (router alert) header.
             let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
             let unspecified = src == [0u8; 16];
+            let next = ctx.load::<u8>(ETH_HLEN + IPV6_NEXT_HEADER);
             (link_local || unspecified)
-                && ctx.load::<u8>(ETH_HLEN + IPV6_NEXT_HEADER) == Ok(IPPROTO_ICMPV6)
+                && (next == Ok(IPPROTO_ICMPV6)
+                    || (next == Ok(IPV6_HOP_BY_HOP)
+                        && ctx.load::<u8>(ETH_HLEN + IPV6_HLEN) == Ok(IPPROTO_ICMPV6)))
         }
         // Other ethertypes never leave the link (nodes route only IP): not ours to judge.
         _ => true,

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use mesh_common::{PodIpEntry, capture::POD_IP_ENROLLED};
 use tracing::{info, warn};
 
-use super::pins::{BpffsLayout, instance_name, is_on_bpffs};
+use super::pins::{BpffsLayout, instance_name, is_on_bpffs, remove_link_pin};
 use crate::ebpf::{
     Datapath, TcAttachment, TcHook, addrs_of, ifindex_of, pod_addrs,
     programs::{TC_FROM_POD, TC_TO_PODS},
@@ -113,19 +113,32 @@ impl CaptureController {
         let mut report = ReconcileReport::default();
         let mut view = CaptureView::default();
 
+        // 0. Resolve the enrolled pods' interfaces, and let the handlers know the new pods
+        //    before the kernel starts capturing them (the old ones stay known until the end:
+        //    connections captured just before an un-enrolment are still attributed).
+        let mut resolved = Vec::new();
+        for pod in &desired.enrolled {
+            match ifindex_of(&pod.host_iface) {
+                Ok(ifindex) => resolved.push((pod, ifindex)),
+                Err(e) => report.errors.push(format!("pod {}: {e}", pod.key)),
+            }
+        }
+        {
+            let mut current = self.view.write().unwrap_or_else(|e| e.into_inner());
+            for (pod, ifindex) in &resolved {
+                current.by_ifindex.insert(*ifindex, (*pod).clone());
+                for ip in &pod.ips {
+                    current.by_ip.insert(*ip, (*pod).clone());
+                }
+            }
+        }
+
         // 1. Enrolled pods: maps first (the program ignores interfaces it does not know), then
         //    the program.
         let mut wanted_links: HashSet<(&'static str, u32)> = HashSet::new();
         let mut enrolled_ifindexes = HashSet::new();
         let mut wanted_ips: HashMap<IpAddr, PodIpEntry> = HashMap::new();
-        for pod in &desired.enrolled {
-            let ifindex = match ifindex_of(&pod.host_iface) {
-                Ok(i) => i,
-                Err(e) => {
-                    report.errors.push(format!("pod {}: {e}", pod.key));
-                    continue;
-                }
-            };
+        for (pod, ifindex) in resolved {
             let v4 = pod.ips.iter().find_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -294,7 +307,7 @@ impl CaptureController {
             .collect();
         for pin in pins.into_iter().filter(|p| !ours.contains(&p.path)) {
             info!(pin = %pin.path.display(), instance = %pin.instance, "removing link pin left by an earlier agent");
-            if let Err(e) = std::fs::remove_file(&pin.path) {
+            if let Err(e) = remove_link_pin(&pin.path) {
                 report
                     .errors
                     .push(format!("removing {}: {e}", pin.path.display()));

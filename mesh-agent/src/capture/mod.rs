@@ -26,6 +26,10 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
 pub fn remove_all(layout: &BpffsLayout) -> anyhow::Result<()> {
     routing::remove()?;
     if layout.root.exists() {
+        // Links first, detached synchronously, so nothing runs once we return.
+        for pin in layout.link_pins()? {
+            pins::remove_link_pin(&pin.path)?;
+        }
         for dir in [layout.links(), layout.progs(), layout.maps()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for entry in entries.flatten() {

@@ -114,6 +114,22 @@ fn parse_link_name(name: &str, path: PathBuf) -> LinkPin {
     }
 }
 
+/// Removes a link pin and detaches the link *now*: the pin is first opened (so the link has an
+/// fd), then unpinned, then the fd is closed. Unlinking the bpffs file alone drops the last
+/// reference from a kernel work queue, so the program could keep running for a moment after we
+/// said it was gone.
+pub fn remove_link_pin(path: &Path) -> std::io::Result<()> {
+    match aya::programs::links::PinnedLink::from_pin(path) {
+        Ok(link) => {
+            let fd_link = link.unpin()?;
+            drop(fd_link);
+            Ok(())
+        }
+        // Not a link (or unreadable): still remove the file, it is in our directory.
+        Err(_) => fs::remove_file(path),
+    }
+}
+
 /// A name for this agent instance that bpffs accepts (no dots) and that differs across restarts.
 pub fn instance_name() -> String {
     let now = std::time::SystemTime::now()

@@ -136,7 +136,19 @@ impl Agent {
                 .pods()
                 .map(|v| v.into_iter().map(|(i, _)| i).collect())
                 .unwrap_or_default();
-            if have == want {
+            // The links too: the agent attaches after writing the maps.
+            let linked: BTreeSet<u32> = std::fs::read_dir(self.bpffs.join("links"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| {
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            let rest = name.strip_prefix("mesh_tc_from_pod-if")?;
+                            rest.split('-').next()?.parse().ok()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if have == want && linked == want {
                 return Ok(());
             }
             if Instant::now() > deadline {
