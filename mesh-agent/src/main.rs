@@ -54,6 +54,9 @@ struct NodeArgs {
     /// Config file polling interval, milliseconds.
     #[arg(long, default_value_t = 500)]
     reload_interval_ms: u64,
+    /// Do not splice same-node pod<->agent hops with sockmap.
+    #[arg(long)]
+    no_splice: bool,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
@@ -105,6 +108,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         bpffs_dir: args.bpffs_dir,
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
+        splice: !args.no_splice,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

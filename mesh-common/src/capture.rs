@@ -107,3 +107,44 @@ unsafe impl aya::Pod for FlowInfo {}
 // SAFETY: repr(C), two u32s, no padding.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PodIpEntry {}
+
+/// Name of the sockhash of spliced sockets, keyed by [`SpliceKey`].
+pub const SPLICE_MAP: &str = "MESH_SPLICE";
+/// Name of the LRU hash of agent->pod connections whose pod end may join the splice
+/// ([`FlowKey`] as the agent's socket is the client -> u32).
+pub const SPLICE_PEERS_MAP: &str = "MESH_SPLICE_PEERS";
+/// Name of the LRU hash [`SpliceKey`] -> splice state ([`SPLICE_STATE_ON`] / [`SPLICE_STATE_OFF`]).
+pub const SPLICE_STATE_MAP: &str = "MESH_SPLICE_STATE";
+/// Capacity of the splice maps.
+pub const MAX_SPLICED: u32 = 65_536;
+/// The socket's first send was redirected: keep redirecting.
+pub const SPLICE_STATE_ON: u32 = 1;
+/// The socket's first send could not be redirected (its peer was not spliceable yet): it stays on
+/// TCP for good, so its bytes are never reordered between the two paths.
+pub const SPLICE_STATE_OFF: u32 = 2;
+
+/// A socket as seen from itself: local and remote address (IPv4 v4-mapped) and ports (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SpliceKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SpliceKey {
+    /// The key of the socket at the other end of the same connection.
+    pub const fn peer(&self) -> SpliceKey {
+        SpliceKey {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+// SAFETY: repr(C), integer arrays and u16s, no padding (36 bytes, align 2).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SpliceKey {}

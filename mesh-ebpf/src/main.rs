@@ -9,6 +9,7 @@ mod maps;
 mod observe;
 mod packet;
 mod refuse;
+mod splice;
 mod steer;
 mod to_pods;
 

@@ -79,25 +79,37 @@ pub struct ProbeServer {
 
 impl ProbeServer {
     pub fn start(place: &Place, ports: &[u16]) -> Result<Self> {
+        let listeners = place
+            .in_netns(|| {
+                ports
+                    .iter()
+                    .map(|p| listen(*p))
+                    .collect::<io::Result<Vec<_>>>()
+            })?
+            .with_context(|| format!("probe server in {}", place.name))?;
+        Ok(Self::serve_on(listeners))
+    }
+
+    /// A probe server in the calling process's own network namespace (the `mtb-probe` binary).
+    pub fn start_here(ports: &[u16]) -> Result<Self> {
+        let listeners = ports
+            .iter()
+            .map(|p| listen(*p))
+            .collect::<io::Result<Vec<_>>>()
+            .context("probe server")?;
+        Ok(Self::serve_on(listeners))
+    }
+
+    fn serve_on(listeners: Vec<TcpListener>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for &port in ports {
-            let listener = place
-                .in_netns(|| -> io::Result<TcpListener> {
-                    let s =
-                        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-                    s.set_only_v6(false)?;
-                    s.set_reuse_address(true)?;
-                    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-                    s.listen(1024)?;
-                    s.set_nonblocking(true)?;
-                    Ok(s.into())
-                })?
-                .with_context(|| format!("probe server on {}:{port}", place.name))?;
-            let stop = Arc::clone(&stop);
-            threads.push(thread::spawn(move || accept_loop(listener, &stop)));
-        }
-        Ok(Self { stop, threads })
+        let threads = listeners
+            .into_iter()
+            .map(|listener| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || accept_loop(listener, &stop))
+            })
+            .collect();
+        Self { stop, threads }
     }
 }
 
@@ -108,6 +120,16 @@ impl Drop for ProbeServer {
             let _ = t.join();
         }
     }
+}
+
+fn listen(port: u16) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 fn accept_loop(listener: TcpListener, stop: &AtomicBool) {
@@ -162,7 +184,8 @@ impl Probe {
     /// Connects from the calling thread's network namespace (inside [`Place::in_netns`]).
     pub fn connect_here(dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
         let s = TcpStream::connect_timeout(&dst, timeout)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        // Blocking reads with a timeout as a backstop; read_json bounds the total wait.
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Probe {
             reader: BufReader::new(s),
             dst,
@@ -205,11 +228,26 @@ impl Probe {
     }
 }
 
+/// Reads one JSON line. A blocking socket in a sockmap (a spliced pod socket) can return EAGAIN
+/// from `recv` after a wakeup that brought no data (the kernel's `tcp_bpf_recvmsg` does that, see
+/// docs/ARCHITECTURE.md "Splicing"); like any robust client we retry until our own deadline.
 fn read_json(reader: &mut BufReader<TcpStream>) -> Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut line = String::new();
-    let n = reader.read_line(&mut line)?;
-    if n == 0 {
-        bail!("connection closed before a line arrived");
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) if line.is_empty() => bail!("connection closed before a line arrived"),
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) && std::time::Instant::now() < deadline =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     serde_json::from_str(line.trim()).with_context(|| format!("not JSON: {line:?}"))
 }

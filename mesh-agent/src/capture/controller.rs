@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
 
@@ -11,10 +12,13 @@ use anyhow::Context as _;
 use mesh_common::{PodIpEntry, capture::POD_IP_ENROLLED};
 use tracing::{info, warn};
 
-use super::pins::{BpffsLayout, instance_name, is_on_bpffs, remove_link_pin};
+use super::{
+    cgroup::cgroup_id,
+    pins::{BpffsLayout, LinkTarget, instance_name, is_on_bpffs, remove_link_pin},
+};
 use crate::ebpf::{
-    Datapath, TcAttachment, TcHook, addrs_of, ifindex_of, pod_addrs,
-    programs::{TC_FROM_POD, TC_TO_PODS},
+    CgroupAttachment, Datapath, TcAttachment, TcHook, addrs_of, ifindex_of, pod_addrs,
+    programs::{SOCK_OPS_AGENT, SOCK_OPS_POD, TC_FROM_POD, TC_TO_PODS},
 };
 
 /// A pod of this node as the capture needs to know it.
@@ -25,6 +29,8 @@ pub struct PodCapture {
     /// The pod's interface in the node's network namespace (the host side of its veth).
     pub host_iface: String,
     pub ips: Vec<IpAddr>,
+    /// The pod's cgroup v2 directory; when known, the pod's captured sockets are spliced.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// What the kernel should look like.
@@ -37,6 +43,8 @@ pub struct DesiredCapture {
     pub bystanders: Vec<PodCapture>,
     /// Interfaces traffic from other nodes arrives on.
     pub uplinks: Vec<String>,
+    /// The agent's own cgroup, for same-node splicing (None: no splicing).
+    pub agent_cgroup: Option<PathBuf>,
 }
 
 /// Who a captured connection belongs to, as the handlers see it.
@@ -48,17 +56,42 @@ pub struct CaptureView {
     pub by_ip: HashMap<IpAddr, PodCapture>,
 }
 
-/// One interface's attachment made by this instance.
-struct Attached {
-    iface: String,
-    attachment: TcAttachment,
+/// One attachment made by this instance.
+enum Attached {
+    Tc(TcAttachment),
+    Cgroup(CgroupAttachment),
 }
+
+impl Attached {
+    fn pin_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Attached::Tc(a) => a.pin_path(),
+            Attached::Cgroup(a) => a.pin_path(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Attached::Tc(a) => a.iface().to_owned(),
+            Attached::Cgroup(a) => a.cgroup().display().to_string(),
+        }
+    }
+
+    fn detach(self) -> Result<(), crate::ebpf::DatapathError> {
+        match self {
+            Attached::Tc(a) => a.detach(),
+            Attached::Cgroup(a) => a.detach(),
+        }
+    }
+}
+
+type LinkKey = (&'static str, LinkTarget);
 
 pub struct CaptureController {
     datapath: Datapath,
     layout: BpffsLayout,
     instance: String,
-    attached: BTreeMap<(&'static str, u32), Attached>,
+    attached: BTreeMap<LinkKey, Attached>,
     view: Arc<RwLock<CaptureView>>,
 }
 
@@ -86,6 +119,9 @@ impl CaptureController {
             .verify_all()
             .context("loading the capture programs into the kernel")?;
         datapath.pin_programs(&layout.progs())?;
+        datapath
+            .attach_splice_verdict()
+            .context("attaching the splice verdict to MESH_SPLICE")?;
         Ok(Self {
             datapath,
             layout,
@@ -135,7 +171,7 @@ impl CaptureController {
 
         // 1. Enrolled pods: maps first (the program ignores interfaces it does not know), then
         //    the program.
-        let mut wanted_links: HashSet<(&'static str, u32)> = HashSet::new();
+        let mut wanted_links: HashSet<LinkKey> = HashSet::new();
         let mut enrolled_ifindexes = HashSet::new();
         let mut wanted_ips: HashMap<IpAddr, PodIpEntry> = HashMap::new();
         for (pod, ifindex) in resolved {
@@ -161,13 +197,23 @@ impl CaptureController {
                 );
                 view.by_ip.insert(ip, pod.clone());
             }
-            match self.ensure_attached(TC_FROM_POD, &pod.host_iface, ifindex) {
-                Ok(()) => {
-                    wanted_links.insert((TC_FROM_POD, ifindex));
+            match self.ensure_tc(TC_FROM_POD, &pod.host_iface, ifindex) {
+                Ok(key) => {
+                    wanted_links.insert(key);
                     enrolled_ifindexes.insert(ifindex);
                     view.by_ifindex.insert(ifindex, pod.clone());
                 }
                 Err(e) => report.errors.push(format!("pod {}: {e:#}", pod.key)),
+            }
+            if let Some(cgroup) = &pod.cgroup {
+                match self.ensure_sock_ops(SOCK_OPS_POD, cgroup) {
+                    Ok(key) => {
+                        wanted_links.insert(key);
+                    }
+                    Err(e) => report
+                        .errors
+                        .push(format!("pod {} (splice): {e:#}", pod.key)),
+                }
             }
         }
 
@@ -190,9 +236,9 @@ impl CaptureController {
                     continue;
                 }
             };
-            match self.ensure_attached(TC_TO_PODS, iface, ifindex) {
-                Ok(()) => {
-                    wanted_links.insert((TC_TO_PODS, ifindex));
+            match self.ensure_tc(TC_TO_PODS, iface, ifindex) {
+                Ok(key) => {
+                    wanted_links.insert(key);
                 }
                 Err(e) => report.errors.push(format!("{what}: {e:#}")),
             }
@@ -203,6 +249,15 @@ impl CaptureController {
                         wanted_ips.insert(*ip, PodIpEntry { ifindex, flags: 0 });
                     }
                 }
+            }
+        }
+
+        if let Some(cgroup) = &desired.agent_cgroup {
+            match self.ensure_sock_ops(SOCK_OPS_AGENT, cgroup) {
+                Ok(key) => {
+                    wanted_links.insert(key);
+                }
+                Err(e) => report.errors.push(format!("agent cgroup (splice): {e:#}")),
             }
         }
 
@@ -241,15 +296,16 @@ impl CaptureController {
             .attached
             .keys()
             .filter(|k| !wanted_links.contains(k))
-            .copied()
+            .cloned()
             .collect();
         for key in stale {
             if let Some(a) = self.attached.remove(&key) {
-                info!(program = key.0, iface = %a.iface, "detaching");
-                if let Err(e) = a.attachment.detach() {
+                let target = a.describe();
+                info!(program = key.0, target, "detaching");
+                if let Err(e) = a.detach() {
                     report
                         .errors
-                        .push(format!("detaching {} from {}: {e}", key.0, a.iface));
+                        .push(format!("detaching {} from {target}: {e}", key.0));
                 }
             }
         }
@@ -268,28 +324,37 @@ impl CaptureController {
         self.reconcile(&DesiredCapture::default())
     }
 
-    fn ensure_attached(
+    fn ensure_tc(
         &mut self,
         program: &'static str,
         iface: &str,
         ifindex: u32,
-    ) -> anyhow::Result<()> {
-        if self.attached.contains_key(&(program, ifindex)) {
-            return Ok(());
+    ) -> anyhow::Result<LinkKey> {
+        let key = (program, LinkTarget::Interface(ifindex));
+        if self.attached.contains_key(&key) {
+            return Ok(key);
         }
-        let pin = self.layout.link_path(program, ifindex, &self.instance);
+        let pin = self.layout.link_path(program, &key.1, &self.instance);
         let attachment = self
             .datapath
             .attach_tc(program, iface, TcHook::Ingress, Some(&pin))?;
         info!(program, iface, ifindex, pin = %pin.display(), "attached");
-        self.attached.insert(
-            (program, ifindex),
-            Attached {
-                iface: iface.to_owned(),
-                attachment,
-            },
-        );
-        Ok(())
+        self.attached.insert(key.clone(), Attached::Tc(attachment));
+        Ok(key)
+    }
+
+    fn ensure_sock_ops(&mut self, program: &'static str, cgroup: &Path) -> anyhow::Result<LinkKey> {
+        let id = cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
+        let key = (program, LinkTarget::Cgroup(id));
+        if self.attached.contains_key(&key) {
+            return Ok(key);
+        }
+        let pin = self.layout.link_path(program, &key.1, &self.instance);
+        let attachment = self.datapath.attach_sock_ops(program, cgroup, Some(&pin))?;
+        info!(program, cgroup = %cgroup.display(), pin = %pin.display(), "attached");
+        self.attached
+            .insert(key.clone(), Attached::Cgroup(attachment));
+        Ok(key)
     }
 
     fn remove_foreign_link_pins(&self, report: &mut ReconcileReport) {
@@ -303,7 +368,7 @@ impl CaptureController {
         let ours: HashSet<_> = self
             .attached
             .values()
-            .filter_map(|a| a.attachment.pin_path().map(|p| p.to_owned()))
+            .filter_map(|a| a.pin_path().map(|p| p.to_owned()))
             .collect();
         for pin in pins.into_iter().filter(|p| !ours.contains(&p.path)) {
             info!(pin = %pin.path.display(), instance = %pin.instance, "removing link pin left by an earlier agent");

@@ -4,6 +4,7 @@
 //! tells a handler which pod each accepted connection came from. See docs/ARCHITECTURE.md,
 //! "Capture".
 
+pub mod cgroup;
 pub mod controller;
 pub mod flows;
 pub mod inspect;
@@ -65,15 +66,7 @@ pub fn explain(layout: &BpffsLayout) -> anyhow::Result<String> {
         let detail = links
             .iter()
             .find(|l| l.path == full)
-            .map(|l| {
-                let iface = nix::net::if_::if_indextoname(l.ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| "<gone>".to_owned());
-                format!(
-                    "  tcx ingress of {iface} (ifindex {}), agent instance {}",
-                    l.ifindex, l.instance
-                )
-            })
+            .map(|l| format!("  {}, agent instance {}", l.target.describe(), l.instance))
             .unwrap_or_default();
         writeln!(out, "  {}{detail}", pin.display())?;
     }

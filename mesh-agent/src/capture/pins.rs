@@ -5,6 +5,7 @@
 //! <dir>/maps/<MAP>                         every map (adopted across restarts)
 //! <dir>/progs/<program>                    the programs of the running instance
 //! <dir>/links/<program>-if<ifindex>-<instance>   one tcx attachment
+//! <dir>/links/<program>-cg<cgroup id>-<instance> one cgroup (sock_ops) attachment
 //! ```
 use std::{
     fs,
@@ -17,13 +18,57 @@ pub struct BpffsLayout {
     pub root: PathBuf,
 }
 
-/// A pinned tcx link, decoded from its file name.
+/// A pinned link, decoded from its file name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkPin {
     pub program: String,
-    pub ifindex: u32,
+    pub target: LinkTarget,
     pub instance: String,
     pub path: PathBuf,
+}
+
+/// What a link is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LinkTarget {
+    /// tcx ingress of the interface with this ifindex.
+    Interface(u32),
+    /// The cgroup whose directory has this inode number (the cgroup id).
+    Cgroup(u64),
+    Unknown,
+}
+
+impl LinkTarget {
+    fn encode(&self) -> String {
+        match self {
+            LinkTarget::Interface(i) => format!("if{i}"),
+            LinkTarget::Cgroup(c) => format!("cg{c}"),
+            LinkTarget::Unknown => "unknown".to_owned(),
+        }
+    }
+
+    fn decode(s: &str) -> LinkTarget {
+        if let Some(i) = s.strip_prefix("if").and_then(|n| n.parse().ok()) {
+            LinkTarget::Interface(i)
+        } else if let Some(c) = s.strip_prefix("cg").and_then(|n| n.parse().ok()) {
+            LinkTarget::Cgroup(c)
+        } else {
+            LinkTarget::Unknown
+        }
+    }
+
+    /// For people: the interface name or cgroup id.
+    pub fn describe(&self) -> String {
+        match self {
+            LinkTarget::Interface(i) => {
+                let name = nix::net::if_::if_indextoname(*i)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "<gone>".to_owned());
+                format!("tcx ingress of {name} (ifindex {i})")
+            }
+            LinkTarget::Cgroup(c) => format!("cgroup id {c}"),
+            LinkTarget::Unknown => "unknown target".to_owned(),
+        }
+    }
 }
 
 impl BpffsLayout {
@@ -51,9 +96,9 @@ impl BpffsLayout {
         Ok(())
     }
 
-    pub fn link_path(&self, program: &str, ifindex: u32, instance: &str) -> PathBuf {
+    pub fn link_path(&self, program: &str, target: &LinkTarget, instance: &str) -> PathBuf {
         self.links()
-            .join(format!("{program}-if{ifindex}-{instance}"))
+            .join(format!("{program}-{}-{instance}", target.encode()))
     }
 
     /// Every link pin in the links directory (unparseable names are reported as instance "?").
@@ -91,26 +136,20 @@ impl BpffsLayout {
 }
 
 fn parse_link_name(name: &str, path: PathBuf) -> LinkPin {
-    let unknown = || LinkPin {
-        program: name.to_owned(),
-        ifindex: 0,
-        instance: "?".to_owned(),
-        path: path.clone(),
-    };
-    let Some((program, rest)) = name.split_once("-if") else {
-        return unknown();
-    };
-    let Some((ifindex, instance)) = rest.split_once('-') else {
-        return unknown();
-    };
-    let Ok(ifindex) = ifindex.parse() else {
-        return unknown();
-    };
-    LinkPin {
-        program: program.to_owned(),
-        ifindex,
-        instance: instance.to_owned(),
-        path,
+    let mut parts = name.splitn(3, '-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(program), Some(target), Some(instance)) => LinkPin {
+            program: program.to_owned(),
+            target: LinkTarget::decode(target),
+            instance: instance.to_owned(),
+            path,
+        },
+        _ => LinkPin {
+            program: name.to_owned(),
+            target: LinkTarget::Unknown,
+            instance: "?".to_owned(),
+            path,
+        },
     }
 }
 
@@ -157,12 +196,19 @@ mod tests {
     #[test]
     fn link_pin_names_round_trip() {
         let layout = BpffsLayout::new("/sys/fs/bpf/mesh");
-        let path = layout.link_path("mesh_tc_from_pod", 42, "1700000000123p99");
+        let path = layout.link_path(
+            "mesh_tc_from_pod",
+            &LinkTarget::Interface(42),
+            "1700000000123p99",
+        );
         let name = path.file_name().unwrap().to_str().unwrap();
         let pin = parse_link_name(name, path.clone());
         assert_eq!(pin.program, "mesh_tc_from_pod");
-        assert_eq!(pin.ifindex, 42);
+        assert_eq!(pin.target, LinkTarget::Interface(42));
         assert_eq!(pin.instance, "1700000000123p99");
+        let path = layout.link_path("mesh_sops_pod", &LinkTarget::Cgroup(77), "i");
+        let pin = parse_link_name(path.file_name().unwrap().to_str().unwrap(), path.clone());
+        assert_eq!(pin.target, LinkTarget::Cgroup(77));
         assert!(!instance_name().contains('.'));
         assert_eq!(parse_link_name("junk", path).instance, "?");
     }

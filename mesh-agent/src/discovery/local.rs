@@ -57,6 +57,10 @@ pub struct Workload {
     /// pods of this node that are not host-network.
     #[serde(default)]
     pub host_interface: Option<String>,
+    /// The pod's cgroup v2 directory on this node (local mode only). Optional: when given, the
+    /// pod's same-node hops to the agent are spliced in the kernel.
+    #[serde(default)]
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 fn default_service_account() -> String {

@@ -56,6 +56,10 @@ impl Datapath {
         for name in super::programs::ALL_TC {
             self.classifier(name)?;
         }
+        for name in super::programs::ALL_SOCK_OPS {
+            self.sock_ops(name)?;
+        }
+        self.sk_msg()?;
         Ok(())
     }
 
@@ -107,16 +111,25 @@ impl Datapath {
     /// Pins every tc program at `<dir>/<program>`, replacing pins of an earlier instance, so
     /// `bpftool prog show pinned` finds what is running.
     pub fn pin_programs(&mut self, dir: &Path) -> Result<(), DatapathError> {
-        for name in super::programs::ALL_TC {
+        let names = super::programs::ALL_TC
+            .into_iter()
+            .chain(super::programs::ALL_SOCK_OPS)
+            .chain([super::programs::SK_MSG]);
+        for name in names {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(DatapathError::Unpin { path, source }),
             }
-            self.classifier(name)?
-                .pin(&path)
-                .map_err(|source| DatapathError::Pin { path, source })?;
+            let pinned = if super::programs::ALL_TC.contains(&name) {
+                self.classifier(name)?.pin(&path)
+            } else if name == super::programs::SK_MSG {
+                self.sk_msg()?.pin(&path)
+            } else {
+                self.sock_ops(name)?.pin(&path)
+            };
+            pinned.map_err(|source| DatapathError::Pin { path, source })?;
         }
         Ok(())
     }

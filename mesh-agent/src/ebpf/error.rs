@@ -23,7 +23,20 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("taking the tcx link on {iface}: {source}")]
+    #[error("attaching `{name}` to cgroup {cgroup}: {source}")]
+    AttachCgroup {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cgroup {cgroup}: {source}")]
+    Cgroup {
+        cgroup: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("taking the link on {iface}: {source}")]
     Link {
         iface: String,
         #[source]

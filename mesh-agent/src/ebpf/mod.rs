@@ -5,12 +5,14 @@ mod counters;
 mod datapath;
 mod enrollment;
 mod error;
+mod splice;
 mod tc;
 
 pub use counters::CounterSnapshot;
 pub use datapath::{Datapath, ObjectEntry};
 pub use enrollment::{Enrollment, addrs_of, ifindex_of, ip_from_key, ip_key, pod_addrs};
 pub use error::DatapathError;
+pub use splice::CgroupAttachment;
 pub use tc::{TcAttachment, TcHook};
 
 /// The compiled `mesh-ebpf` object (ELF with BTF), embedded at build time by build.rs.
@@ -27,12 +29,23 @@ pub mod programs {
     pub const TC_TO_PODS: &str = "mesh_tc_to_pods";
     /// Every tc program, for verification.
     pub const ALL_TC: [&str; 3] = [TC_OBSERVE, TC_FROM_POD, TC_TO_PODS];
+    /// sock_ops on enrolled pods' cgroups: their captured sockets join the splice.
+    pub const SOCK_OPS_POD: &str = "mesh_sops_pod";
+    /// sock_ops on the agent's own cgroup: its pod-facing sockets join the splice.
+    pub const SOCK_OPS_AGENT: &str = "mesh_sops_agent";
+    /// sk_msg verdict on the splice sockhash: moves sends socket to socket.
+    pub const SK_MSG: &str = "mesh_sk_msg";
+    /// Every sock_ops program.
+    pub const ALL_SOCK_OPS: [&str; 2] = [SOCK_OPS_POD, SOCK_OPS_AGENT];
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 4] = [
+pub const MAPS: [&str; 7] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
     mesh_common::capture::FLOWS_MAP,
+    mesh_common::capture::SPLICE_MAP,
+    mesh_common::capture::SPLICE_PEERS_MAP,
+    mesh_common::capture::SPLICE_STATE_MAP,
 ];

@@ -36,10 +36,51 @@ pub struct TcAttachment {
     link: Link,
 }
 
+/// A link either owned by this process (detached when dropped) or pinned in bpffs (outlives us).
 #[derive(Debug)]
-enum Link {
+pub(super) enum Link {
     Owned(FdLink),
     Pinned { link: PinnedLink, path: PathBuf },
+}
+
+impl Link {
+    /// Wraps a fresh link, pinning it at `pin` if given.
+    pub(super) fn new(link: FdLink, pin: Option<&Path>) -> Result<Self, DatapathError> {
+        Ok(match pin {
+            None => Link::Owned(link),
+            Some(path) => {
+                let pinned = link.pin(path).map_err(|source| DatapathError::Pin {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Link::Pinned {
+                    link: pinned,
+                    path: path.to_owned(),
+                }
+            }
+        })
+    }
+
+    pub(super) fn pin_path(&self) -> Option<&Path> {
+        match self {
+            Link::Owned(_) => None,
+            Link::Pinned { path, .. } => Some(path),
+        }
+    }
+
+    /// Detaches now (an unpinned link's last fd is closed here, which detaches synchronously).
+    pub(super) fn detach(self) -> Result<(), DatapathError> {
+        match self {
+            Link::Owned(link) => drop(link),
+            Link::Pinned { link, path } => {
+                let link = link
+                    .unpin()
+                    .map_err(|source| DatapathError::Unpin { path, source })?;
+                drop(link);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl TcAttachment {
@@ -100,19 +141,7 @@ pub(super) fn attach(
         iface: iface.to_owned(),
         source,
     })?;
-    let link = match pin {
-        None => Link::Owned(link),
-        Some(path) => {
-            let pinned = link.pin(path).map_err(|source| DatapathError::Pin {
-                path: path.to_owned(),
-                source,
-            })?;
-            Link::Pinned {
-                link: pinned,
-                path: path.to_owned(),
-            }
-        }
-    };
+    let link = Link::new(link, pin)?;
     Ok(TcAttachment {
         iface: iface.to_owned(),
         hook,

@@ -36,12 +36,15 @@ pub struct NodeOptions {
     pub handler: HandlerMode,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
+    /// Splice same-node pod<->agent hops with sockmap (needs cgroup v2).
+    pub splice: bool,
 }
 
 /// The capture's desired state for this node from a local configuration.
-pub fn desired_capture(config: &LocalConfig) -> DesiredCapture {
+pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> DesiredCapture {
     let mut desired = DesiredCapture {
         uplinks: config.node.uplinks.clone(),
+        agent_cgroup: agent_cgroup.map(Path::to_owned),
         ..DesiredCapture::default()
     };
     for w in config.local_pods() {
@@ -52,6 +55,7 @@ pub fn desired_capture(config: &LocalConfig) -> DesiredCapture {
             key: format!("{}/{}", w.namespace, w.name),
             host_iface: iface.clone(),
             ips: w.ips.clone(),
+            cgroup: w.cgroup.clone(),
         };
         if config.is_enrolled(w) {
             desired.enrolled.push(pod);
@@ -68,7 +72,16 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let layout = BpffsLayout::new(&opts.bpffs_dir);
     routing::ensure().context("installing the capture's policy routing")?;
     let mut controller = CaptureController::start(layout.clone())?;
-    let report = controller.reconcile(&desired_capture(&config));
+    let agent_cgroup = if opts.splice {
+        let own = capture::cgroup::own_cgroup();
+        if own.is_none() {
+            warn!("no cgroup v2 membership found: same-node splicing is off");
+        }
+        own
+    } else {
+        None
+    };
+    let report = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
     log_state(&controller, &config, report.errors.len());
 
     let ctx = Arc::new(handler::HandlerContext {
@@ -114,7 +127,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 }
                 match LocalConfig::load(&opts.config) {
                     Ok(new) => {
-                        let report = controller.reconcile(&desired_capture(&new));
+                        let report =
+                            controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
                         log_state(&controller, &new, report.errors.len());
                     }
                     // Keep serving the last good configuration.

@@ -39,13 +39,14 @@ pub fn config_yaml(tb: &Testbed, node: usize, enrolled: &BTreeSet<PodId>) -> Str
             "plain"
         };
         y += &format!(
-            "  - {{name: {}, namespace: {ns}, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}}}\n",
+            "  - {{name: {}, namespace: {ns}, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}, cgroup: {}}}\n",
             pod.name(),
             pod.name(),
             pod.node,
             pod.ipv4,
             pod.ipv6,
-            pod.host_veth
+            pod.host_veth,
+            pod.place.cgroup.display()
         );
     }
     y

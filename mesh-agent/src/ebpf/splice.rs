@@ -1,0 +1,137 @@
+//! Attaching the splice programs: `mesh_sops_pod` / `mesh_sops_agent` (sock_ops) to cgroups, and
+//! `mesh_sk_msg` to the `MESH_SPLICE` sockhash.
+use std::{fs::File, path::Path};
+
+use aya::{
+    maps::SockHash,
+    programs::{CgroupAttachMode, Program, SkMsg, SockOps, links::FdLink},
+};
+use mesh_common::capture::{SPLICE_MAP, SpliceKey};
+
+use super::{Datapath, DatapathError, programs, tc::Link};
+
+/// A sock_ops program attached to one cgroup.
+#[derive(Debug)]
+pub struct CgroupAttachment {
+    cgroup: std::path::PathBuf,
+    link: Link,
+}
+
+impl CgroupAttachment {
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn pin_path(&self) -> Option<&Path> {
+        self.link.pin_path()
+    }
+
+    pub fn detach(self) -> Result<(), DatapathError> {
+        self.link.detach()
+    }
+}
+
+impl Datapath {
+    /// Attaches sock_ops program `name` to the cgroup v2 directory `cgroup` as a bpf_link (links
+    /// on a cgroup always coexist — with other tools' programs and with our own during an
+    /// overlapping restart; the kernel wants no attach flags for them).
+    pub fn attach_sock_ops(
+        &mut self,
+        name: &'static str,
+        cgroup: &Path,
+        pin: Option<&Path>,
+    ) -> Result<CgroupAttachment, DatapathError> {
+        let attach_err = |source| DatapathError::AttachCgroup {
+            name,
+            cgroup: cgroup.to_owned(),
+            source: Box::new(source),
+        };
+        let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            cgroup: cgroup.to_owned(),
+            source,
+        })?;
+        let prog = self.sock_ops(name)?;
+        let id = prog
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            iface: cgroup.display().to_string(),
+            source,
+        })?;
+        Ok(CgroupAttachment {
+            cgroup: cgroup.to_owned(),
+            link: Link::new(link, pin)?,
+        })
+    }
+
+    /// Attaches `mesh_sk_msg` to `MESH_SPLICE`. The attachment belongs to the map (pinned), not to
+    /// this process: it is deliberately not detached when the agent exits, and a restarted agent's
+    /// attach replaces it.
+    pub fn attach_splice_verdict(&mut self) -> Result<(), DatapathError> {
+        let map_fd = {
+            let map = self
+                .ebpf_mut()
+                .map(SPLICE_MAP)
+                .ok_or(DatapathError::MissingMap(SPLICE_MAP))?;
+            let hash =
+                SockHash::<_, SpliceKey>::try_from(map).map_err(|source| DatapathError::Map {
+                    name: SPLICE_MAP,
+                    source,
+                })?;
+            hash.fd()
+                .try_clone()
+                .map_err(|source| DatapathError::Cgroup {
+                    cgroup: SPLICE_MAP.into(),
+                    source,
+                })?
+        };
+        let name = programs::SK_MSG;
+        let prog = self.sk_msg()?;
+        let id = prog
+            .attach(&map_fd)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        std::mem::forget(link);
+        Ok(())
+    }
+
+    pub(super) fn sock_ops(&mut self, name: &'static str) -> Result<&mut SockOps, DatapathError> {
+        let program = self
+            .ebpf_mut()
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let Program::SockOps(p) = program else {
+            return Err(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            });
+        };
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(p)
+    }
+
+    pub(super) fn sk_msg(&mut self) -> Result<&mut SkMsg, DatapathError> {
+        let name = programs::SK_MSG;
+        let program = self
+            .ebpf_mut()
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let Program::SkMsg(p) = program else {
+            return Err(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            });
+        };
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(p)
+    }
+}
