@@ -13,7 +13,7 @@ use mesh_common::Counter;
 use mesh_testbed::{
     Place, Testbed, TestbedSpec, can_run,
     probe::{Probe, ProbeServer},
-    traffic::connect_from,
+    traffic::{connect_from, iperf3_send},
 };
 use serde_json::Value;
 use support::{Agent, pod_key, pods};
@@ -230,7 +230,7 @@ fn thousand_concurrent_connections_are_attributed_exactly() {
 
 #[test]
 fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
-    if !can_run("transparent delivery", &["ip"]) {
+    if !can_run("transparent delivery", &["ip", "iperf3"]) {
         return;
     }
     let tb = Testbed::build(SPEC).unwrap();
@@ -282,19 +282,40 @@ fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
         let dst = SocketAddr::new(p(1, 1).ip(v6), 8080);
         let (hello, local) = exchange(&tb.node(1).place, dst, 1000);
         assert_eq!(hello["peer"], local.to_string(), "{hello}");
+        // A real client through both agents (its control and data connections are captured
+        // like any other): iperf3, enrolled to enrolled across nodes.
+        let t = iperf3_send(
+            &p(1, 1).place,
+            &p(2, 2).place,
+            p(2, 2).ip(v6),
+            5201,
+            8 << 20,
+        )
+        .unwrap_or_else(|e| panic!("iperf3 v6={v6}: {e:#}"));
+        assert!(t.bytes_sent >= 8 << 20, "{t:?}");
+        assert_eq!(t.local, p(1, 1).ip(v6));
     }
     let (d1, d2) = (
         a1.counters().since(&before.0),
         a2.counters().since(&before.1),
     );
-    assert_eq!(d1.get(Counter::CapturedOutbound), 2 * 4, "node1 {d1:?}");
+    // Per family: 4 probe connections, plus iperf3's control and data connections.
+    assert_eq!(
+        d1.get(Counter::CapturedOutbound),
+        2 * (4 + 2),
+        "node1 {d1:?}"
+    );
     assert_eq!(
         d1.get(Counter::CapturedInboundPlaintext),
         2 * 2,
         "node1 {d1:?}"
     );
     assert_eq!(d2.get(Counter::CapturedOutbound), 0, "node2 {d2:?}");
-    assert_eq!(d2.get(Counter::CapturedInboundPlaintext), 2, "node2 {d2:?}");
+    assert_eq!(
+        d2.get(Counter::CapturedInboundPlaintext),
+        2 * (1 + 2),
+        "node2 {d2:?}"
+    );
     // Replies to the agents' transparent sockets were steered back to them.
     assert!(d1.get(Counter::SteeredToSocket) > 0 && d2.get(Counter::SteeredToSocket) > 0);
     drop((a1, a2, _servers));

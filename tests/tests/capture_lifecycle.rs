@@ -123,6 +123,31 @@ fn killed_agent_refuses_captured_pods_and_restart_adopts_state_without_duplicate
     };
     assert_eq!((rules("-4"), rules("-6")), (1, 1));
 
+    // A second agent on the same data path is refused (and changes nothing).
+    let second = tb
+        .node(1)
+        .place
+        .output(
+            mesh_testbed::binaries::mesh_agent()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            &[
+                "node",
+                "--config",
+                agent.config.to_str().unwrap(),
+                "--bpffs-dir",
+                agent.bpffs().to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && stderr.contains("another agent"),
+        "{stderr}"
+    );
+    assert_eq!(links_in(agent.bpffs()), first_links);
+
     let killed_log = agent.kill().unwrap();
     let before = agent.counters();
     for v6 in [false, true] {

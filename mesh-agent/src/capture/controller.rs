@@ -88,6 +88,8 @@ impl Attached {
 type LinkKey = (&'static str, LinkTarget);
 
 pub struct CaptureController {
+    /// Exclusive lock on the bpffs directory: one agent per data path.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     datapath: Datapath,
     layout: BpffsLayout,
     instance: String,
@@ -113,6 +115,15 @@ impl CaptureController {
             "{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
             layout.root.display()
         );
+        let dir = std::fs::File::open(&layout.root)
+            .with_context(|| format!("opening {}", layout.root.display()))?;
+        let lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow::anyhow!(
+                    "another agent is using {} ({e}); one agent per node and bpffs directory",
+                    layout.root.display()
+                )
+            })?;
         let mut datapath =
             Datapath::load_pinned(&layout.maps()).context("loading the eBPF data path")?;
         datapath
@@ -123,6 +134,7 @@ impl CaptureController {
             .attach_splice_verdict()
             .context("attaching the splice verdict to MESH_SPLICE")?;
         Ok(Self {
+            _lock: lock,
             datapath,
             layout,
             instance: instance_name(),

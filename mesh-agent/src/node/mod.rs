@@ -70,8 +70,9 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let config = LocalConfig::load(&opts.config)?;
     let layout = BpffsLayout::new(&opts.bpffs_dir);
-    routing::ensure().context("installing the capture's policy routing")?;
+    // Takes the data path's lock first: a second agent must not touch anything.
     let mut controller = CaptureController::start(layout.clone())?;
+    routing::ensure().context("installing the capture's policy routing")?;
     let agent_cgroup = if opts.splice {
         let own = capture::cgroup::own_cgroup();
         if own.is_none() {
