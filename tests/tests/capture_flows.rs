@@ -11,7 +11,7 @@ use std::{
 
 use mesh_common::Counter;
 use mesh_testbed::{
-    Place, Testbed, TestbedSpec, can_run,
+    Place, Pod, Testbed, TestbedSpec, can_run,
     probe::{Probe, ProbeServer},
     traffic::{connect_from, iperf3_send},
 };
@@ -40,6 +40,18 @@ fn exchange(place: &Place, dst: SocketAddr, bytes: u64) -> (Value, SocketAddr) {
     p.finish(bytes)
         .unwrap_or_else(|e| panic!("{} -> {dst}: {e:#}", place.name));
     (hello, local)
+}
+
+/// Connects and checks the agent's report: the listener, the exact original destination, the
+/// exact client address and port, and the attributed (enrolled) pod. Returns the client address.
+fn expect_captured(client: &Place, dst: SocketAddr, listener: &str, pod: &Pod) -> SocketAddr {
+    let (hello, local) = exchange(client, dst, 1000);
+    let ctx = format!("{} -> {dst}: {hello}", client.name);
+    assert_eq!(hello["listener"], listener, "{ctx}");
+    assert_eq!(hello["original_dst"], dst.to_string(), "{ctx}");
+    assert_eq!(hello["client"], local.to_string(), "{ctx}");
+    assert_eq!(hello["pod"], pod_key(pod, true), "{ctx}");
+    local
 }
 
 fn ip_of(place: &Place, v6: bool, tb: &Testbed) -> IpAddr {
@@ -80,16 +92,8 @@ fn every_flow_reaches_the_right_listener_in_both_families() {
             (p(2, 2), SocketAddr::new(ip_of(n1, v6, &tb), 22)),
         ];
         for (client, dst) in outbound {
-            let (hello, local) = exchange(&client.place, dst, 1000);
-            assert_eq!(
-                hello["listener"],
-                "outbound",
-                "{} -> {dst}: {hello}",
-                client.name()
-            );
-            assert_eq!(hello["original_dst"], dst.to_string(), "{hello}");
-            assert_eq!(hello["client"], local.to_string(), "{hello}");
-            assert_eq!(hello["pod"], pod_key(client, true), "{hello}");
+            let local = expect_captured(&client.place, dst, "outbound", client);
+            assert_eq!(local.ip(), client.ip(v6));
         }
         // 2. Inbound HBONE: port 15008 of an enrolled pod, from a non-enrolled pod on the same
         //    node, from one on another node, and from another node's host.
@@ -100,31 +104,15 @@ fn every_flow_reaches_the_right_listener_in_both_families() {
         ];
         for (client, client_ip, target) in hbone {
             let dst = SocketAddr::new(target.ip(v6), 15008);
-            let (hello, local) = exchange(client, dst, 1000);
-            assert_eq!(
-                hello["listener"], "inbound_hbone",
-                "{} -> {dst}: {hello}",
-                client.name
-            );
-            assert_eq!(hello["original_dst"], dst.to_string(), "{hello}");
-            assert_eq!(hello["client"], local.to_string(), "{hello}");
+            let local = expect_captured(client, dst, "inbound_hbone", target);
             assert_eq!(local.ip(), client_ip);
-            assert_eq!(hello["pod"], pod_key(target, true), "{hello}");
         }
         // 3. Inbound plaintext: other ports of enrolled pods, same node and cross-node.
         let plaintext = [(p(1, 3), p(1, 1), 8080), (p(2, 3), p(1, 2), 9000)];
         for (client, target, port) in plaintext {
             let dst = SocketAddr::new(target.ip(v6), port);
-            let (hello, local) = exchange(&client.place, dst, 1000);
-            assert_eq!(
-                hello["listener"],
-                "inbound_plaintext",
-                "{} -> {dst}: {hello}",
-                client.name()
-            );
-            assert_eq!(hello["original_dst"], dst.to_string(), "{hello}");
-            assert_eq!(hello["client"], local.to_string(), "{hello}");
-            assert_eq!(hello["pod"], pod_key(target, true), "{hello}");
+            let local = expect_captured(&client.place, dst, "inbound_plaintext", target);
+            assert_eq!(local.ip(), client.ip(v6));
         }
         // 5. Not captured: non-enrolled pods between themselves (cross-node and same node), and
         //    host-originated connections to an enrolled pod (kubelet probes).

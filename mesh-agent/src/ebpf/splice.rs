@@ -99,39 +99,40 @@ impl Datapath {
     }
 
     pub(super) fn sock_ops(&mut self, name: &'static str) -> Result<&mut SockOps, DatapathError> {
-        let program = self
-            .ebpf_mut()
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?;
-        let Program::SockOps(p) = program else {
-            return Err(DatapathError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            });
-        };
-        if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+        let program = self.loaded_program(name)?;
+        match program {
+            Program::SockOps(p) => Ok(p),
+            _ => Err(unexpected_type(name)),
         }
-        Ok(p)
     }
 
     pub(super) fn sk_msg(&mut self) -> Result<&mut SkMsg, DatapathError> {
         let name = programs::SK_MSG;
+        match self.loaded_program(name)? {
+            Program::SkMsg(p) => Ok(p),
+            _ => Err(unexpected_type(name)),
+        }
+    }
+
+    /// Program `name`, loaded into the kernel (verified) on first use.
+    fn loaded_program(&mut self, name: &'static str) -> Result<&mut Program, DatapathError> {
         let program = self
             .ebpf_mut()
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?;
-        let Program::SkMsg(p) = program else {
-            return Err(DatapathError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            });
+        let result = match program {
+            Program::SockOps(p) if p.fd().is_err() => p.load(),
+            Program::SkMsg(p) if p.fd().is_err() => p.load(),
+            _ => Ok(()),
         };
-        if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(p)
+        result.map_err(|source| DatapathError::Program { name, source })?;
+        Ok(program)
+    }
+}
+
+fn unexpected_type(name: &'static str) -> DatapathError {
+    DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
     }
 }

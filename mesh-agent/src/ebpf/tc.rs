@@ -96,24 +96,12 @@ impl TcAttachment {
 
     /// Where the link is pinned, if it is.
     pub fn pin_path(&self) -> Option<&Path> {
-        match &self.link {
-            Link::Owned(_) => None,
-            Link::Pinned { path, .. } => Some(path),
-        }
+        self.link.pin_path()
     }
 
     /// Removes the pin (if any) and releases the link, which detaches the program.
     pub fn detach(self) -> Result<(), DatapathError> {
-        match self.link {
-            Link::Owned(link) => drop(link),
-            Link::Pinned { link, path } => {
-                let link = link
-                    .unpin()
-                    .map_err(|source| DatapathError::Unpin { path, source })?;
-                drop(link);
-            }
-        }
-        Ok(())
+        self.link.detach()
     }
 }
 
