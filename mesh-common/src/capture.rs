@@ -123,7 +123,23 @@ pub const SPLICE_STATE_ON: u32 = 1;
 /// TCP for good, so its bytes are never reordered between the two paths.
 pub const SPLICE_STATE_OFF: u32 = 2;
 
-/// A socket as seen from itself: local and remote address (IPv4 v4-mapped) and ports (host order).
+/// [`SpliceKey::side`] of a pod's socket.
+pub const SPLICE_SIDE_POD: u32 = 1;
+/// [`SpliceKey::side`] of an agent's socket.
+pub const SPLICE_SIDE_AGENT: u32 = 2;
+
+/// Name of the array holding the agent's configuration for the programs; slot
+/// [`CONFIG_AGENT_NETNS_COOKIE`] is the agent's network-namespace cookie.
+pub const CONFIG_MAP: &str = "MESH_CONFIG";
+/// Slot of [`CONFIG_MAP`]: the agent's netns cookie (tells sk_msg which side a socket is on).
+pub const CONFIG_AGENT_NETNS_COOKIE: u32 = 0;
+/// Slots of [`CONFIG_MAP`].
+pub const CONFIG_SLOTS: u32 = 8;
+
+/// A socket as seen from itself: local and remote address (IPv4 v4-mapped), ports (host order),
+/// and which side of a pod<->agent hop it is. The side keeps the two ends apart even when the
+/// agent's transparent socket happens to have the same 4-tuple as a pod's own socket (both use
+/// the pod's address; their ports come from different network namespaces).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SpliceKey {
@@ -131,20 +147,27 @@ pub struct SpliceKey {
     pub remote: [u8; 16],
     pub local_port: u16,
     pub remote_port: u16,
+    /// [`SPLICE_SIDE_POD`] or [`SPLICE_SIDE_AGENT`].
+    pub side: u32,
 }
 
 impl SpliceKey {
-    /// The key of the socket at the other end of the same connection.
+    /// The key of the socket at the other end of the same connection (the other side).
     pub const fn peer(&self) -> SpliceKey {
         SpliceKey {
             local: self.remote,
             remote: self.local,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            side: if self.side == SPLICE_SIDE_POD {
+                SPLICE_SIDE_AGENT
+            } else {
+                SPLICE_SIDE_POD
+            },
         }
     }
 }
 
-// SAFETY: repr(C), integer arrays and u16s, no padding (36 bytes, align 2).
+// SAFETY: repr(C), integer arrays, u16s and a u32, no padding (40 bytes, align 4).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SpliceKey {}

@@ -24,6 +24,9 @@ use crate::{
 };
 
 const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ: u16 = 0x9100;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HOP_BY_HOP: u8 = 0;
 /// Offsets from the start of the L3 header.
@@ -54,7 +57,7 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         }
         Parsed::Tcp(seg) => seg,
     };
-    if steer::owned_by_local_socket(&ctx, &seg) {
+    if steer::owned_by_local_socket(&ctx, &seg, seg.is_pure_syn()) {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;
@@ -75,6 +78,11 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
 /// count as spoofed: from an enrolled pod we only pass what we could check.
 #[inline(always)]
 fn source_is_pods(ctx: &TcContext, pod: &PodAddrs) -> bool {
+    // SAFETY: reading a field of the valid context.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // A pod has no business tagging frames; a (double) tag could hide IP from our checks.
+        return false;
+    }
     match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => pod.has_ipv4() && ctx.load::<[u8; 4]>(ETH_HLEN + IPV4_SRC) == Ok(pod.ipv4),
         ETH_P_ARP => {
@@ -98,6 +106,8 @@ fn source_is_pods(ctx: &TcContext, pod: &PodAddrs) -> bool {
                     || (next == Ok(IPV6_HOP_BY_HOP)
                         && ctx.load::<u8>(ETH_HLEN + IPV6_HLEN) == Ok(IPPROTO_ICMPV6)))
         }
+        // VLAN tags (802.1Q, 802.1ad, QinQ): see above.
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => false,
         // Other ethertypes never leave the link (nodes route only IP): not ours to judge.
         _ => true,
     }

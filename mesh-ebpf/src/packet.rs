@@ -66,6 +66,17 @@ pub enum Parsed {
     Unparseable,
 }
 
+/// The IP destination address (IPv4 v4-mapped) of any IPv4/IPv6 packet, parseable or not: what
+/// the capture checks before letting a packet it could not parse go on.
+#[inline(always)]
+pub fn destination(ctx: &TcContext) -> Option<[u8; 16]> {
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => ctx.load::<[u8; 4]>(ETH_HLEN + 16).ok().map(v4_mapped),
+        ETH_P_IPV6 => ctx.load::<[u8; 16]>(ETH_HLEN + 24).ok(),
+        _ => None,
+    }
+}
+
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
     match u16::from_be(ctx.skb.protocol() as u16) {
@@ -148,8 +159,8 @@ fn ext_chain_carries_tcp(ctx: &TcContext) -> Parsed {
         if next == IPPROTO_TCP {
             return Parsed::Unparseable;
         }
-        // Fragments, ESP and AH: cannot see the upper layer reliably.
-        if next == 44 || next == 50 || next == 51 {
+        // ESP: the upper layer is encrypted, it may be TCP.
+        if next == 50 {
             return Parsed::Unparseable;
         }
         if !IPV6_EXT_HEADERS.contains(&next) {
@@ -158,8 +169,14 @@ fn ext_chain_carries_tcp(ctx: &TcContext) -> Parsed {
         let (Ok(n), Ok(len)) = (ctx.load::<u8>(offset), ctx.load::<u8>(offset + 1)) else {
             return Parsed::Unparseable;
         };
+        // Every fragment's header names the upper protocol; a TCP fragment is refused above on
+        // the next round.
+        offset += match next {
+            44 => 8,
+            51 => (len as usize + 2) * 4,
+            _ => (len as usize + 1) * 8,
+        };
         next = n;
-        offset += (len as usize + 1) * 8;
     }
     Parsed::Unparseable
 }

@@ -17,14 +17,16 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
     },
+    helpers::bpf_get_netns_cookie,
     macros::{map, sk_msg, sock_ops},
-    maps::{LruHashMap, SockHash},
+    maps::{Array, LruHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
     Counter, FlowKey, FlowKind,
     capture::{
-        MAX_SPLICED, POD_IP_ENROLLED, SPLICE_STATE_OFF, SPLICE_STATE_ON, SpliceKey, v4_mapped,
+        CONFIG_AGENT_NETNS_COOKIE, CONFIG_SLOTS, MAX_SPLICED, POD_IP_ENROLLED, SPLICE_SIDE_AGENT,
+        SPLICE_SIDE_POD, SPLICE_STATE_OFF, SPLICE_STATE_ON, SpliceKey, v4_mapped,
     },
 };
 
@@ -42,6 +44,10 @@ static MESH_SPLICE: SockHash<SpliceKey> = SockHash::with_max_entries(MAX_SPLICED
 #[map(name = "MESH_SPLICE_PEERS")]
 static MESH_SPLICE_PEERS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_SPLICED, 0);
 
+/// Settings the agent writes at start (see `CONFIG_*` in mesh-common).
+#[map(name = "MESH_CONFIG")]
+static MESH_CONFIG: Array<u64> = Array::with_max_entries(CONFIG_SLOTS, 0);
+
 #[map(name = "MESH_SPLICE_STATE")]
 static MESH_SPLICE_STATE: LruHashMap<SpliceKey, u32> = LruHashMap::with_max_entries(MAX_SPLICED, 0);
 
@@ -52,7 +58,7 @@ pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
-    let Some(me) = sock_ops_key(&ctx) else {
+    let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_POD) else {
         return 1;
     };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
@@ -79,7 +85,7 @@ pub fn mesh_sops_agent(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
-    let Some(me) = sock_ops_key(&ctx) else {
+    let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_AGENT) else {
         return 1;
     };
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
@@ -106,7 +112,19 @@ pub fn mesh_sops_agent(ctx: SockOpsContext) -> u32 {
 /// sk_msg verdict on every socket in `MESH_SPLICE`.
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
-    let Some(me) = sk_msg_key(&ctx) else {
+    // Our side: agent sockets live in the agent's network namespace, pod sockets in pods'.
+    // SAFETY: helper on the valid context; map read copied out.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) };
+    let agent_netns = MESH_CONFIG
+        .get(CONFIG_AGENT_NETNS_COOKIE)
+        .copied()
+        .unwrap_or(0);
+    let side = if agent_netns != 0 && netns == agent_netns {
+        SPLICE_SIDE_AGENT
+    } else {
+        SPLICE_SIDE_POD
+    };
+    let Some(me) = sk_msg_key(&ctx, side) else {
         return SK_PASS;
     };
     // SAFETY: read-only lookup, value copied.
@@ -214,7 +232,7 @@ macro_rules! read_sock_fields {
 }
 
 #[inline(always)]
-fn key_of(f: &SockFields) -> Option<SpliceKey> {
+fn key_of(f: &SockFields, side: u32) -> Option<SpliceKey> {
     let (local_port, remote_port) = ports(f.local_port, f.remote_port);
     let (local, remote) = match f.family {
         AF_INET => (
@@ -229,15 +247,16 @@ fn key_of(f: &SockFields) -> Option<SpliceKey> {
         remote,
         local_port,
         remote_port,
+        side,
     })
 }
 
 #[inline(always)]
-fn sock_ops_key(ctx: &SockOpsContext) -> Option<SpliceKey> {
-    key_of(&read_sock_fields!(ctx.ops))
+fn sock_ops_key(ctx: &SockOpsContext, side: u32) -> Option<SpliceKey> {
+    key_of(&read_sock_fields!(ctx.ops), side)
 }
 
 #[inline(always)]
-fn sk_msg_key(ctx: &SkMsgContext) -> Option<SpliceKey> {
-    key_of(&read_sock_fields!(ctx.msg))
+fn sk_msg_key(ctx: &SkMsgContext, side: u32) -> Option<SpliceKey> {
+    key_of(&read_sock_fields!(ctx.msg), side)
 }

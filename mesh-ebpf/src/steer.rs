@@ -20,6 +20,7 @@ use crate::{
 /// Lookup in the namespace of the device the packet is on (`BPF_F_CURRENT_NETNS`).
 const CURRENT_NETNS: u64 = u64::MAX;
 const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
 
 #[repr(C)]
 struct Tuple4 {
@@ -47,9 +48,11 @@ pub fn mark_local(ctx: &TcContext) {
 
 /// Whether a local non-listening socket owns this exact 4-tuple (established, handshaking or in
 /// TIME_WAIT). A listener never counts: matching a host service's wildcard listener here would
-/// deliver pod traffic to it.
+/// deliver pod traffic to it. Nor does TIME_WAIT for a new connection's SYN (`pure_syn`): the
+/// kernel would hand that SYN to whatever listener matches the original destination port —
+/// again possibly a host service — so it goes to the agent's listener instead.
 #[inline(always)]
-pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment) -> bool {
+pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment, pure_syn: bool) -> bool {
     // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
     let sk = unsafe { lookup(ctx, seg, seg.dport_be, true) };
     if sk.is_null() {
@@ -58,7 +61,7 @@ pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment) -> bool {
     // SAFETY: non-null socket pointer from the lookup helper; `state` is readable on sock_common.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut _) };
-    state != TCP_LISTEN
+    state != TCP_LISTEN && !(pure_syn && state == TCP_TIME_WAIT)
 }
 
 /// Assigns a SYN to the agent listener on `port`, marks it for local delivery and records the

@@ -34,8 +34,18 @@ use crate::{
 pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     let seg = match packet::parse(&ctx) {
         Parsed::NotTcp => return TC_ACT_UNSPEC,
-        // Cannot tell whether it is for an enrolled pod; the pod's own stack handles junk.
-        Parsed::Unparseable => return TC_ACT_UNSPEC,
+        // TCP (or maybe TCP) we cannot follow: towards an enrolled pod it would slip past the
+        // capture, so it is dropped; to anyone else it is none of our business.
+        Parsed::Unparseable => {
+            let to_enrolled = packet::destination(&ctx)
+                // SAFETY: read-only map lookup.
+                .is_some_and(|dst| unsafe { MESH_POD_IPS.get(&dst) }.is_some());
+            if to_enrolled {
+                counters::add(Counter::DroppedUnparseable, 1);
+                return TC_ACT_SHOT as i32;
+            }
+            return TC_ACT_UNSPEC;
+        }
         Parsed::Tcp(seg) => seg,
     };
     // SAFETY: read-only map lookups, values copied out.
@@ -46,7 +56,7 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     if to_pod.is_none() && !from_pod {
         return TC_ACT_UNSPEC;
     }
-    if steer::owned_by_local_socket(&ctx, &seg) {
+    if steer::owned_by_local_socket(&ctx, &seg, seg.is_pure_syn()) {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;

@@ -230,6 +230,7 @@ fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
         .iter()
         .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
         .collect();
+    let _host_service = ProbeServer::start(&tb.node(1).place, &[8090]).unwrap();
     let p = |n, i| tb.pod(n, i);
     let before = (a1.counters(), a2.counters());
     let cases = [
@@ -270,6 +271,20 @@ fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
         let dst = SocketAddr::new(p(1, 1).ip(v6), 8080);
         let (hello, local) = exchange(&tb.node(1).place, dst, 1000);
         assert_eq!(hello["peer"], local.to_string(), "{hello}");
+        // A service on the pod's own node (host network): reached, from the node's address
+        // (a reply to the pod's address would be routed to the pod, not to the agent).
+        let node_ip = ip_of(&tb.node(1).place, v6, &tb);
+        let (hello, _) = exchange(&p(1, 1).place, SocketAddr::new(node_ip, 8090), 1000);
+        assert_eq!(hello["role"], "server", "{hello}");
+        // The agent's own capture port on the node: refused, never a loop.
+        // (The reset can land before or after connect() returns.)
+        let refused = match Probe::connect(&p(1, 1).place, SocketAddr::new(node_ip, 15001), TIMEOUT)
+            .unwrap()
+        {
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(mut probe) => probe.hello().is_err(),
+        };
+        assert!(refused, "a connection to the capture port must be refused");
         // A real client through both agents (its control and data connections are captured
         // like any other): iperf3, enrolled to enrolled across nodes.
         let t = iperf3_send(
@@ -287,10 +302,11 @@ fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
         a1.counters().since(&before.0),
         a2.counters().since(&before.1),
     );
-    // Per family: 4 probe connections, plus iperf3's control and data connections.
+    // Per family: 4 probe connections, iperf3's control and data connections, a host service
+    // on the node and the refused capture port.
     assert_eq!(
         d1.get(Counter::CapturedOutbound),
-        2 * (4 + 2),
+        2 * (4 + 2 + 2),
         "node1 {d1:?}"
     );
     assert_eq!(
@@ -390,6 +406,82 @@ fn spoofed_sources_are_dropped_and_never_attributed() {
         d.get(Counter::CapturedOutbound),
         2,
         "only the genuine SYNs: {d:?}"
+    );
+    drop((a1, _server));
+    tb.teardown_verified().unwrap();
+}
+
+/// Builds one IPv4 fragment (the kernel fills in the header checksum of raw IP_HDRINCL sends).
+fn ipv4_fragment(src: [u8; 4], dst: [u8; 4], offset_8: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&0x4d53u16.to_be_bytes());
+    let flags = if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&(flags | offset_8).to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ip_stat(place: &Place, name: &str) -> u64 {
+    let snmp = place.run("cat", &["/proc/net/snmp"]).unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let i = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+#[test]
+fn fragmented_tcp_cannot_reach_an_enrolled_pod_around_the_capture() {
+    if !can_run("capture of fragmented TCP", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let enrolled = pods(&ENROLLED);
+    let a1 = Agent::start(&tb, 1, "report", &enrolled).unwrap();
+    let (attacker, target) = (tb.pod(1, 3), tb.pod(1, 1));
+    let _server = ProbeServer::start(&target.place, &[8080]).unwrap();
+    // A SYN to the enrolled pod split in two IPv4 fragments: the ports are in the first, the
+    // flags in the second, so no single fragment looks like a connection attempt.
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&8080u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let (src, dst) = (attacker.ipv4.octets(), target.ipv4.octets());
+    let frags = [
+        ipv4_fragment(src, dst, 0, true, &tcp[..8]),
+        ipv4_fragment(src, dst, 1, false, &tcp[8..]),
+    ];
+    let (before, reasm) = (a1.counters(), ip_stat(&target.place, "ReasmReqds"));
+    attacker
+        .place
+        .in_netns(|| -> std::io::Result<()> {
+            let raw = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+            )?;
+            let to = SocketAddr::new(target.ipv4.into(), 0);
+            for f in &frags {
+                raw.send_to(f, &to.into())?;
+            }
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let d = a1.counters().since(&before);
+    assert_eq!(d.get(Counter::DroppedUnparseable), 2, "{d:?}");
+    assert_eq!(
+        ip_stat(&target.place, "ReasmReqds"),
+        reasm,
+        "no fragment reached the pod"
     );
     drop((a1, _server));
     tb.teardown_verified().unwrap();

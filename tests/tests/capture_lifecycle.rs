@@ -197,7 +197,7 @@ fn killed_agent_refuses_captured_pods_and_restart_adopts_state_without_duplicate
     let maps = std::fs::read_dir(agent.bpffs().join("maps"))
         .unwrap()
         .count();
-    assert_eq!(maps, 7);
+    assert_eq!(maps, 8);
     assert!(
         agent.counters().get(Counter::RefusedNoListener) >= 2,
         "counters survive the restart (pinned map adopted)"

@@ -131,6 +131,9 @@ impl CaptureController {
             .context("loading the capture programs into the kernel")?;
         datapath.pin_programs(&layout.progs())?;
         datapath
+            .set_agent_netns()
+            .context("telling the splice programs the agent's network namespace")?;
+        datapath
             .attach_splice_verdict()
             .context("attaching the splice verdict to MESH_SPLICE")?;
         Ok(Self {
@@ -162,8 +165,9 @@ impl CaptureController {
         let mut view = CaptureView::default();
 
         // 0. Resolve the enrolled pods' interfaces, and let the handlers know the new pods
-        //    before the kernel starts capturing them (the old ones stay known until the end:
-        //    connections captured just before an un-enrolment are still attributed).
+        //    before the kernel starts capturing them. Pods being un-enrolled stay known until
+        //    this reconciliation ends; a connection still in the accept queue after that is
+        //    reset (its pod is no longer enrolled).
         let mut resolved = Vec::new();
         for pod in &desired.enrolled {
             match ifindex_of(&pod.host_iface) {
@@ -186,7 +190,21 @@ impl CaptureController {
         let mut wanted_links: HashSet<LinkKey> = HashSet::new();
         let mut enrolled_ifindexes = HashSet::new();
         let mut wanted_ips: HashMap<IpAddr, PodIpEntry> = HashMap::new();
+        let mut failed_targets: HashSet<LinkTarget> = HashSet::new();
         for (pod, ifindex) in resolved {
+            // The program first: it ignores an interface until the maps name it, so attaching
+            // early is harmless, and a failed attach leaves the maps (and the interface's
+            // previous program) exactly as they were.
+            match self.ensure_tc(TC_FROM_POD, &pod.host_iface, ifindex) {
+                Ok(key) => {
+                    wanted_links.insert(key);
+                }
+                Err(e) => {
+                    report.errors.push(format!("pod {}: {e:#}", pod.key));
+                    failed_targets.insert(LinkTarget::Interface(ifindex));
+                    continue;
+                }
+            }
             let v4 = pod.ips.iter().find_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -197,6 +215,7 @@ impl CaptureController {
             });
             if let Err(e) = self.datapath.set_pod(ifindex, pod_addrs(v4, v6)) {
                 report.errors.push(format!("pod {}: {e}", pod.key));
+                failed_targets.insert(LinkTarget::Interface(ifindex));
                 continue;
             }
             for ip in pod.ips.iter().copied() {
@@ -209,14 +228,8 @@ impl CaptureController {
                 );
                 view.by_ip.insert(ip, pod.clone());
             }
-            match self.ensure_tc(TC_FROM_POD, &pod.host_iface, ifindex) {
-                Ok(key) => {
-                    wanted_links.insert(key);
-                    enrolled_ifindexes.insert(ifindex);
-                    view.by_ifindex.insert(ifindex, pod.clone());
-                }
-                Err(e) => report.errors.push(format!("pod {}: {e:#}", pod.key)),
-            }
+            enrolled_ifindexes.insert(ifindex);
+            view.by_ifindex.insert(ifindex, pod.clone());
             if let Some(cgroup) = &pod.cgroup {
                 match self.ensure_sock_ops(SOCK_OPS_POD, cgroup) {
                     Ok(key) => {
@@ -252,7 +265,10 @@ impl CaptureController {
                 Ok(key) => {
                     wanted_links.insert(key);
                 }
-                Err(e) => report.errors.push(format!("{what}: {e:#}")),
+                Err(e) => {
+                    report.errors.push(format!("{what}: {e:#}"));
+                    failed_targets.insert(LinkTarget::Interface(ifindex));
+                }
             }
             // A pod that was enrolled keeps draining: connections the agent owns stay with it.
             if let Some(pod) = pod {
@@ -303,11 +319,12 @@ impl CaptureController {
         }
 
         // 4. Attachments this instance made that are no longer wanted, then every pin that is
-        //    not one of ours (earlier instances, vanished interfaces).
+        //    not one of ours (earlier instances, vanished interfaces). Where an attach failed,
+        //    whatever covered the interface before stays: better the old program than none.
         let stale: Vec<_> = self
             .attached
             .keys()
-            .filter(|k| !wanted_links.contains(k))
+            .filter(|k| !wanted_links.contains(k) && !failed_targets.contains(&k.1))
             .cloned()
             .collect();
         for key in stale {
@@ -321,7 +338,7 @@ impl CaptureController {
                 }
             }
         }
-        self.remove_foreign_link_pins(&mut report);
+        self.remove_foreign_link_pins(&failed_targets, &mut report);
 
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
         for e in &report.errors {
@@ -336,6 +353,25 @@ impl CaptureController {
         self.reconcile(&DesiredCapture::default())
     }
 
+    /// Whether this instance's attachment for `key` exists and its pin is still there (a pin
+    /// removed behind our back means someone detached it: forget it, so it is attached again).
+    fn still_attached(&mut self, key: &LinkKey) -> bool {
+        let Some(a) = self.attached.get(key) else {
+            return false;
+        };
+        if a.pin_path().is_none_or(|p| p.exists()) {
+            return true;
+        }
+        warn!(
+            program = key.0,
+            target = a.describe(),
+            "our link pin disappeared; attaching again"
+        );
+        // Dropping our handle releases whatever is left of the link.
+        drop(self.attached.remove(key));
+        false
+    }
+
     fn ensure_tc(
         &mut self,
         program: &'static str,
@@ -343,7 +379,7 @@ impl CaptureController {
         ifindex: u32,
     ) -> anyhow::Result<LinkKey> {
         let key = (program, LinkTarget::Interface(ifindex));
-        if self.attached.contains_key(&key) {
+        if self.still_attached(&key) {
             return Ok(key);
         }
         let pin = self.layout.link_path(program, &key.1, &self.instance);
@@ -358,7 +394,7 @@ impl CaptureController {
     fn ensure_sock_ops(&mut self, program: &'static str, cgroup: &Path) -> anyhow::Result<LinkKey> {
         let id = cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
         let key = (program, LinkTarget::Cgroup(id));
-        if self.attached.contains_key(&key) {
+        if self.still_attached(&key) {
             return Ok(key);
         }
         let pin = self.layout.link_path(program, &key.1, &self.instance);
@@ -369,7 +405,11 @@ impl CaptureController {
         Ok(key)
     }
 
-    fn remove_foreign_link_pins(&self, report: &mut ReconcileReport) {
+    fn remove_foreign_link_pins(
+        &self,
+        keep_targets: &HashSet<LinkTarget>,
+        report: &mut ReconcileReport,
+    ) {
         let pins = match self.layout.link_pins() {
             Ok(p) => p,
             Err(e) => {
@@ -382,7 +422,10 @@ impl CaptureController {
             .values()
             .filter_map(|a| a.pin_path().map(|p| p.to_owned()))
             .collect();
-        for pin in pins.into_iter().filter(|p| !ours.contains(&p.path)) {
+        let foreign = pins
+            .into_iter()
+            .filter(|p| !ours.contains(&p.path) && !keep_targets.contains(&p.target));
+        for pin in foreign {
             info!(pin = %pin.path.display(), instance = %pin.instance, "removing link pin left by an earlier agent");
             if let Err(e) = remove_link_pin(&pin.path) {
                 report

@@ -25,9 +25,18 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
 /// Removes every kernel object the capture owns: link pins (detaching the programs), program and
 /// map pins, the bpffs directory, and the routing rule and table. Idempotent.
 pub fn remove_all(layout: &BpffsLayout) -> anyhow::Result<()> {
-    routing::remove()?;
     if layout.root.exists() {
-        // Links first, detached synchronously, so nothing runs once we return.
+        // Never under a running agent.
+        let dir = std::fs::File::open(&layout.root)?;
+        let _lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow::anyhow!(
+                    "an agent is running on {} ({e}); stop it first",
+                    layout.root.display()
+                )
+            })?;
+        // Links first, detached synchronously, so nothing steers to the routing table below
+        // once it is gone.
         for pin in layout.link_pins()? {
             pins::remove_link_pin(&pin.path)?;
         }
@@ -41,7 +50,7 @@ pub fn remove_all(layout: &BpffsLayout) -> anyhow::Result<()> {
         }
         remove_dir_if_present(&layout.root)?;
     }
-    Ok(())
+    routing::remove()
 }
 
 fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {

@@ -140,6 +140,7 @@ impl LocalConfig {
             }
         }
         let mut seen_wl = HashSet::new();
+        let mut seen_iface: HashMap<&str, String> = HashMap::new();
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}] ({}/{}).{f}", w.namespace, w.name);
@@ -172,6 +173,16 @@ impl LocalConfig {
                         return Err(invalid(at("ips"), format!("{ip} is also used by {other}")));
                     }
                 }
+            }
+            if w.node == self.node.name
+                && let Some(iface) = &w.host_interface
+                && let Some(other) =
+                    seen_iface.insert(iface.as_str(), format!("{}/{}", w.namespace, w.name))
+            {
+                return Err(invalid(
+                    at("hostInterface"),
+                    format!("{iface} is also the interface of {other}"),
+                ));
             }
             if w.node == self.node.name && !w.host_network && w.host_interface.is_none() {
                 return Err(invalid(
@@ -273,6 +284,10 @@ workloads:
             .unwrap_err()
             .to_string();
         assert!(e.contains("10.0.0.1 is also used by x/a"), "{e}");
+        let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n1, ips: [10.0.0.1], hostInterface: v}\n  - {name: b, namespace: x, node: n1, ips: [10.0.0.2], hostInterface: v}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("v is also the interface of x/a"), "{e}");
         let e = LocalConfig::parse("node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1], labels: {istio.io/dataplane-mode: sidecar}}\n")
             .unwrap_err()
             .to_string();

@@ -40,7 +40,7 @@ pub mod programs {
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
@@ -48,4 +48,5 @@ pub const MAPS: [&str; 7] = [
     mesh_common::capture::SPLICE_MAP,
     mesh_common::capture::SPLICE_PEERS_MAP,
     mesh_common::capture::SPLICE_STATE_MAP,
+    mesh_common::capture::CONFIG_MAP,
 ];

@@ -3,10 +3,10 @@
 use std::{fs::File, path::Path};
 
 use aya::{
-    maps::SockHash,
+    maps::{Array, SockHash},
     programs::{CgroupAttachMode, Program, SkMsg, SockOps, links::FdLink},
 };
-use mesh_common::capture::{SPLICE_MAP, SpliceKey};
+use mesh_common::capture::{CONFIG_AGENT_NETNS_COOKIE, CONFIG_MAP, SPLICE_MAP, SpliceKey};
 
 use super::{Datapath, DatapathError, programs, tc::Link};
 
@@ -98,6 +98,29 @@ impl Datapath {
         Ok(())
     }
 
+    /// Tells the programs the agent's network-namespace cookie (the calling thread's namespace):
+    /// sk_msg tells agent sockets from pod sockets by it.
+    pub fn set_agent_netns(&mut self) -> Result<(), DatapathError> {
+        let cookie = own_netns_cookie().map_err(|source| DatapathError::Cgroup {
+            cgroup: "SO_NETNS_COOKIE".into(),
+            source,
+        })?;
+        let map = self
+            .ebpf_mut()
+            .map_mut(CONFIG_MAP)
+            .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
+        let mut array = Array::<_, u64>::try_from(map).map_err(|source| DatapathError::Map {
+            name: CONFIG_MAP,
+            source,
+        })?;
+        array
+            .set(CONFIG_AGENT_NETNS_COOKIE, cookie, 0)
+            .map_err(|source| DatapathError::Map {
+                name: CONFIG_MAP,
+                source,
+            })
+    }
+
     pub(super) fn sock_ops(&mut self, name: &'static str) -> Result<&mut SockOps, DatapathError> {
         let program = self.loaded_program(name)?;
         match program {
@@ -128,6 +151,28 @@ impl Datapath {
         result.map_err(|source| DatapathError::Program { name, source })?;
         Ok(program)
     }
+}
+
+/// The cookie of the calling thread's network namespace (Linux ≥ 5.14).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 out-parameter of the advertised length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn unexpected_type(name: &'static str) -> DatapathError {

@@ -117,12 +117,16 @@ pub(super) fn attach(
         iface: iface.to_owned(),
         source,
     };
+    // `mesh_tc_from_pod` goes first on its interface: while a pod is being enrolled, the
+    // interface still carries `mesh_tc_to_pods`, which must not see the pod's packets before
+    // the anti-spoofing check has. Everything else is appended.
+    let order = if name == super::programs::TC_FROM_POD {
+        LinkOrder::first()
+    } else {
+        LinkOrder::default()
+    };
     let id = prog
-        .attach_with_options(
-            iface,
-            hook.into(),
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
+        .attach_with_options(iface, hook.into(), TcAttachOptions::TcxOrder(order))
         .map_err(attach_err)?;
     let link = prog.take_link(id).map_err(attach_err)?;
     let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {

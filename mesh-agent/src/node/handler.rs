@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::FlowKind;
+use mesh_common::{
+    FlowKind,
+    capture::{PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND},
+};
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -171,10 +174,22 @@ async fn relay(
     pod: &str,
 ) {
     let started = std::time::Instant::now();
-    let connect = tokio::time::timeout(
-        Duration::from_secs(10),
-        connect_transparent(client.ip(), original_dst),
-    );
+    // A destination on this node (its own addresses: host services, host-network pods) cannot be
+    // reached transparently — its replies would be routed to the pod, not to us — so the agent
+    // connects from its own address. Our capture ports there would loop back into the agent.
+    let local = is_local_address(original_dst.ip());
+    if local && CAPTURE_PORTS.contains(&original_dst.port()) {
+        warn!(listener, %client, %original_dst, pod, "refusing a connection to the agent's own capture port");
+        reset(inbound);
+        return;
+    }
+    let connect = tokio::time::timeout(Duration::from_secs(10), async {
+        if local {
+            TcpStream::connect(original_dst).await
+        } else {
+            connect_transparent(client.ip(), original_dst).await
+        }
+    });
     let mut upstream = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -201,6 +216,18 @@ async fn relay(
             reset(upstream);
         }
     }
+}
+
+const CAPTURE_PORTS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE];
+
+/// Whether `ip` is an address of this node (binding to it without IP_TRANSPARENT succeeds).
+/// With `net.ipv4.ip_nonlocal_bind=1` every address looks local; delivery then loses
+/// transparency but still works.
+fn is_local_address(ip: std::net::IpAddr) -> bool {
+    let domain = socket2::Domain::for_address(SocketAddr::new(ip, 0));
+    socket2::Socket::new(domain, socket2::Type::STREAM, None)
+        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+        .is_ok()
 }
 
 /// Closes with a RST (SO_LINGER 0) so the client sees a refusal, not a clean end of stream.
