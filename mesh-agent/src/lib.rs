@@ -6,4 +6,5 @@
 pub mod capture;
 pub mod discovery;
 pub mod ebpf;
+pub mod identity;
 pub mod node;

@@ -26,6 +26,11 @@ enum Command {
     /// Run the per-node agent (capture, and for now a pass-through relay), or inspect/remove the
     /// kernel state it owns.
     Node(NodeArgs),
+    /// The mesh certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Inspect the embedded eBPF data path.
     Ebpf {
         #[command(subcommand)]
@@ -38,6 +43,22 @@ enum EbpfCommand {
     /// Load every program through this kernel's verifier and list programs and maps; attaches
     /// nothing. Exit status 0 means this kernel runs our data path.
     Check,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Write a fresh self-signed ECDSA P-256 root (ca-cert.pem, ca-key.pem, root-cert.pem) to a
+    /// directory; never overwrites. The layout is Istio's `cacerts`, which can be used instead.
+    Init {
+        /// Directory to create the files in.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = mesh_agent::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Validity of the root, days.
+        #[arg(long, default_value_t = 3650)]
+        validity_days: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +93,26 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Node(args) => node(args),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    out,
+                    trust_domain,
+                    validity_days,
+                },
+        } => {
+            mesh_agent::identity::LocalCa::init_dir(
+                &out,
+                &trust_domain,
+                Duration::from_secs(validity_days * 86_400),
+            )
+            .with_context(|| format!("creating a CA in {}", out.display()))?;
+            println!(
+                "root CA for trust domain {trust_domain} written to {} (ca-key.pem is secret)",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Ebpf {
             command: EbpfCommand::Check,
         } => ebpf_check(),
