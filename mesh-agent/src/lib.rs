@@ -8,3 +8,4 @@ pub mod discovery;
 pub mod ebpf;
 pub mod identity;
 pub mod node;
+pub mod tls;
