@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod discovery;
 pub mod ebpf;
+pub mod hbone;
 pub mod identity;
 pub mod node;
 pub mod tls;

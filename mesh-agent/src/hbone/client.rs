@@ -1,0 +1,312 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections per (client address, source identity,
+//! destination identity, destination), at most 100 streams each, idle ones closed after 5
+//! minutes; one CONNECT stream per proxied connection.
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use crate::{identity::SpiffeId, tls};
+
+/// Connections idle this long are closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] tls::TlsError),
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("CONNECT {authority} via {addr} answered {status}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+/// One stream to open.
+#[derive(Clone, Debug)]
+pub struct StreamRequest {
+    /// Address the outer connection comes from (the client pod's: the destination agent takes
+    /// the client address from it).
+    pub client: SocketAddr,
+    pub source: SpiffeId,
+    pub source_cert: Arc<rustls::sign::CertifiedKey>,
+    /// The identity the destination must prove.
+    pub destination: SpiffeId,
+    /// `<destination pod IP>:15008`.
+    pub hbone_addr: SocketAddr,
+    /// The `:authority`: the original destination `ip:port`.
+    pub authority: SocketAddr,
+}
+
+/// How the client reaches `<pod>:15008`: `connect(client_ip, addr)`.
+pub type Connector = Arc<
+    dyn Fn(IpAddr, SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    client_ip: IpAddr,
+    source: SpiffeId,
+    destination: SpiffeId,
+    hbone_addr: SocketAddr,
+}
+
+struct Pooled {
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    dead: Arc<AtomicBool>,
+    last_used: Mutex<Instant>,
+}
+
+/// A stream in use. Its [`StreamSlot`] frees the stream's place in the pooled connection when
+/// dropped.
+pub struct PooledStream {
+    pub send: h2::SendStream<Bytes>,
+    pub recv: h2::RecvStream,
+    pub slot: StreamSlot,
+}
+
+/// Holds one stream's place in a pooled connection.
+pub struct StreamSlot(Arc<Pooled>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        *self.0.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
+/// The pool (one per agent).
+pub struct Pool {
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    connector: Connector,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+}
+
+/// Connections and streams, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub streams: usize,
+}
+
+impl Pool {
+    pub fn new(
+        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+        connector: Connector,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            roots,
+            connector,
+            conns: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap(IDLE_TIMEOUT);
+            }
+        });
+        pool
+    }
+
+    /// Opens a CONNECT stream, reusing a pooled connection with room.
+    pub async fn open(&self, req: &StreamRequest) -> Result<PooledStream, HboneError> {
+        let key = PoolKey {
+            client_ip: req.client.ip(),
+            source: req.source.clone(),
+            destination: req.destination.clone(),
+            hbone_addr: req.hbone_addr,
+        };
+        let conn = match self.reserve(&key) {
+            Some(c) => c,
+            None => {
+                let c = self.dial(req).await?;
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default()
+                    .push(Arc::clone(&c));
+                c
+            }
+        };
+        let guard = Reservation(Some(conn));
+        let send = guard.conn().send.clone();
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.authority.to_string())
+            .header("forwarded", format!("for=\"{}\"", req.client))
+            .body(())
+            .expect("valid CONNECT request");
+        let h2err = |source| HboneError::H2 {
+            addr: req.hbone_addr,
+            source,
+        };
+        let ready = send.ready().await;
+        let mut ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                guard.conn().dead.store(true, Ordering::Release);
+                return Err(h2err(e));
+            }
+        };
+        let (response, send_stream) = ready.send_request(request, false).map_err(h2err)?;
+        let response = response.await.map_err(h2err)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status {
+                addr: req.hbone_addr,
+                authority: req.authority,
+                status: response.status(),
+            });
+        }
+        Ok(PooledStream {
+            send: send_stream,
+            recv: response.into_body(),
+            slot: StreamSlot(guard.into_conn()),
+        })
+    }
+
+    /// Connections and active streams right now.
+    pub fn stats(&self) -> PoolStats {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let all = conns.values().flatten();
+        PoolStats {
+            connections: all
+                .clone()
+                .filter(|c| !c.dead.load(Ordering::Acquire))
+                .count(),
+            streams: all.map(|c| c.active.load(Ordering::Acquire)).sum(),
+        }
+    }
+
+    /// Closes connections idle for `idle` and forgets dead ones.
+    pub fn reap(&self, idle: Duration) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle_for = c
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed();
+                let unused = c.active.load(Ordering::Acquire) == 0;
+                !(c.dead.load(Ordering::Acquire) || (unused && idle_for >= idle))
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+    }
+
+    fn reserve(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.get(key)?.iter().find_map(|c| {
+            if c.dead.load(Ordering::Acquire) {
+                return None;
+            }
+            // Claim a slot if there is one.
+            c.active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)
+                })
+                .ok()
+                .map(|_| Arc::clone(c))
+        })
+    }
+
+    async fn dial(&self, req: &StreamRequest) -> Result<Arc<Pooled>, HboneError> {
+        let addr = req.hbone_addr;
+        let tcp = (self.connector)(req.client.ip(), addr)
+            .await
+            .map_err(|source| HboneError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let config = tls::client_config(
+            Arc::clone(&req.source_cert),
+            &self.roots,
+            req.destination.clone(),
+        )?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::server_name(addr.ip()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { addr, source })?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { addr, source })?;
+        let dead = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&dead);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, error = %e, "HBONE connection ended");
+            }
+            flag.store(true, Ordering::Release);
+        });
+        Ok(Arc::new(Pooled {
+            send,
+            // The stream about to be opened on it.
+            active: AtomicUsize::new(1),
+            dead,
+            last_used: Mutex::new(Instant::now()),
+        }))
+    }
+}
+
+/// A slot reserved on a connection before the stream exists (freed if opening fails).
+struct Reservation(Option<Arc<Pooled>>);
+
+impl Reservation {
+    fn conn(&self) -> &Arc<Pooled> {
+        self.0.as_ref().expect("present until taken")
+    }
+
+    /// The slot now belongs to the stream.
+    fn into_conn(mut self) -> Arc<Pooled> {
+        self.0.take().expect("present until taken")
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}

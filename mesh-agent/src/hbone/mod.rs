@@ -1,0 +1,18 @@
+//! HBONE: one HTTP/2 CONNECT stream per proxied TCP connection, over mutual TLS between workload
+//! identities, to `<destination pod IP>:15008` (DESIGN.md §5; wire-compatible with ztunnel).
+//! [`server`] terminates it on the destination node, [`client`] opens it (pooled) on the source
+//! node, [`relay`] moves the bytes with TCP semantics.
+
+pub mod client;
+pub mod relay;
+pub mod server;
+#[cfg(test)]
+mod tests;
+
+/// HTTP/2 settings both ends use (ztunnel's): 4 MiB per stream, 16 MiB per connection, 1 MiB
+/// frames.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Streams per pooled connection before another connection is opened.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;

@@ -1,0 +1,219 @@
+//! HBONE client and server against each other in-process, over loopback TCP, with real mTLS.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{
+    client::{Connector as ClientConnector, HboneError, Pool, StreamRequest},
+    server::{AllowMesh, Connector as ServerConnector, ServerContext, Target},
+};
+use crate::identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId};
+
+struct Rig {
+    pool: Arc<Pool>,
+    server: SocketAddr,
+    a: SpiffeId,
+    b: SpiffeId,
+    certs: Arc<CertManager>,
+}
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa).unwrap()
+}
+
+/// A CA, an HBONE server on loopback speaking for identity `b`, and a pool.
+async fn rig() -> Rig {
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-hbone-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    LocalCa::init_dir(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let ca = Arc::new(LocalCa::from_dir(&dir, "cluster.local").unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(ca));
+    let certs = CertManager::new(Arc::clone(&issuer), Duration::from_secs(3600));
+    let (a, b) = (id("a"), id("b"));
+    let b_cert = certs.get(&b).await.unwrap();
+    let server_connector: ServerConnector =
+        Arc::new(|_client, dst| Box::pin(TcpStream::connect(dst)));
+    let ctx = Arc::new(ServerContext {
+        roots: issuer.roots(),
+        trust_domain: "cluster.local".into(),
+        authorizer: Arc::new(AllowMesh),
+        connector: server_connector,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let target = Target {
+                ip: "127.0.0.1".parse().unwrap(),
+                identity: b_cert.identity.clone(),
+                cert: Arc::clone(&b_cert.key),
+            };
+            tokio::spawn(super::server::serve(Arc::clone(&ctx), tcp, target));
+        }
+    });
+    let connector: ClientConnector = Arc::new(|_client, addr| Box::pin(TcpStream::connect(addr)));
+    Rig {
+        pool: Pool::new(issuer.roots(), connector),
+        server,
+        a,
+        b,
+        certs,
+    }
+}
+
+/// An upstream that answers each connection with everything it received, then closes.
+async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all).await;
+                let _ = s.write_all(&all).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+impl Rig {
+    async fn request(&self, authority: SocketAddr, expect: &SpiffeId) -> StreamRequest {
+        StreamRequest {
+            client: "127.0.0.1:40000".parse().unwrap(),
+            source: self.a.clone(),
+            source_cert: Arc::clone(&self.certs.get(&self.a).await.unwrap().key),
+            destination: expect.clone(),
+            hbone_addr: self.server,
+            authority,
+        }
+    }
+}
+
+async fn read_all(mut recv: RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut out = Vec::new();
+    while let Some(c) = recv.data().await {
+        let c = c?;
+        let _ = recv.flow_control().release_capacity(c.len());
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn connect_half_close_and_echo() {
+    let rig = rig().await;
+    let up = echo().await;
+    let req = rig.request(up, &rig.b).await;
+    let mut s = rig.pool.open(&req).await.unwrap();
+    s.send
+        .send_data(Bytes::from_static(b"hello through hbone"), true)
+        .unwrap();
+    let got = read_all(s.recv).await.unwrap();
+    assert_eq!(got, b"hello through hbone");
+}
+
+#[tokio::test]
+async fn response_codes_as_ztunnel() {
+    let rig = rig().await;
+    // Authority is not the pod this connection is for -> 400.
+    let req = rig.request("10.9.9.9:80".parse().unwrap(), &rig.b).await;
+    match rig.pool.open(&req).await {
+        Err(HboneError::Status { status, .. }) => assert_eq!(status, 400),
+        other => panic!("{:?}", other.err()),
+    }
+    // Nothing listens upstream -> 503.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let req = rig.request(closed, &rig.b).await;
+    match rig.pool.open(&req).await {
+        Err(HboneError::Status { status, .. }) => assert_eq!(status, 503),
+        other => panic!("{:?}", other.err()),
+    }
+    // The server is not who we expect -> TLS refused, nothing opened.
+    let up = echo().await;
+    let req = rig.request(up, &id("someone-else")).await;
+    assert!(matches!(
+        rig.pool.open(&req).await,
+        Err(HboneError::Tls { .. })
+    ));
+}
+
+#[tokio::test]
+async fn thousand_concurrent_streams_share_ten_connections_and_leave_nothing() {
+    let rig = Arc::new(rig().await);
+    let up = echo().await;
+    let req = rig.request(up, &rig.b).await;
+    // Open all first (held concurrently), then use them.
+    let mut streams = Vec::new();
+    for i in 0..1000 {
+        let s = tokio::time::timeout(Duration::from_secs(5), rig.pool.open(&req))
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} did not open: {:?}", rig.pool.stats()))
+            .unwrap();
+        streams.push(s);
+    }
+    let stats = rig.pool.stats();
+    assert_eq!(stats.streams, 1000);
+    assert_eq!(stats.connections, 10, "100 streams per connection");
+    let mut tasks = Vec::new();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let msg = format!("stream {i}");
+            s.send.send_data(Bytes::from(msg.clone()), true).unwrap();
+            assert_eq!(read_all(s.recv).await.unwrap(), msg.as_bytes());
+            drop(s.slot);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(rig.pool.stats().streams, 0);
+    rig.pool.reap(Duration::ZERO);
+    assert_eq!(
+        rig.pool.stats().connections,
+        0,
+        "idle connections are closed"
+    );
+}
+
+#[tokio::test]
+async fn upstream_reset_resets_the_stream() {
+    let rig = rig().await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 1];
+        let _ = s.read_exact(&mut b).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s); // RST once the stream is up
+    });
+    let req = rig.request(up, &rig.b).await;
+    let mut s = rig.pool.open(&req).await.unwrap();
+    s.send.send_data(Bytes::from_static(b"x"), false).unwrap();
+    assert!(
+        read_all(s.recv).await.is_err(),
+        "the reset reaches the client as a stream reset"
+    );
+}
