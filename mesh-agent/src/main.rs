@@ -70,7 +70,7 @@ struct NodeArgs {
     #[arg(long, default_value = capture::DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
     /// What to do with captured connections.
-    #[arg(long, value_enum, default_value = "passthrough")]
+    #[arg(long, value_enum, default_value = "mesh")]
     handler: HandlerMode,
     /// Config file polling interval, milliseconds.
     #[arg(long, default_value_t = 500)]

@@ -222,6 +222,31 @@ impl Probe {
         Ok(())
     }
 
+    /// Like [`Probe::finish`], with the payload made of `marker` repeated (so a sniffer can look
+    /// for it) to about `bytes`.
+    pub fn finish_with_marker(mut self, marker: &str, bytes: usize) -> Result<()> {
+        let mut payload = Vec::with_capacity(bytes + marker.len());
+        while payload.len() < bytes {
+            payload.extend_from_slice(marker.as_bytes());
+            payload.push(b' ');
+        }
+        let stream = self.reader.get_mut();
+        stream.write_all(&payload)?;
+        stream.shutdown(Shutdown::Write)?;
+        let summary =
+            read_json(&mut self.reader).with_context(|| format!("summary from {}", self.dst))?;
+        let mut h = Fnv::new();
+        h.update(&payload);
+        if summary["bytes"] != payload.len() as u64 || summary["digest"] != h.hex().as_str() {
+            bail!(
+                "{}: sent {} marked bytes, the other side got {summary}",
+                self.dst,
+                payload.len()
+            );
+        }
+        Ok(())
+    }
+
     /// The local address of the client socket.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.reader.get_ref().local_addr()

@@ -16,6 +16,9 @@ use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalConfig {
     pub node: NodeSection,
+    /// The certificate authority (local mode: files). Needed for the mesh handler (HBONE).
+    #[serde(default)]
+    pub ca: Option<CaSection>,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
@@ -30,6 +33,27 @@ pub struct NodeSection {
     /// Interfaces traffic from other nodes arrives on (watched for traffic to enrolled pods).
     #[serde(default)]
     pub uplinks: Vec<String>,
+    /// SPIFFE trust domain of the mesh.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+/// Where the local CA's files are (`mesh-agent ca init` layout, or Istio's `cacerts`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaSection {
+    pub dir: std::path::PathBuf,
+    /// Workload certificate validity, seconds (Istio's default: 24 h).
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl_seconds: u64,
+}
+
+fn default_trust_domain() -> String {
+    crate::identity::DEFAULT_TRUST_DOMAIN.to_owned()
+}
+
+fn default_cert_ttl() -> u64 {
+    86_400
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -130,6 +154,14 @@ impl LocalConfig {
         if self.node.name.is_empty() {
             return Err(invalid("node.name".into(), "must not be empty".into()));
         }
+        if let Some(ca) = &self.ca
+            && ca.cert_ttl_seconds < 60
+        {
+            return Err(invalid(
+                "ca.certTtlSeconds".into(),
+                "must be at least 60".into(),
+            ));
+        }
         let mut seen_ns = HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             if !seen_ns.insert(&ns.name) {
@@ -190,6 +222,21 @@ impl LocalConfig {
                     "required for pods on this node (the host side of the pod's interface)".into(),
                 ));
             }
+            if crate::identity::SpiffeId::new(
+                &self.node.trust_domain,
+                &w.namespace,
+                &w.service_account,
+            )
+            .is_err()
+            {
+                return Err(invalid(
+                    at("serviceAccount"),
+                    format!(
+                        "{:?} cannot be part of a SPIFFE identity",
+                        w.service_account
+                    ),
+                ));
+            }
             if let Some(mode) = w.labels.get(DATAPLANE_MODE_LABEL)
                 && mode != DATAPLANE_MODE_AMBIENT
                 && mode != DATAPLANE_MODE_NONE
@@ -220,6 +267,12 @@ impl LocalConfig {
                 .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
                 .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
         }
+    }
+
+    /// The SPIFFE identity of a workload.
+    pub fn identity_of(&self, w: &Workload) -> crate::identity::SpiffeId {
+        crate::identity::SpiffeId::new(&self.node.trust_domain, &w.namespace, &w.service_account)
+            .expect("validated on load")
     }
 
     /// Pods on this node (not host-network).

@@ -1,7 +1,8 @@
-//! What the node agent does with a captured connection until the HBONE issue lands, and the
-//! attribution every handler relies on.
+//! What the node agent does with a captured connection, and the attribution every handler
+//! relies on.
 //!
-//! - `passthrough` (default): a transparent L4 relay. Outbound and inbound-plaintext connections
+//! - `mesh` (default): HBONE between agents, see [`super::mesh`].
+//! - `passthrough`: a transparent L4 relay. Outbound and inbound-plaintext connections
 //!   are connected onwards to their original destination *from the original client address*;
 //!   inbound HBONE (15008) is refused, because HBONE termination is not built yet.
 //! - `report`: a diagnostic sink. Each connection receives one JSON line saying what the capture
@@ -30,6 +31,7 @@ use crate::capture::{CaptureView, FlowTable, PodCapture, listeners::connect_tran
 /// How captured connections are handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum HandlerMode {
+    Mesh,
     Passthrough,
     Report,
 }
@@ -39,6 +41,8 @@ pub struct HandlerContext {
     pub mode: HandlerMode,
     pub flows: FlowTable,
     pub view: Arc<RwLock<CaptureView>>,
+    /// Present in `mesh` mode.
+    pub mesh: Option<Arc<super::mesh::MeshContext>>,
 }
 
 /// The first line of a `report` answer.
@@ -94,6 +98,43 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
             };
             if let Err(e) = report_and_sink(stream, &report).await {
                 info!(listener, %client, %original_dst, error = %e, "report connection ended early");
+            }
+        }
+        (HandlerMode::Mesh, kind) => {
+            let Some(mesh) = ctx.mesh.as_deref() else {
+                reset(stream);
+                return;
+            };
+            match kind {
+                FlowKind::InboundHbone => {
+                    super::mesh::inbound_hbone(mesh, stream, original_dst).await
+                }
+                FlowKind::InboundPlaintext => {
+                    relay(stream, listener, client, original_dst, pod).await
+                }
+                FlowKind::Outbound => match super::mesh::route(mesh, client, original_dst) {
+                    Ok(super::mesh::Route::Hbone {
+                        source,
+                        destination,
+                    }) => {
+                        super::mesh::outbound_hbone(
+                            mesh,
+                            stream,
+                            client,
+                            original_dst,
+                            source,
+                            destination,
+                        )
+                        .await
+                    }
+                    Ok(super::mesh::Route::SameNode { .. } | super::mesh::Route::Passthrough) => {
+                        relay(stream, listener, client, original_dst, pod).await
+                    }
+                    Err(reason) => {
+                        warn!(listener, %client, %original_dst, reason, "refusing captured connection");
+                        reset(stream);
+                    }
+                },
             }
         }
         (HandlerMode::Passthrough, FlowKind::InboundHbone) => {
@@ -231,7 +272,7 @@ fn is_local_address(ip: std::net::IpAddr) -> bool {
 }
 
 /// Closes with a RST (SO_LINGER 0) so the client sees a refusal, not a clean end of stream.
-fn reset(stream: TcpStream) {
+pub(super) fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

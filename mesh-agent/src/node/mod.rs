@@ -6,6 +6,7 @@
 //! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
 
 pub mod handler;
+pub mod mesh;
 
 use std::{
     path::{Path, PathBuf},
@@ -85,10 +86,18 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let report = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
     log_state(&controller, &config, report.errors.len());
 
+    let mesh_state = Arc::new(std::sync::RwLock::new(mesh::MeshState::from_config(
+        &config,
+    )));
+    let mesh = match opts.handler {
+        HandlerMode::Mesh => Some(mesh_context(&config, Arc::clone(&mesh_state))?),
+        _ => None,
+    };
     let ctx = Arc::new(handler::HandlerContext {
         mode: opts.handler,
         flows: FlowTable::open(&layout.maps())?,
         view: controller.view(),
+        mesh,
     });
     let kinds = [
         FlowKind::Outbound,
@@ -128,6 +137,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 }
                 match LocalConfig::load(&opts.config) {
                     Ok(new) => {
+                        *mesh_state.write().unwrap_or_else(|e| e.into_inner()) =
+                            mesh::MeshState::from_config(&new);
                         let report =
                             controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
                         log_state(&controller, &new, report.errors.len());
@@ -142,6 +153,39 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
     );
     Ok(())
+}
+
+/// Identity, HBONE pool and server for the `mesh` handler (local mode: a CA from files).
+fn mesh_context(
+    config: &LocalConfig,
+    state: Arc<std::sync::RwLock<mesh::MeshState>>,
+) -> anyhow::Result<Arc<mesh::MeshContext>> {
+    use crate::{
+        hbone::server::{AllowMesh, ServerContext},
+        identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer},
+    };
+    let ca = config.ca.as_ref().context(
+        "the mesh handler needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR` makes one), or run with --handler passthrough",
+    )?;
+    let local = LocalCa::from_dir(&ca.dir, &config.node.trust_domain)
+        .with_context(|| format!("loading the CA from {}", ca.dir.display()))?;
+    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(Arc::new(local)));
+    let certs = CertManager::new(
+        Arc::clone(&issuer),
+        Duration::from_secs(ca.cert_ttl_seconds),
+    );
+    let server = Arc::new(ServerContext {
+        roots: issuer.roots(),
+        trust_domain: issuer.trust_domain(),
+        authorizer: Arc::new(AllowMesh),
+        connector: mesh::transparent_connector(),
+    });
+    Ok(Arc::new(mesh::MeshContext {
+        state,
+        certs,
+        pool: crate::hbone::client::Pool::new(issuer.roots(), mesh::transparent_connector()),
+        server,
+    }))
 }
 
 fn log_state(controller: &CaptureController, config: &LocalConfig, errors: usize) {

@@ -28,8 +28,19 @@ pub struct Agent {
 /// The local-mode config for `node`: every pod of the testbed as a workload, `enrolled` ones in
 /// namespace `mesh` (labelled ambient), the others in `plain`.
 pub fn config_yaml(tb: &Testbed, node: usize, enrolled: &BTreeSet<PodId>) -> String {
+    config_yaml_with_ca(tb, node, enrolled, None)
+}
+
+/// [`config_yaml`] plus a `ca:` section (for the mesh handler).
+pub fn config_yaml_with_ca(
+    tb: &Testbed,
+    node: usize,
+    enrolled: &BTreeSet<PodId>,
+    ca_dir: Option<&Path>,
+) -> String {
+    let ca = ca_dir.map_or(String::new(), |d| format!("ca: {{dir: {}}}\n", d.display()));
     let mut y = format!(
-        "node: {{name: node{node}, uplinks: [{}]}}\nnamespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\nworkloads:\n",
+        "node: {{name: node{node}, uplinks: [{}]}}\n{ca}namespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\nworkloads:\n",
         tb.node(node).uplink
     );
     for pod in tb.pods() {
@@ -66,10 +77,21 @@ impl Agent {
         handler: &'static str,
         enrolled: &BTreeSet<PodId>,
     ) -> Result<Self> {
+        Self::start_with_ca(tb, node, handler, enrolled, None)
+    }
+
+    /// [`Agent::start`] with a CA directory in the config (the `mesh` handler needs one).
+    pub fn start_with_ca(
+        tb: &Testbed,
+        node: usize,
+        handler: &'static str,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: Option<&Path>,
+    ) -> Result<Self> {
         let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
         let config =
             std::env::temp_dir().join(format!("mesh-e2e-{}-node{node}.yaml", tb.info().run));
-        std::fs::write(&config, config_yaml(tb, node, enrolled))?;
+        std::fs::write(&config, config_yaml_with_ca(tb, node, enrolled, ca_dir))?;
         let mut agent = Agent {
             node,
             handler,
