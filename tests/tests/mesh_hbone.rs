@@ -168,3 +168,48 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
     std::fs::remove_dir_all(&ca).unwrap();
     tb.teardown_verified().unwrap();
 }
+
+#[test]
+fn a_service_vip_spreads_over_its_endpoints_on_both_nodes() {
+    if !can_run("HBONE services", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let ca = ca_dir(&tb);
+    let enrolled = pods(&ENROLLED);
+    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    // svc-slot1 (10.96.0.1 / fd00:96::1, port 80 -> 8080) selects pod 1 of each node.
+    let _servers: Vec<_> = tb
+        .pods()
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let client = tb.pod(1, 2);
+    for (v6, vip) in [(false, "10.96.0.1:80"), (true, "[fd00:96::1]:80")] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let mut p = Probe::connect(&client.place, vip, Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
+            let hello = p.hello().unwrap();
+            assert_eq!(hello["role"], "server", "{hello}");
+            let local: SocketAddr = hello["local"].as_str().unwrap().parse().unwrap();
+            assert_eq!(local.port(), 8080, "targetPort");
+            let peer: SocketAddr = hello["peer"].as_str().unwrap().parse().unwrap();
+            assert_eq!(
+                peer.ip(),
+                client.ip(v6),
+                "the endpoint sees the real client"
+            );
+            p.finish(1000).unwrap();
+            seen.insert(local.ip());
+        }
+        let want: std::collections::BTreeSet<_> = [tb.pod(1, 1).ip(v6), tb.pod(2, 1).ip(v6)].into();
+        assert_eq!(seen, want, "both endpoints (one per node) served the VIP");
+    }
+    drop((a1, a2, _servers));
+    std::fs::remove_dir_all(&ca).unwrap();
+    tb.teardown_verified().unwrap();
+}

@@ -23,6 +23,30 @@ pub struct LocalConfig {
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// A Kubernetes-style Service: virtual IPs and ports in front of the workloads its selector
+/// matches in its namespace.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    /// Defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -247,7 +271,56 @@ impl LocalConfig {
                 ));
             }
         }
+        let mut seen_vip_ports = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("services[{i}] ({}/{}).{f}", svc.namespace, svc.name);
+            if svc.vips.is_empty() {
+                return Err(invalid(
+                    at("vips"),
+                    "a service needs at least one virtual IP".into(),
+                ));
+            }
+            if svc.ports.is_empty() {
+                return Err(invalid(
+                    at("ports"),
+                    "a service needs at least one port".into(),
+                ));
+            }
+            for vip in &svc.vips {
+                if let Some(owner) = ip_owner.get(vip) {
+                    return Err(invalid(
+                        at("vips"),
+                        format!("{vip} is also the address of workload {owner}"),
+                    ));
+                }
+                for p in &svc.ports {
+                    if p.port == 0 || p.target_port == Some(0) {
+                        return Err(invalid(at("ports"), "ports must be 1-65535".into()));
+                    }
+                    let key = (*vip, p.port);
+                    if let Some(other) =
+                        seen_vip_ports.insert(key, format!("{}/{}", svc.namespace, svc.name))
+                    {
+                        return Err(invalid(
+                            at("ports"),
+                            format!("{vip}:{} is also served by {other}", p.port),
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The workloads a service selects (same namespace, labels include the selector; a service
+    /// without a selector selects nothing, as in Kubernetes).
+    pub fn endpoints_of<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.iter().filter(move |w| {
+            !svc.selector.is_empty()
+                && !w.host_network
+                && w.namespace == svc.namespace
+                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
     }
 
     /// Whether `w` is in the mesh, with Istio's rules: host-network pods never; pod label
@@ -345,5 +418,34 @@ workloads:
             .unwrap_err()
             .to_string();
         assert!(e.contains("labels.istio.io/dataplane-mode"), "{e}");
+    }
+
+    #[test]
+    fn services_select_by_namespace_and_labels_and_reject_clashes() {
+        let base = "node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1], labels: {app: web}}\n  - {name: b, namespace: y, node: n2, ips: [10.0.0.2], labels: {app: web}}\n";
+        let c = LocalConfig::parse(&format!(
+            "{base}services:\n  - {{name: web, namespace: x, vips: [10.96.0.1], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: web}}}}\n"
+        ))
+        .unwrap();
+        let eps: Vec<_> = c
+            .endpoints_of(&c.services[0])
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(eps, ["a"], "same namespace only");
+        let e = LocalConfig::parse(&format!(
+            "{base}services:\n  - {{name: s, namespace: x, vips: [10.0.0.1], ports: [{{port: 80}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("services[0] (x/s).vips") && e.contains("x/a"),
+            "{e}"
+        );
+        let e = LocalConfig::parse(&format!(
+            "{base}services:\n  - {{name: s, namespace: x, vips: [10.96.0.1], ports: [{{port: 80}}]}}\n  - {{name: t, namespace: x, vips: [10.96.0.1], ports: [{{port: 80}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("10.96.0.1:80 is also served by x/s"), "{e}");
     }
 }

@@ -3,7 +3,7 @@
 
 pub mod local;
 
-pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Workload};
+pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload};
 
 /// Istio's enrolment label (namespace or pod).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

@@ -112,29 +112,9 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
                 FlowKind::InboundPlaintext => {
                     relay(stream, listener, client, original_dst, pod).await
                 }
-                FlowKind::Outbound => match super::mesh::route(mesh, client, original_dst) {
-                    Ok(super::mesh::Route::Hbone {
-                        source,
-                        destination,
-                    }) => {
-                        super::mesh::outbound_hbone(
-                            mesh,
-                            stream,
-                            client,
-                            original_dst,
-                            source,
-                            destination,
-                        )
-                        .await
-                    }
-                    Ok(super::mesh::Route::SameNode { .. } | super::mesh::Route::Passthrough) => {
-                        relay(stream, listener, client, original_dst, pod).await
-                    }
-                    Err(reason) => {
-                        warn!(listener, %client, %original_dst, reason, "refusing captured connection");
-                        reset(stream);
-                    }
-                },
+                FlowKind::Outbound => {
+                    super::mesh::outbound(mesh, stream, client, original_dst, pod).await
+                }
             }
         }
         (HandlerMode::Passthrough, FlowKind::InboundHbone) => {
@@ -208,51 +188,67 @@ async fn report_and_sink(mut stream: TcpStream, report: &Report<'_>) -> std::io:
 }
 
 async fn relay(
-    mut inbound: TcpStream,
+    inbound: TcpStream,
     listener: &'static str,
     client: SocketAddr,
     original_dst: SocketAddr,
     pod: &str,
 ) {
-    let started = std::time::Instant::now();
-    // A destination on this node (its own addresses: host services, host-network pods) cannot be
-    // reached transparently — its replies would be routed to the pod, not to us — so the agent
-    // connects from its own address. Our capture ports there would loop back into the agent.
-    let local = is_local_address(original_dst.ip());
-    if local && CAPTURE_PORTS.contains(&original_dst.port()) {
-        warn!(listener, %client, %original_dst, pod, "refusing a connection to the agent's own capture port");
-        reset(inbound);
-        return;
+    match connect_direct(client, original_dst).await {
+        Ok(upstream) => splice_tcp(inbound, upstream, listener, client, original_dst, pod).await,
+        Err(e) => {
+            info!(listener, %client, %original_dst, pod, error = %e, "upstream connect failed");
+            reset(inbound);
+        }
+    }
+}
+
+/// Connects to `dst` on behalf of `client`: transparently from the client's address, except for
+/// destinations on this node (their replies would be routed to the pod, not to us), which are
+/// reached from the node's address. The agent's own capture ports there are refused (a loop).
+pub(super) async fn connect_direct(
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let local = is_local_address(dst.ip());
+    if local && CAPTURE_PORTS.contains(&dst.port()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "the agent's own capture port",
+        ));
     }
     let connect = tokio::time::timeout(Duration::from_secs(10), async {
         if local {
-            TcpStream::connect(original_dst).await
+            TcpStream::connect(dst).await
         } else {
-            connect_transparent(client.ip(), original_dst).await
+            connect_transparent(client.ip(), dst).await
         }
     });
-    let mut upstream = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            info!(listener, %client, %original_dst, pod, error = %e, "upstream connect failed");
-            reset(inbound);
-            return;
-        }
-        Err(_) => {
-            info!(listener, %client, %original_dst, pod, "upstream connect timed out");
-            reset(inbound);
-            return;
-        }
-    };
+    connect
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Copies both ways until both sides are done (half-closes propagate); a reset on either side
+/// resets both.
+pub(super) async fn splice_tcp(
+    mut inbound: TcpStream,
+    mut upstream: TcpStream,
+    listener: &'static str,
+    client: SocketAddr,
+    dst: SocketAddr,
+    pod: &str,
+) {
+    let started = std::time::Instant::now();
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     match tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await {
         Ok((sent, received)) => info!(
-            listener, %client, %original_dst, pod, sent, received,
+            listener, %client, %dst, pod, sent, received,
             duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         ),
         Err(e) => {
-            info!(listener, %client, %original_dst, pod, error = %e, "connection reset");
+            info!(listener, %client, %dst, pod, error = %e, "connection reset");
             reset(inbound);
             reset(upstream);
         }

@@ -39,11 +39,35 @@ pub struct MeshWorkload {
     pub enrolled: bool,
 }
 
-/// Workloads of the whole mesh by address, and which node we are.
-#[derive(Clone, Debug, Default)]
+/// A service port: where its traffic goes.
+#[derive(Debug)]
+pub struct ServiceTarget {
+    pub key: String,
+    pub target_port: u16,
+    /// Endpoint addresses of the VIP's family.
+    pub endpoints: Vec<IpAddr>,
+    /// Round-robin position.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ServiceTarget {
+    /// Endpoints in the order to try them: starting one further each call, so load spreads.
+    pub fn candidates(&self) -> Vec<IpAddr> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        (0..n).map(|i| self.endpoints[(start + i) % n]).collect()
+    }
+}
+
+/// Workloads of the whole mesh by address, services by (VIP, port), and which node we are.
+#[derive(Debug, Default)]
 pub struct MeshState {
     pub node: String,
     pub by_ip: HashMap<IpAddr, MeshWorkload>,
+    pub services: HashMap<(IpAddr, u16), Arc<ServiceTarget>>,
 }
 
 impl MeshState {
@@ -60,9 +84,36 @@ impl MeshState {
                 by_ip.insert(*ip, mw.clone());
             }
         }
+        let mut services = HashMap::new();
+        for svc in &config.services {
+            let endpoints: Vec<_> = config.endpoints_of(svc).collect();
+            for vip in &svc.vips {
+                let family: Vec<IpAddr> = endpoints
+                    .iter()
+                    .filter_map(|w| {
+                        w.ips
+                            .iter()
+                            .find(|ip| ip.is_ipv4() == vip.is_ipv4())
+                            .copied()
+                    })
+                    .collect();
+                for p in &svc.ports {
+                    services.insert(
+                        (*vip, p.port),
+                        Arc::new(ServiceTarget {
+                            key: format!("{}/{}", svc.namespace, svc.name),
+                            target_port: p.target_port.unwrap_or(p.port),
+                            endpoints: family.clone(),
+                            next: Default::default(),
+                        }),
+                    );
+                }
+            }
+        }
         Self {
             node: config.node.name.clone(),
             by_ip,
+            services,
         }
     }
 }
@@ -83,6 +134,11 @@ impl MeshContext {
             .by_ip
             .get(&ip)
             .cloned()
+    }
+
+    fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.services.get(&(dst.ip(), dst.port())).cloned()
     }
 
     fn local_node(&self) -> String {
@@ -107,6 +163,26 @@ pub enum Route {
     Passthrough,
 }
 
+/// Where a connection to `original_dst` goes: for a service VIP, its endpoints (target port) in
+/// round-robin order; otherwise the destination itself.
+pub fn destinations(
+    ctx: &MeshContext,
+    original_dst: SocketAddr,
+) -> Result<Vec<SocketAddr>, &'static str> {
+    match ctx.service(original_dst) {
+        Some(svc) => {
+            let c = svc.candidates();
+            if c.is_empty() {
+                return Err("service has no endpoints");
+            }
+            Ok(c.into_iter()
+                .map(|ip| SocketAddr::new(ip, svc.target_port))
+                .collect())
+        }
+        None => Ok(vec![original_dst]),
+    }
+}
+
 /// Classifies an outbound connection.
 pub fn route(
     ctx: &MeshContext,
@@ -128,43 +204,81 @@ pub fn route(
     }
 }
 
-/// Outbound over HBONE: returns once the connection is done.
-pub async fn outbound_hbone(
+/// An outbound connection from `client` (the attributed pod `pod`) to `original_dst`, to its end.
+/// A service VIP tries its endpoints in round-robin order until one answers.
+pub async fn outbound(
     ctx: &MeshContext,
     tcp: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
-    source: SpiffeId,
-    destination: MeshWorkload,
+    pod: &str,
 ) {
-    let cert = match ctx.certs.get(&source).await {
+    let candidates = match destinations(ctx, original_dst) {
         Ok(c) => c,
-        Err(e) => {
-            warn!(%client, %original_dst, source = %source, error = %e, "no certificate for the source workload");
+        Err(reason) => {
+            info!(%client, %original_dst, pod, reason, "no destination");
             super::handler::reset(tcp);
             return;
         }
     };
+    let mut last_error = String::new();
+    for dst in candidates {
+        match route(ctx, client, dst) {
+            Ok(Route::Hbone {
+                source,
+                destination,
+            }) => match open_hbone(ctx, client, dst, &source, &destination).await {
+                Ok(stream) => {
+                    let _ = tcp.set_nodelay(true);
+                    let end = relay::relay(tcp, stream.send, stream.recv).await;
+                    drop(stream.slot);
+                    info!(%client, %original_dst, %dst, source = %source, destination = %destination.identity, end = ?end, "outbound HBONE connection closed");
+                    return;
+                }
+                Err(e) => last_error = e,
+            },
+            Ok(Route::SameNode { .. } | Route::Passthrough) => {
+                match super::handler::connect_direct(client, dst).await {
+                    Ok(upstream) => {
+                        super::handler::splice_tcp(tcp, upstream, "outbound", client, dst, pod)
+                            .await;
+                        return;
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            Err(reason) => {
+                warn!(%client, %original_dst, reason, "refusing captured connection");
+                super::handler::reset(tcp);
+                return;
+            }
+        }
+    }
+    info!(%client, %original_dst, pod, error = last_error, "every destination failed");
+    super::handler::reset(tcp);
+}
+
+async fn open_hbone(
+    ctx: &MeshContext,
+    client: SocketAddr,
+    dst: SocketAddr,
+    source: &SpiffeId,
+    destination: &MeshWorkload,
+) -> Result<crate::hbone::client::PooledStream, String> {
+    let cert = ctx
+        .certs
+        .get(source)
+        .await
+        .map_err(|e| format!("certificate of {source}: {e}"))?;
     let req = StreamRequest {
         client,
         source: source.clone(),
         source_cert: Arc::clone(&cert.key),
         destination: destination.identity.clone(),
-        hbone_addr: SocketAddr::new(original_dst.ip(), PORT_INBOUND_HBONE),
-        authority: original_dst,
+        hbone_addr: SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE),
+        authority: dst,
     };
-    let stream = match ctx.pool.open(&req).await {
-        Ok(s) => s,
-        Err(e) => {
-            info!(%client, %original_dst, source = %source, destination = %destination.identity, error = %e, "HBONE stream failed");
-            super::handler::reset(tcp);
-            return;
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    let end = relay::relay(tcp, stream.send, stream.recv).await;
-    drop(stream.slot);
-    info!(%client, %original_dst, source = %source, destination = %destination.identity, end = ?end, "outbound HBONE connection closed");
+    ctx.pool.open(&req).await.map_err(|e| e.to_string())
 }
 
 /// Inbound HBONE for the pod at `local` (the dialled address).

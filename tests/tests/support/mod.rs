@@ -39,8 +39,11 @@ pub fn config_yaml_with_ca(
     ca_dir: Option<&Path>,
 ) -> String {
     let ca = ca_dir.map_or(String::new(), |d| format!("ca: {{dir: {}}}\n", d.display()));
+    // Every pod is labelled `slot: "<index on its node>"`; `svc-slot1` selects the first pod of
+    // every node in namespace `mesh`.
+    let services = "services:\n  - {name: svc-slot1, namespace: mesh, vips: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80, targetPort: 8080}], selector: {slot: \"1\"}}\n";
     let mut y = format!(
-        "node: {{name: node{node}, uplinks: [{}]}}\n{ca}namespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\nworkloads:\n",
+        "node: {{name: node{node}, uplinks: [{}]}}\n{ca}{services}namespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\nworkloads:\n",
         tb.node(node).uplink
     );
     for pod in tb.pods() {
@@ -50,14 +53,15 @@ pub fn config_yaml_with_ca(
             "plain"
         };
         y += &format!(
-            "  - {{name: {}, namespace: {ns}, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}, cgroup: {}}}\n",
+            "  - {{name: {}, namespace: {ns}, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}, cgroup: {}, labels: {{slot: \"{}\"}}}}\n",
             pod.name(),
             pod.name(),
             pod.node,
             pod.ipv4,
             pod.ipv6,
             pod.host_veth,
-            pod.place.cgroup.display()
+            pod.place.cgroup.display(),
+            pod.index
         );
     }
     y
