@@ -17,8 +17,18 @@ use tracing_subscriber::EnvFilter;
     about = "Sidecarless eBPF service mesh agent"
 )]
 struct Cli {
+    /// Log format on stderr: human-readable text, or one JSON object per line (for log
+    /// pipelines and tools).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,9 +85,11 @@ struct NodeArgs {
     /// Config file polling interval, milliseconds.
     #[arg(long, default_value_t = 500)]
     reload_interval_ms: u64,
-    /// Do not splice same-node pod<->agent hops with sockmap.
+    /// Splice same-node pod<->agent hops with sockmap (experimental: on this kernel a spliced
+    /// socket's receive queue is bounded only by the global TCP memory limit, not by its buffer
+    /// size, so a slow consumer lets a fast pod queue a lot; see docs/ARCHITECTURE.md).
     #[arg(long)]
-    no_splice: bool,
+    splice: bool,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
@@ -87,11 +99,16 @@ struct NodeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match cli.command {
         Command::Node(args) => node(args),
         Command::Ca {
             command:
@@ -149,7 +166,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         bpffs_dir: args.bpffs_dir,
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
-        splice: !args.no_splice,
+        splice: args.splice,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

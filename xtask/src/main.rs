@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation. Every command a README tells a person to run is here.
 mod cmd;
+mod demo;
 mod setup;
 mod testbed;
 
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// The mesh end to end on a 2-node testbed with real clients (as root); tears it all down.
+    Demo,
     /// Leave a named network-namespace mini-cluster running to poke at, inspect it, remove it.
     Testbed {
         #[command(subcommand)]
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
             cargo_test_args,
         } => test(no_lint, &cargo_test_args),
         Cmd::Testbed { command } => testbed::run(command),
+        Cmd::Demo => demo::run(),
     }
 }
 

@@ -122,6 +122,8 @@ impl Agent {
                 self.handler,
                 "--reload-interval-ms",
                 "100",
+                // The capture tests cover the splice too.
+                "--splice",
             ],
         )?;
         for port in [15001, 15006, 15008] {
