@@ -213,3 +213,85 @@ fn a_service_vip_spreads_over_its_endpoints_on_both_nodes() {
     std::fs::remove_dir_all(&ca).unwrap();
     tb.teardown_verified().unwrap();
 }
+
+#[test]
+fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
+    if !can_run("HBONE connection churn", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let ca = ca_dir(&tb);
+    let enrolled = pods(&ENROLLED);
+    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    let _srv = ProbeServer::start(&server.place, &[8080]).unwrap();
+    let dst = SocketAddr::new(server.ipv4.into(), 8080);
+    // Warm up (certificates, the pooled HBONE connection), then count descriptors.
+    send_marked(&client.place, dst, "warm-up");
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = (a1.fd_count(), a2.fd_count());
+    let started = std::time::Instant::now();
+    client
+        .place
+        .in_netns(|| {
+            for i in 0..10_000 {
+                let mut p = Probe::connect_here(dst, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                p.hello()
+                    .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                p.finish(16)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+            }
+        })
+        .unwrap();
+    eprintln!(
+        "10,000 sequential connections through HBONE in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // A reset travels end to end: the server resets after reading one byte; the client sees a
+    // reset, not a clean end of stream.
+    let raw = server
+        .place
+        .in_netns(|| std::net::TcpListener::bind("0.0.0.0:9090"))
+        .unwrap()
+        .unwrap();
+    let resetter = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = raw.accept().unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let outcome = client
+        .place
+        .in_netns(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(server.ipv4.into(), 9090),
+                Duration::from_secs(5),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"x")?;
+            let mut buf = [0u8; 16];
+            s.read(&mut buf)
+        })
+        .unwrap();
+    resetter.join().unwrap();
+    let err = outcome.expect_err("a reset, not a clean end of stream");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
+    // Nothing left behind: descriptors back to where they were (the pooled connection stays).
+    std::thread::sleep(Duration::from_millis(500));
+    let after = (a1.fd_count(), a2.fd_count());
+    assert!(
+        after.0 <= fds.0 + 2 && after.1 <= fds.1 + 2,
+        "fds before {fds:?}, after {after:?}"
+    );
+    drop((a1, a2, _srv));
+    std::fs::remove_dir_all(&ca).unwrap();
+    tb.teardown_verified().unwrap();
+}

@@ -37,6 +37,7 @@ pub enum RelayEnd {
 
 /// Relays until both directions are done.
 pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> RelayEnd {
+    let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.into_split();
     let (up, down) = tokio::join!(tcp_to_stream(r, send), stream_to_tcp(recv, w));
     let moved = Moved {
@@ -110,8 +111,10 @@ async fn stream_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf) -> Result<u6
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                // RST_STREAM (or connection loss) -> TCP RST.
+                // RST_STREAM (or connection loss) -> TCP RST. `forget` keeps the write half from
+                // sending a FIN when dropped, so the close is the reset alone.
                 reset_tcp(&w);
+                w.forget();
                 return Err((total, format!("stream: {e}")));
             }
         };

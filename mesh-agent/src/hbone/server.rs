@@ -62,6 +62,8 @@ pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
     let Ok(outer_peer) = tcp.peer_addr() else {
         return;
     };
+    // HTTP/2 writes small frames (HEADERS, then DATA): Nagle would hold them for an ACK.
+    let _ = tcp.set_nodelay(true);
     let outer_peer = SocketAddr::new(outer_peer.ip().to_canonical(), outer_peer.port());
     let config = match tls::server_config(Arc::clone(&target.cert), &ctx.roots, &ctx.trust_domain) {
         Ok(c) => c,

@@ -230,6 +230,14 @@ impl Agent {
             .run(bin.to_str().context("path")?, &args)
     }
 
+    /// Open file descriptors of the running agent (sockets included).
+    pub fn fd_count(&self) -> usize {
+        let pid = self.process.as_ref().expect("agent running").pid();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
     }
