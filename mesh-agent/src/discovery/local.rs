@@ -179,11 +179,11 @@ impl LocalConfig {
             return Err(invalid("node.name".into(), "must not be empty".into()));
         }
         if let Some(ca) = &self.ca
-            && ca.cert_ttl_seconds < 60
+            && ca.cert_ttl_seconds < 10
         {
             return Err(invalid(
                 "ca.certTtlSeconds".into(),
-                "must be at least 60".into(),
+                "must be at least 10".into(),
             ));
         }
         let mut seen_ns = HashSet::new();

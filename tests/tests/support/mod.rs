@@ -38,7 +38,21 @@ pub fn config_yaml_with_ca(
     enrolled: &BTreeSet<PodId>,
     ca_dir: Option<&Path>,
 ) -> String {
-    let ca = ca_dir.map_or(String::new(), |d| format!("ca: {{dir: {}}}\n", d.display()));
+    config_yaml_full(tb, node, enrolled, ca_dir, None)
+}
+
+/// [`config_yaml_with_ca`] with a workload certificate lifetime.
+pub fn config_yaml_full(
+    tb: &Testbed,
+    node: usize,
+    enrolled: &BTreeSet<PodId>,
+    ca_dir: Option<&Path>,
+    cert_ttl: Option<u64>,
+) -> String {
+    let ca = ca_dir.map_or(String::new(), |d| match cert_ttl {
+        Some(t) => format!("ca: {{dir: {}, certTtlSeconds: {t}}}\n", d.display()),
+        None => format!("ca: {{dir: {}}}\n", d.display()),
+    });
     // Every pod is labelled `slot: "<index on its node>"`; `svc-slot1` selects the first pod of
     // every node in namespace `mesh`.
     let services = "services:\n  - {name: svc-slot1, namespace: mesh, vips: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80, targetPort: 8080}], selector: {slot: \"1\"}}\n";
@@ -92,10 +106,25 @@ impl Agent {
         enrolled: &BTreeSet<PodId>,
         ca_dir: Option<&Path>,
     ) -> Result<Self> {
+        Self::start_full(tb, node, handler, enrolled, ca_dir, None)
+    }
+
+    /// [`Agent::start_with_ca`] with a workload certificate lifetime (seconds).
+    pub fn start_full(
+        tb: &Testbed,
+        node: usize,
+        handler: &'static str,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: Option<&Path>,
+        cert_ttl: Option<u64>,
+    ) -> Result<Self> {
         let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
         let config =
             std::env::temp_dir().join(format!("mesh-e2e-{}-node{node}.yaml", tb.info().run));
-        std::fs::write(&config, config_yaml_with_ca(tb, node, enrolled, ca_dir))?;
+        std::fs::write(
+            &config,
+            config_yaml_full(tb, node, enrolled, ca_dir, cert_ttl),
+        )?;
         let mut agent = Agent {
             node,
             handler,
@@ -196,6 +225,16 @@ impl Agent {
 
     pub fn counters(&self) -> CounterSnapshot {
         self.maps().counters().expect("pinned counters readable")
+    }
+
+    /// Stops the agent (SIGTERM) and returns its log.
+    pub fn stop(&mut self) -> Result<String> {
+        let out = self
+            .process
+            .take()
+            .context("agent not running")?
+            .terminate(Duration::from_secs(10))?;
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// SIGKILL, as a crash would: nothing is cleaned up by the agent.
