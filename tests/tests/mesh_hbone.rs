@@ -295,3 +295,58 @@ fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
     std::fs::remove_dir_all(&ca).unwrap();
     tb.teardown_verified().unwrap();
 }
+
+#[test]
+fn a_thousand_concurrent_connections_through_hbone() {
+    if !can_run("HBONE concurrency", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let ca = ca_dir(&tb);
+    let enrolled = pods(&ENROLLED);
+    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let _servers: Vec<_> = [tb.pod(2, 1), tb.pod(2, 2)]
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let fds = (a1.fd_count(), a2.fd_count());
+    // 500 connections from each of two pods, to two servers on the other node, all open at once.
+    let mut open = Vec::new();
+    for (i, client) in [tb.pod(1, 1), tb.pod(1, 2)].into_iter().enumerate() {
+        let dst = SocketAddr::new(tb.pod(2, 1 + i).ipv4.into(), 8080);
+        let probes = client
+            .place
+            .in_netns(|| {
+                (0..500)
+                    .map(|_| Probe::connect_here(dst, Duration::from_secs(10)))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .unwrap();
+        open.extend(probes.into_iter().map(|p| (client, p)));
+    }
+    for (client, mut p) in open {
+        let hello = p.hello().unwrap();
+        let peer: SocketAddr = hello["peer"].as_str().unwrap().parse().unwrap();
+        assert_eq!(peer.ip(), client.ip(false));
+        p.finish(4096).unwrap();
+    }
+    // The pooled HBONE connections (5 per client pod at 100 streams each: dials are coalesced)
+    // stay until idle.
+    let settled = |a: usize, b: usize| a <= fds.0 + 24 && b <= fds.1 + 24;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = (a1.fd_count(), a2.fd_count());
+    while !settled(after.0, after.1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = (a1.fd_count(), a2.fd_count());
+    }
+    eprintln!("fds before {fds:?}, after {after:?}");
+    assert!(
+        settled(after.0, after.1),
+        "fds before {fds:?}, after {after:?}"
+    );
+    drop((a1, a2, _servers));
+    std::fs::remove_dir_all(&ca).unwrap();
+    tb.teardown_verified().unwrap();
+}

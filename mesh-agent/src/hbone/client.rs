@@ -69,6 +69,9 @@ pub struct StreamRequest {
     pub hbone_addr: SocketAddr,
     /// The `:authority`: the original destination `ip:port`.
     pub authority: SocketAddr,
+    /// W3C `baggage` describing the source workload (k8s.cluster.name, k8s.namespace.name,
+    /// k8s.pod.name, service.name, service.version), as ztunnel sends it.
+    pub baggage: String,
 }
 
 /// How the client reaches `<pod>:15008`: `connect(client_ip, addr)`.
@@ -116,6 +119,9 @@ pub struct Pool {
     roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     connector: Connector,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// One dial at a time per key: a burst of new streams waits for the connection being opened
+    /// instead of each opening its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Connections and streams, for tests and metrics.
@@ -134,6 +140,7 @@ impl Pool {
             roots,
             connector,
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -157,14 +164,28 @@ impl Pool {
         let conn = match self.reserve(&key) {
             Some(c) => c,
             None => {
-                let c = self.dial(req).await?;
-                self.conns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(key)
-                    .or_default()
-                    .push(Arc::clone(&c));
-                c
+                let gate = Arc::clone(
+                    self.dialing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(key.clone())
+                        .or_default(),
+                );
+                let _dialing = gate.lock().await;
+                // Whoever dialed while we waited may have left room for us.
+                match self.reserve(&key) {
+                    Some(c) => c,
+                    None => {
+                        let c = self.dial(req).await?;
+                        self.conns
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(key)
+                            .or_default()
+                            .push(Arc::clone(&c));
+                        c
+                    }
+                }
             }
         };
         let guard = Reservation(Some(conn));
@@ -173,6 +194,8 @@ impl Pool {
             .method(Method::CONNECT)
             .uri(req.authority.to_string())
             .header("forwarded", format!("for=\"{}\"", req.client))
+            .header("baggage", &req.baggage)
+            .header("traceparent", traceparent())
             .body(())
             .expect("valid CONNECT request");
         let h2err = |source| HboneError::H2 {
@@ -287,6 +310,19 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
         }))
     }
+}
+
+/// A fresh W3C trace context (version 00, random trace and span ids, sampled).
+fn traceparent() -> String {
+    let mut b = [0u8; 24];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]))
+}
+
+#[cfg(test)]
+pub(super) fn traceparent_for_tests() -> String {
+    traceparent()
 }
 
 /// A slot reserved on a connection before the stream exists (freed if opening fails).

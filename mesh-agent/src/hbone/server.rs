@@ -25,6 +25,8 @@ pub struct Target {
     pub identity: SpiffeId,
     /// Certificate and key of `identity`.
     pub cert: Arc<rustls::sign::CertifiedKey>,
+    /// W3C `baggage` describing the destination workload, returned with the 200 (as ztunnel).
+    pub baggage: String,
 }
 
 /// Decides whether `peer` may open a stream to `dst` (the policy issue plugs in here).
@@ -177,6 +179,7 @@ async fn stream(
     };
     let ok = Response::builder()
         .status(StatusCode::OK)
+        .header("baggage", &target.baggage)
         .body(())
         .expect("static response");
     let Ok(send) = respond.send_response(ok, false) else {

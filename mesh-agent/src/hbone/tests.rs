@@ -60,6 +60,7 @@ async fn rig() -> Rig {
                 ip: "127.0.0.1".parse().unwrap(),
                 identity: b_cert.identity.clone(),
                 cert: Arc::clone(&b_cert.key),
+                baggage: "k8s.namespace.name=default,service.name=b".into(),
             };
             tokio::spawn(super::server::serve(Arc::clone(&ctx), tcp, target));
         }
@@ -103,6 +104,7 @@ impl Rig {
             destination: expect.clone(),
             hbone_addr: self.server,
             authority,
+            baggage: "k8s.namespace.name=default,service.name=a".into(),
         }
     }
 }
@@ -215,5 +217,39 @@ async fn upstream_reset_resets_the_stream() {
     assert!(
         read_all(s.recv).await.is_err(),
         "the reset reaches the client as a stream reset"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_streams_shares_dials_instead_of_opening_one_connection_each() {
+    let rig = Arc::new(rig().await);
+    let up = echo().await;
+    let req = Arc::new(rig.request(up, &rig.b).await);
+    let opens: Vec<_> = (0..150)
+        .map(|_| {
+            let (rig, req) = (Arc::clone(&rig), Arc::clone(&req));
+            tokio::spawn(async move { rig.pool.open(&req).await.unwrap() })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for o in opens {
+        streams.push(o.await.unwrap());
+    }
+    assert_eq!(
+        rig.pool.stats().connections,
+        2,
+        "150 streams need 2 connections"
+    );
+    drop(streams);
+}
+
+#[test]
+fn traceparent_is_w3c_shaped() {
+    let t = super::client::traceparent_for_tests();
+    let parts: Vec<_> = t.split('-').collect();
+    assert_eq!(parts.len(), 4, "{t}");
+    assert_eq!(
+        (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+        ("00", 32, 16, "01")
     );
 }

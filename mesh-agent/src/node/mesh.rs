@@ -37,6 +37,26 @@ pub struct MeshWorkload {
     pub identity: SpiffeId,
     pub node: String,
     pub enrolled: bool,
+    /// W3C baggage describing it (HBONE headers).
+    pub baggage: String,
+}
+
+/// Istio's canonical service name and revision from a workload's labels.
+fn canonical(w: &crate::discovery::Workload) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k).cloned());
+    let name = first(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| w.name.clone());
+    let version = first(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_owned());
+    (name, version)
 }
 
 /// A service port: where its traffic goes.
@@ -74,11 +94,16 @@ impl MeshState {
     pub fn from_config(config: &LocalConfig) -> Self {
         let mut by_ip = HashMap::new();
         for w in config.workloads.iter().filter(|w| !w.host_network) {
+            let (service, version) = canonical(w);
             let mw = MeshWorkload {
                 key: format!("{}/{}", w.namespace, w.name),
                 identity: config.identity_of(w),
                 node: w.node.clone(),
                 enrolled: config.is_enrolled(w),
+                baggage: format!(
+                    "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
+                    w.namespace, w.name
+                ),
             };
             for ip in &w.ips {
                 by_ip.insert(*ip, mw.clone());
@@ -277,6 +302,10 @@ async fn open_hbone(
         destination: destination.identity.clone(),
         hbone_addr: SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE),
         authority: dst,
+        baggage: ctx
+            .lookup(client.ip())
+            .map(|w| w.baggage)
+            .unwrap_or_default(),
     };
     ctx.pool.open(&req).await.map_err(|e| e.to_string())
 }
@@ -303,6 +332,7 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
         ip: local.ip(),
         identity: pod.identity.clone(),
         cert: Arc::clone(&cert.key),
+        baggage: pod.baggage.clone(),
     };
     server::serve(Arc::clone(&ctx.server), tcp, target).await;
 }
