@@ -284,6 +284,46 @@ fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
     let err = outcome.expect_err("a reset, not a clean end of stream");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
+    // And the other way: the client resets, the server's read fails with a reset.
+    let raw = server
+        .place
+        .in_netns(|| std::net::TcpListener::bind("0.0.0.0:9091"))
+        .unwrap()
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = raw.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    client
+        .place
+        .in_netns(|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(server.ipv4.into(), 9091),
+                Duration::from_secs(5),
+            )?;
+            s.write_all(b"hello")?;
+            std::thread::sleep(Duration::from_millis(200));
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+    let err = reader
+        .join()
+        .unwrap()
+        .expect_err("the server sees the client's reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
     // Nothing left behind: descriptors back to where they were (the pooled connection stays).
     std::thread::sleep(Duration::from_millis(500));
     let after = (a1.fd_count(), a2.fd_count());
