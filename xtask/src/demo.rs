@@ -141,6 +141,10 @@ fn demo(tb: &Testbed, agent: &Path, probe: &Path, ca: &Path) -> Result<()> {
     println!("  ✓ cross-node mesh traffic is TLS on the wire");
 
     step("flows, as the agents logged them");
+    println!(
+        "  (iperf3's data connection ends in a reset: its server closes it with the last bytes"
+    );
+    println!("   still in flight; the reset crossed the mesh like the data did)");
     drop(servers);
     for (i, a) in agents.into_iter().enumerate() {
         let out = a.terminate(Duration::from_secs(10))?;
