@@ -20,6 +20,31 @@ const SPEC: TestbedSpec = TestbedSpec {
 /// Pods 1 and 2 of each node are enrolled, pod 3 is not.
 const ENROLLED: [(usize, usize); 4] = [(1, 1), (1, 2), (2, 1), (2, 2)];
 
+/// A testbed with an agent per node in `mesh` mode sharing a fresh CA.
+struct Mesh {
+    tb: Testbed,
+    ca: std::path::PathBuf,
+    a1: Agent,
+    a2: Agent,
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let tb = Testbed::build(SPEC).unwrap();
+        let ca = ca_dir(&tb);
+        let enrolled = pods(&ENROLLED);
+        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
+        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+        Mesh { tb, ca, a1, a2 }
+    }
+}
+
+/// Removes the CA and checks the testbed leaves nothing behind (agents already dropped).
+fn finish(tb: Testbed, ca: std::path::PathBuf) {
+    std::fs::remove_dir_all(&ca).unwrap();
+    tb.teardown_verified().unwrap();
+}
+
 fn ca_dir(tb: &Testbed) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("mesh-e2e-ca-{}", tb.info().run));
     let _ = std::fs::remove_dir_all(&dir);
@@ -45,11 +70,7 @@ fn pods_talk_through_hbone_across_nodes_and_directly_on_one_node() {
     if !can_run("HBONE mesh", &["ip", "tcpdump"]) {
         return;
     }
-    let tb = Testbed::build(SPEC).unwrap();
-    let ca = ca_dir(&tb);
-    let enrolled = pods(&ENROLLED);
-    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
     let _servers: Vec<_> = tb
         .pods()
         .iter()
@@ -124,8 +145,7 @@ fn pods_talk_through_hbone_across_nodes_and_directly_on_one_node() {
     assert!(d2.get(Counter::CapturedInboundHbone) >= 2, "{d2:?}");
     assert!(d1.get(Counter::CapturedInboundHbone) >= 2, "{d1:?}");
     drop((a1, a2, _servers));
-    std::fs::remove_dir_all(&ca).unwrap();
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
 
 #[test]
@@ -133,11 +153,7 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
     if !can_run("HBONE large transfer", &["ip"]) {
         return;
     }
-    let tb = Testbed::build(SPEC).unwrap();
-    let ca = ca_dir(&tb);
-    let enrolled = pods(&ENROLLED);
-    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
     let probe = binaries::mtb_probe().unwrap();
     let mut srv = tb
         .pod(2, 1)
@@ -165,8 +181,7 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
         got["seconds"].as_f64().unwrap()
     );
     drop((srv, a1, a2));
-    std::fs::remove_dir_all(&ca).unwrap();
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
 
 #[test]
@@ -174,11 +189,7 @@ fn a_service_vip_spreads_over_its_endpoints_on_both_nodes() {
     if !can_run("HBONE services", &["ip"]) {
         return;
     }
-    let tb = Testbed::build(SPEC).unwrap();
-    let ca = ca_dir(&tb);
-    let enrolled = pods(&ENROLLED);
-    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
     // svc-slot1 (10.96.0.1 / fd00:96::1, port 80 -> 8080) selects pod 1 of each node.
     let _servers: Vec<_> = tb
         .pods()
@@ -210,8 +221,7 @@ fn a_service_vip_spreads_over_its_endpoints_on_both_nodes() {
         assert_eq!(seen, want, "both endpoints (one per node) served the VIP");
     }
     drop((a1, a2, _servers));
-    std::fs::remove_dir_all(&ca).unwrap();
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
 
 #[test]
@@ -219,11 +229,7 @@ fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
     if !can_run("HBONE connection churn", &["ip"]) {
         return;
     }
-    let tb = Testbed::build(SPEC).unwrap();
-    let ca = ca_dir(&tb);
-    let enrolled = pods(&ENROLLED);
-    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
     let _srv = ProbeServer::start(&server.place, &[8080]).unwrap();
     let dst = SocketAddr::new(server.ipv4.into(), 8080);
@@ -332,8 +338,7 @@ fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
         "fds before {fds:?}, after {after:?}"
     );
     drop((a1, a2, _srv));
-    std::fs::remove_dir_all(&ca).unwrap();
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
 
 #[test]
@@ -341,11 +346,7 @@ fn a_thousand_concurrent_connections_through_hbone() {
     if !can_run("HBONE concurrency", &["ip"]) {
         return;
     }
-    let tb = Testbed::build(SPEC).unwrap();
-    let ca = ca_dir(&tb);
-    let enrolled = pods(&ENROLLED);
-    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
     let _servers: Vec<_> = [tb.pod(2, 1), tb.pod(2, 2)]
         .iter()
         .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
@@ -387,6 +388,5 @@ fn a_thousand_concurrent_connections_through_hbone() {
         "fds before {fds:?}, after {after:?}"
     );
     drop((a1, a2, _servers));
-    std::fs::remove_dir_all(&ca).unwrap();
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
