@@ -5,13 +5,12 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_agent::identity::LocalCa;
 use mesh_common::Counter;
 use mesh_testbed::{
     Place, Testbed, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, pods};
+use support::{Agent, TempDir, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -23,7 +22,7 @@ const ENROLLED: [(usize, usize); 4] = [(1, 1), (1, 2), (2, 1), (2, 2)];
 /// A testbed with an agent per node in `mesh` mode sharing a fresh CA.
 struct Mesh {
     tb: Testbed,
-    ca: std::path::PathBuf,
+    ca: TempDir,
     a1: Agent,
     a2: Agent,
 }
@@ -31,25 +30,18 @@ struct Mesh {
 impl Mesh {
     fn start() -> Self {
         let tb = Testbed::build(SPEC).unwrap();
-        let ca = ca_dir(&tb);
+        let ca = TempDir::with_ca(&tb.info().run);
         let enrolled = pods(&ENROLLED);
-        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(&ca)).unwrap();
-        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(&ca)).unwrap();
+        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
         Mesh { tb, ca, a1, a2 }
     }
 }
 
 /// Removes the CA and checks the testbed leaves nothing behind (agents already dropped).
-fn finish(tb: Testbed, ca: std::path::PathBuf) {
-    std::fs::remove_dir_all(&ca).unwrap();
+fn finish(tb: Testbed, ca: TempDir) {
+    drop(ca);
     tb.teardown_verified().unwrap();
-}
-
-fn ca_dir(tb: &Testbed) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-e2e-ca-{}", tb.info().run));
-    let _ = std::fs::remove_dir_all(&dir);
-    LocalCa::init_dir(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
-    dir
 }
 
 /// Sends `bytes` of payload carrying `marker` text and checks it arrived intact; returns what

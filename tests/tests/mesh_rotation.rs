@@ -9,12 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::identity::LocalCa;
 use mesh_testbed::{
     Testbed, TestbedSpec, can_run,
     probe::{Fnv, ProbeServer},
 };
-use support::{Agent, pods};
+use support::{Agent, TempDir, pods};
 
 #[test]
 fn certificates_rotate_during_a_long_transfer_without_interrupting_it() {
@@ -26,13 +25,11 @@ fn certificates_rotate_during_a_long_transfer_without_interrupting_it() {
         pods_per_node: 1,
     })
     .unwrap();
-    let ca = std::env::temp_dir().join(format!("mesh-e2e-ca-{}", tb.info().run));
-    let _ = std::fs::remove_dir_all(&ca);
-    LocalCa::init_dir(&ca, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
     let enrolled = pods(&[(1, 1), (2, 1)]);
     // 10 s certificates: each is replaced after about 5 s.
-    let mut a1 = Agent::start_full(&tb, 1, "mesh", &enrolled, Some(&ca), Some(10)).unwrap();
-    let mut a2 = Agent::start_full(&tb, 2, "mesh", &enrolled, Some(&ca), Some(10)).unwrap();
+    let mut a1 = Agent::start_full(&tb, 1, "mesh", &enrolled, Some(ca.path()), Some(10)).unwrap();
+    let mut a2 = Agent::start_full(&tb, 2, "mesh", &enrolled, Some(ca.path()), Some(10)).unwrap();
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
     let _srv = ProbeServer::start(&server.place, &[8080]).unwrap();
     let dst = SocketAddr::new(server.ipv4.into(), 8080);
@@ -91,7 +88,6 @@ fn certificates_rotate_during_a_long_transfer_without_interrupting_it() {
         "server certificate issued {} times",
         issued(&log2, &server_sa)
     );
-    drop((a1, a2, _srv));
-    std::fs::remove_dir_all(&ca).unwrap();
+    drop((a1, a2, _srv, ca));
     tb.teardown_verified().unwrap();
 }

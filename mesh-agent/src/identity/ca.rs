@@ -233,10 +233,26 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn tmpdir(name: &str) -> std::path::PathBuf {
+    /// A temporary directory removed on drop, also when an assertion fails.
+    struct Tmp(std::path::PathBuf);
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for Tmp {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn tmpdir(name: &str) -> Tmp {
         let d = std::env::temp_dir().join(format!("mesh-ca-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        d
+        Tmp(d)
     }
 
     fn csr() -> (KeyPair, String) {
@@ -285,7 +301,6 @@ mod tests {
             ca.sign_csr(&csr, &other, Duration::from_secs(60)),
             Err(IdentityError::Refused { .. })
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -321,7 +336,6 @@ mod tests {
         assert_eq!(chain.len(), 2, "leaf + intermediate");
         assert_eq!(chain[1], *int_cert.der());
         assert_eq!(ca.roots().len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -297,3 +297,27 @@ impl Drop for Agent {
 pub fn pods(ids: &[PodId]) -> BTreeSet<PodId> {
     ids.iter().copied().collect()
 }
+
+/// A directory removed when dropped (also when the test panics).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh CA (`mesh-agent ca init` layout) in a new temporary directory.
+    pub fn with_ca(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-e2e-ca-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        mesh_agent::identity::LocalCa::init_dir(&dir, "cluster.local", Duration::from_secs(3600))
+            .expect("creating a test CA");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
