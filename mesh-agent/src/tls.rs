@@ -132,6 +132,13 @@ pub fn identity_of(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
     SpiffeId::parse(uri).ok()
 }
 
+/// The peer's identity as a handshake error when it has none (`who`: "client" / "server").
+fn spiffe_of(end_entity: &CertificateDer<'_>, who: &str) -> Result<SpiffeId, rustls::Error> {
+    identity_of(end_entity).ok_or_else(|| {
+        rustls::Error::General(format!("{who} certificate has no single SPIFFE URI SAN"))
+    })
+}
+
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);
 
@@ -171,16 +178,14 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        match identity_of(end_entity) {
-            Some(id) if id.trust_domain == self.trust_domain => Ok(ClientCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
+        let id = spiffe_of(end_entity, "client")?;
+        if id.trust_domain != self.trust_domain {
+            return Err(rustls::Error::General(format!(
                 "client identity {id} is not in trust domain {}",
                 self.trust_domain
-            ))),
-            None => Err(rustls::Error::General(
-                "client certificate has no single SPIFFE URI SAN".into(),
-            )),
+            )));
         }
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -231,16 +236,14 @@ impl ServerCertVerifier for ExpectedIdentityVerifier {
             now,
             self.algs.all,
         )?;
-        match identity_of(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
+        let id = spiffe_of(end_entity, "server")?;
+        if id != self.expected {
+            return Err(rustls::Error::General(format!(
                 "server identity {id} is not the expected {}",
                 self.expected
-            ))),
-            None => Err(rustls::Error::General(
-                "server certificate has no single SPIFFE URI SAN".into(),
-            )),
+            )));
         }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -4,9 +4,9 @@ use std::{net::IpAddr, path::Path};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use mesh_common::{COUNTERS_MAP, Counter, PODS_MAP, PodAddrs, PodIpEntry, capture::POD_IPS_MAP};
+use mesh_common::{COUNTERS_MAP, PODS_MAP, PodAddrs, PodIpEntry, capture::POD_IPS_MAP};
 
-use crate::ebpf::{CounterSnapshot, ip_from_key};
+use crate::ebpf::{CounterSnapshot, ip_from_key, read_counters};
 
 /// The pinned maps of one data path.
 pub struct PinnedMaps {
@@ -30,12 +30,7 @@ impl PinnedMaps {
     pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
         let array =
             PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(self.open(COUNTERS_MAP)?))?;
-        let mut values = Vec::with_capacity(Counter::ALL.len());
-        for counter in Counter::ALL {
-            let per_cpu = array.get(&counter.slot(), 0)?;
-            values.push((counter, per_cpu.iter().sum()));
-        }
-        Ok(CounterSnapshot::new(values))
+        Ok(read_counters(&array)?)
     }
 
     /// Enrolled interfaces (ifindex, addresses), sorted by ifindex.

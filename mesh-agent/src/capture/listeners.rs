@@ -33,18 +33,28 @@ pub fn bind_all(kinds: &[FlowKind], backlog: i32) -> anyhow::Result<Vec<CaptureL
     Ok(out)
 }
 
-fn bind_transparent(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+/// A non-blocking IP_TRANSPARENT TCP socket of `addr`'s family, bound to `addr`.
+fn transparent_socket(addr: SocketAddr, listener: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
-        // One socket per family keeps the kernel's listener lookup from the tc program exact.
-        socket.set_only_v6(true)?;
+        if listener {
+            // One socket per family keeps the kernel's listener lookup from the tc program exact.
+            socket.set_only_v6(true)?;
+        }
         socket.set_ip_transparent_v6(true)?;
     } else {
         socket.set_ip_transparent_v4(true)?;
     }
-    socket.set_reuse_address(true)?;
+    if listener {
+        socket.set_reuse_address(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_transparent(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    let socket = transparent_socket(addr, true)?;
     socket.listen(backlog)?;
     TcpListener::from_std(socket.into())
 }
@@ -57,15 +67,7 @@ pub async fn connect_transparent(
     src_ip: std::net::IpAddr,
     dst: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let src = SocketAddr::new(src_ip, 0);
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-    if dst.is_ipv6() {
-        socket.set_ip_transparent_v6(true)?;
-    } else {
-        socket.set_ip_transparent_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&src.into())?;
+    let socket = transparent_socket(SocketAddr::new(src_ip, 0), false)?;
     let std_stream: std::net::TcpStream = socket.into();
     TcpSocket::from_std_stream(std_stream).connect(dst).await
 }

@@ -83,9 +83,7 @@ pub fn explain(layout: &BpffsLayout) -> anyhow::Result<String> {
     if let Ok(pods) = maps.pods() {
         writeln!(out, "enrolled interfaces (MESH_PODS):")?;
         for (ifindex, addrs) in pods {
-            let iface = nix::net::if_::if_indextoname(ifindex)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "<gone>".to_owned());
+            let iface = pins::iface_name(ifindex);
             writeln!(
                 out,
                 "  {iface} (ifindex {ifindex}): {}",

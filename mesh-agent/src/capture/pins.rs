@@ -60,10 +60,7 @@ impl LinkTarget {
     pub fn describe(&self) -> String {
         match self {
             LinkTarget::Interface(i) => {
-                let name = nix::net::if_::if_indextoname(*i)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| "<gone>".to_owned());
-                format!("tcx ingress of {name} (ifindex {i})")
+                format!("tcx ingress of {} (ifindex {i})", iface_name(*i))
             }
             LinkTarget::Cgroup(c) => format!("cgroup id {c}"),
             LinkTarget::Unknown => "unknown target".to_owned(),
@@ -151,6 +148,13 @@ fn parse_link_name(name: &str, path: PathBuf) -> LinkPin {
             path,
         },
     }
+}
+
+/// The name of interface `ifindex` in this network namespace, or `<gone>`.
+pub fn iface_name(ifindex: u32) -> String {
+    nix::net::if_::if_indextoname(ifindex)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "<gone>".to_owned())
 }
 
 /// Removes a link pin and detaches the link *now*: the pin is first opened (so the link has an

@@ -1,6 +1,19 @@
 //! Reading the per-CPU `MESH_COUNTERS` map.
 use mesh_common::Counter;
 
+/// Reads every counter of a `MESH_COUNTERS` array (owned by a loaded object or opened from its
+/// pin), summed over CPUs.
+pub fn read_counters<T: std::borrow::Borrow<aya::maps::MapData>>(
+    array: &aya::maps::PerCpuArray<T, u64>,
+) -> Result<CounterSnapshot, aya::maps::MapError> {
+    let mut values = Vec::with_capacity(Counter::ALL.len());
+    for counter in Counter::ALL {
+        let per_cpu = array.get(&counter.slot(), 0)?;
+        values.push((counter, per_cpu.iter().sum()));
+    }
+    Ok(CounterSnapshot::new(values))
+}
+
 /// The data path's counters summed over all CPUs at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {

@@ -6,7 +6,7 @@ use aya::{
     maps::{Map, MapData, PerCpuArray},
     programs::{Program, SchedClassifier},
 };
-use mesh_common::{COUNTERS_MAP, Counter};
+use mesh_common::COUNTERS_MAP;
 
 use super::{
     CounterSnapshot, DatapathError, OBJECT, TcAttachment, TcHook, programs::TC_OBSERVE, tc,
@@ -149,17 +149,10 @@ impl Datapath {
                 name: COUNTERS_MAP,
                 source,
             })?;
-        let mut values = Vec::with_capacity(Counter::ALL.len());
-        for counter in Counter::ALL {
-            let per_cpu = array
-                .get(&counter.slot(), 0)
-                .map_err(|source| DatapathError::Map {
-                    name: COUNTERS_MAP,
-                    source,
-                })?;
-            values.push((counter, per_cpu.iter().sum()));
-        }
-        Ok(CounterSnapshot::new(values))
+        super::counters::read_counters(&array).map_err(|source| DatapathError::Map {
+            name: COUNTERS_MAP,
+            source,
+        })
     }
 
     /// The named tc program, loaded (verified) if it was not yet.

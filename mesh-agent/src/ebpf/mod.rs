@@ -8,7 +8,7 @@ mod error;
 mod splice;
 mod tc;
 
-pub use counters::CounterSnapshot;
+pub use counters::{CounterSnapshot, read_counters};
 pub use datapath::{Datapath, ObjectEntry};
 pub use enrollment::{Enrollment, addrs_of, ifindex_of, ip_from_key, ip_key, pod_addrs};
 pub use error::DatapathError;

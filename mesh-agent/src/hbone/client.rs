@@ -3,9 +3,7 @@
 //! minutes; one CONNECT stream per proxied connection.
 use std::{
     collections::HashMap,
-    future::Future,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -15,10 +13,9 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
 use crate::{identity::SpiffeId, tls};
 
 /// Connections idle this long are closed.
@@ -73,13 +70,6 @@ pub struct StreamRequest {
     /// k8s.pod.name, service.name, service.version), as ztunnel sends it.
     pub baggage: String,
 }
-
-/// How the client reaches `<pod>:15008`: `connect(client_ip, addr)`.
-pub type Connector = Arc<
-    dyn Fn(IpAddr, SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
-        + Send
-        + Sync,
->;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {

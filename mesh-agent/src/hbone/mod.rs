@@ -3,6 +3,15 @@
 //! [`server`] terminates it on the destination node, [`client`] opens it (pooled) on the source
 //! node, [`relay`] moves the bytes with TCP semantics.
 
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+};
+
+use tokio::net::TcpStream;
+
 pub mod client;
 pub mod relay;
 pub mod server;
@@ -16,3 +25,12 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Streams per pooled connection before another connection is opened.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// How either end opens TCP on behalf of a client: `connect(client_ip, addr)` — the client
+/// towards `<pod>:15008`, the server towards the destination pod. The agent connects
+/// transparently from `client_ip`; tests connect plainly.
+pub type Connector = Arc<
+    dyn Fn(IpAddr, SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;

@@ -4,9 +4,7 @@
 //! that is not the pod this connection was accepted for, 401 when authorization denies, 503 when
 //! the upstream connect fails.
 use std::{
-    future::Future,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -16,7 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, relay};
+use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, STREAM_WINDOW, relay};
 use crate::{identity::SpiffeId, tls};
 
 /// What the server needs to know about the pod a connection is for.
@@ -43,13 +41,6 @@ impl Authorizer for AllowMesh {
         true
     }
 }
-
-/// How the server reaches the destination pod: `connect(client_ip, dst)`.
-pub type Connector = Arc<
-    dyn Fn(IpAddr, SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
-        + Send
-        + Sync,
->;
 
 /// Everything a connection needs, shared.
 pub struct ServerContext {

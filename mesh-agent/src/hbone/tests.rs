@@ -9,8 +9,9 @@ use tokio::{
 };
 
 use super::{
-    client::{Connector as ClientConnector, HboneError, Pool, StreamRequest},
-    server::{AllowMesh, Connector as ServerConnector, ServerContext, Target},
+    Connector,
+    client::{HboneError, Pool, StreamRequest},
+    server::{AllowMesh, ServerContext, Target},
 };
 use crate::identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId};
 
@@ -41,8 +42,7 @@ async fn rig() -> Rig {
     let certs = CertManager::new(Arc::clone(&issuer), Duration::from_secs(3600));
     let (a, b) = (id("a"), id("b"));
     let b_cert = certs.get(&b).await.unwrap();
-    let server_connector: ServerConnector =
-        Arc::new(|_client, dst| Box::pin(TcpStream::connect(dst)));
+    let server_connector: Connector = Arc::new(|_client, dst| Box::pin(TcpStream::connect(dst)));
     let ctx = Arc::new(ServerContext {
         roots: issuer.roots(),
         trust_domain: "cluster.local".into(),
@@ -65,7 +65,7 @@ async fn rig() -> Rig {
             tokio::spawn(super::server::serve(Arc::clone(&ctx), tcp, target));
         }
     });
-    let connector: ClientConnector = Arc::new(|_client, addr| Box::pin(TcpStream::connect(addr)));
+    let connector: Connector = Arc::new(|_client, addr| Box::pin(TcpStream::connect(addr)));
     Rig {
         pool: Pool::new(issuer.roots(), connector),
         server,

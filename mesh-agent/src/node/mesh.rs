@@ -338,6 +338,6 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
 }
 
 /// The connectors both HBONE ends use: transparent, from the client's address.
-pub fn transparent_connector() -> crate::hbone::client::Connector {
+pub fn transparent_connector() -> crate::hbone::Connector {
     Arc::new(|client_ip, dst| Box::pin(connect_transparent(client_ip, dst)))
 }
