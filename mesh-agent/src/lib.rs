@@ -9,4 +9,5 @@ pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod node;
+pub mod policy;
 pub mod tls;
