@@ -173,6 +173,8 @@ fn serve(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
 pub struct Probe {
     reader: BufReader<TcpStream>,
     pub dst: SocketAddr,
+    /// Payload bytes sent so far (by [`Probe::send`]).
+    sent: u64,
 }
 
 impl Probe {
@@ -189,6 +191,7 @@ impl Probe {
         Ok(Probe {
             reader: BufReader::new(s),
             dst,
+            sent: 0,
         })
     }
 
@@ -197,12 +200,49 @@ impl Probe {
         read_json(&mut self.reader).with_context(|| format!("first line from {}", self.dst))
     }
 
-    /// Sends `bytes` of payload, half-closes, and returns the answering side's summary after
-    /// checking it received exactly those bytes.
+    /// Sends the next `bytes` of the payload without closing (a long-lived connection).
+    pub fn send(&mut self, bytes: u64) -> io::Result<()> {
+        let stream = self.reader.get_mut();
+        let mut buf = vec![0u8; bytes.min(64 << 10) as usize];
+        let end = self.sent + bytes;
+        while self.sent < end {
+            let n = (end - self.sent).min(buf.len() as u64) as usize;
+            fill(self.sent, &mut buf[..n]);
+            stream.write_all(&buf[..n])?;
+            self.sent += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the other side closed or reset the connection within `wait` (the probe server
+    /// says nothing until the client half-closes, so anything readable means closed).
+    pub fn closed_within(&mut self, wait: Duration) -> io::Result<bool> {
+        let stream = self.reader.get_mut();
+        stream.set_read_timeout(Some(wait))?;
+        let mut b = [0u8; 1];
+        let closed = match stream.read(&mut b) {
+            Ok(_) => true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(_) => true,
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(closed)
+    }
+
+    /// Sends the payload up to `bytes` in total (including what [`Probe::send`] sent),
+    /// half-closes, and returns the answering side's summary after checking it received
+    /// exactly those bytes.
     pub fn finish(mut self, bytes: u64) -> Result<()> {
         let stream = self.reader.get_mut();
         let mut buf = vec![0u8; 64 << 10];
-        let mut off = 0;
+        let mut off = self.sent;
         while off < bytes {
             let n = (bytes - off).min(buf.len() as u64) as usize;
             fill(off, &mut buf[..n]);

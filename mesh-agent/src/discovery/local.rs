@@ -1,5 +1,5 @@
-//! The local-mode configuration file: this node, namespaces (with labels) and workloads. Later
-//! issues add services, policies and waypoints to the same file. Unknown fields are errors; YAML
+//! The local-mode configuration file: this node, namespaces (with labels), workloads, services
+//! and Istio policy objects (in the CRDs' own schema, so real manifests can be pasted in). Unknown fields are errors; YAML
 //! errors carry the line and column; semantic errors name the offending entry and field.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -25,6 +25,35 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Mesh-wide settings (Istio's meshConfig).
+    #[serde(default)]
+    pub mesh: MeshSection,
+    /// `security.istio.io` PeerAuthentication, AuthorizationPolicy and RequestAuthentication
+    /// objects. Each is checked on its own: a rejected one fails closed for the workloads it
+    /// selects, the rest still apply.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::RawObject>,
+}
+
+/// The parts of Istio's meshConfig we read.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSection {
+    /// Policies here without a selector apply to the whole mesh.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        Self {
+            root_namespace: default_root_namespace(),
+        }
+    }
+}
+
+fn default_root_namespace() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.to_owned()
 }
 
 /// A Kubernetes-style Service: virtual IPs and ports in front of the workloads its selector
@@ -271,6 +300,28 @@ impl LocalConfig {
                 ));
             }
         }
+        let mut seen_policies = HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let at = |f: &str| format!("policies[{i}].{f}");
+            if p.metadata.name.is_empty() {
+                return Err(invalid(at("metadata.name"), "must not be empty".into()));
+            }
+            if p.metadata.namespace.is_empty() {
+                return Err(invalid(
+                    at("metadata.namespace"),
+                    format!("{} {:?} needs a namespace", p.kind, p.metadata.name),
+                ));
+            }
+            if !seen_policies.insert((&p.kind, &p.metadata.namespace, &p.metadata.name)) {
+                return Err(invalid(
+                    at("metadata.name"),
+                    format!(
+                        "{} {}/{} is listed twice",
+                        p.kind, p.metadata.namespace, p.metadata.name
+                    ),
+                ));
+            }
+        }
         let mut seen_vip_ports = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
             let at = |f: &str| format!("services[{i}] ({}/{}).{f}", svc.namespace, svc.name);
@@ -346,6 +397,35 @@ impl LocalConfig {
     pub fn identity_of(&self, w: &Workload) -> crate::identity::SpiffeId {
         crate::identity::SpiffeId::new(&self.node.trust_domain, &w.namespace, &w.service_account)
             .expect("validated on load")
+    }
+
+    /// This node's enrolled pods as policy sees them: namespace, labels, addresses and the
+    /// services that select them.
+    pub fn policy_workloads(&self) -> Vec<crate::policy::WorkloadInfo> {
+        self.local_pods()
+            .filter(|w| self.is_enrolled(w))
+            .map(|w| crate::policy::WorkloadInfo {
+                key: format!("{}/{}", w.namespace, w.name),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+                ips: w.ips.clone(),
+                services: self
+                    .services
+                    .iter()
+                    .filter(|s| self.endpoints_of(s).any(|e| std::ptr::eq(e, w)))
+                    .map(|s| (s.namespace.clone(), s.name.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The policy set this node enforces.
+    pub fn compile_policies(&self) -> crate::policy::PolicySet {
+        crate::policy::PolicySet::compile(
+            &self.policies,
+            &self.policy_workloads(),
+            &self.mesh.root_namespace,
+        )
     }
 
     /// Pods on this node (not host-network).
@@ -447,5 +527,48 @@ workloads:
         .unwrap_err()
         .to_string();
         assert!(e.contains("10.96.0.1:80 is also served by x/s"), "{e}");
+    }
+
+    #[test]
+    fn policies_are_checked_one_by_one() {
+        let base = "node: {name: n1}\nnamespaces: [{name: x, labels: {istio.io/dataplane-mode: ambient}}]\nworkloads:\n  - {name: a, namespace: x, node: n1, ips: [10.0.0.1], hostInterface: v, labels: {app: a}}\n";
+        // A malformed policy does not reject the file: it is reported by the policy set, and
+        // only the workloads it selects fail closed.
+        let c = LocalConfig::parse(&format!(
+            "{base}mesh: {{rootNamespace: root}}\npolicies:\n  - {{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: bad, namespace: x}}, spec: {{action: NOPE}}}}\n  - {{apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {{name: strict, namespace: root}}, spec: {{mtls: {{mode: STRICT}}}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.mesh.root_namespace, "root");
+        let set = c.compile_policies();
+        assert_eq!(set.errors.len(), 1, "{:?}", set.errors);
+        assert!(
+            set.errors[0]
+                .to_string()
+                .contains("AuthorizationPolicy x/bad: spec.action")
+        );
+        assert_eq!(set.peer_authentications, 1);
+        let w = set.workload("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(w.invalid.len(), 1);
+        assert_eq!(
+            w.mtls.mode,
+            crate::policy::MtlsMode::Strict,
+            "mesh-wide from the custom root"
+        );
+        // Objects that cannot even be named reject the file.
+        let e = LocalConfig::parse(&format!(
+            "{base}policies:\n  - {{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: p}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("policies[0].metadata.namespace"), "{e}");
+        let e = LocalConfig::parse(&format!(
+            "{base}policies:\n  - {{kind: AuthorizationPolicy, metadata: {{name: p, namespace: x}}}}\n  - {{kind: AuthorizationPolicy, metadata: {{name: p, namespace: x}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("policies[1].metadata.name") && e.contains("listed twice"),
+            "{e}"
+        );
     }
 }

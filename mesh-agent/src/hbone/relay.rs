@@ -37,43 +37,97 @@ pub enum RelayEnd {
 
 /// Relays until both directions are done.
 pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> RelayEnd {
+    relay_until(tcp, send, recv, std::future::pending()).await
+}
+
+/// [`relay`], unless `stop` resolves first (a policy change revoked the connection): then both
+/// sides are reset, the TCP connection with a RST and the stream with RST_STREAM.
+pub async fn relay_until(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    stop: impl std::future::Future<Output = ()>,
+) -> RelayEnd {
     let _ = tcp.set_nodelay(true);
-    let (r, w) = tcp.into_split();
-    let (up, down) = tokio::join!(tcp_to_stream(r, send), stream_to_tcp(recv, w));
-    let moved = Moved {
-        sent: up.as_ref().map_or_else(|(n, _)| *n, |n| *n),
-        received: down.as_ref().map_or_else(|(n, _)| *n, |n| *n),
+    let (mut r, mut w) = tcp.into_split();
+    let mut moved = Moved::default();
+    let outcome = {
+        let both = async {
+            tokio::join!(
+                tcp_to_stream(&mut r, &mut send, &mut moved.sent),
+                stream_to_tcp(&mut recv, &mut w, &mut moved.received)
+            )
+        };
+        tokio::select! {
+            done = both => Some(done),
+            () = stop => None,
+        }
     };
-    match (up, down) {
-        (Ok(_), Ok(_)) => RelayEnd::Closed(moved),
-        (Err((_, e)), _) | (_, Err((_, e))) => RelayEnd::Reset(moved, e),
+    match outcome {
+        Some((Ok(()), Ok(()))) => RelayEnd::Closed(moved),
+        Some((up, down)) => {
+            if let Err(Failure {
+                reset_tcp: true, ..
+            }) = &down
+            {
+                // RST_STREAM (or connection loss) -> TCP RST. `forget` keeps the write half
+                // from sending a FIN when dropped, so the close is the reset alone.
+                reset_tcp(&w);
+                w.forget();
+            }
+            let why = match (up, down) {
+                (Err(f), _) | (_, Err(f)) => f.message,
+                _ => unreachable!("both succeeded above"),
+            };
+            RelayEnd::Reset(moved, why)
+        }
+        None => {
+            send.send_reset(Reason::CANCEL);
+            reset_tcp(&w);
+            w.forget();
+            RelayEnd::Reset(moved, "revoked by a policy change".into())
+        }
+    }
+}
+
+/// Why one direction stopped early.
+struct Failure {
+    /// The TCP side must be reset (the stream was reset or lost).
+    reset_tcp: bool,
+    message: String,
+}
+
+fn failed(message: String) -> Failure {
+    Failure {
+        reset_tcp: false,
+        message,
     }
 }
 
 async fn tcp_to_stream(
-    mut r: OwnedReadHalf,
-    mut send: SendStream<Bytes>,
-) -> Result<u64, (u64, String)> {
-    let mut total = 0u64;
+    r: &mut OwnedReadHalf,
+    send: &mut SendStream<Bytes>,
+    total: &mut u64,
+) -> Result<(), Failure> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let read = tokio::select! {
             read = r.read(&mut buf) => read,
             reason = poll_fn(|cx| send.poll_reset(cx)) => {
-                return Err((total, format!("peer reset the stream: {reason:?}")));
+                return Err(failed(format!("peer reset the stream: {reason:?}")));
             }
         };
         let n = match read {
             Ok(0) => {
                 // TCP FIN -> END_STREAM.
                 let _ = send.send_data(Bytes::new(), true);
-                return Ok(total);
+                return Ok(());
             }
             Ok(n) => n,
             Err(e) => {
                 // TCP RST (or failure) -> RST_STREAM.
                 send.send_reset(Reason::CANCEL);
-                return Err((total, format!("tcp: {e}")));
+                return Err(failed(format!("tcp: {e}")));
             }
         };
         // Only what we hold is reserved (reserving ahead would let idle streams starve busy
@@ -92,42 +146,39 @@ async fn tcp_to_stream(
             let granted = match wake {
                 Ok(Some(Ok(0))) => continue,
                 Ok(Some(Ok(g))) => g,
-                Ok(Some(Err(e))) => return Err((total, format!("stream: {e}"))),
-                Ok(None) => return Err((total, "stream closed".into())),
-                Err(reason) => return Err((total, format!("peer reset the stream: {reason:?}"))),
+                Ok(Some(Err(e))) => return Err(failed(format!("stream: {e}"))),
+                Ok(None) => return Err(failed("stream closed".into())),
+                Err(reason) => return Err(failed(format!("peer reset the stream: {reason:?}"))),
             };
             let k = granted.min(n - off);
             send.send_data(Bytes::copy_from_slice(&buf[off..off + k]), false)
-                .map_err(|e| (total, format!("stream: {e}")))?;
+                .map_err(|e| failed(format!("stream: {e}")))?;
             off += k;
-            total += k as u64;
+            *total += k as u64;
         }
     }
 }
 
-async fn stream_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf) -> Result<u64, (u64, String)> {
-    let mut total = 0u64;
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    w: &mut OwnedWriteHalf,
+    total: &mut u64,
+) -> Result<(), Failure> {
     while let Some(chunk) = recv.data().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                // RST_STREAM (or connection loss) -> TCP RST. `forget` keeps the write half from
-                // sending a FIN when dropped, so the close is the reset alone.
-                reset_tcp(&w);
-                w.forget();
-                return Err((total, format!("stream: {e}")));
-            }
-        };
+        let chunk = chunk.map_err(|e| Failure {
+            reset_tcp: true,
+            message: format!("stream: {e}"),
+        })?;
         let n = chunk.len();
-        if let Err(e) = w.write_all(&chunk).await {
-            return Err((total, format!("tcp: {e}")));
-        }
-        total += n as u64;
+        w.write_all(&chunk)
+            .await
+            .map_err(|e| failed(format!("tcp: {e}")))?;
+        *total += n as u64;
         let _ = recv.flow_control().release_capacity(n);
     }
     // END_STREAM -> TCP FIN.
     let _ = w.shutdown().await;
-    Ok(total)
+    Ok(())
 }
 
 /// Makes the eventual close of the TCP socket a RST (SO_LINGER 0).

@@ -15,7 +15,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, STREAM_WINDOW, relay};
-use crate::{identity::SpiffeId, tls};
+use crate::{
+    identity::SpiffeId,
+    policy::{Admission, Decision},
+    tls,
+};
 
 /// What the server needs to know about the pod a connection is for.
 pub struct Target {
@@ -27,18 +31,24 @@ pub struct Target {
     pub baggage: String,
 }
 
-/// Decides whether `peer` may open a stream to `dst` (the policy issue plugs in here).
+/// Decides whether `peer` may open a stream to `dst`; an admitted stream lives as long as its
+/// [`Admission`], which also tells when a policy change revokes it.
 pub trait Authorizer: Send + Sync {
-    fn allow(&self, peer: &SpiffeId, client: SocketAddr, dst: SocketAddr) -> bool;
+    fn admit(
+        &self,
+        peer: &SpiffeId,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Admission, Decision>;
 }
 
-/// Until policies exist: any authenticated mesh identity (the TLS layer already required the
-/// trust domain).
+/// Any authenticated mesh identity (the TLS layer already required the trust domain): for
+/// tests of the HBONE layer alone.
 pub struct AllowMesh;
 
 impl Authorizer for AllowMesh {
-    fn allow(&self, _peer: &SpiffeId, _client: SocketAddr, _dst: SocketAddr) -> bool {
-        true
+    fn admit(&self, _: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<Admission, Decision> {
+        Ok(Admission::unconditional())
     }
 }
 
@@ -146,11 +156,14 @@ async fn stream(
     // The client address: the outer connection's source (the source agent connects from the
     // client pod's address); the port from `forwarded` when present.
     let client = SocketAddr::new(outer_peer.ip(), forwarded_port(req.headers()).unwrap_or(0));
-    if !ctx.authorizer.allow(peer, client, dst) {
-        info!(peer = %peer, %client, %dst, "HBONE: denied");
-        let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
-        return;
-    }
+    // The enforcer logs and counts the decision.
+    let mut admission = match ctx.authorizer.admit(peer, client, dst) {
+        Ok(a) => a,
+        Err(_) => {
+            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
+    };
     let upstream = match tokio::time::timeout(
         Duration::from_secs(10),
         (ctx.connector)(client.ip(), dst),
@@ -176,7 +189,7 @@ async fn stream(
     let Ok(send) = respond.send_response(ok, false) else {
         return;
     };
-    let end = relay::relay(upstream, send, req.into_body()).await;
+    let end = relay::relay_until(upstream, send, req.into_body(), admission.revoked()).await;
     info!(peer = %peer, %client, %dst, end = ?end, "HBONE stream closed");
 }
 

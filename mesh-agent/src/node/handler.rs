@@ -1,8 +1,8 @@
 //! What the node agent does with a captured connection, and the attribution every handler
 //! relies on.
 //!
-//! - `mesh` (default): HBONE between agents, see [`super::mesh`].
-//! - `passthrough`: a transparent L4 relay. Outbound and inbound-plaintext connections
+//! - `mesh` (default): HBONE between agents and policy enforcement, see [`super::mesh`].
+//! - `passthrough`: a transparent L4 relay without policy (a diagnostic mode). Outbound and inbound-plaintext connections
 //!   are connected onwards to their original destination *from the original client address*;
 //!   inbound HBONE (15008) is refused, because HBONE termination is not built yet.
 //! - `report`: a diagnostic sink. Each connection receives one JSON line saying what the capture
@@ -110,7 +110,7 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
                     super::mesh::inbound_hbone(mesh, stream, original_dst).await
                 }
                 FlowKind::InboundPlaintext => {
-                    relay(stream, listener, client, original_dst, pod).await
+                    super::mesh::inbound_plaintext(mesh, stream, client, original_dst, pod).await
                 }
                 FlowKind::Outbound => {
                     super::mesh::outbound(mesh, stream, client, original_dst, pod).await
@@ -195,7 +195,16 @@ async fn relay(
     pod: &str,
 ) {
     match connect_direct(client, original_dst).await {
-        Ok(upstream) => splice_tcp(inbound, upstream, listener, client, original_dst, pod).await,
+        Ok(upstream) => {
+            splice_tcp(
+                inbound,
+                upstream,
+                listener,
+                (client, original_dst, pod),
+                std::future::pending(),
+            )
+            .await
+        }
         Err(e) => {
             info!(listener, %client, %original_dst, pod, error = %e, "upstream connect failed");
             reset(inbound);
@@ -230,19 +239,22 @@ pub(super) async fn connect_direct(
 }
 
 /// Copies both ways until both sides are done (half-closes propagate); a reset on either side
-/// resets both.
+/// resets both, and so does `stop` (a policy change revoked the connection).
 pub(super) async fn splice_tcp(
     mut inbound: TcpStream,
     mut upstream: TcpStream,
     listener: &'static str,
-    client: SocketAddr,
-    dst: SocketAddr,
-    pod: &str,
+    (client, dst, pod): (SocketAddr, SocketAddr, &str),
+    stop: impl std::future::Future<Output = ()>,
 ) {
     let started = std::time::Instant::now();
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await {
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => r,
+        () = stop => Err(std::io::Error::other("revoked by a policy change")),
+    };
+    match copied {
         Ok((sent, received)) => info!(
             listener, %client, %dst, pod, sent, received,
             duration_ms = started.elapsed().as_millis() as u64, "connection closed"

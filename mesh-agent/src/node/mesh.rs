@@ -8,7 +8,11 @@
 //!   transparently, spliced in the kernel where the capture can.
 //! - Outbound to anything else: passed through directly, in plaintext, as ztunnel does.
 //! - Inbound HBONE: TLS as the pod that was dialled, CONNECT, delivery from the client address.
-//! - Inbound plaintext: PERMISSIVE pass-through (the policy issue adds STRICT).
+//! - Inbound plaintext: refused where PeerAuthentication is STRICT, otherwise authorized
+//!   without an identity and delivered.
+//!
+//! Every connection to a workload of this node (HBONE, plaintext or same-node) is admitted by
+//! the policy [`Enforcer`] and closed if a later policy set denies it.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -28,6 +32,7 @@ use crate::{
         server::{self, ServerContext, Target},
     },
     identity::{CertManager, SpiffeId},
+    policy::{ConnectionAttrs, Enforcer, InboundKind},
 };
 
 /// A workload as the mesh handler needs it.
@@ -149,6 +154,7 @@ pub struct MeshContext {
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     pub server: Arc<ServerContext>,
+    pub enforcer: Arc<Enforcer>,
 }
 
 impl MeshContext {
@@ -262,16 +268,49 @@ pub async fn outbound(
                 }
                 Err(e) => last_error = e,
             },
-            Ok(Route::SameNode { .. } | Route::Passthrough) => {
+            Ok(Route::SameNode { .. }) => {
+                // We are the destination's agent too: its inbound policy is ours to enforce,
+                // for the source identity the capture attributed.
+                let source = ctx.lookup(client.ip()).map(|w| w.identity);
+                let attrs = ConnectionAttrs {
+                    source,
+                    source_ip: client.ip(),
+                    destination_ip: dst.ip(),
+                    destination_port: dst.port(),
+                };
+                let Ok(mut admission) = ctx.enforcer.admit(attrs, InboundKind::SameNode) else {
+                    super::handler::reset(tcp);
+                    return;
+                };
                 match super::handler::connect_direct(client, dst).await {
                     Ok(upstream) => {
-                        super::handler::splice_tcp(tcp, upstream, "outbound", client, dst, pod)
-                            .await;
+                        super::handler::splice_tcp(
+                            tcp,
+                            upstream,
+                            "outbound",
+                            (client, dst, pod),
+                            admission.revoked(),
+                        )
+                        .await;
                         return;
                     }
                     Err(e) => last_error = e.to_string(),
                 }
             }
+            Ok(Route::Passthrough) => match super::handler::connect_direct(client, dst).await {
+                Ok(upstream) => {
+                    super::handler::splice_tcp(
+                        tcp,
+                        upstream,
+                        "outbound",
+                        (client, dst, pod),
+                        std::future::pending(),
+                    )
+                    .await;
+                    return;
+                }
+                Err(e) => last_error = e.to_string(),
+            },
             Err(reason) => {
                 warn!(%client, %original_dst, reason, "refusing captured connection");
                 super::handler::reset(tcp);
@@ -335,6 +374,43 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
         baggage: pod.baggage.clone(),
     };
     server::serve(Arc::clone(&ctx.server), tcp, target).await;
+}
+
+/// Plaintext captured on 15006 for the pod at `original_dst`: refused where PeerAuthentication
+/// is STRICT, otherwise authorized without identity and delivered from the client's address.
+pub async fn inbound_plaintext(
+    ctx: &MeshContext,
+    tcp: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    pod: &str,
+) {
+    let attrs = ConnectionAttrs {
+        source: None,
+        source_ip: client.ip(),
+        destination_ip: original_dst.ip(),
+        destination_port: original_dst.port(),
+    };
+    let Ok(mut admission) = ctx.enforcer.admit(attrs, InboundKind::Plaintext) else {
+        super::handler::reset(tcp);
+        return;
+    };
+    match super::handler::connect_direct(client, original_dst).await {
+        Ok(upstream) => {
+            super::handler::splice_tcp(
+                tcp,
+                upstream,
+                "inbound_plaintext",
+                (client, original_dst, pod),
+                admission.revoked(),
+            )
+            .await
+        }
+        Err(e) => {
+            info!(%client, %original_dst, pod, error = %e, "upstream connect failed");
+            super::handler::reset(tcp);
+        }
+    }
 }
 
 /// The connectors both HBONE ends use: transparent, from the client's address.

@@ -27,6 +27,7 @@ use crate::{
         routing,
     },
     discovery::LocalConfig,
+    policy::{Enforcer, PolicyAuthorizer},
 };
 
 /// Options of `mesh-agent node`.
@@ -89,8 +90,15 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let mesh_state = Arc::new(std::sync::RwLock::new(mesh::MeshState::from_config(
         &config,
     )));
+    let policies = config.compile_policies();
+    policies.log();
+    let enforcer = Enforcer::new(policies);
     let mesh = match opts.handler {
-        HandlerMode::Mesh => Some(mesh_context(&config, Arc::clone(&mesh_state))?),
+        HandlerMode::Mesh => Some(mesh_context(
+            &config,
+            Arc::clone(&mesh_state),
+            Arc::clone(&enforcer),
+        )?),
         _ => None,
     };
     let ctx = Arc::new(handler::HandlerContext {
@@ -139,6 +147,12 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                     Ok(new) => {
                         *mesh_state.write().unwrap_or_else(|e| e.into_inner()) =
                             mesh::MeshState::from_config(&new);
+                        let policies = new.compile_policies();
+                        policies.log();
+                        let closed = enforcer.replace(policies);
+                        if closed > 0 {
+                            info!(closed, "policy change closed live connections it now denies");
+                        }
                         let report =
                             controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
                         log_state(&controller, &new, report.errors.len());
@@ -159,9 +173,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
 fn mesh_context(
     config: &LocalConfig,
     state: Arc<std::sync::RwLock<mesh::MeshState>>,
+    enforcer: Arc<Enforcer>,
 ) -> anyhow::Result<Arc<mesh::MeshContext>> {
     use crate::{
-        hbone::server::{AllowMesh, ServerContext},
+        hbone::server::ServerContext,
         identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer},
     };
     let ca = config.ca.as_ref().context(
@@ -177,7 +192,7 @@ fn mesh_context(
     let server = Arc::new(ServerContext {
         roots: issuer.roots(),
         trust_domain: issuer.trust_domain(),
-        authorizer: Arc::new(AllowMesh),
+        authorizer: Arc::new(PolicyAuthorizer(Arc::clone(&enforcer))),
         connector: mesh::transparent_connector(),
     });
     Ok(Arc::new(mesh::MeshContext {
@@ -185,6 +200,7 @@ fn mesh_context(
         certs,
         pool: crate::hbone::client::Pool::new(issuer.roots(), mesh::transparent_connector()),
         server,
+        enforcer,
     }))
 }
 

@@ -133,6 +133,19 @@ impl Ctx<'_> {
     }
 }
 
+fn api_version_error(ctx: &Ctx<'_>, obj: &RawObject) -> Option<PolicyError> {
+    (!super::crd::API_VERSIONS.contains(&obj.api_version.as_str())).then(|| {
+        ctx.err(
+            "apiVersion",
+            format!(
+                "{:?} is not one of {}",
+                obj.api_version,
+                super::crd::API_VERSIONS.join(", ")
+            ),
+        )
+    })
+}
+
 /// Parses `spec` with the full schema; errors carry the path of the offending field.
 fn parse_spec<T: serde::de::DeserializeOwned>(
     ctx: &Ctx<'_>,
@@ -276,7 +289,7 @@ pub fn compile_authorization(obj: &RawObject, root_namespace: &str) -> Authoriza
         Ok(s) => (s, None),
         Err(e) => (fallback(), Some(e)),
     };
-    let policy = match scope_error {
+    let policy = match scope_error.or_else(|| api_version_error(&ctx, obj)) {
         Some(e) => Err(e),
         None => parse_spec::<AuthorizationPolicySpec>(&ctx, &obj.spec)
             .and_then(|spec| compile_rules(&ctx, &spec, Arc::clone(&name), &mut notes))
@@ -592,8 +605,11 @@ pub fn compile_peer_authentication(obj: &RawObject, root_namespace: &str) -> Pee
         false,
     );
     let mut notes = Vec::new();
-    let modes = parse_spec::<PeerAuthenticationSpec>(&ctx, &obj.spec)
-        .and_then(|spec| peer_modes(&ctx, &spec, &mut notes));
+    let modes = match api_version_error(&ctx, obj) {
+        Some(e) => Err(e),
+        None => parse_spec::<PeerAuthenticationSpec>(&ctx, &obj.spec)
+            .and_then(|spec| peer_modes(&ctx, &spec, &mut notes)),
+    };
     PeerAuthEntry {
         name: format!("{}/{}", obj.metadata.namespace, obj.metadata.name).into(),
         scope,

@@ -194,7 +194,7 @@ pub struct MutualTls {
 }
 
 /// Any object in the config's `policies:` list, before its kind is known.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RawObject {
     #[serde(default)]

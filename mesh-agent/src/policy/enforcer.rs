@@ -275,6 +275,26 @@ impl Enforcer {
     }
 }
 
+/// The HBONE server's authorizer: policy for the peer's verified identity.
+pub struct PolicyAuthorizer(pub Arc<Enforcer>);
+
+impl crate::hbone::server::Authorizer for PolicyAuthorizer {
+    fn admit(
+        &self,
+        peer: &crate::identity::SpiffeId,
+        client: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) -> Result<Admission, Decision> {
+        let attrs = ConnectionAttrs {
+            source: Some(peer.clone()),
+            source_ip: client.ip(),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+        };
+        self.0.admit(attrs, InboundKind::Hbone)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ mod conformance;
 
 pub use compile::{PolicyError, Scope, WorkloadInfo};
 pub use crd::RawObject;
-pub use enforcer::{Admission, Enforcer, InboundKind};
+pub use enforcer::{Admission, Enforcer, InboundKind, PolicyAuthorizer};
 pub use index::{Decision, PolicySet, Reason, WorkloadPolicies};
 pub use model::{Action, ConnectionAttrs, MtlsMode};
 

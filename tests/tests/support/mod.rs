@@ -22,6 +22,7 @@ pub struct Agent {
     pub handler: &'static str,
     pub config: PathBuf,
     pub bpffs: PathBuf,
+    ca_dir: Option<PathBuf>,
     process: Option<Background>,
 }
 
@@ -81,6 +82,17 @@ pub fn config_yaml_full(
     y
 }
 
+/// A config with a `policies:` list appended (`policies`: YAML list items, may be empty).
+pub fn with_policies(mut yaml: String, policies: &str) -> String {
+    if policies.trim().is_empty() {
+        yaml += "policies: []\n";
+    } else {
+        yaml += "policies:\n";
+        yaml += policies;
+    }
+    yaml
+}
+
 /// `namespace/name` as the agent reports a pod.
 pub fn pod_key(pod: &Pod, enrolled: bool) -> String {
     format!("{}/{}", if enrolled { "mesh" } else { "plain" }, pod.name())
@@ -118,18 +130,49 @@ impl Agent {
         ca_dir: Option<&Path>,
         cert_ttl: Option<u64>,
     ) -> Result<Self> {
+        Self::start_with_config(
+            tb,
+            node,
+            handler,
+            enrolled,
+            ca_dir,
+            &config_yaml_full(tb, node, enrolled, ca_dir, cert_ttl),
+        )
+    }
+
+    /// A `mesh` agent whose config carries `policies` (YAML list items of Istio objects).
+    pub fn start_with_policies(
+        tb: &Testbed,
+        node: usize,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: &Path,
+        policies: &str,
+    ) -> Result<Self> {
+        let yaml = with_policies(
+            config_yaml_with_ca(tb, node, enrolled, Some(ca_dir)),
+            policies,
+        );
+        Self::start_with_config(tb, node, "mesh", enrolled, Some(ca_dir), &yaml)
+    }
+
+    fn start_with_config(
+        tb: &Testbed,
+        node: usize,
+        handler: &'static str,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: Option<&Path>,
+        yaml: &str,
+    ) -> Result<Self> {
         let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
         let config =
             std::env::temp_dir().join(format!("mesh-e2e-{}-node{node}.yaml", tb.info().run));
-        std::fs::write(
-            &config,
-            config_yaml_full(tb, node, enrolled, ca_dir, cert_ttl),
-        )?;
+        std::fs::write(&config, yaml)?;
         let mut agent = Agent {
             node,
             handler,
             config,
             bpffs: dir,
+            ca_dir: ca_dir.map(Path::to_owned),
             process: None,
         };
         agent.spawn(tb)?;
@@ -172,6 +215,22 @@ impl Agent {
     pub fn set_enrolled(&mut self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
         std::fs::write(&self.config, config_yaml(tb, self.node, enrolled))?;
         self.wait_enrolled(tb, enrolled)
+    }
+
+    /// Rewrites the config (same pods, CA) with a new list of policies; the agent picks it up
+    /// within its reload interval.
+    pub fn set_policies(
+        &self,
+        tb: &Testbed,
+        enrolled: &BTreeSet<PodId>,
+        policies: &str,
+    ) -> Result<()> {
+        let yaml = with_policies(
+            config_yaml_with_ca(tb, self.node, enrolled, self.ca_dir.as_deref()),
+            policies,
+        );
+        std::fs::write(&self.config, yaml)?;
+        Ok(())
     }
 
     /// Waits until MESH_PODS holds exactly the host interfaces of this node's enrolled pods.
