@@ -2,7 +2,8 @@
 //! relies on.
 //!
 //! - `mesh` (default): HBONE between agents and policy enforcement, see [`super::mesh`].
-//! - `passthrough`: a transparent L4 relay without policy (a diagnostic mode). Outbound and inbound-plaintext connections
+//! - `passthrough`: a transparent L4 relay (a diagnostic mode without HBONE); inbound plaintext
+//!   still obeys the destination's PeerAuthentication and AuthorizationPolicy. Outbound and inbound-plaintext connections
 //!   are connected onwards to their original destination *from the original client address*;
 //!   inbound HBONE (15008) is refused, because HBONE termination is not built yet.
 //! - `report`: a diagnostic sink. Each connection receives one JSON line saying what the capture
@@ -43,6 +44,9 @@ pub struct HandlerContext {
     pub view: Arc<RwLock<CaptureView>>,
     /// Present in `mesh` mode.
     pub mesh: Option<Arc<super::mesh::MeshContext>>,
+    /// Inbound policy (PeerAuthentication, AuthorizationPolicy) for plaintext delivered to
+    /// enrolled pods, in every mode that delivers it.
+    pub enforcer: Arc<crate::policy::Enforcer>,
 }
 
 /// The first line of a `report` answer.
@@ -110,7 +114,8 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
                     super::mesh::inbound_hbone(mesh, stream, original_dst).await
                 }
                 FlowKind::InboundPlaintext => {
-                    super::mesh::inbound_plaintext(mesh, stream, client, original_dst, pod).await
+                    super::mesh::inbound_plaintext(&ctx.enforcer, stream, client, original_dst, pod)
+                        .await
                 }
                 FlowKind::Outbound => {
                     super::mesh::outbound(mesh, stream, client, original_dst, pod).await
@@ -122,7 +127,13 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
                 "HBONE termination is not built yet (issue #4); refusing");
             reset(stream);
         }
-        (HandlerMode::Passthrough, _) => relay(stream, listener, client, original_dst, pod).await,
+        // Plaintext to an enrolled pod obeys its policy here too (never plaintext to STRICT).
+        (HandlerMode::Passthrough, FlowKind::InboundPlaintext) => {
+            super::mesh::inbound_plaintext(&ctx.enforcer, stream, client, original_dst, pod).await
+        }
+        (HandlerMode::Passthrough, FlowKind::Outbound) => {
+            relay(stream, listener, client, original_dst, pod).await
+        }
     }
 }
 

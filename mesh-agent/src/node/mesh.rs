@@ -379,7 +379,7 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
 /// Plaintext captured on 15006 for the pod at `original_dst`: refused where PeerAuthentication
 /// is STRICT, otherwise authorized without identity and delivered from the client's address.
 pub async fn inbound_plaintext(
-    ctx: &MeshContext,
+    enforcer: &Arc<Enforcer>,
     tcp: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
@@ -391,7 +391,7 @@ pub async fn inbound_plaintext(
         destination_ip: original_dst.ip(),
         destination_port: original_dst.port(),
     };
-    let Ok(mut admission) = ctx.enforcer.admit(attrs, InboundKind::Plaintext) else {
+    let Ok(mut admission) = enforcer.admit(attrs, InboundKind::Plaintext) else {
         super::handler::reset(tcp);
         return;
     };

@@ -106,6 +106,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         flows: FlowTable::open(&layout.maps())?,
         view: controller.view(),
         mesh,
+        enforcer: Arc::clone(&enforcer),
     });
     let kinds = [
         FlowKind::Outbound,

@@ -92,6 +92,8 @@ pub struct AuthorizationEntry {
     pub policy: Result<Arc<CompiledPolicy>, PolicyError>,
     /// Things the author should know (L7 parts not enforced, waypoint-only attachment).
     pub notes: Vec<String>,
+    /// Rules whose L7 parts cannot be enforced here (ALLOW: never allow; DENY/AUDIT: L4 only).
+    pub l7_rules: usize,
 }
 
 /// A PeerAuthentication's modes (`None` = UNSET, inherit).
@@ -281,6 +283,7 @@ pub fn compile_authorization(obj: &RawObject, root_namespace: &str) -> Authoriza
     };
     let name: Arc<str> = format!("{}/{}", obj.metadata.namespace, obj.metadata.name).into();
     let mut notes = Vec::new();
+    let mut l7_rules = 0;
     let lenient: ScopeOnly = serde_yaml::from_value(obj.spec.clone()).unwrap_or_default();
     // Fail closed: an unscopable policy governs what it would without selector/targetRefs.
     let fallback = || selector_scope(&obj.metadata.namespace, root_namespace, None, true);
@@ -292,7 +295,9 @@ pub fn compile_authorization(obj: &RawObject, root_namespace: &str) -> Authoriza
     let policy = match scope_error.or_else(|| api_version_error(&ctx, obj)) {
         Some(e) => Err(e),
         None => parse_spec::<AuthorizationPolicySpec>(&ctx, &obj.spec)
-            .and_then(|spec| compile_rules(&ctx, &spec, Arc::clone(&name), &mut notes))
+            .and_then(|spec| {
+                compile_rules(&ctx, &spec, Arc::clone(&name), &mut notes, &mut l7_rules)
+            })
             .map(Arc::new),
     };
     AuthorizationEntry {
@@ -300,6 +305,7 @@ pub fn compile_authorization(obj: &RawObject, root_namespace: &str) -> Authoriza
         scope,
         policy,
         notes,
+        l7_rules,
     }
 }
 
@@ -308,6 +314,7 @@ fn compile_rules(
     spec: &AuthorizationPolicySpec,
     name: Arc<str>,
     notes: &mut Vec<String>,
+    l7_rules: &mut usize,
 ) -> Result<CompiledPolicy, PolicyError> {
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => Action::Allow,
@@ -364,6 +371,9 @@ fn compile_rules(
             if let Some(m) = condition_match(ctx, &at, c, &mut l7)? {
                 rule.clauses.push(vec![m]);
             }
+        }
+        if !l7.is_empty() {
+            *l7_rules += 1;
         }
         if l7.is_empty() {
             rules.push(rule);

@@ -110,6 +110,8 @@ pub struct PolicySet {
     /// Objects accepted, by kind.
     pub authorization_policies: usize,
     pub peer_authentications: usize,
+    /// Accepted rules that use L7 attributes, which node agents cannot check (see `compile`).
+    pub l7_rules: usize,
 }
 
 impl PolicySet {
@@ -149,7 +151,10 @@ impl PolicySet {
                     .map(|n| format!("AuthorizationPolicy {}: {n}", e.name)),
             );
             match &e.policy {
-                Ok(_) => set.authorization_policies += 1,
+                Ok(_) => {
+                    set.authorization_policies += 1;
+                    set.l7_rules += e.l7_rules;
+                }
                 Err(err) => set.errors.push(err.clone()),
             }
         }
@@ -289,4 +294,38 @@ fn resolve_mtls(w: &WorkloadInfo, peer: &[PeerAuthEntry]) -> ResolvedMtls {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l7_rules_are_counted_and_explained() {
+        let objects: Vec<RawObject> = serde_yaml::from_str(
+            r#"
+- {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: get, namespace: ns},
+   spec: {rules: [{to: [{operation: {methods: [GET]}}]}, {from: [{source: {namespaces: [ns]}}]}]}}
+- {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: no-admin, namespace: ns},
+   spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}}
+- {apiVersion: security.istio.io/v1, kind: RequestAuthentication, metadata: {name: jwt, namespace: ns}, spec: {}}
+"#,
+        )
+        .unwrap();
+        let set = PolicySet::compile(&objects, &[], "istio-system");
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
+        assert_eq!((set.authorization_policies, set.l7_rules), (2, 2));
+        let notes = set.notes.join("\n");
+        assert!(
+            notes.contains(
+                "ns/get: spec.rules[0] uses L7 attributes (spec.rules[0].to[0].operation.methods)"
+            ),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("ns/no-admin: spec.rules[0]: L7 attributes"),
+            "{notes}"
+        );
+        assert!(notes.contains("RequestAuthentication ns/jwt"), "{notes}");
+    }
 }
