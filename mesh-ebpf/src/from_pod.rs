@@ -57,7 +57,7 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         }
         Parsed::Tcp(seg) => seg,
     };
-    if steer::owned_by_local_socket(&ctx, &seg, seg.is_pure_syn()) {
+    if steer::owned_by_local_socket(&ctx, &seg) {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;

@@ -46,13 +46,17 @@ pub fn mark_local(ctx: &TcContext) {
     ctx.set_mark(mark | MARK_DELIVER_LOCAL);
 }
 
-/// Whether a local non-listening socket owns this exact 4-tuple (established, handshaking or in
-/// TIME_WAIT). A listener never counts: matching a host service's wildcard listener here would
-/// deliver pod traffic to it. Nor does TIME_WAIT for a new connection's SYN (`pure_syn`): the
-/// kernel would hand that SYN to whatever listener matches the original destination port —
-/// again possibly a host service — so it goes to the agent's listener instead.
+/// Whether a live local socket owns this exact 4-tuple (established or handshaking). A listener
+/// never counts: matching a host service's wildcard listener here would deliver pod traffic to
+/// it. Nor does TIME_WAIT: the tuple of a finished agent connection can be reused within the
+/// TIME_WAIT period by a new connection that is not the agent's (a pod that just left the mesh,
+/// a bystander); the old socket would swallow its SYN-ACK and the new connection would hang
+/// until TIME_WAIT ends (found by the benchmark's plain-after-mesh trials). A new SYN matching
+/// TIME_WAIT would be handed to whatever listener has the destination port — possibly a host
+/// service. The only segments a TIME_WAIT socket legitimately gets are late retransmissions of a
+/// finished connection; the pod answers those (with a reset at worst), which harms nothing.
 #[inline(always)]
-pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment, pure_syn: bool) -> bool {
+pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment) -> bool {
     // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
     let sk = unsafe { lookup(ctx, seg, seg.dport_be, true) };
     if sk.is_null() {
@@ -61,7 +65,7 @@ pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment, pure_syn: bool) 
     // SAFETY: non-null socket pointer from the lookup helper; `state` is readable on sock_common.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut _) };
-    state != TCP_LISTEN && !(pure_syn && state == TCP_TIME_WAIT)
+    state != TCP_LISTEN && state != TCP_TIME_WAIT
 }
 
 /// Assigns a SYN to the agent listener on `port`, marks it for local delivery and records the

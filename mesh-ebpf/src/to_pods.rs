@@ -56,7 +56,7 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     if to_pod.is_none() && !from_pod {
         return TC_ACT_UNSPEC;
     }
-    if steer::owned_by_local_socket(&ctx, &seg, seg.is_pure_syn()) {
+    if steer::owned_by_local_socket(&ctx, &seg) {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;

@@ -11,6 +11,7 @@ pub mod addressing;
 pub mod binaries;
 pub mod cgroup;
 pub mod hostnet;
+pub mod load;
 pub mod naming;
 pub mod netns;
 pub mod place;

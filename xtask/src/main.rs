@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's automation. Every command a README tells a person to run is here.
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -38,6 +39,8 @@ enum Cmd {
     },
     /// The mesh end to end on a 2-node testbed with real clients (as root); tears it all down.
     Demo,
+    /// Benchmarks: the mesh against plain TCP on the same testbed, in the same run (as root).
+    Bench(bench::BenchArgs),
     /// Leave a named network-namespace mini-cluster running to poke at, inspect it, remove it.
     Testbed {
         #[command(subcommand)]
@@ -71,6 +74,7 @@ fn main() -> Result<()> {
         } => test(no_lint, &cargo_test_args),
         Cmd::Testbed { command } => testbed::run(command),
         Cmd::Demo => demo::run(),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

@@ -6,11 +6,23 @@
 //! mtb-probe serve <port>               serve the probe protocol until killed
 //! mtb-probe http <port> <name>         a minimal HTTP/1.1 server (for curl): answers every
 //!                                      request with "<name> saw <peer>"
+//! mtb-probe load-server <rr-port> <once-port>   the benchmark servers (see mesh_testbed::load)
+//! mtb-probe rr <addr:port> <secs>              1 KiB request/response latency (JSON)
+//! mtb-probe connrate <addr:port> <conc> <secs> connect, 1 KiB exchange, close: conn/s (JSON)
+//! mtb-probe paced <addr:port> <rps> <secs>     1 KiB exchanges at a fixed rate (JSON)
 //! ```
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use mesh_testbed::probe::{Probe, ProbeServer};
+use mesh_testbed::{
+    load,
+    probe::{Probe, ProbeServer},
+};
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,12 +55,31 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
+        ["load-server", rr, once] => load::serve(
+            rr.parse().context("port")?,
+            once.parse().context("port")?,
+            16,
+        ),
+        ["rr", dst, secs] => print_json(&load::request_response(
+            dst.parse().context("destination")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )?),
+        ["connrate", dst, conc, secs] => print_json(&load::connection_rate(
+            dst.parse().context("destination")?,
+            conc.parse().context("concurrency")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )?),
+        ["paced", dst, rps, secs] => print_json(&load::paced(
+            dst.parse().context("destination")?,
+            rps.parse().context("rate")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )?),
         ["http", port, name] => {
             let port: u16 = port.parse().context("port")?;
             http(port, name)
         }
         _ => bail!(
-            "usage: mtb-probe send <addr:port> <bytes> | mtb-probe serve <port> | mtb-probe http <port> <name>"
+            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs>"
         ),
     }
 }

@@ -1,0 +1,215 @@
+//! The benchmark's load generator (run inside pods through `mtb-probe`): request/response
+//! latency with an HDR histogram, connection rate, and a paced request stream for CPU cost.
+//! Blocking sockets and plain threads: the client's own overhead is the same on every path.
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Request and response size of every benchmark exchange.
+pub const MESSAGE: usize = 1024;
+
+/// Serves both load protocols until the process is killed: on `rr_port`, every 1 KiB read is
+/// answered with 1 KiB (a persistent connection); on `once_port`, one 1 KiB exchange, then the
+/// server closes. A fixed set of threads accepts, so no thread is spawned per connection.
+pub fn serve(rr_port: u16, once_port: u16, threads: usize) -> Result<()> {
+    let rr = listen(rr_port)?;
+    let once = listen(once_port)?;
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let rr = rr.try_clone()?;
+        handles.push(thread::spawn(move || {
+            while let Ok((s, _)) = rr.accept() {
+                let _ = echo_until_eof(s);
+            }
+        }));
+        let once = once.try_clone()?;
+        handles.push(thread::spawn(move || {
+            while let Ok((s, _)) = once.accept() {
+                let _ = exchange_once(s);
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn listen(port: u16) -> Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
+        .with_context(|| format!("binding port {port}"))?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+fn echo_until_eof(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; MESSAGE];
+    loop {
+        match s.read_exact(&mut buf) {
+            Ok(()) => s.write_all(&buf)?,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn exchange_once(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; MESSAGE];
+    s.read_exact(&mut buf)?;
+    s.write_all(&buf)?;
+    // The server closes first (as an HTTP/1.0 server would): its side keeps the TIME_WAIT, so
+    // clients never run out of ports.
+    s.shutdown(Shutdown::Write)?;
+    let _ = s.read(&mut buf);
+    Ok(())
+}
+
+fn connect(dst: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// Latency of 1 KiB request/response exchanges on one connection.
+#[derive(Debug, Serialize)]
+pub struct RrResult {
+    pub requests: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+}
+
+/// Ping-pongs 1 KiB on one connection for `duration` (after a short warm-up).
+pub fn request_response(dst: SocketAddr, duration: Duration) -> Result<RrResult> {
+    let mut s = connect(dst).with_context(|| format!("connecting to {dst}"))?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut buf = [7u8; MESSAGE];
+    for _ in 0..200 {
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+    }
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let t = Instant::now();
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        hist.record(t.elapsed().as_nanos().max(1) as u64)?;
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Ok(RrResult {
+        requests: hist.len(),
+        p50_us: us(hist.value_at_quantile(0.5)),
+        p99_us: us(hist.value_at_quantile(0.99)),
+        mean_us: hist.mean() / 1000.0,
+    })
+}
+
+/// New connections completed per second.
+#[derive(Debug, Serialize)]
+pub struct ConnRateResult {
+    pub connections: u64,
+    pub errors: u64,
+    pub per_second: f64,
+}
+
+/// `concurrency` threads each loop: connect, one 1 KiB exchange, close — for `duration`.
+pub fn connection_rate(
+    dst: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<ConnRateResult> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (done, errors, stop) = (Arc::clone(&done), Arc::clone(&errors), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut buf = [7u8; MESSAGE];
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = (|| -> io::Result<()> {
+                        let mut s = connect(dst)?;
+                        s.write_all(&buf)?;
+                        s.read_exact(&mut buf)?;
+                        // Wait for the server's close, then close.
+                        let _ = s.read(&mut buf[..1]);
+                        Ok(())
+                    })();
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let connections = done.load(Ordering::Relaxed);
+    let errors = errors.load(Ordering::Relaxed);
+    if connections == 0 {
+        bail!("no connection to {dst} completed ({errors} failed)");
+    }
+    Ok(ConnRateResult {
+        connections,
+        errors,
+        per_second: connections as f64 / elapsed,
+    })
+}
+
+/// A paced request stream.
+#[derive(Debug, Serialize)]
+pub struct PacedResult {
+    pub requests: u64,
+    pub achieved_rps: f64,
+    pub seconds: f64,
+}
+
+/// Sends 1 KiB exchanges at `rps` on one connection for `duration` (for the CPU cost per
+/// request rate: the load is the same on every path, so CPU differences are the path's).
+pub fn paced(dst: SocketAddr, rps: u32, duration: Duration) -> Result<PacedResult> {
+    let mut s = connect(dst).with_context(|| format!("connecting to {dst}"))?;
+    let mut buf = [7u8; MESSAGE];
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
+    let started = Instant::now();
+    let mut next = started;
+    let mut requests = 0u64;
+    while started.elapsed() < duration {
+        let now = Instant::now();
+        if now < next {
+            thread::sleep(next - now);
+        }
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        requests += 1;
+        next += interval;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(PacedResult {
+        requests,
+        achieved_rps: requests as f64 / seconds,
+        seconds,
+    })
+}

@@ -1,0 +1,445 @@
+//! `cargo xtask bench`: the mesh against plain TCP on the same testbed, in the same run.
+//!
+//! A 2-node × 3-pod testbed, one release-built agent per node with production defaults, and two
+//! scenarios: `cross_node` (node1-pod1 → node2-pod1) and `same_node` (node1-pod1 → node1-pod2).
+//! Each trial measures every test on the `plain` path (the same pods, not enrolled) and then on
+//! the `mesh` path (enrolled), so slow drifts of the machine hit both alike. Figures: iperf3
+//! throughput with 1 and 16 streams, 1 KiB request/response latency (HDR histogram), new
+//! connections per second at concurrency 1 and 8, agent CPU per 1,000 req/s at a fixed rate,
+//! and the agents' RSS idle and under load (from /proc).
+mod report;
+mod sampler;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use mesh_testbed::{Background, Pod, Testbed, TestbedSpec};
+use serde_json::{Value, json};
+
+use crate::{cargo, cmd, ensure_setup, setup, workspace_root};
+use report::{Results, Trial};
+use sampler::AgentProcess;
+
+const RR_PORT: u16 = 7001;
+const ONCE_PORT: u16 = 7002;
+const IPERF_PORT: u16 = 5201;
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// 3 trials of 2 s per test (a smoke run) instead of 5 trials of 5 s.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the targets table as markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Keep the agents' logs in this directory.
+    #[arg(long)]
+    logs: Option<PathBuf>,
+    /// Only these scenarios (cross_node, same_node).
+    #[arg(long = "scenario", value_parser = ["cross_node", "same_node"])]
+    scenarios: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BenchPath {
+    Plain,
+    Mesh,
+}
+
+impl BenchPath {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Mesh => "mesh",
+        }
+    }
+}
+
+/// A client pod and a server pod.
+struct Scenario {
+    name: &'static str,
+    client: (usize, usize),
+    server: (usize, usize),
+}
+
+const SCENARIOS: [Scenario; 2] = [
+    Scenario {
+        name: "cross_node",
+        client: (1, 1),
+        server: (2, 1),
+    },
+    Scenario {
+        name: "same_node",
+        client: (1, 1),
+        server: (1, 2),
+    },
+];
+
+/// Pods enrolled on the mesh path: every client and server above.
+const MESH_PODS: [(usize, usize); 3] = [(1, 1), (1, 2), (2, 1)];
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if !setup::is_root() {
+        bail!("the benchmark builds network namespaces and loads eBPF: run it as root");
+    }
+    let started = Instant::now();
+    ensure_setup()?;
+    println!("• build (release)");
+    cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
+    let bin = workspace_root().join("target/release");
+    let header = machine_header(args.quick)?;
+    println!("• machine: {header}");
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 2,
+        pods_per_node: 3,
+    })?;
+    let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let outcome = std::fs::create_dir_all(&work)
+        .context("work directory")
+        .and_then(|()| bench(&tb, &bin, &work, &args));
+    let _ = std::fs::remove_dir_all(&work);
+    tb.teardown_verified().context("tearing the testbed down")?;
+    let results = outcome?;
+    let doc = json!({
+        "header": header,
+        "records": results.records(),
+    });
+    let markdown = results.markdown(&header);
+    println!("\n{markdown}");
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("JSON written to {}", p.display());
+    }
+    if let Some(p) = &args.markdown {
+        std::fs::write(p, &markdown).with_context(|| format!("writing {}", p.display()))?;
+        println!("markdown written to {}", p.display());
+    }
+    println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn machine_header(quick: bool) -> Result<Value> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let out = |prog: &str, args: &[&str]| {
+        std::process::Command::new(prog)
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    Ok(json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": out("uname", &["-r"]),
+        "cpu_model": cpu_model,
+        "loadavg_start": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "commit": out("git", &["rev-parse", "--short=12", "HEAD"]),
+        "dirty": !out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty(),
+        "date": out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "mode": if quick { "quick" } else { "full" },
+        "trials": if quick { 3 } else { 5 },
+        "seconds_per_test": if quick { 2 } else { 5 },
+    }))
+}
+
+/// Everything running on the testbed.
+struct Rig<'a> {
+    tb: &'a Testbed,
+    probe: PathBuf,
+    agents: Vec<AgentProcess>,
+    _servers: Vec<Background>,
+    secs: f64,
+}
+
+fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
+    let (agent, probe) = (bin.join("mesh-agent"), bin.join("mtb-probe"));
+    let ca = work.join("ca");
+    cmd::run(
+        std::process::Command::new(&agent)
+            .args(["ca", "init", "--out"])
+            .arg(&ca),
+    )?;
+    let mut agents = Vec::new();
+    for node in 1..=2 {
+        let config = work.join(format!("node{node}.yaml"));
+        std::fs::write(&config, config_yaml(tb, node, &ca, BenchPath::Plain))?;
+        let bpffs = tb.bpffs_dir().join(format!("agent-node{node}"));
+        let mut p = tb.node(node).place.spawn(
+            agent.to_str().context("path")?,
+            &[
+                "node",
+                "--config",
+                config.to_str().context("path")?,
+                "--bpffs-dir",
+                bpffs.to_str().context("path")?,
+                // Only how fast enrolment follows the file between trials; the data path is
+                // the production default (mesh handler, no splicing).
+                "--reload-interval-ms",
+                "100",
+            ],
+        )?;
+        for port in [15001, 15006, 15008] {
+            p.wait_listening(port, Duration::from_secs(20))
+                .with_context(|| format!("agent of node{node}"))?;
+        }
+        agents.push(AgentProcess::new(node, p, config, bpffs));
+    }
+    let mut servers = Vec::new();
+    for s in &SCENARIOS {
+        let pod = tb.pod(s.server.0, s.server.1);
+        let mut p = pod.place.spawn(
+            probe.to_str().context("path")?,
+            &["load-server", &RR_PORT.to_string(), &ONCE_PORT.to_string()],
+        )?;
+        p.wait_listening(RR_PORT, Duration::from_secs(10))?;
+        servers.push(p);
+    }
+    let mut rig = Rig {
+        tb,
+        probe,
+        agents,
+        _servers: servers,
+        secs: if args.quick { 2.0 } else { 5.0 },
+    };
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == s.name))
+        .collect();
+    // Warm-up on the mesh path: certificates issued, pools and caches as in steady state.
+    rig.set_path(BenchPath::Mesh, &ca)?;
+    for s in &scenarios {
+        rig.rr(s, 1.0)?;
+    }
+    let trials = if args.quick { 3 } else { 5 };
+    let mut results = Results::default();
+    for trial in 1..=trials {
+        for path in [BenchPath::Plain, BenchPath::Mesh] {
+            rig.set_path(path, &ca)?;
+            println!("• trial {trial}/{trials}, {} path", path.name());
+            for s in &scenarios {
+                rig.scenario(s, path, &mut results)?;
+            }
+        }
+    }
+    for a in rig.agents.drain(..) {
+        let node = a.node;
+        let log = a.stop()?;
+        if let Some(dir) = &args.logs {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(format!("agent-node{node}.log")), log)?;
+        }
+    }
+    Ok(results)
+}
+
+impl Rig<'_> {
+    fn pod(&self, id: (usize, usize)) -> &Pod {
+        self.tb.pod(id.0, id.1)
+    }
+
+    /// Rewrites both agents' configs for `path` and waits until the capture follows.
+    fn set_path(&self, path: BenchPath, ca: &Path) -> Result<()> {
+        for a in &self.agents {
+            std::fs::write(&a.config, config_yaml(self.tb, a.node, ca, path))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for a in &self.agents {
+            let want = match path {
+                BenchPath::Plain => 0,
+                BenchPath::Mesh => MESH_PODS.iter().filter(|p| p.0 == a.node).count(),
+            };
+            while a.enrolled_links() != want {
+                ensure!(
+                    Instant::now() < deadline,
+                    "node{}: enrolment did not follow the config",
+                    a.node
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // Let the un-enrolled pods' draining and the reload settle.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    fn client_json(&self, s: &Scenario, args: &[&str]) -> Result<Value> {
+        let out = self
+            .pod(s.client)
+            .place
+            .run(self.probe.to_str().context("path")?, args)
+            .with_context(|| format!("{} {}", s.name, args.join(" ")))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("load tool said {out:?}"))
+    }
+
+    fn server_addr(&self, s: &Scenario, port: u16) -> String {
+        std::net::SocketAddr::new(self.pod(s.server).ipv4.into(), port).to_string()
+    }
+
+    fn rr(&self, s: &Scenario, secs: f64) -> Result<Value> {
+        self.client_json(s, &["rr", &self.server_addr(s, RR_PORT), &secs.to_string()])
+    }
+
+    fn iperf3(&self, s: &Scenario, streams: u32) -> Result<f64> {
+        let (client, server) = (self.pod(s.client), self.pod(s.server));
+        let port = IPERF_PORT.to_string();
+        let mut srv = server.place.spawn("iperf3", &["-s", "-1", "-p", &port])?;
+        srv.wait_listening(IPERF_PORT, Duration::from_secs(10))?;
+        let out = client.place.run(
+            "iperf3",
+            &[
+                "-c",
+                &server.ipv4.to_string(),
+                "-p",
+                &port,
+                "-t",
+                &self.secs.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+        )?;
+        let _ = srv.wait(Duration::from_secs(10));
+        let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            bail!("iperf3: {e}");
+        }
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 reported no received rate")?;
+        Ok(bps / 1e9)
+    }
+
+    /// Every test of one scenario on one path, adding one trial each.
+    fn scenario(&self, s: &Scenario, path: BenchPath, results: &mut Results) -> Result<()> {
+        let p = path.name();
+        let secs = self.secs.to_string();
+        let idle = self
+            .agents
+            .iter()
+            .map(AgentProcess::rss_mib)
+            .fold(0.0, f64::max);
+        results.add(s.name, "rss_idle", p, value(idle));
+        let sampler = sampler::RssSampler::start(&self.agents);
+
+        let t1 = self.iperf3(s, 1)?;
+        results.add(s.name, "throughput_1", p, value(t1));
+        let t16 = self.iperf3(s, 16)?;
+        results.add(s.name, "throughput_16", p, value(t16));
+
+        let rr = self.rr(s, self.secs)?;
+        let (p50, p99) = (
+            rr["p50_us"].as_f64().context("p50")?,
+            rr["p99_us"].as_f64().context("p99")?,
+        );
+        results.add(
+            s.name,
+            "rr_1kib",
+            p,
+            Trial {
+                value: p50,
+                p50: Some(p50),
+                p99: Some(p99),
+            },
+        );
+        for (test, conc) in [("connrate_c1", "1"), ("connrate_c8", "8")] {
+            let v = self.client_json(
+                s,
+                &["connrate", &self.server_addr(s, ONCE_PORT), conc, &secs],
+            )?;
+            results.add(
+                s.name,
+                test,
+                p,
+                value(v["per_second"].as_f64().context("rate")?),
+            );
+        }
+
+        let before: Vec<f64> = self
+            .agents
+            .iter()
+            .map(AgentProcess::cpu_seconds)
+            .collect::<Result<_>>()?;
+        let paced =
+            self.client_json(s, &["paced", &self.server_addr(s, RR_PORT), "1000", &secs])?;
+        let after: Vec<f64> = self
+            .agents
+            .iter()
+            .map(AgentProcess::cpu_seconds)
+            .collect::<Result<_>>()?;
+        let (rps, wall) = (
+            paced["achieved_rps"].as_f64().context("rps")?,
+            paced["seconds"].as_f64().context("seconds")?,
+        );
+        let cpu: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+        results.add(
+            s.name,
+            "cpu_per_1k_rps",
+            p,
+            value(cpu / wall / (rps / 1000.0)),
+        );
+
+        results.add(s.name, "rss_load", p, value(sampler.stop()));
+        println!(
+            "  {:<10} {:<5} 1 stream {t1:.2} Gbit/s · 16 streams {t16:.2} Gbit/s · rr p50 {p50:.0} µs p99 {p99:.0} µs",
+            s.name, p
+        );
+        Ok(())
+    }
+}
+
+fn value(v: f64) -> Trial {
+    Trial {
+        value: v,
+        p50: None,
+        p99: None,
+    }
+}
+
+/// Every pod in namespace `bench`; on the mesh path the scenario pods carry Istio's enrolment
+/// label, on the plain path no pod does.
+fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath) -> String {
+    let enrolled: BTreeSet<(usize, usize)> = match path {
+        BenchPath::Plain => BTreeSet::new(),
+        BenchPath::Mesh => MESH_PODS.into_iter().collect(),
+    };
+    let mut y = format!(
+        "node: {{name: node{node}, uplinks: [{}]}}\nca: {{dir: {}}}\nnamespaces:\n  - {{name: bench}}\nworkloads:\n",
+        tb.node(node).uplink,
+        ca.display()
+    );
+    for p in tb.pods() {
+        let label = if enrolled.contains(&(p.node, p.index)) {
+            ", labels: {istio.io/dataplane-mode: ambient}"
+        } else {
+            ""
+        };
+        y += &format!(
+            "  - {{name: {}, namespace: bench, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}{label}}}\n",
+            p.name(),
+            p.name(),
+            p.node,
+            p.ipv4,
+            p.ipv6,
+            p.host_veth,
+        );
+    }
+    y
+}

@@ -1,0 +1,308 @@
+//! Benchmark results: one record per (scenario, test, path) with median/min/max over trials,
+//! the JSON document, and the markdown table against the targets of issue #8.
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+/// One trial's figure (and, for latency, its percentiles).
+#[derive(Clone, Copy, Debug)]
+pub struct Trial {
+    pub value: f64,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// All trials, keyed by (scenario, test, path).
+#[derive(Default)]
+pub struct Results {
+    pub trials: BTreeMap<(String, &'static str, &'static str), Vec<Trial>>,
+}
+
+/// The unit of each test's figure.
+pub fn unit(test: &str) -> &'static str {
+    match test {
+        "throughput_1" | "throughput_16" => "gbit_s",
+        "rr_1kib" => "us",
+        "connrate_c1" | "connrate_c8" => "conn_s",
+        "cpu_per_1k_rps" => "cores",
+        _ => "mib",
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+impl Results {
+    pub fn add(&mut self, scenario: &str, test: &'static str, path: &'static str, t: Trial) {
+        self.trials
+            .entry((scenario.to_owned(), test, path))
+            .or_default()
+            .push(t);
+    }
+
+    /// The median of a figure (None if it was not measured).
+    pub fn median(&self, scenario: &str, test: &str, path: &str) -> Option<f64> {
+        self.trials
+            .iter()
+            .find(|((s, t, p), _)| s == scenario && *t == test && *p == path)
+            .map(|(_, v)| median(&v.iter().map(|t| t.value).collect::<Vec<_>>()))
+    }
+
+    fn percentile(&self, scenario: &str, test: &str, path: &str, p99: bool) -> Option<f64> {
+        self.trials
+            .iter()
+            .find(|((s, t, p), _)| s == scenario && *t == test && *p == path)
+            .map(|(_, v)| {
+                median(
+                    &v.iter()
+                        .filter_map(|t| if p99 { t.p99 } else { t.p50 })
+                        .collect::<Vec<_>>(),
+                )
+            })
+    }
+
+    /// Records in the schema of issue #8.
+    pub fn records(&self) -> Vec<Value> {
+        self.trials
+            .iter()
+            .map(|((scenario, test, path), v)| {
+                let values: Vec<f64> = v.iter().map(|t| t.value).collect();
+                let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut r = json!({
+                    "scenario": scenario,
+                    "test": test,
+                    "path": path,
+                    "unit": unit(test),
+                    "median": round(median(&values)),
+                    "min": round(min),
+                    "max": round(max),
+                    "trials": values.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+                });
+                if v.iter().any(|t| t.p50.is_some()) {
+                    let p = |p99| {
+                        round(median(
+                            &v.iter()
+                                .filter_map(|t| if p99 { t.p99 } else { t.p50 })
+                                .collect::<Vec<_>>(),
+                        ))
+                    };
+                    r["p50"] = json!(p(false));
+                    r["p99"] = json!(p(true));
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// The targets table: measured plain and mesh figures, the comparison, and whether the
+    /// target is met.
+    pub fn markdown(&self, header: &Value) -> String {
+        let mut out = String::new();
+        out += &format!(
+            "Measured {} on {} ({} cores, kernel {}), load average at start {}, commit {}, {} trials per figure ({} mode), medians; `plain` = the same pods not enrolled, same run.\n\n",
+            header["date"].as_str().unwrap_or("?"),
+            header["cpu_model"].as_str().unwrap_or("?"),
+            header["cores"],
+            header["kernel"].as_str().unwrap_or("?"),
+            header["loadavg_start"].as_str().unwrap_or("?"),
+            header["commit"].as_str().unwrap_or("?"),
+            header["trials"],
+            header["mode"].as_str().unwrap_or("?"),
+        );
+        out += "| figure | target | plain | mesh | measured | met |\n|---|---|---|---|---|---|\n";
+        let fmt = |v: Option<f64>, unit: &str| match v {
+            Some(x) if x.is_finite() => match unit {
+                "gbit_s" => format!("{x:.2} Gbit/s"),
+                "us" => format!("{x:.0} µs"),
+                "conn_s" => format!("{x:.0} conn/s"),
+                "cores" => format!("{x:.4} cores"),
+                _ => format!("{x:.1} MiB"),
+            },
+            _ => "—".to_owned(),
+        };
+        let ratio_row = |label: &str, scenario: &str, test: &str, target: f64| {
+            let (p, m) = (
+                self.median(scenario, test, "plain"),
+                self.median(scenario, test, "mesh"),
+            );
+            let ratio = p.zip(m).map(|(p, m)| m / p);
+            format!(
+                "| {label} | ≥ {:.0}% of plain | {} | {} | {} | {} |\n",
+                target * 100.0,
+                fmt(p, unit(test)),
+                fmt(m, unit(test)),
+                ratio.map_or("—".into(), |r| format!("{:.0}% of plain", r * 100.0)),
+                ratio.map_or("—", |r| if r >= target { "yes" } else { "**no**" }),
+            )
+        };
+        out += &ratio_row(
+            "cross-node throughput, 1 stream",
+            "cross_node",
+            "throughput_1",
+            0.5,
+        );
+        out += &ratio_row(
+            "cross-node throughput, 16 streams",
+            "cross_node",
+            "throughput_16",
+            0.5,
+        );
+        out += &ratio_row(
+            "same-node throughput, 1 stream",
+            "same_node",
+            "throughput_1",
+            1.0,
+        );
+        for (label, p99, limit) in [
+            (
+                "1 KiB request/response, mesh p50 − plain p50, cross-node",
+                false,
+                50.0,
+            ),
+            (
+                "1 KiB request/response, mesh p99 − plain p99, cross-node",
+                true,
+                120.0,
+            ),
+        ] {
+            let (p, m) = (
+                self.percentile("cross_node", "rr_1kib", "plain", p99),
+                self.percentile("cross_node", "rr_1kib", "mesh", p99),
+            );
+            let diff = p.zip(m).map(|(p, m)| m - p);
+            out += &format!(
+                "| {label} | ≤ {limit:.0} µs | {} | {} | {} | {} |\n",
+                fmt(p, "us"),
+                fmt(m, "us"),
+                diff.map_or("—".into(), |d| format!("+{d:.0} µs")),
+                diff.map_or("—", |d| if d <= limit { "yes" } else { "**no**" }),
+            );
+        }
+        out += &ratio_row(
+            "new connections/s, 1 concurrent, cross-node",
+            "cross_node",
+            "connrate_c1",
+            0.75,
+        );
+        out += &ratio_row(
+            "new connections/s, 8 concurrent, cross-node",
+            "cross_node",
+            "connrate_c8",
+            0.75,
+        );
+        out += &ratio_row(
+            "new connections/s, 1 concurrent, same node",
+            "same_node",
+            "connrate_c1",
+            0.75,
+        );
+        out += &ratio_row(
+            "new connections/s, 8 concurrent, same node",
+            "same_node",
+            "connrate_c8",
+            0.75,
+        );
+        for (label, test, limit) in [
+            ("agent RSS idle (largest agent)", "rss_idle", 12.0),
+            ("agent RSS under load (largest agent)", "rss_load", 25.0),
+        ] {
+            let m = ["cross_node", "same_node"]
+                .iter()
+                .filter_map(|s| self.median(s, test, "mesh"))
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
+            out += &format!(
+                "| {label} | ≤ {limit:.0} MiB | — | {} | {} | {} |\n",
+                fmt(m, "mib"),
+                fmt(m, "mib"),
+                m.map_or("—", |x| if x <= limit { "yes" } else { "**no**" }),
+            );
+        }
+        let (p, m) = (
+            self.median("cross_node", "cpu_per_1k_rps", "plain"),
+            self.median("cross_node", "cpu_per_1k_rps", "mesh"),
+        );
+        out += &format!(
+            "| agent CPU per 1,000 req/s of 1 KiB request/response (both agents, cross-node) | ≤ 0.03 cores | {} | {} | {} | {} |\n",
+            fmt(p, "cores"),
+            fmt(m, "cores"),
+            fmt(m, "cores"),
+            m.map_or("—", |x| if x <= 0.03 { "yes" } else { "**no**" }),
+        );
+        out += "\nAll figures (median, min–max over trials):\n\n| scenario | test | plain | mesh |\n|---|---|---|---|\n";
+        let mut keys: Vec<(&String, &'static str)> =
+            self.trials.keys().map(|(s, t, _)| (s, *t)).collect();
+        keys.dedup();
+        for (s, t) in keys {
+            let cell = |path: &'static str| {
+                self.trials
+                    .get(&(s.clone(), t, path))
+                    .map_or("—".to_owned(), |v| {
+                        let vals: Vec<f64> = v.iter().map(|x| x.value).collect();
+                        let (lo, hi) = (
+                            vals.iter().copied().fold(f64::INFINITY, f64::min),
+                            vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        );
+                        let mut c = format!(
+                            "{} ({:.3}–{:.3})",
+                            fmt(Some(median(&vals)), unit(t)),
+                            lo,
+                            hi
+                        );
+                        if t == "rr_1kib" {
+                            c += &format!(", p99 {}", fmt(self.percentile(s, t, path, true), "us"));
+                        }
+                        c
+                    })
+            };
+            out += &format!("| {s} | {t} | {} | {} |\n", cell("plain"), cell("mesh"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_follow_the_schema_and_medians_are_medians() {
+        let mut r = Results::default();
+        for (v, p99) in [(30.0, 80.0), (10.0, 60.0), (20.0, 70.0)] {
+            r.add(
+                "cross_node",
+                "rr_1kib",
+                "mesh",
+                Trial {
+                    value: v,
+                    p50: Some(v),
+                    p99: Some(p99),
+                },
+            );
+        }
+        let rec = &r.records()[0];
+        assert_eq!(rec["scenario"], "cross_node");
+        assert_eq!(rec["unit"], "us");
+        assert_eq!(rec["median"], 20.0);
+        assert_eq!(rec["min"], 10.0);
+        assert_eq!(rec["max"], 30.0);
+        assert_eq!(rec["p99"], 70.0);
+        assert_eq!(rec["trials"].as_array().unwrap().len(), 3);
+        assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), 2.5);
+    }
+}
