@@ -6,7 +6,7 @@
 //! mtb-probe serve <port>               serve the probe protocol until killed
 //! mtb-probe http <port> <name>         a minimal HTTP/1.1 server (for curl): answers every
 //!                                      request with "<name> saw <peer>"
-//! mtb-probe load-server <rr-port> <once-port>   the benchmark servers (see mesh_testbed::load)
+//! mtb-probe load-server <rr-port> <once-port>...  the benchmark servers (see mesh_testbed::load)
 //! mtb-probe rr <addr:port> <secs>              1 KiB request/response latency (JSON)
 //! mtb-probe connrate <addr:port> <conc> <secs> connect, 1 KiB exchange, close: conn/s (JSON)
 //! mtb-probe paced <addr:port> <rps> <secs>     1 KiB exchanges at a fixed rate (JSON)
@@ -55,9 +55,12 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        ["load-server", rr, once] => load::serve(
+        ["load-server", rr, once @ ..] if !once.is_empty() => load::serve(
             rr.parse().context("port")?,
-            once.parse().context("port")?,
+            &once
+                .iter()
+                .map(|p| p.parse().context("port"))
+                .collect::<Result<Vec<u16>>>()?,
             16,
         ),
         ["rr", dst, secs] => print_json(&load::request_response(

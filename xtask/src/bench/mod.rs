@@ -25,7 +25,11 @@ use report::{Results, Trial};
 use sampler::AgentProcess;
 
 const RR_PORT: u16 = 7001;
-const ONCE_PORT: u16 = 7002;
+/// Connection-rate servers, one port per path: the tuples of one path's closed connections
+/// (TIME_WAIT in the server pod) must not meet the other path's new connections, see
+/// docs/PERFORMANCE.md "Connection rate".
+const ONCE_PORT_PLAIN: u16 = 7002;
+const ONCE_PORT_MESH: u16 = 7003;
 const IPERF_PORT: u16 = 5201;
 
 /// Options of `cargo xtask bench`.
@@ -40,6 +44,10 @@ pub struct BenchArgs {
     /// Write the targets table as markdown.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Record a CPU profile of both agents (perf record -g) during the first mesh trial's
+    /// cross-node 1-stream throughput and request/response tests, into this directory.
+    #[arg(long)]
+    perf: Option<PathBuf>,
     /// Keep the agents' logs in this directory.
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -167,6 +175,7 @@ struct Rig<'a> {
     agents: Vec<AgentProcess>,
     _servers: Vec<Background>,
     secs: f64,
+    perf: Option<PathBuf>,
 }
 
 fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
@@ -207,7 +216,12 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         let pod = tb.pod(s.server.0, s.server.1);
         let mut p = pod.place.spawn(
             probe.to_str().context("path")?,
-            &["load-server", &RR_PORT.to_string(), &ONCE_PORT.to_string()],
+            &[
+                "load-server",
+                &RR_PORT.to_string(),
+                &ONCE_PORT_PLAIN.to_string(),
+                &ONCE_PORT_MESH.to_string(),
+            ],
         )?;
         p.wait_listening(RR_PORT, Duration::from_secs(10))?;
         servers.push(p);
@@ -218,33 +232,40 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         agents,
         _servers: servers,
         secs: if args.quick { 2.0 } else { 5.0 },
+        perf: args.perf.clone(),
     };
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == s.name))
         .collect();
-    // Warm-up on the mesh path: certificates issued, pools and caches as in steady state.
-    rig.set_path(BenchPath::Mesh, &ca)?;
-    for s in &scenarios {
-        rig.rr(s, 1.0)?;
-    }
-    let trials = if args.quick { 3 } else { 5 };
-    let mut results = Results::default();
-    for trial in 1..=trials {
-        for path in [BenchPath::Plain, BenchPath::Mesh] {
-            rig.set_path(path, &ca)?;
-            println!("• trial {trial}/{trials}, {} path", path.name());
-            for s in &scenarios {
-                rig.scenario(s, path, &mut results)?;
-            }
-        }
-    }
+    let outcome = measure(&rig, &scenarios, &ca, args.quick);
     for a in rig.agents.drain(..) {
         let node = a.node;
         let log = a.stop()?;
         if let Some(dir) = &args.logs {
             std::fs::create_dir_all(dir)?;
             std::fs::write(dir.join(format!("agent-node{node}.log")), log)?;
+        }
+    }
+    outcome
+}
+
+/// The warm-up and every trial.
+fn measure(rig: &Rig<'_>, scenarios: &[&Scenario], ca: &Path, quick: bool) -> Result<Results> {
+    // Warm-up on the mesh path: certificates issued, pools and caches as in steady state.
+    rig.set_path(BenchPath::Mesh, ca)?;
+    for s in scenarios {
+        rig.rr(s, 1.0)?;
+    }
+    let trials = if quick { 3 } else { 5 };
+    let mut results = Results::default();
+    for trial in 1..=trials {
+        for path in [BenchPath::Plain, BenchPath::Mesh] {
+            rig.set_path(path, ca)?;
+            println!("• trial {trial}/{trials}, {} path", path.name());
+            for s in scenarios {
+                rig.scenario(s, path, &mut results)?;
+            }
         }
     }
     Ok(results)
@@ -328,7 +349,38 @@ impl Rig<'_> {
     }
 
     /// Every test of one scenario on one path, adding one trial each.
+    /// `perf record` of both agents until the returned process is stopped (SIGINT).
+    fn start_perf(
+        &self,
+        s: &Scenario,
+        path: BenchPath,
+        results: &Results,
+    ) -> Result<Option<std::process::Child>> {
+        let Some(dir) = &self.perf else {
+            return Ok(None);
+        };
+        let first = !results
+            .trials
+            .contains_key(&(s.name.to_owned(), "throughput_1", path.name()));
+        if path != BenchPath::Mesh || s.name != "cross_node" || !first {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(dir)?;
+        let pids: Vec<String> = self.agents.iter().map(|a| a.pid().to_string()).collect();
+        let out = dir.join("cross_node_mesh.perf.data");
+        let child = std::process::Command::new("perf")
+            .args(["record", "-g", "-F", "999", "-p", &pids.join(","), "-o"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        println!("  perf: recording both agents into {}", out.display());
+        Ok(Some(child))
+    }
+
     fn scenario(&self, s: &Scenario, path: BenchPath, results: &mut Results) -> Result<()> {
+        let perf = self.start_perf(s, path, results)?;
         let p = path.name();
         let secs = self.secs.to_string();
         let idle = self
@@ -345,6 +397,11 @@ impl Rig<'_> {
         results.add(s.name, "throughput_16", p, value(t16));
 
         let rr = self.rr(s, self.secs)?;
+        if let Some(mut child) = perf {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
         let (p50, p99) = (
             rr["p50_us"].as_f64().context("p50")?,
             rr["p99_us"].as_f64().context("p99")?,
@@ -359,11 +416,12 @@ impl Rig<'_> {
                 p99: Some(p99),
             },
         );
+        let once = match path {
+            BenchPath::Plain => ONCE_PORT_PLAIN,
+            BenchPath::Mesh => ONCE_PORT_MESH,
+        };
         for (test, conc) in [("connrate_c1", "1"), ("connrate_c8", "8")] {
-            let v = self.client_json(
-                s,
-                &["connrate", &self.server_addr(s, ONCE_PORT), conc, &secs],
-            )?;
+            let v = self.client_json(s, &["connrate", &self.server_addr(s, once), conc, &secs])?;
             results.add(
                 s.name,
                 test,

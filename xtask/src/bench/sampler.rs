@@ -42,6 +42,10 @@ impl AgentProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn rss_mib(&self) -> f64 {
         rss_kib(self.process.pid()).unwrap_or(0) as f64 / 1024.0
     }
