@@ -23,6 +23,18 @@ pub const FLOWS_MAP: &str = "MESH_FLOWS";
 /// flood evicts the oldest unaccepted entries (the agent then refuses those connections).
 pub const MAX_FLOWS: u32 = 65_536;
 
+/// Name of the sockmap holding the agent's capture listeners, at [`listener_slot`]: where
+/// `mesh_sk_lookup` finds the listener for a captured SYN the kernel looks up itself (one whose
+/// tuple meets an agent socket in TIME_WAIT).
+pub const LISTENERS_MAP: &str = "MESH_LISTENERS";
+/// Capacity of [`LISTENERS_MAP`].
+pub const LISTENER_SLOTS: u32 = 8;
+
+/// The [`LISTENERS_MAP`] slot of the listener for `kind` (a [`FlowKind`] value) and family.
+pub const fn listener_slot(kind: u32, ipv6: bool) -> u32 {
+    kind * 2 + ipv6 as u32
+}
+
 /// Name of the hash map pod address (v4-mapped for IPv4) -> [`PodIpEntry`], for pods of this node
 /// that are enrolled or were enrolled and may still have connections through the agent.
 pub const POD_IPS_MAP: &str = "MESH_POD_IPS";

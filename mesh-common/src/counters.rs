@@ -41,11 +41,17 @@ pub enum Counter {
     SplicedBytes = 15,
     /// Connections whose peer socket was not spliceable at their first send: left on TCP for good.
     SpliceFallbacks = 16,
+    /// New SYNs whose 4-tuple is still held by an agent socket in TIME_WAIT (the agent closed
+    /// first last time, the pod reused its port): handed to the kernel's TIME_WAIT handling,
+    /// which asks `mesh_sk_lookup` for the listener instead of dropping the SYN.
+    CapturedOverTimeWait = 17,
+    /// Listener lookups `mesh_sk_lookup` answered with an agent listener (captured flows only).
+    SkLookupAssigned = 18,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 19] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
@@ -63,6 +69,8 @@ impl Counter {
         Counter::SplicedMessages,
         Counter::SplicedBytes,
         Counter::SpliceFallbacks,
+        Counter::CapturedOverTimeWait,
+        Counter::SkLookupAssigned,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -93,6 +101,8 @@ impl Counter {
             Counter::SplicedMessages => "spliced_messages",
             Counter::SplicedBytes => "spliced_bytes",
             Counter::SpliceFallbacks => "splice_fallbacks",
+            Counter::CapturedOverTimeWait => "captured_over_time_wait",
+            Counter::SkLookupAssigned => "sk_lookup_assigned",
         }
     }
 }

@@ -57,7 +57,8 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         }
         Parsed::Tcp(seg) => seg,
     };
-    if steer::owned_by_local_socket(&ctx, &seg) {
+    let holder = steer::local_socket(&ctx, &seg);
+    if holder == steer::LocalSocket::Live {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;
@@ -66,8 +67,12 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         counters::add(Counter::PassedUncaptured, 1);
         return TC_ACT_UNSPEC;
     }
-    if steer::assign_to_listener(&ctx, &seg, FlowKind::Outbound, ifindex) {
+    let time_wait = holder == steer::LocalSocket::TimeWait;
+    if steer::assign_to_listener(&ctx, &seg, FlowKind::Outbound, ifindex, time_wait) {
         counters::add(Counter::CapturedOutbound, 1);
+        if time_wait {
+            counters::add(Counter::CapturedOverTimeWait, 1);
+        }
         return TC_ACT_OK as i32;
     }
     counters::add(Counter::RefusedNoListener, 1);

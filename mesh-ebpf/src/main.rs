@@ -5,6 +5,7 @@
 
 mod counters;
 mod from_pod;
+mod lookup;
 mod maps;
 mod observe;
 mod packet;

@@ -46,32 +46,60 @@ pub fn mark_local(ctx: &TcContext) {
     ctx.set_mark(mark | MARK_DELIVER_LOCAL);
 }
 
-/// Whether a live local socket owns this exact 4-tuple (established or handshaking). A listener
-/// never counts: matching a host service's wildcard listener here would deliver pod traffic to
-/// it. Nor does TIME_WAIT: the tuple of a finished agent connection can be reused within the
-/// TIME_WAIT period by a new connection that is not the agent's (a pod that just left the mesh,
-/// a bystander); the old socket would swallow its SYN-ACK and the new connection would hang
-/// until TIME_WAIT ends (found by the benchmark's plain-after-mesh trials). A new SYN matching
-/// TIME_WAIT would be handed to whatever listener has the destination port — possibly a host
-/// service. The only segments a TIME_WAIT socket legitimately gets are late retransmissions of a
-/// finished connection; the pod answers those (with a reset at worst), which harms nothing.
+/// Who holds a segment's exact 4-tuple in the node's namespace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LocalSocket {
+    /// Nobody (or only a listener, which never counts: matching a host service's wildcard
+    /// listener here would deliver pod traffic to it).
+    None,
+    /// A live socket (established or handshaking): the segment is its.
+    Live,
+    /// A socket in TIME_WAIT. It gets none of the segment's later packets: the tuple of a
+    /// finished agent connection can be reused within the TIME_WAIT period by a new connection
+    /// that is not the agent's (a pod that just left the mesh, a bystander), and the old socket
+    /// would swallow its SYN-ACK (found by the benchmark's plain-after-mesh trials). The only
+    /// segments a TIME_WAIT socket legitimately gets are late retransmissions of a finished
+    /// connection; the pod answers those (with a reset at worst), which harms nothing. A new
+    /// SYN meeting it is captured through the kernel's own TIME_WAIT handling, see
+    /// [`assign_to_listener`].
+    TimeWait,
+}
+
+/// Who holds the segment's 4-tuple.
 #[inline(always)]
-pub fn owned_by_local_socket(ctx: &TcContext, seg: &TcpSegment) -> bool {
+pub fn local_socket(ctx: &TcContext, seg: &TcpSegment) -> LocalSocket {
     // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
     let sk = unsafe { lookup(ctx, seg, seg.dport_be, true) };
     if sk.is_null() {
-        return false;
+        return LocalSocket::None;
     }
     // SAFETY: non-null socket pointer from the lookup helper; `state` is readable on sock_common.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut _) };
-    state != TCP_LISTEN && state != TCP_TIME_WAIT
+    match state {
+        TCP_LISTEN => LocalSocket::None,
+        TCP_TIME_WAIT => LocalSocket::TimeWait,
+        _ => LocalSocket::Live,
+    }
 }
 
-/// Assigns a SYN to the agent listener on `port`, marks it for local delivery and records the
-/// flow. `false` when no such listener exists (the agent is down).
+/// Hands a SYN to the agent listener on `kind`'s port, marks it for local delivery and records
+/// the flow. `false` when no such listener exists (the agent is down).
+///
+/// Normally the SYN is assigned to the listener here (`bpf_sk_assign`). When an agent socket in
+/// TIME_WAIT still holds the tuple (`time_wait`: the agent closed first last time and the pod
+/// reused its port), an assigned SYN would be dropped by TCP, whose request socket cannot be
+/// hashed next to the TIME_WAIT one, so the pod would retry for a minute. Such a SYN is only
+/// marked: the kernel's TIME_WAIT handling then retires the old socket and looks up a listener,
+/// which `mesh_sk_lookup` answers from the flow record written here.
 #[inline(always)]
-pub fn assign_to_listener(ctx: &TcContext, seg: &TcpSegment, kind: FlowKind, ifindex: u32) -> bool {
+pub fn assign_to_listener(
+    ctx: &TcContext,
+    seg: &TcpSegment,
+    kind: FlowKind,
+    ifindex: u32,
+    time_wait: bool,
+) -> bool {
     // SAFETY: as above; the full-socket lookup returns a listener or an exact match.
     let sk = unsafe { lookup(ctx, seg, kind.port().to_be(), false) };
     if sk.is_null() {
@@ -80,7 +108,7 @@ pub fn assign_to_listener(ctx: &TcContext, seg: &TcpSegment, kind: FlowKind, ifi
     // SAFETY: non-null socket from the lookup.
     let state = unsafe { (*sk).state };
     let assigned = state == TCP_LISTEN
-        && unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0;
+        && (time_wait || unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0);
     // SAFETY: every socket reference from a lookup is released exactly once.
     unsafe { bpf_sk_release(sk as *mut _) };
     if !assigned {

@@ -56,7 +56,8 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     if to_pod.is_none() && !from_pod {
         return TC_ACT_UNSPEC;
     }
-    if steer::owned_by_local_socket(&ctx, &seg) {
+    let holder = steer::local_socket(&ctx, &seg);
+    if holder == steer::LocalSocket::Live {
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;
@@ -76,8 +77,12 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     };
     // SAFETY: valid context pointer.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if steer::assign_to_listener(&ctx, &seg, kind, ifindex) {
+    let time_wait = holder == steer::LocalSocket::TimeWait;
+    if steer::assign_to_listener(&ctx, &seg, kind, ifindex, time_wait) {
         counters::add(counter, 1);
+        if time_wait {
+            counters::add(Counter::CapturedOverTimeWait, 1);
+        }
         TC_ACT_OK as i32
     } else {
         counters::add(Counter::DroppedNoListener, 1);

@@ -111,8 +111,8 @@ fn killed_agent_refuses_captured_pods_and_restart_adopts_state_without_duplicate
     let _srv2 = ProbeServer::start(&pod.place, &[8080]).unwrap();
     let first_links = links_in(agent.bpffs());
     // from_pod on the enrolled pod, to_pods on the other pod and on the uplink, sock_ops on the
-    // pod's and the agent's cgroups.
-    assert_eq!(first_links.len(), 5, "{first_links:?}");
+    // pod's and the agent's cgroups, sk_lookup on the node's namespace.
+    assert_eq!(first_links.len(), 6, "{first_links:?}");
     let rules = |v: &str| {
         tb.node(1)
             .place
@@ -189,7 +189,7 @@ fn killed_agent_refuses_captured_pods_and_restart_adopts_state_without_duplicate
     }
     // Same objects, one of each, all owned by the new instance; maps adopted, not duplicated.
     let second_links = links_in(agent.bpffs());
-    assert_eq!(second_links.len(), 5, "{second_links:?}");
+    assert_eq!(second_links.len(), 6, "{second_links:?}");
     let new_instance = instance_of(&second_links[0]);
     assert!(second_links.iter().all(|l| instance_of(l) == new_instance));
     assert_ne!(new_instance, instance_of(&first_links[0]));
@@ -197,7 +197,7 @@ fn killed_agent_refuses_captured_pods_and_restart_adopts_state_without_duplicate
     let maps = std::fs::read_dir(agent.bpffs().join("maps"))
         .unwrap()
         .count();
-    assert_eq!(maps, 8);
+    assert_eq!(maps, mesh_agent::ebpf::MAPS.len());
     assert!(
         agent.counters().get(Counter::RefusedNoListener) >= 2,
         "counters survive the restart (pinned map adopted)"

@@ -382,3 +382,104 @@ fn a_thousand_concurrent_connections_through_hbone() {
     drop((a1, a2, _servers));
     finish(tb, ca);
 }
+
+/// One connect → 1 KiB exchange → server closes → client closes, from a fixed source port.
+/// EADDRNOTAVAIL while the previous connection's last ACK still holds the port (retry).
+fn exchange_from_port(
+    client: &Place,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> anyhow::Result<std::io::Result<()>> {
+    use std::io::{Read as _, Write as _};
+    client.in_netns(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&src.into())?;
+        socket.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = [7u8; 1024];
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        // The server closes first: the agent relaying to us closes first towards us too, so
+        // an agent socket keeps this tuple in TIME_WAIT after we close.
+        let n = s.read(&mut buf[..1])?;
+        assert_eq!(n, 0, "the server closes after one exchange");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_pod_reusing_a_port_the_agent_holds_in_time_wait_connects_at_once() {
+    if !can_run("HBONE TIME_WAIT reuse", &["ip"]) {
+        return;
+    }
+    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let probe = binaries::mtb_probe().unwrap();
+    let mut servers = Vec::new();
+    for (n, i) in [(2, 1), (1, 2)] {
+        let mut s = tb
+            .pod(n, i)
+            .place
+            .spawn(probe.to_str().unwrap(), &["load-server", "7001", "7002"])
+            .unwrap();
+        s.wait_listening(7002, Duration::from_secs(10)).unwrap();
+        servers.push(s);
+    }
+    let before = (a1.counters(), a2.counters());
+    // (client, server, source port): cross-node through HBONE (the TIME_WAIT is node1's
+    // outbound socket), same node (node1 again), and a non-enrolled pod's plaintext to an
+    // enrolled one (node2's inbound socket), each from one port over and over.
+    let flows = [
+        ((1, 1), (2, 1), 40001),
+        ((1, 1), (1, 2), 40002),
+        ((1, 3), (2, 1), 40003),
+    ];
+    const ROUNDS: usize = 12;
+    for (from, to, port) in flows {
+        for v6 in [false, true] {
+            let client = tb.pod(from.0, from.1);
+            let src = SocketAddr::new(client.ip(v6), port);
+            let dst = SocketAddr::new(tb.pod(to.0, to.1).ip(v6), 7002);
+            for round in 0..ROUNDS {
+                // Our own socket's last ACK may still hold the port for a moment.
+                let mut outcome = exchange_from_port(&client.place, src, dst).unwrap();
+                for _ in 0..50 {
+                    match &outcome {
+                        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            outcome = exchange_from_port(&client.place, src, dst).unwrap();
+                        }
+                        _ => break,
+                    }
+                }
+                outcome.unwrap_or_else(|e| panic!("{src} -> {dst}, round {round}: {e}"));
+            }
+        }
+    }
+    let (d1, d2) = (
+        a1.counters().since(&before.0),
+        a2.counters().since(&before.1),
+    );
+    // Every round after the first met the agent's TIME_WAIT socket of the round before.
+    let reused = 2 * (ROUNDS as u64 - 1);
+    assert!(
+        d1.get(Counter::CapturedOverTimeWait) >= 2 * reused,
+        "node1: {d1:?}"
+    );
+    assert!(
+        d2.get(Counter::CapturedOverTimeWait) >= reused,
+        "node2: {d2:?}"
+    );
+    assert!(
+        d1.get(Counter::SkLookupAssigned) >= 2 * reused
+            && d2.get(Counter::SkLookupAssigned) >= reused,
+        "the socket lookup handed those SYNs to the agent: {d1:?} {d2:?}"
+    );
+    drop((servers, a1, a2));
+    finish(tb, ca);
+}

@@ -17,9 +17,13 @@ use super::{
     pins::{BpffsLayout, LinkTarget, instance_name, is_on_bpffs, remove_link_pin},
 };
 use crate::ebpf::{
-    CgroupAttachment, Datapath, TcAttachment, TcHook, addrs_of, ifindex_of, pod_addrs,
-    programs::{SOCK_OPS_AGENT, SOCK_OPS_POD, TC_FROM_POD, TC_TO_PODS},
+    CgroupAttachment, Datapath, NetnsAttachment, TcAttachment, TcHook, addrs_of, ifindex_of,
+    pod_addrs,
+    programs::{SK_LOOKUP, SOCK_OPS_AGENT, SOCK_OPS_POD, TC_FROM_POD, TC_TO_PODS},
 };
+
+/// The calling thread's network namespace (the node's: the agent runs in it).
+const OWN_NETNS: &str = "/proc/thread-self/ns/net";
 
 /// A pod of this node as the capture needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +64,7 @@ pub struct CaptureView {
 enum Attached {
     Tc(TcAttachment),
     Cgroup(CgroupAttachment),
+    Netns(NetnsAttachment),
 }
 
 impl Attached {
@@ -67,6 +72,7 @@ impl Attached {
         match self {
             Attached::Tc(a) => a.pin_path(),
             Attached::Cgroup(a) => a.pin_path(),
+            Attached::Netns(a) => a.pin_path(),
         }
     }
 
@@ -74,6 +80,7 @@ impl Attached {
         match self {
             Attached::Tc(a) => a.iface().to_owned(),
             Attached::Cgroup(a) => a.cgroup().display().to_string(),
+            Attached::Netns(a) => a.netns().display().to_string(),
         }
     }
 
@@ -81,6 +88,7 @@ impl Attached {
         match self {
             Attached::Tc(a) => a.detach(),
             Attached::Cgroup(a) => a.detach(),
+            Attached::Netns(a) => a.detach(),
         }
     }
 }
@@ -289,6 +297,19 @@ impl CaptureController {
             }
         }
 
+        // The namespace's socket lookup, for captured SYNs that meet an agent socket in
+        // TIME_WAIT (whenever anything is captured at all).
+        if *desired != DesiredCapture::default() {
+            match self.ensure_sk_lookup() {
+                Ok(key) => {
+                    wanted_links.insert(key);
+                }
+                Err(e) => report
+                    .errors
+                    .push(format!("node namespace (sk_lookup): {e:#}")),
+            }
+        }
+
         // 3. Map contents: exactly the wanted entries.
         for (ip, entry) in &wanted_ips {
             if existing_ips.get(ip) != Some(entry)
@@ -403,6 +424,39 @@ impl CaptureController {
         self.attached
             .insert(key.clone(), Attached::Cgroup(attachment));
         Ok(key)
+    }
+
+    fn ensure_sk_lookup(&mut self) -> anyhow::Result<LinkKey> {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::metadata(OWN_NETNS)
+            .with_context(|| format!("reading {OWN_NETNS}"))?
+            .ino();
+        let key = (SK_LOOKUP, LinkTarget::Netns(inode));
+        if self.still_attached(&key) {
+            return Ok(key);
+        }
+        let pin = self.layout.link_path(SK_LOOKUP, &key.1, &self.instance);
+        let attachment = self
+            .datapath
+            .attach_sk_lookup(Path::new(OWN_NETNS), Some(&pin))?;
+        info!(program = SK_LOOKUP, netns = inode, pin = %pin.display(), "attached");
+        self.attached
+            .insert(key.clone(), Attached::Netns(attachment));
+        Ok(key)
+    }
+
+    /// Registers the agent's capture listeners with the data path (see `mesh_sk_lookup`).
+    pub fn register_listeners(
+        &mut self,
+        listeners: &[super::listeners::CaptureListener],
+    ) -> anyhow::Result<()> {
+        for l in listeners {
+            let ipv6 = l.listener.local_addr()?.is_ipv6();
+            self.datapath
+                .register_listener(l.kind, ipv6, &l.listener)
+                .with_context(|| format!("registering the {:?} listener", l.kind))?;
+        }
+        Ok(())
     }
 
     fn remove_foreign_link_pins(

@@ -47,10 +47,37 @@ fn transparent_socket(addr: SocketAddr, listener: bool) -> std::io::Result<Socke
     }
     if listener {
         socket.set_reuse_address(true)?;
+    } else {
+        bind_address_no_port(&socket)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: the source port of a transparent connection is chosen at connect
+/// time for the full 4-tuple (as for an unbound socket), not at bind time for (address, port).
+/// Binding a port first would make every port that ever carried a connection from this client
+/// address unusable for its TIME_WAIT period — about 470 new connections per second per client
+/// address — and would ignore which tuples this namespace still holds in TIME_WAIT.
+fn bind_address_no_port(socket: &Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: valid socket fd and an int option of the advertised size. The option is at the
+    // IPPROTO_IP level for IPv6 sockets too.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn bind_transparent(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
@@ -61,7 +88,7 @@ fn bind_transparent(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListen
 
 /// Connects to `dst` with `src_ip` as the source address (transparent: `src_ip` is the original
 /// client's, not ours), so the destination and its NetworkPolicy see the real peer. The kernel
-/// picks the source port. Replies come back to this socket because the capture programs steer
+/// picks the source port at connect time. Replies come back to this socket because the capture programs steer
 /// packets of connections a local socket owns.
 pub async fn connect_transparent(
     src_ip: std::net::IpAddr,

@@ -6,6 +6,7 @@
 //! <dir>/progs/<program>                    the programs of the running instance
 //! <dir>/links/<program>-if<ifindex>-<instance>   one tcx attachment
 //! <dir>/links/<program>-cg<cgroup id>-<instance> one cgroup (sock_ops) attachment
+//! <dir>/links/<program>-ns<netns inode>-<instance> the node namespace's sk_lookup
 //! ```
 use std::{
     fs,
@@ -34,6 +35,8 @@ pub enum LinkTarget {
     Interface(u32),
     /// The cgroup whose directory has this inode number (the cgroup id).
     Cgroup(u64),
+    /// The network namespace with this inode number (sk_lookup).
+    Netns(u64),
     Unknown,
 }
 
@@ -42,6 +45,7 @@ impl LinkTarget {
         match self {
             LinkTarget::Interface(i) => format!("if{i}"),
             LinkTarget::Cgroup(c) => format!("cg{c}"),
+            LinkTarget::Netns(n) => format!("ns{n}"),
             LinkTarget::Unknown => "unknown".to_owned(),
         }
     }
@@ -51,6 +55,8 @@ impl LinkTarget {
             LinkTarget::Interface(i)
         } else if let Some(c) = s.strip_prefix("cg").and_then(|n| n.parse().ok()) {
             LinkTarget::Cgroup(c)
+        } else if let Some(n) = s.strip_prefix("ns").and_then(|n| n.parse().ok()) {
+            LinkTarget::Netns(n)
         } else {
             LinkTarget::Unknown
         }
@@ -63,6 +69,7 @@ impl LinkTarget {
                 format!("tcx ingress of {} (ifindex {i})", iface_name(*i))
             }
             LinkTarget::Cgroup(c) => format!("cgroup id {c}"),
+            LinkTarget::Netns(n) => format!("socket lookup of network namespace {n}"),
             LinkTarget::Unknown => "unknown target".to_owned(),
         }
     }

@@ -60,6 +60,7 @@ impl Datapath {
             self.sock_ops(name)?;
         }
         self.sk_msg()?;
+        self.sk_lookup()?;
         Ok(())
     }
 
@@ -114,7 +115,7 @@ impl Datapath {
         let names = super::programs::ALL_TC
             .into_iter()
             .chain(super::programs::ALL_SOCK_OPS)
-            .chain([super::programs::SK_MSG]);
+            .chain([super::programs::SK_MSG, super::programs::SK_LOOKUP]);
         for name in names {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
@@ -126,6 +127,8 @@ impl Datapath {
                 self.classifier(name)?.pin(&path)
             } else if name == super::programs::SK_MSG {
                 self.sk_msg()?.pin(&path)
+            } else if name == super::programs::SK_LOOKUP {
+                self.sk_lookup()?.pin(&path)
             } else {
                 self.sock_ops(name)?.pin(&path)
             };

@@ -5,6 +5,7 @@ mod counters;
 mod datapath;
 mod enrollment;
 mod error;
+mod lookup;
 mod splice;
 mod tc;
 
@@ -12,6 +13,7 @@ pub use counters::{CounterSnapshot, read_counters};
 pub use datapath::{Datapath, ObjectEntry};
 pub use enrollment::{Enrollment, addrs_of, ifindex_of, ip_from_key, ip_key, pod_addrs};
 pub use error::DatapathError;
+pub use lookup::NetnsAttachment;
 pub use splice::CgroupAttachment;
 pub use tc::{TcAttachment, TcHook};
 
@@ -35,12 +37,15 @@ pub mod programs {
     pub const SOCK_OPS_AGENT: &str = "mesh_sops_agent";
     /// sk_msg verdict on the splice sockhash: moves sends socket to socket.
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// sk_lookup on the node's network namespace: the listener for captured SYNs that TCP's
+    /// TIME_WAIT handling looks up itself.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     /// Every sock_ops program.
     pub const ALL_SOCK_OPS: [&str; 2] = [SOCK_OPS_POD, SOCK_OPS_AGENT];
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 9] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
@@ -49,4 +54,5 @@ pub const MAPS: [&str; 8] = [
     mesh_common::capture::SPLICE_PEERS_MAP,
     mesh_common::capture::SPLICE_STATE_MAP,
     mesh_common::capture::CONFIG_MAP,
+    mesh_common::capture::LISTENERS_MAP,
 ];

@@ -138,7 +138,10 @@ impl Datapath {
     }
 
     /// Program `name`, loaded into the kernel (verified) on first use.
-    fn loaded_program(&mut self, name: &'static str) -> Result<&mut Program, DatapathError> {
+    pub(super) fn loaded_program(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut Program, DatapathError> {
         let program = self
             .ebpf_mut()
             .program_mut(name)
@@ -146,6 +149,7 @@ impl Datapath {
         let result = match program {
             Program::SockOps(p) if p.fd().is_err() => p.load(),
             Program::SkMsg(p) if p.fd().is_err() => p.load(),
+            Program::SkLookup(p) if p.fd().is_err() => p.load(),
             _ => Ok(()),
         };
         result.map_err(|source| DatapathError::Program { name, source })?;
@@ -175,7 +179,7 @@ fn own_netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-fn unexpected_type(name: &'static str) -> DatapathError {
+pub(super) fn unexpected_type(name: &'static str) -> DatapathError {
     DatapathError::Program {
         name,
         source: aya::programs::ProgramError::UnexpectedProgramType,

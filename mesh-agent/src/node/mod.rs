@@ -113,7 +113,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         FlowKind::InboundPlaintext,
         FlowKind::InboundHbone,
     ];
-    for l in listeners::bind_all(&kinds, 4096)? {
+    let bound = listeners::bind_all(&kinds, 4096)?;
+    controller.register_listeners(&bound)?;
+    for l in bound {
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             loop {
