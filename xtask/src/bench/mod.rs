@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// Keep the agents' logs in this directory.
     #[arg(long)]
     logs: Option<PathBuf>,
+    /// Run the agents with `--splice` (same-node pod<->agent hops through sockmap; off by
+    /// default in the agent, see docs/ARCHITECTURE.md "Splicing"): the same_node mesh figures
+    /// are then the spliced path's.
+    #[arg(long)]
+    splice: bool,
     /// Only these scenarios (cross_node, same_node).
     #[arg(long = "scenario", value_parser = ["cross_node", "same_node"])]
     scenarios: Vec<String>,
@@ -103,7 +108,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("• build (release)");
     cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
     let bin = workspace_root().join("target/release");
-    let header = machine_header(args.quick)?;
+    let header = machine_header(&args)?;
     println!("• machine: {header}");
     let tb = Testbed::build(TestbedSpec {
         nodes: 2,
@@ -136,7 +141,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn machine_header(quick: bool) -> Result<Value> {
+fn machine_header(args: &BenchArgs) -> Result<Value> {
+    let quick = args.quick;
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpu_model = read("/proc/cpuinfo")
         .lines()
@@ -165,6 +171,7 @@ fn machine_header(quick: bool) -> Result<Value> {
         "mode": if quick { "quick" } else { "full" },
         "trials": if quick { 3 } else { 5 },
         "seconds_per_test": if quick { 2 } else { 5 },
+        "agent_splice": args.splice,
     }))
 }
 
@@ -176,6 +183,8 @@ struct Rig<'a> {
     _servers: Vec<Background>,
     secs: f64,
     perf: Option<PathBuf>,
+    /// Agents splice same-node hops (pods' cgroups are in their configs).
+    splice: bool,
 }
 
 fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
@@ -189,22 +198,29 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
     let mut agents = Vec::new();
     for node in 1..=2 {
         let config = work.join(format!("node{node}.yaml"));
-        std::fs::write(&config, config_yaml(tb, node, &ca, BenchPath::Plain))?;
-        let bpffs = tb.bpffs_dir().join(format!("agent-node{node}"));
-        let mut p = tb.node(node).place.spawn(
-            agent.to_str().context("path")?,
-            &[
-                "node",
-                "--config",
-                config.to_str().context("path")?,
-                "--bpffs-dir",
-                bpffs.to_str().context("path")?,
-                // Only how fast enrolment follows the file between trials; the data path is
-                // the production default (mesh handler, no splicing).
-                "--reload-interval-ms",
-                "100",
-            ],
+        std::fs::write(
+            &config,
+            config_yaml(tb, node, &ca, BenchPath::Plain, args.splice),
         )?;
+        let bpffs = tb.bpffs_dir().join(format!("agent-node{node}"));
+        let mut agent_args = vec![
+            "node",
+            "--config",
+            config.to_str().context("path")?,
+            "--bpffs-dir",
+            bpffs.to_str().context("path")?,
+            // Only how fast enrolment follows the file between trials; the data path is the
+            // production default (mesh handler, no splicing) unless --splice.
+            "--reload-interval-ms",
+            "100",
+        ];
+        if args.splice {
+            agent_args.push("--splice");
+        }
+        let mut p = tb
+            .node(node)
+            .place
+            .spawn(agent.to_str().context("path")?, &agent_args)?;
         for port in [15001, 15006, 15008] {
             p.wait_listening(port, Duration::from_secs(20))
                 .with_context(|| format!("agent of node{node}"))?;
@@ -233,6 +249,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         _servers: servers,
         secs: if args.quick { 2.0 } else { 5.0 },
         perf: args.perf.clone(),
+        splice: args.splice,
     };
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
@@ -279,7 +296,10 @@ impl Rig<'_> {
     /// Rewrites both agents' configs for `path` and waits until the capture follows.
     fn set_path(&self, path: BenchPath, ca: &Path) -> Result<()> {
         for a in &self.agents {
-            std::fs::write(&a.config, config_yaml(self.tb, a.node, ca, path))?;
+            std::fs::write(
+                &a.config,
+                config_yaml(self.tb, a.node, ca, path, self.splice),
+            )?;
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         for a in &self.agents {
@@ -472,8 +492,9 @@ fn value(v: f64) -> Trial {
 }
 
 /// Every pod in namespace `bench`; on the mesh path the scenario pods carry Istio's enrolment
-/// label, on the plain path no pod does.
-fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath) -> String {
+/// label, on the plain path no pod does. With `splice`, pods' cgroups are given (the agent
+/// splices the hops of pods whose cgroup it knows).
+fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bool) -> String {
     let enrolled: BTreeSet<(usize, usize)> = match path {
         BenchPath::Plain => BTreeSet::new(),
         BenchPath::Mesh => MESH_PODS.into_iter().collect(),
@@ -489,8 +510,13 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath) -> String 
         } else {
             ""
         };
+        let cgroup = if splice {
+            format!(", cgroup: {}", p.place.cgroup.display())
+        } else {
+            String::new()
+        };
         y += &format!(
-            "  - {{name: {}, namespace: bench, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}{label}}}\n",
+            "  - {{name: {}, namespace: bench, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}{cgroup}{label}}}\n",
             p.name(),
             p.name(),
             p.node,

@@ -125,6 +125,11 @@ impl Results {
             header["trials"],
             header["mode"].as_str().unwrap_or("?"),
         );
+        out += if header["agent_splice"].as_bool() == Some(true) {
+            "Agents ran with `--splice`: the same-node mesh path is spliced (sockmap).\n\n"
+        } else {
+            "Agents ran with production defaults: the same-node mesh path is the agent's relay (splicing is off by default).\n\n"
+        };
         out += "| figure | target | plain | mesh | measured | met |\n|---|---|---|---|---|---|\n";
         let fmt = |v: Option<f64>, unit: &str| match v {
             Some(x) if x.is_finite() => match unit {
