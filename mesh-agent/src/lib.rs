@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod node;
 pub mod policy;
 pub mod tls;

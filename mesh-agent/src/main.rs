@@ -90,6 +90,11 @@ struct NodeArgs {
     /// size, so a slow consumer lets a fast pod queue a lot; see docs/ARCHITECTURE.md).
     #[arg(long)]
     splice: bool,
+    /// Threads carrying connections. One is the default: on a node the agent shares the cores
+    /// with the pods it serves, and one thread never pays for cross-thread wake-ups (measured:
+    /// docs/PERFORMANCE.md). The control loop (config, reconciliation) runs on its own thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
@@ -101,9 +106,12 @@ struct NodeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Log lines (access logs included) are written in batches by a background thread: a
+    // connection task never waits for stderr (see mesh_agent::logging).
+    let (writer, _flush_on_exit) = mesh_agent::logging::BatchedStderr::start();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -168,7 +176,10 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         splice: args.splice,
     };
+    // `block_on` runs the control loop on this thread; connections run on the workers.
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.into())
+        .thread_name("mesh-data")
         .enable_all()
         .build()
         .context("starting the async runtime")?
