@@ -4,7 +4,7 @@
 //! (capacity granted by the peer, released as we write) gives backpressure end to end.
 use std::{future::poll_fn, task::Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -16,6 +16,8 @@ use tokio::{
 
 /// Largest chunk read from TCP and sent as one DATA frame payload.
 const CHUNK: usize = 256 << 10;
+/// First read buffer of a connection (see `tcp_to_stream`).
+const FIRST_CHUNK: usize = 16 << 10;
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,10 +111,18 @@ async fn tcp_to_stream(
     send: &mut SendStream<Bytes>,
     total: &mut u64,
 ) -> Result<(), Failure> {
-    let mut buf = vec![0u8; CHUNK];
+    // Bytes are read into a buffer whose filled part is handed to h2 as is (no copy). The
+    // buffer starts small and doubles while reads fill it, up to CHUNK: request/response
+    // connections keep a few KiB, bulk transfers get large reads.
+    let mut buf = BytesMut::new();
+    let mut size = FIRST_CHUNK;
     loop {
+        if buf.capacity() < size / 2 {
+            buf.reserve(size);
+        }
+        let room = buf.capacity();
         let read = tokio::select! {
-            read = r.read(&mut buf) => read,
+            read = r.read_buf(&mut buf) => read,
             reason = poll_fn(|cx| send.poll_reset(cx)) => {
                 return Err(failed(format!("peer reset the stream: {reason:?}")));
             }
@@ -130,12 +140,15 @@ async fn tcp_to_stream(
                 return Err(failed(format!("tcp: {e}")));
             }
         };
+        if n == room {
+            size = (size * 2).min(CHUNK);
+        }
+        let mut data = buf.split_to(n).freeze();
         // Only what we hold is reserved (reserving ahead would let idle streams starve busy
         // ones of the connection window), and nothing more is read until it is sent:
         // backpressure.
-        let mut off = 0;
-        while off < n {
-            send.reserve_capacity(n - off);
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
             let wake = poll_fn(|cx| {
                 if let Poll::Ready(reason) = send.poll_reset(cx) {
                     return Poll::Ready(Err(reason));
@@ -150,10 +163,9 @@ async fn tcp_to_stream(
                 Ok(None) => return Err(failed("stream closed".into())),
                 Err(reason) => return Err(failed(format!("peer reset the stream: {reason:?}"))),
             };
-            let k = granted.min(n - off);
-            send.send_data(Bytes::copy_from_slice(&buf[off..off + k]), false)
+            let k = granted.min(data.len());
+            send.send_data(data.split_to(k), false)
                 .map_err(|e| failed(format!("stream: {e}")))?;
-            off += k;
             *total += k as u64;
         }
     }
