@@ -249,11 +249,12 @@ pub(super) async fn connect_direct(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// Copies both ways until both sides are done (half-closes propagate); a reset on either side
-/// resets both, and so does `stop` (a policy change revoked the connection).
+/// Relays both ways until both sides are done (half-closes propagate; bulk transfers move by
+/// splice(2), see [`super::direct`]); a reset on either side resets both, and so does `stop` (a
+/// policy change revoked the connection).
 pub(super) async fn splice_tcp(
-    mut inbound: TcpStream,
-    mut upstream: TcpStream,
+    inbound: TcpStream,
+    upstream: TcpStream,
     listener: &'static str,
     (client, dst, pod): (SocketAddr, SocketAddr, &str),
     stop: impl std::future::Future<Output = ()>,
@@ -261,13 +262,13 @@ pub(super) async fn splice_tcp(
     let started = std::time::Instant::now();
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => r,
+    let moved = tokio::select! {
+        r = super::direct::relay(&inbound, &upstream) => r,
         () = stop => Err(std::io::Error::other("revoked by a policy change")),
     };
-    match copied {
-        Ok((sent, received)) => info!(
-            listener, %client, %dst, pod, sent, received,
+    match moved {
+        Ok(m) => info!(
+            listener, %client, %dst, pod, sent = m.a_to_b, received = m.b_to_a,
             duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         ),
         Err(e) => {

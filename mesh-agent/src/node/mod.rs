@@ -5,6 +5,7 @@
 //! When the agent stops, the data path stays attached on purpose: captured pods' new connections
 //! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
 
+mod direct;
 pub mod handler;
 pub mod mesh;
 
