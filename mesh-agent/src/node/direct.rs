@@ -13,6 +13,7 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -23,6 +24,16 @@ const COPY_BUFFER: usize = 32 << 10;
 pub const SPLICE_AFTER: u64 = 512 << 10;
 /// Pipe capacity asked for (the kernel rounds to pages; the default is 64 KiB).
 const PIPE_BYTES: usize = 512 << 10;
+
+/// Whether bulk directions may switch to splice(2). Off while the agent splices pod<->agent
+/// hops with sockmap (`--splice`): data redirected into a sockmap socket sits in its psock
+/// queue, which `read` serves but splice(2) never sees.
+static KERNEL_SPLICE: AtomicBool = AtomicBool::new(true);
+
+/// Turns the switch to splice(2) on or off for every relay started afterwards.
+pub fn set_kernel_splice(on: bool) {
+    KERNEL_SPLICE.store(on, Ordering::Relaxed);
+}
 
 /// Bytes moved each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,6 +61,9 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
+    }
+    if !KERNEL_SPLICE.load(Ordering::Relaxed) {
+        return copy_until_eof(src, dst, total).await;
     }
     drop(buf);
     match Pipe::new() {

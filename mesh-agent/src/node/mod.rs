@@ -85,6 +85,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     } else {
         None
     };
+    direct::set_kernel_splice(agent_cgroup.is_none());
     let report = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
     log_state(&controller, &config, report.errors.len());
 
@@ -139,10 +140,12 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut watcher = ConfigWatcher::new(&opts.config);
     let mut tick = tokio::time::interval(opts.reload_interval);
+    let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = trim.tick() => release_free_memory(),
             _ = tick.tick() => {
                 if !watcher.changed() {
                     continue;
@@ -171,6 +174,20 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
     );
     Ok(())
+}
+
+/// How often freed heap memory is handed back to the kernel.
+const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Returns freed heap memory to the kernel. glibc keeps what a burst of connections allocated
+/// (TLS and HTTP/2 buffers) in its arenas; without this an idle agent keeps the RSS of its
+/// busiest moment (bench: 23.8 MiB idle after load against 11.6 MiB before).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Identity, HBONE pool and server for the `mesh` handler (local mode: a CA from files).
