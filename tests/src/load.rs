@@ -65,7 +65,8 @@ fn echo_until_eof(mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = [0u8; MESSAGE];
     loop {
-        match s.read_exact(&mut buf) {
+        // Server sockets have no timeout: every EAGAIN is spurious.
+        match read_exact_patiently(&mut s, &mut buf, Duration::MAX) {
             Ok(()) => s.write_all(&buf)?,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -76,19 +77,62 @@ fn echo_until_eof(mut s: TcpStream) -> io::Result<()> {
 fn exchange_once(mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = [0u8; MESSAGE];
-    s.read_exact(&mut buf)?;
+    read_exact_patiently(&mut s, &mut buf, Duration::MAX)?;
     s.write_all(&buf)?;
     // The server closes first (as an HTTP/1.0 server would): its side keeps the TIME_WAIT, so
     // clients never run out of ports.
     s.shutdown(Shutdown::Write)?;
-    let _ = s.read(&mut buf);
+    let _ = read_patiently(&mut s, &mut buf, Duration::MAX);
+    Ok(())
+}
+
+/// Client read timeout.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One `read`, retrying the spurious EAGAIN a blocking socket in a sockmap can return after a
+/// wake-up that brought no data (the agent's `--splice` mode, see docs/ARCHITECTURE.md
+/// "Splicing"). With a read timeout set on the socket, EAGAIN after `patience` is the timeout.
+fn read_patiently(s: &mut TcpStream, buf: &mut [u8], patience: Duration) -> io::Result<usize> {
+    let started = Instant::now();
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < patience => {
+                continue;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A client read (the socket has READ_TIMEOUT).
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    read_patiently(s, buf, READ_TIMEOUT)
+}
+
+/// `read_exact` over [`read_some`].
+fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    read_exact_patiently(s, buf, READ_TIMEOUT)
+}
+
+/// `read_exact` over [`read_patiently`].
+fn read_exact_patiently(
+    s: &mut TcpStream,
+    mut buf: &mut [u8],
+    patience: Duration,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_patiently(s, buf, patience)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
     Ok(())
 }
 
 fn connect(dst: SocketAddr) -> io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
     Ok(s)
 }
 
@@ -108,13 +152,13 @@ pub fn request_response(dst: SocketAddr, duration: Duration) -> Result<RrResult>
     let mut buf = [7u8; MESSAGE];
     for _ in 0..200 {
         s.write_all(&buf)?;
-        s.read_exact(&mut buf)?;
+        read_full(&mut s, &mut buf)?;
     }
     let end = Instant::now() + duration;
     while Instant::now() < end {
         let t = Instant::now();
         s.write_all(&buf)?;
-        s.read_exact(&mut buf)?;
+        read_full(&mut s, &mut buf)?;
         hist.record(t.elapsed().as_nanos().max(1) as u64)?;
     }
     let us = |ns: u64| ns as f64 / 1000.0;
@@ -153,9 +197,9 @@ pub fn connection_rate(
                     let ok = (|| -> io::Result<()> {
                         let mut s = connect(dst)?;
                         s.write_all(&buf)?;
-                        s.read_exact(&mut buf)?;
+                        read_full(&mut s, &mut buf)?;
                         // Wait for the server's close, then close.
-                        let _ = s.read(&mut buf[..1]);
+                        let _ = read_some(&mut s, &mut buf[..1]);
                         Ok(())
                     })();
                     match ok {
@@ -205,7 +249,7 @@ pub fn paced(dst: SocketAddr, rps: u32, duration: Duration) -> Result<PacedResul
             thread::sleep(next - now);
         }
         s.write_all(&buf)?;
-        s.read_exact(&mut buf)?;
+        read_full(&mut s, &mut buf)?;
         requests += 1;
         next += interval;
     }

@@ -125,6 +125,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let doc = json!({
         "header": header,
         "records": results.records(),
+        "failures": results.failure_records(),
     });
     let markdown = results.markdown(&header);
     println!("\n{markdown}");
@@ -411,10 +412,18 @@ impl Rig<'_> {
         results.add(s.name, "rss_idle", p, value(idle));
         let sampler = sampler::RssSampler::start(&self.agents);
 
-        let t1 = self.iperf3(s, 1)?;
-        results.add(s.name, "throughput_1", p, value(t1));
-        let t16 = self.iperf3(s, 16)?;
-        results.add(s.name, "throughput_16", p, value(t16));
+        let mut throughput = |test: &'static str, streams: u32| match self.iperf3(s, streams) {
+            Ok(t) => {
+                results.add(s.name, test, p, value(t));
+                t
+            }
+            Err(e) => {
+                results.fail(s.name, test, p, format!("{e:#}"));
+                f64::NAN
+            }
+        };
+        let t1 = throughput("throughput_1", 1);
+        let t16 = throughput("throughput_16", 16);
 
         let rr = self.rr(s, self.secs)?;
         if let Some(mut child) = perf {

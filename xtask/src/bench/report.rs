@@ -16,6 +16,9 @@ pub struct Trial {
 #[derive(Default)]
 pub struct Results {
     pub trials: BTreeMap<(String, &'static str, &'static str), Vec<Trial>>,
+    /// Trials whose tool failed: (scenario, test, path, what it said). A failure is a finding,
+    /// not a reason to lose the rest of the run.
+    pub failures: Vec<(String, &'static str, &'static str, String)>,
 }
 
 /// The unit of each test's figure.
@@ -53,6 +56,20 @@ impl Results {
             .entry((scenario.to_owned(), test, path))
             .or_default()
             .push(t);
+    }
+
+    /// Records a trial whose tool failed.
+    pub fn fail(&mut self, scenario: &str, test: &'static str, path: &'static str, why: String) {
+        println!("  ! {scenario} {test} {path}: {why}");
+        self.failures.push((scenario.to_owned(), test, path, why));
+    }
+
+    /// Failed trials, for the JSON document.
+    pub fn failure_records(&self) -> Vec<Value> {
+        self.failures
+            .iter()
+            .map(|(s, t, p, why)| json!({"scenario": s, "test": t, "path": p, "error": why}))
+            .collect()
     }
 
     /// The median of a figure (None if it was not measured).
@@ -249,6 +266,12 @@ impl Results {
             fmt(m, "cores"),
             m.map_or("—", |x| if x <= 0.03 { "yes" } else { "**no**" }),
         );
+        if !self.failures.is_empty() {
+            out += "\nFailed trials (not in the figures):\n\n";
+            for (s, t, p, why) in &self.failures {
+                out += &format!("- {s} {t} {p}: {why}\n");
+            }
+        }
         out += "\nAll figures (median, min–max over trials):\n\n| scenario | test | plain | mesh |\n|---|---|---|---|\n";
         let mut keys: Vec<(&String, &'static str)> =
             self.trials.keys().map(|(s, t, _)| (s, *t)).collect();
