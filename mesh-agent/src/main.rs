@@ -176,6 +176,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         splice: args.splice,
     };
+    node::tune_allocator();
     // `block_on` runs the control loop on this thread; connections run on the workers.
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.into())

@@ -15,7 +15,7 @@ use tokio::{
 };
 
 /// Largest chunk read from TCP and sent as one DATA frame payload.
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 64 << 10;
 /// First read buffer of a connection (see `tcp_to_stream`).
 const FIRST_CHUNK: usize = 16 << 10;
 
