@@ -3,12 +3,15 @@
 //! The crate is a library (so end-to-end tests can drive pieces of it in-process) plus the
 //! `mesh-agent` binary. See docs/ARCHITECTURE.md for where each concern lives.
 
+pub mod admin;
 pub mod capture;
+pub mod cli;
 pub mod discovery;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod tls;

@@ -252,3 +252,154 @@ mod tests {
         assert!(text.contains("log lines dropped"), "the drop is reported");
     }
 }
+
+type SetFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Reads and changes the log filter of the running process (the admin API's `/logging`).
+#[derive(Clone)]
+pub struct LogControl {
+    current: Arc<dyn Fn() -> String + Send + Sync>,
+    set: Arc<SetFilter>,
+}
+
+impl LogControl {
+    /// The filter in force, in `RUST_LOG` syntax.
+    pub fn current(&self) -> String {
+        (self.current)()
+    }
+
+    /// Replaces the filter (`RUST_LOG` syntax: `debug`, `info,mesh_agent::hbone=trace`, ...).
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        (self.set)(filter)
+    }
+
+    /// A control for a process without a reloadable filter (tests).
+    pub fn fixed(filter: &str) -> Self {
+        let filter = filter.to_owned();
+        Self {
+            current: Arc::new(move || filter.clone()),
+            set: Arc::new(|_| Err("this process cannot change its log filter".into())),
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// One `key=value` line per event (logfmt).
+    Logfmt,
+}
+
+/// Installs the global subscriber: `filter` (RUST_LOG syntax), `format`, batched stderr.
+pub fn init(filter: &str, format: LogFormat) -> (LogControl, FlushGuard) {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let (writer, guard) = BatchedStderr::start();
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Logfmt => registry.with(fmt.event_format(Logfmt)).init(),
+    }
+    let read = handle.clone();
+    let control = LogControl {
+        current: Arc::new(move || {
+            read.with_current(|f| f.to_string())
+                .unwrap_or_else(|e| format!("unavailable: {e}"))
+        }),
+        set: Arc::new(move |text| {
+            let new = EnvFilter::try_new(text).map_err(|e| format!("{text:?}: {e}"))?;
+            handle.reload(new).map_err(|e| e.to_string())
+        }),
+    };
+    (control, guard)
+}
+
+/// logfmt: `ts=… level=… target=… msg="…" key=value …`, values quoted when they need it.
+pub struct Logfmt;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Logfmt
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        write!(
+            writer,
+            "ts={now} level={} target={}",
+            meta.level().as_str().to_ascii_lowercase(),
+            meta.target()
+        )?;
+        let mut visitor = LogfmtFields::default();
+        event.record(&mut visitor);
+        if let Some(msg) = &visitor.message {
+            write!(writer, " msg={}", logfmt_value(msg))?;
+        }
+        for (k, v) in &visitor.fields {
+            write!(writer, " {k}={}", logfmt_value(v))?;
+        }
+        writeln!(writer)
+    }
+}
+
+#[derive(Default)]
+struct LogfmtFields {
+    message: Option<String>,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl tracing::field::Visit for LogfmtFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.push(field, value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.push(field, format!("{value:?}"));
+    }
+}
+
+impl LogfmtFields {
+    fn push(&mut self, field: &tracing::field::Field, value: String) {
+        if field.name() == "message" {
+            self.message = Some(value);
+        } else {
+            self.fields.push((field.name(), value));
+        }
+    }
+}
+
+/// A logfmt value: bare if it has no space, quote, `=` or control character, else quoted.
+fn logfmt_value(v: &str) -> String {
+    let bare = !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c == ' ' || c == '"' || c == '=' || c == '\\' || c.is_control());
+    if bare { v.to_owned() } else { format!("{v:?}") }
+}
+
+#[cfg(test)]
+mod logfmt_tests {
+    #[test]
+    fn values_are_bare_or_quoted_as_logfmt_wants() {
+        assert_eq!(super::logfmt_value("10.0.0.1:80"), "10.0.0.1:80");
+        assert_eq!(super::logfmt_value("two words"), "\"two words\"");
+        assert_eq!(super::logfmt_value("a=b"), "\"a=b\"");
+        assert_eq!(super::logfmt_value(""), "\"\"");
+        assert_eq!(super::logfmt_value("say \"hi\""), "\"say \\\"hi\\\"\"");
+    }
+}

@@ -3,12 +3,12 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mesh_agent::logging::LogFormat;
 use mesh_agent::{
     capture,
     ebpf::Datapath,
     node::{self, HandlerMode, NodeOptions},
 };
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,18 +17,12 @@ use tracing_subscriber::EnvFilter;
     about = "Sidecarless eBPF service mesh agent"
 )]
 struct Cli {
-    /// Log format on stderr: human-readable text, or one JSON object per line (for log
-    /// pipelines and tools).
+    /// Log format on stderr (access logs included): human-readable text, one JSON object per
+    /// line, or logfmt.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,6 +39,28 @@ enum Command {
     Ebpf {
         #[command(subcommand)]
         command: EbpfCommand,
+    },
+    /// What the local node agent is doing (enrolled pods, certificates, connections, errors),
+    /// read from its admin API. Run it in the agent's network namespace.
+    Status {
+        /// The agent's admin API.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
+    /// The local agent's metrics, summarised: busiest workload pairs, then node figures.
+    Metrics {
+        /// The agent's Prometheus endpoint.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        addr: std::net::SocketAddr,
+        /// How many workload pairs to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print the raw exposition instead.
+        #[arg(long)]
+        raw: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long)]
+        watch: Option<u64>,
     },
 }
 
@@ -95,6 +111,8 @@ struct NodeArgs {
     /// docs/PERFORMANCE.md). The control loop (config, reconciliation) runs on its own thread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    #[command(flatten)]
+    admin: node::AdminAddrs,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
@@ -105,19 +123,12 @@ struct NodeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     // Log lines (access logs included) are written in batches by a background thread: a
     // connection task never waits for stderr (see mesh_agent::logging).
-    let (writer, _flush_on_exit) = mesh_agent::logging::BatchedStderr::start();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    let (log_control, _flush_on_exit) = mesh_agent::logging::init(&filter, cli.log_format);
     match cli.command {
-        Command::Node(args) => node(args),
+        Command::Node(args) => node(args, log_control),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -141,7 +152,44 @@ fn main() -> anyhow::Result<()> {
         Command::Ebpf {
             command: EbpfCommand::Check,
         } => ebpf_check(),
+        Command::Status { admin } => {
+            print!(
+                "{}",
+                small_runtime()?.block_on(mesh_agent::cli::status::run(admin))?
+            );
+            Ok(())
+        }
+        Command::Metrics {
+            addr,
+            top,
+            raw,
+            watch,
+        } => {
+            let rt = small_runtime()?;
+            loop {
+                let text = rt.block_on(mesh_agent::cli::top::run(addr, top, raw))?;
+                match watch {
+                    None => {
+                        print!("{text}");
+                        return Ok(());
+                    }
+                    Some(secs) => {
+                        // Clear the screen, then the table.
+                        print!("\x1b[2J\x1b[H{text}");
+                        std::thread::sleep(Duration::from_secs(secs.max(1)));
+                    }
+                }
+            }
+        }
     }
+}
+
+/// A runtime for the CLI's own requests.
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")
 }
 
 fn ebpf_check() -> anyhow::Result<()> {
@@ -156,7 +204,7 @@ fn ebpf_check() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn node(args: NodeArgs) -> anyhow::Result<()> {
+fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<()> {
     if args.explain_datapath {
         print!("{}", node::explain(&args.bpffs_dir)?);
         return Ok(());
@@ -175,6 +223,8 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         splice: args.splice,
+        log,
+        admin: args.admin,
     };
     node::tune_allocator();
     // `block_on` runs the control loop on this thread; connections run on the workers.

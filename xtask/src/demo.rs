@@ -4,7 +4,8 @@
 //! and a server pod per node (enrolled) and a non-enrolled pod, runs one agent per node in local
 //! mode, sends real traffic (curl and iperf3), checks on the fabric link that cross-node mesh
 //! bytes are TLS (a sniffer finds no plaintext marker, while it does find the marker of a non-mesh
-//! flow), prints one line per flow with identities and bytes, and tears it all down.
+//! flow), prints each agent's key metrics and one access-log line per connection with
+//! identities and bytes, and tears it all down.
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -140,7 +141,21 @@ fn demo(tb: &Testbed, agent: &Path, probe: &Path, ca: &Path) -> Result<()> {
     );
     println!("  ✓ cross-node mesh traffic is TLS on the wire");
 
-    step("flows, as the agents logged them");
+    step(
+        "metrics, as each agent's Prometheus endpoint (:15020) reports them (`mesh-agent metrics`)",
+    );
+    for node in 1..=2 {
+        let out = tb
+            .node(node)
+            .place
+            .run(agent.to_str().context("path")?, &["metrics", "--top", "6"])?;
+        println!("  node{node}:");
+        for line in out.lines() {
+            println!("    {line}");
+        }
+    }
+
+    step("flows, as the agents' access logs recorded them");
     println!(
         "  (iperf3's data connection ends in a reset: its server closes it with the last bytes"
     );
@@ -210,38 +225,32 @@ fn iperf3(client: &Pod, server: &Pod) -> Result<()> {
     Ok(())
 }
 
-/// One line per finished flow from the agent's JSON logs.
+/// One line per finished connection from an agent's JSON access log.
 fn flow_line(node: usize, line: &str) -> Option<String> {
     let v: Value = serde_json::from_str(line).ok()?;
-    let f = &v["fields"];
-    let msg = f["message"].as_str()?;
-    match msg {
-        "outbound HBONE connection closed" => Some(format!(
-            "node{node} out  {} ({}) → {} ({}) HBONE {}",
-            f["client"].as_str()?,
-            f["source"].as_str()?,
-            f["dst"].as_str()?,
-            f["destination"].as_str()?,
-            f["end"].as_str()?
-        )),
-        "HBONE stream closed" => Some(format!(
-            "node{node} in   {} ({}) → {} {}",
-            f["client"].as_str()?,
-            f["peer"].as_str()?,
-            f["dst"].as_str()?,
-            f["end"].as_str()?
-        )),
-        "connection closed" => Some(format!(
-            "node{node} {}  {} → {} ({}) direct, {} bytes up / {} down",
-            f["listener"].as_str()?,
-            f["client"].as_str()?,
-            f["dst"].as_str()?,
-            f["pod"].as_str()?,
-            f["sent"],
-            f["received"]
-        )),
-        _ => None,
+    if v["target"].as_str() != Some("access") {
+        return None;
     }
+    let f = &v["fields"];
+    let s = |k: &str| f[k].as_str().unwrap_or("-").to_owned();
+    let outcome = match (s("response_flags").as_str(), s("error").as_str()) {
+        ("-", "-") => "ok".to_owned(),
+        ("-", e) => format!("reset ({e})"),
+        (flags, e) => format!("{flags} ({e})"),
+    };
+    Some(format!(
+        "node{node} {:<8} {} ({}) → {} ({}) {} · {} · {} B request / {} B response · {}",
+        s("direction"),
+        s("src.workload"),
+        s("src.identity"),
+        s("dst.workload"),
+        s("dst.identity"),
+        s("dst.addr"),
+        f["security"].as_str().unwrap_or("-"),
+        f["bytes_recv"],
+        f["bytes_sent"],
+        outcome
+    ))
 }
 
 fn config_yaml(tb: &Testbed, node: usize, ca: &Path) -> String {

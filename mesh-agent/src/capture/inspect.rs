@@ -54,3 +54,87 @@ impl PinnedMaps {
         Ok(out)
     }
 }
+
+/// How full one map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapOccupancy {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+    /// Counting stopped at the limit given to [`PinnedMaps::occupancy`].
+    pub truncated: bool,
+}
+
+/// The hash-type maps whose number of entries means something (arrays are always full).
+const COUNTED_MAPS: [&str; 6] = [
+    PODS_MAP,
+    POD_IPS_MAP,
+    mesh_common::capture::FLOWS_MAP,
+    mesh_common::capture::SPLICE_MAP,
+    mesh_common::capture::SPLICE_PEERS_MAP,
+    mesh_common::capture::SPLICE_STATE_MAP,
+];
+
+impl PinnedMaps {
+    /// Entries and capacity of every hash-type map, counting at most `limit` keys per map (one
+    /// syscall per key: a scrape must stay cheap even when a map is full).
+    pub fn occupancy(&self, limit: u64) -> Vec<MapOccupancy> {
+        COUNTED_MAPS
+            .iter()
+            .filter_map(|&name| {
+                let map = self.open(name).ok()?;
+                let info = map.info().ok()?;
+                let (entries, truncated) = count_keys(&map, info.key_size() as usize, limit);
+                Some(MapOccupancy {
+                    name,
+                    entries,
+                    capacity: u64::from(info.max_entries()),
+                    truncated,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Walks a map's keys with BPF_MAP_GET_NEXT_KEY (aya exposes key iteration only for typed maps).
+fn count_keys(map: &MapData, key_size: usize, limit: u64) -> (u64, bool) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut count = 0u64;
+    let mut first = true;
+    while count < limit {
+        let attr = NextKeyAttr {
+            map_fd: fd,
+            _pad: 0,
+            // A null key asks for the first key.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: the attribute points at buffers of the map's key size that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const NextKeyAttr,
+                std::mem::size_of::<NextKeyAttr>(),
+            )
+        };
+        if rc != 0 {
+            return (count, false);
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    (count, true)
+}

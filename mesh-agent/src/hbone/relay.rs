@@ -4,6 +4,7 @@
 //! (capacity granted by the peer, released as we write) gives backpressure end to end.
 use std::{future::poll_fn, task::Poll};
 
+use crate::metrics::Meter;
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{
@@ -37,9 +38,24 @@ pub enum RelayEnd {
     Reset(Moved, String),
 }
 
+/// Which end of the proxied connection the TCP side is, so bytes are metered in Istio's
+/// directions (request = client to server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpSide {
+    /// The client's connection (the source agent): TCP -> stream is the request.
+    Client,
+    /// The connection to the server (the destination agent): TCP -> stream is the response.
+    Server,
+}
+
 /// Relays until both directions are done.
-pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> RelayEnd {
-    relay_until(tcp, send, recv, std::future::pending()).await
+pub async fn relay(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    meter: (&dyn Meter, TcpSide),
+) -> RelayEnd {
+    relay_until(tcp, send, recv, meter, std::future::pending()).await
 }
 
 /// [`relay`], unless `stop` resolves first (a policy change revoked the connection): then both
@@ -48,16 +64,25 @@ pub async fn relay_until(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    (meter, side): (&dyn Meter, TcpSide),
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayEnd {
+    let up = |n: u64| match side {
+        TcpSide::Client => meter.request(n),
+        TcpSide::Server => meter.response(n),
+    };
+    let down = |n: u64| match side {
+        TcpSide::Client => meter.response(n),
+        TcpSide::Server => meter.request(n),
+    };
     let _ = tcp.set_nodelay(true);
     let (mut r, mut w) = tcp.into_split();
     let mut moved = Moved::default();
     let outcome = {
         let both = async {
             tokio::join!(
-                tcp_to_stream(&mut r, &mut send, &mut moved.sent),
-                stream_to_tcp(&mut recv, &mut w, &mut moved.received)
+                tcp_to_stream(&mut r, &mut send, &mut moved.sent, &up),
+                stream_to_tcp(&mut recv, &mut w, &mut moved.received, &down)
             )
         };
         tokio::select! {
@@ -110,6 +135,7 @@ async fn tcp_to_stream(
     r: &mut OwnedReadHalf,
     send: &mut SendStream<Bytes>,
     total: &mut u64,
+    meter: &(dyn Fn(u64) + Sync),
 ) -> Result<(), Failure> {
     // Bytes are read into a buffer whose filled part is handed to h2 as is (no copy). The
     // buffer starts small and doubles while reads fill it, up to CHUNK: request/response
@@ -124,7 +150,7 @@ async fn tcp_to_stream(
         let read = tokio::select! {
             read = r.read_buf(&mut buf) => read,
             reason = poll_fn(|cx| send.poll_reset(cx)) => {
-                return Err(failed(format!("peer reset the stream: {reason:?}")));
+                return Err(failed(reset_message(reason)));
             }
         };
         let n = match read {
@@ -161,12 +187,13 @@ async fn tcp_to_stream(
                 Ok(Some(Ok(g))) => g,
                 Ok(Some(Err(e))) => return Err(failed(format!("stream: {e}"))),
                 Ok(None) => return Err(failed("stream closed".into())),
-                Err(reason) => return Err(failed(format!("peer reset the stream: {reason:?}"))),
+                Err(reason) => return Err(failed(reset_message(reason))),
             };
             let k = granted.min(data.len());
             send.send_data(data.split_to(k), false)
                 .map_err(|e| failed(format!("stream: {e}")))?;
             *total += k as u64;
+            meter(k as u64);
         }
     }
 }
@@ -175,6 +202,7 @@ async fn stream_to_tcp(
     recv: &mut RecvStream,
     w: &mut OwnedWriteHalf,
     total: &mut u64,
+    meter: &(dyn Fn(u64) + Sync),
 ) -> Result<(), Failure> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(|e| Failure {
@@ -186,11 +214,19 @@ async fn stream_to_tcp(
             .await
             .map_err(|e| failed(format!("tcp: {e}")))?;
         *total += n as u64;
+        meter(n as u64);
         let _ = recv.flow_control().release_capacity(n);
     }
     // END_STREAM -> TCP FIN.
     let _ = w.shutdown().await;
     Ok(())
+}
+
+fn reset_message(reason: Result<Reason, h2::Error>) -> String {
+    match reason {
+        Ok(r) => format!("peer reset the stream ({r:?})"),
+        Err(e) => format!("stream lost: {e}"),
+    }
 }
 
 /// Makes the eventual close of the TCP socket a RST (SO_LINGER 0).

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, STREAM_WINDOW, relay};
 use crate::{
     identity::SpiffeId,
+    metrics::{ConnectionTelemetry, Outcome, ResponseFlags},
     policy::{Admission, Decision},
     tls,
 };
@@ -52,19 +53,32 @@ impl Authorizer for AllowMesh {
     }
 }
 
+/// Builds the telemetry of one inbound stream (the destination reporter): the peer's
+/// certificate identity, the client address, the CONNECT authority and the dialled
+/// `<pod>:15008`.
+pub type InboundTelemetry =
+    Arc<dyn Fn(&SpiffeId, SocketAddr, SocketAddr, SocketAddr) -> ConnectionTelemetry + Send + Sync>;
+
+/// No telemetry (tests of the HBONE layer alone).
+pub fn no_telemetry() -> InboundTelemetry {
+    Arc::new(|_, _, _, _| ConnectionTelemetry::disabled())
+}
+
 /// Everything a connection needs, shared.
 pub struct ServerContext {
     pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub trust_domain: String,
     pub authorizer: Arc<dyn Authorizer>,
     pub connector: Connector,
+    pub telemetry: InboundTelemetry,
 }
 
 /// Serves one accepted connection (already known to be for `target`) to its end.
 pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
-    let Ok(outer_peer) = tcp.peer_addr() else {
+    let (Ok(outer_peer), Ok(outer_local)) = (tcp.peer_addr(), tcp.local_addr()) else {
         return;
     };
+    let outer_local = SocketAddr::new(outer_local.ip().to_canonical(), outer_local.port());
     // HTTP/2 writes small frames (HEADERS, then DATA): Nagle would hold them for an ACK.
     let _ = tcp.set_nodelay(true);
     let outer_peer = SocketAddr::new(outer_peer.ip().to_canonical(), outer_peer.port());
@@ -116,7 +130,9 @@ pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
     while let Some(req) = conn.accept().await {
         let Ok((req, respond)) = req else { break };
         let (ctx, target, peer) = (Arc::clone(&ctx), Arc::clone(&target), Arc::clone(&peer));
-        tokio::spawn(async move { stream(ctx, req, respond, &target, &peer, outer_peer).await });
+        tokio::spawn(async move {
+            stream(ctx, req, respond, &target, &peer, (outer_peer, outer_local)).await
+        });
     }
 }
 
@@ -126,7 +142,7 @@ async fn stream(
     mut respond: h2::server::SendResponse<Bytes>,
     target: &Target,
     peer: &SpiffeId,
-    outer_peer: SocketAddr,
+    (outer_peer, outer_local): (SocketAddr, SocketAddr),
 ) {
     let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder()
@@ -156,14 +172,21 @@ async fn stream(
     // The client address: the outer connection's source (the source agent connects from the
     // client pod's address); the port from `forwarded` when present.
     let client = SocketAddr::new(outer_peer.ip(), forwarded_port(req.headers()).unwrap_or(0));
+    let mut telemetry = (ctx.telemetry)(peer, client, dst, outer_local);
     // The enforcer logs and counts the decision.
     let mut admission = match ctx.authorizer.admit(peer, client, dst) {
         Ok(a) => a,
-        Err(_) => {
+        Err(d) => {
             let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+            telemetry.set_policy(d.policy.as_deref(), d.reason.as_str());
+            telemetry.fail(ResponseFlags::Denied, "denied by policy");
             return;
         }
     };
+    telemetry.set_policy(
+        admission.decision.policy.as_deref(),
+        admission.decision.reason.as_str(),
+    );
     let upstream = match tokio::time::timeout(
         Duration::from_secs(10),
         (ctx.connector)(client.ip(), dst),
@@ -174,10 +197,12 @@ async fn stream(
         Ok(Err(e)) => {
             info!(peer = %peer, %dst, error = %e, "HBONE: upstream connect failed");
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
             return;
         }
         Err(_) => {
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            telemetry.fail(ResponseFlags::ConnectFailed, "upstream connect timed out");
             return;
         }
     };
@@ -187,10 +212,25 @@ async fn stream(
         .body(())
         .expect("static response");
     let Ok(send) = respond.send_response(ok, false) else {
+        telemetry.fail(
+            ResponseFlags::ConnectFailed,
+            "the client went away before the 200",
+        );
         return;
     };
-    let end = relay::relay_until(upstream, send, req.into_body(), admission.revoked()).await;
-    info!(peer = %peer, %client, %dst, end = ?end, "HBONE stream closed");
+    telemetry.opened();
+    let end = relay::relay_until(
+        upstream,
+        send,
+        req.into_body(),
+        (&telemetry, relay::TcpSide::Server),
+        admission.revoked(),
+    )
+    .await;
+    match &end {
+        relay::RelayEnd::Closed(_) => telemetry.close(Outcome::Closed),
+        relay::RelayEnd::Reset(_, why) => telemetry.close(Outcome::Reset(why)),
+    }
 }
 
 /// The port of `forwarded: for="<ip>:<port>"` (or `for="[v6]:port"`).

@@ -48,6 +48,7 @@ async fn rig() -> Rig {
         trust_domain: "cluster.local".into(),
         authorizer: Arc::new(AllowMesh),
         connector: server_connector,
+        telemetry: super::server::no_telemetry(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();

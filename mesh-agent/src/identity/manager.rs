@@ -3,7 +3,10 @@
 //! gets the current certificate, which stays valid until well after its replacement arrives.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -44,6 +47,9 @@ pub struct CertManager {
     issuer: Arc<dyn CertificateIssuer>,
     ttl: Duration,
     slots: Mutex<HashMap<SpiffeId, Arc<Slot>>>,
+    /// Certificate requests to the CA that succeeded / failed (first issuance and rotations).
+    issued: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl CertManager {
@@ -52,6 +58,8 @@ impl CertManager {
             issuer,
             ttl,
             slots: Mutex::new(HashMap::new()),
+            issued: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -102,7 +110,34 @@ impl CertManager {
             .collect()
     }
 
+    /// Every certificate held now (for the admin API).
+    pub fn certificates(&self) -> Vec<Arc<WorkloadCert>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = slots.values().filter_map(|s| current(s)).collect();
+        out.sort_by_key(|c| c.identity.uri());
+        out
+    }
+
+    /// Certificate requests to the CA so far: (succeeded, failed).
+    pub fn request_outcomes(&self) -> (u64, u64) {
+        (
+            self.issued.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
     async fn issue(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
+        let outcome = self.request(identity).await;
+        let counter = if outcome.is_ok() {
+            &self.issued
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn request(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let params = CertificateParams::new(Vec::<String>::new())?;
         let csr = params.serialize_request(&key)?.pem()?;

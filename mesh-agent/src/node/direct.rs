@@ -18,6 +18,8 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
+use crate::metrics::Meter;
+
 /// Copy-mode buffer of a direction.
 const COPY_BUFFER: usize = 32 << 10;
 /// Bytes a direction moves by copying before it switches to splice(2).
@@ -44,14 +46,21 @@ pub struct Moved {
     pub b_to_a: u64,
 }
 
-/// Relays between `a` and `b` until both directions have seen EOF (Ok) or either failed (Err).
-pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<Moved> {
-    let (a_to_b, b_to_a) = tokio::try_join!(one_way(a, b), one_way(b, a))?;
+/// Relays between `a` (the client's side) and `b` (the server's) until both directions have
+/// seen EOF (Ok) or either failed (Err); `meter` counts a -> b as request bytes.
+pub async fn relay(a: &TcpStream, b: &TcpStream, meter: &dyn Meter) -> io::Result<Moved> {
+    let request = |n| meter.request(n);
+    let response = |n| meter.response(n);
+    let (a_to_b, b_to_a) = tokio::try_join!(one_way(a, b, &request), one_way(b, a, &response))?;
     Ok(Moved { a_to_b, b_to_a })
 }
 
 /// `src` -> `dst` until EOF on `src`, then half-closes `dst`.
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    meter: &(dyn Fn(u64) + Sync),
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf = vec![0u8; COPY_BUFFER];
     while total < SPLICE_AFTER {
@@ -61,19 +70,25 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
+        meter(n as u64);
     }
     if !KERNEL_SPLICE.load(Ordering::Relaxed) {
-        return copy_until_eof(src, dst, total).await;
+        return copy_until_eof(src, dst, total, meter).await;
     }
     drop(buf);
     match Pipe::new() {
-        Ok(pipe) => splice_until_eof(src, dst, &pipe, total).await,
+        Ok(pipe) => splice_until_eof(src, dst, &pipe, total, meter).await,
         // Out of file descriptors or pipe memory: keep copying.
-        Err(_) => copy_until_eof(src, dst, total).await,
+        Err(_) => copy_until_eof(src, dst, total, meter).await,
     }
 }
 
-async fn copy_until_eof(src: &TcpStream, dst: &TcpStream, mut total: u64) -> io::Result<u64> {
+async fn copy_until_eof(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut total: u64,
+    meter: &(dyn Fn(u64) + Sync),
+) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         let n = read_some(src, &mut buf).await?;
@@ -82,6 +97,7 @@ async fn copy_until_eof(src: &TcpStream, dst: &TcpStream, mut total: u64) -> io:
         }
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
+        meter(n as u64);
     }
 }
 
@@ -90,6 +106,7 @@ async fn splice_until_eof(
     dst: &TcpStream,
     pipe: &Pipe,
     mut total: u64,
+    meter: &(dyn Fn(u64) + Sync),
 ) -> io::Result<u64> {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut in_pipe = 0usize;
@@ -126,6 +143,7 @@ async fn splice_until_eof(
                 Ok(n) => {
                     in_pipe -= n;
                     total += n as u64;
+                    meter(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
                 Err(e) => return Err(e),
@@ -243,7 +261,7 @@ mod tests {
         for size in [0usize, 1, 100_000, 8 << 20] {
             let (mut client, a) = pair().await;
             let (b, mut server) = pair().await;
-            let relay = tokio::spawn(async move { relay(&a, &b).await });
+            let relay = tokio::spawn(async move { relay(&a, &b, &crate::metrics::NoMeter).await });
             let up = pattern(size);
             let down: Vec<u8> = pattern(size + 3).into_iter().rev().collect();
             let (up2, down2) = (up.clone(), down.clone());
@@ -284,7 +302,7 @@ mod tests {
     async fn a_reset_ends_the_relay_with_an_error() {
         let (client, a) = pair().await;
         let (b, _server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&a, &b).await });
+        let relay = tokio::spawn(async move { relay(&a, &b, &crate::metrics::NoMeter).await });
         socket2::SockRef::from(&client)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
@@ -298,7 +316,7 @@ mod tests {
         // buffers, so a large write from the client cannot complete.
         let (mut client, a) = pair().await;
         let (b, _server) = pair().await;
-        let _relay = tokio::spawn(async move { relay(&a, &b).await });
+        let _relay = tokio::spawn(async move { relay(&a, &b, &crate::metrics::NoMeter).await });
         let big = vec![1u8; 64 << 20];
         let sent = tokio::time::timeout(std::time::Duration::from_secs(2), client.write_all(&big));
         assert!(sent.await.is_err(), "64 MiB vanished into the relay");

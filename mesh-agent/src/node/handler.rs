@@ -27,7 +27,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::capture::{CaptureView, FlowTable, PodCapture, listeners::connect_transparent};
+use crate::{
+    capture::{CaptureView, FlowTable, PodCapture, listeners::connect_transparent},
+    metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
+};
 
 /// How captured connections are handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +50,8 @@ pub struct HandlerContext {
     /// Inbound policy (PeerAuthentication, AuthorizationPolicy) for plaintext delivered to
     /// enrolled pods, in every mode that delivers it.
     pub enforcer: Arc<crate::policy::Enforcer>,
+    /// Metrics and access logs of every connection.
+    pub telemetry: Arc<super::telemetry::Telemetry>,
 }
 
 /// The first line of a `report` answer.
@@ -64,6 +69,15 @@ struct Report<'a> {
 struct Attributed {
     pod: PodCapture,
     ifindex: u32,
+}
+
+/// The handler's name as the CLI spells it.
+pub fn mode_name(mode: HandlerMode) -> &'static str {
+    match mode {
+        HandlerMode::Mesh => "mesh",
+        HandlerMode::Passthrough => "passthrough",
+        HandlerMode::Report => "report",
+    }
 }
 
 pub fn listener_name(kind: FlowKind) -> &'static str {
@@ -114,8 +128,7 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
                     super::mesh::inbound_hbone(mesh, stream, original_dst).await
                 }
                 FlowKind::InboundPlaintext => {
-                    super::mesh::inbound_plaintext(&ctx.enforcer, stream, client, original_dst, pod)
-                        .await
+                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst).await
                 }
                 FlowKind::Outbound => {
                     super::mesh::outbound(mesh, stream, client, original_dst, pod).await
@@ -129,10 +142,10 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
         }
         // Plaintext to an enrolled pod obeys its policy here too (never plaintext to STRICT).
         (HandlerMode::Passthrough, FlowKind::InboundPlaintext) => {
-            super::mesh::inbound_plaintext(&ctx.enforcer, stream, client, original_dst, pod).await
+            super::mesh::inbound_plaintext(&ctx, stream, client, original_dst).await
         }
         (HandlerMode::Passthrough, FlowKind::Outbound) => {
-            relay(stream, listener, client, original_dst, pod).await
+            relay(&ctx, stream, client, original_dst).await
         }
     }
 }
@@ -199,25 +212,20 @@ async fn report_and_sink(mut stream: TcpStream, report: &Report<'_>) -> std::io:
 }
 
 async fn relay(
+    ctx: &HandlerContext,
     inbound: TcpStream,
-    listener: &'static str,
     client: SocketAddr,
     original_dst: SocketAddr,
-    pod: &str,
 ) {
+    let mut telemetry = ctx.telemetry.outbound(client, original_dst, None, None);
     match connect_direct(client, original_dst).await {
         Ok(upstream) => {
-            splice_tcp(
-                inbound,
-                upstream,
-                listener,
-                (client, original_dst, pod),
-                std::future::pending(),
-            )
-            .await
+            telemetry.opened();
+            let result = splice_tcp(inbound, upstream, &telemetry, std::future::pending()).await;
+            closed([telemetry], &result);
         }
         Err(e) => {
-            info!(listener, %client, %original_dst, pod, error = %e, "upstream connect failed");
+            telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
             reset(inbound);
         }
     }
@@ -230,6 +238,14 @@ pub(super) async fn connect_direct(
     client: SocketAddr,
     dst: SocketAddr,
 ) -> std::io::Result<TcpStream> {
+    // A pod has no business with the node's loopback (where the admin API listens); the kernel
+    // drops such packets from a pod before they reach us, and so do we.
+    if dst.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "a loopback destination",
+        ));
+    }
     let local = is_local_address(dst.ip());
     if local && CAPTURE_PORTS.contains(&dst.port()) {
         return Err(std::io::Error::new(
@@ -251,30 +267,35 @@ pub(super) async fn connect_direct(
 
 /// Relays both ways until both sides are done (half-closes propagate; bulk transfers move by
 /// splice(2), see [`super::direct`]); a reset on either side resets both, and so does `stop` (a
-/// policy change revoked the connection).
+/// policy change revoked the connection). `meter` counts the bytes as they move.
 pub(super) async fn splice_tcp(
     inbound: TcpStream,
     upstream: TcpStream,
-    listener: &'static str,
-    (client, dst, pod): (SocketAddr, SocketAddr, &str),
+    meter: &dyn Meter,
     stop: impl std::future::Future<Output = ()>,
-) {
-    let started = std::time::Instant::now();
+) -> Result<super::direct::Moved, String> {
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let moved = tokio::select! {
-        r = super::direct::relay(&inbound, &upstream) => r,
+        r = super::direct::relay(&inbound, &upstream, meter) => r,
         () = stop => Err(std::io::Error::other("revoked by a policy change")),
     };
-    match moved {
-        Ok(m) => info!(
-            listener, %client, %dst, pod, sent = m.a_to_b, received = m.b_to_a,
-            duration_ms = started.elapsed().as_millis() as u64, "connection closed"
-        ),
-        Err(e) => {
-            info!(listener, %client, %dst, pod, error = %e, "connection reset");
-            reset(inbound);
-            reset(upstream);
+    moved.map_err(|e| {
+        reset(inbound);
+        reset(upstream);
+        e.to_string()
+    })
+}
+
+/// Closes a connection's telemetry after [`splice_tcp`].
+pub(super) fn closed(
+    telemetry: impl IntoIterator<Item = ConnectionTelemetry>,
+    result: &Result<super::direct::Moved, String>,
+) {
+    for t in telemetry {
+        match result {
+            Ok(_) => t.close(Outcome::Closed),
+            Err(why) => t.close(Outcome::Reset(why)),
         }
     }
 }

@@ -27,11 +27,12 @@ use crate::{
     capture::listeners::connect_transparent,
     discovery::LocalConfig,
     hbone::{
-        client::{Pool, StreamRequest},
+        client::{HboneError, Pool, StreamRequest},
         relay,
         server::{self, ServerContext, Target},
     },
     identity::{CertManager, SpiffeId},
+    metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
     policy::{ConnectionAttrs, Enforcer, InboundKind},
 };
 
@@ -39,12 +40,20 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct MeshWorkload {
     pub key: String,
+    pub name: String,
+    pub namespace: String,
     pub identity: SpiffeId,
     pub node: String,
     pub enrolled: bool,
+    /// Istio's canonical service and revision (from its labels), for telemetry.
+    pub canonical_service: String,
+    pub canonical_revision: String,
     /// W3C baggage describing it (HBONE headers).
     pub baggage: String,
 }
+
+/// The cluster name in baggage and telemetry (Istio's default cluster ID).
+pub const CLUSTER_NAME: &str = "Kubernetes";
 
 /// Istio's canonical service name and revision from a workload's labels.
 fn canonical(w: &crate::discovery::Workload) -> (String, String) {
@@ -102,13 +111,17 @@ impl MeshState {
             let (service, version) = canonical(w);
             let mw = MeshWorkload {
                 key: format!("{}/{}", w.namespace, w.name),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
                 identity: config.identity_of(w),
                 node: w.node.clone(),
                 enrolled: config.is_enrolled(w),
                 baggage: format!(
-                    "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
+                    "k8s.cluster.name={CLUSTER_NAME},k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
                     w.namespace, w.name
                 ),
+                canonical_service: service,
+                canonical_revision: version,
             };
             for ip in &w.ips {
                 by_ip.insert(*ip, mw.clone());
@@ -155,6 +168,7 @@ pub struct MeshContext {
     pub pool: Arc<Pool>,
     pub server: Arc<ServerContext>,
     pub enforcer: Arc<Enforcer>,
+    pub telemetry: Arc<super::telemetry::Telemetry>,
 }
 
 impl MeshContext {
@@ -244,10 +258,16 @@ pub async fn outbound(
     original_dst: SocketAddr,
     pod: &str,
 ) {
+    let service = ctx
+        .service(original_dst)
+        .map(|s| super::telemetry::service_info(&s.key));
     let candidates = match destinations(ctx, original_dst) {
         Ok(c) => c,
         Err(reason) => {
             info!(%client, %original_dst, pod, reason, "no destination");
+            ctx.telemetry
+                .outbound(client, original_dst, service.as_ref(), None)
+                .fail(ResponseFlags::ConnectFailed, reason);
             super::handler::reset(tcp);
             return;
         }
@@ -258,16 +278,35 @@ pub async fn outbound(
             Ok(Route::Hbone {
                 source,
                 destination,
-            }) => match open_hbone(ctx, client, dst, &source, &destination).await {
-                Ok(stream) => {
-                    let _ = tcp.set_nodelay(true);
-                    let end = relay::relay(tcp, stream.send, stream.recv).await;
-                    drop(stream.slot);
-                    info!(%client, %original_dst, %dst, source = %source, destination = %destination.identity, end = ?end, "outbound HBONE connection closed");
-                    return;
+            }) => {
+                let hbone = SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE);
+                let mut telemetry =
+                    ctx.telemetry
+                        .outbound(client, dst, service.as_ref(), Some(hbone));
+                match open_hbone(ctx, client, dst, &source, &destination).await {
+                    Ok(stream) => {
+                        telemetry.opened();
+                        let _ = tcp.set_nodelay(true);
+                        let end = relay::relay(
+                            tcp,
+                            stream.send,
+                            stream.recv,
+                            (&telemetry, relay::TcpSide::Client),
+                        )
+                        .await;
+                        drop(stream.slot);
+                        match &end {
+                            relay::RelayEnd::Closed(_) => telemetry.close(Outcome::Closed),
+                            relay::RelayEnd::Reset(_, why) => telemetry.close(Outcome::Reset(why)),
+                        }
+                        return;
+                    }
+                    Err((flags, e)) => {
+                        telemetry.fail(flags, &e);
+                        last_error = e;
+                    }
                 }
-                Err(e) => last_error = e,
-            },
+            }
             Ok(Route::SameNode { .. }) => {
                 // We are the destination's agent too: its inbound policy is ours to enforce,
                 // for the source identity the capture attributed.
@@ -278,39 +317,65 @@ pub async fn outbound(
                     destination_ip: dst.ip(),
                     destination_port: dst.port(),
                 };
-                let Ok(mut admission) = ctx.enforcer.admit(attrs, InboundKind::SameNode) else {
-                    super::handler::reset(tcp);
-                    return;
-                };
-                match super::handler::connect_direct(client, dst).await {
-                    Ok(upstream) => {
-                        super::handler::splice_tcp(
-                            tcp,
-                            upstream,
-                            "outbound",
-                            (client, dst, pod),
-                            admission.revoked(),
-                        )
-                        .await;
+                let [mut src_t, mut dst_t] = ctx.telemetry.same_node(client, dst);
+                let mut admission = match ctx.enforcer.admit(attrs, InboundKind::SameNode) {
+                    Ok(a) => a,
+                    Err(d) => {
+                        for t in [src_t, dst_t] {
+                            let mut t = t;
+                            t.set_policy(d.policy.as_deref(), d.reason.as_str());
+                            t.fail(ResponseFlags::Denied, "denied by policy");
+                        }
+                        super::handler::reset(tcp);
                         return;
                     }
-                    Err(e) => last_error = e.to_string(),
+                };
+                for t in [&mut src_t, &mut dst_t] {
+                    t.set_policy(
+                        admission.decision.policy.as_deref(),
+                        admission.decision.reason.as_str(),
+                    );
+                }
+                match super::handler::connect_direct(client, dst).await {
+                    Ok(upstream) => {
+                        src_t.opened();
+                        dst_t.opened();
+                        let both = BothReporters(&src_t, &dst_t);
+                        let result =
+                            super::handler::splice_tcp(tcp, upstream, &both, admission.revoked())
+                                .await;
+                        super::handler::closed([src_t, dst_t], &result);
+                        return;
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        for t in [src_t, dst_t] {
+                            t.fail(ResponseFlags::ConnectFailed, &last_error);
+                        }
+                    }
                 }
             }
-            Ok(Route::Passthrough) => match super::handler::connect_direct(client, dst).await {
-                Ok(upstream) => {
-                    super::handler::splice_tcp(
-                        tcp,
-                        upstream,
-                        "outbound",
-                        (client, dst, pod),
-                        std::future::pending(),
-                    )
-                    .await;
-                    return;
+            Ok(Route::Passthrough) => {
+                let mut telemetry = ctx.telemetry.outbound(client, dst, service.as_ref(), None);
+                match super::handler::connect_direct(client, dst).await {
+                    Ok(upstream) => {
+                        telemetry.opened();
+                        let result = super::handler::splice_tcp(
+                            tcp,
+                            upstream,
+                            &telemetry,
+                            std::future::pending(),
+                        )
+                        .await;
+                        super::handler::closed([telemetry], &result);
+                        return;
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        telemetry.fail(ResponseFlags::ConnectFailed, &last_error);
+                    }
                 }
-                Err(e) => last_error = e.to_string(),
-            },
+            }
             Err(reason) => {
                 warn!(%client, %original_dst, reason, "refusing captured connection");
                 super::handler::reset(tcp);
@@ -322,18 +387,36 @@ pub async fn outbound(
     super::handler::reset(tcp);
 }
 
+/// A same-node connection's bytes count for both of this agent's reports.
+struct BothReporters<'a>(&'a ConnectionTelemetry, &'a ConnectionTelemetry);
+
+impl Meter for BothReporters<'_> {
+    fn request(&self, n: u64) {
+        self.0.request(n);
+        self.1.request(n);
+    }
+
+    fn response(&self, n: u64) {
+        self.0.response(n);
+        self.1.response(n);
+    }
+}
+
+/// Opens the HBONE stream; an error says why in Istio's response flags too (401: denied by the
+/// destination's policy, anything else: the connection could not be made).
 async fn open_hbone(
     ctx: &MeshContext,
     client: SocketAddr,
     dst: SocketAddr,
     source: &SpiffeId,
     destination: &MeshWorkload,
-) -> Result<crate::hbone::client::PooledStream, String> {
-    let cert = ctx
-        .certs
-        .get(source)
-        .await
-        .map_err(|e| format!("certificate of {source}: {e}"))?;
+) -> Result<crate::hbone::client::PooledStream, (ResponseFlags, String)> {
+    let cert = ctx.certs.get(source).await.map_err(|e| {
+        (
+            ResponseFlags::ConnectFailed,
+            format!("certificate of {source}: {e}"),
+        )
+    })?;
     let req = StreamRequest {
         client,
         source: source.clone(),
@@ -346,7 +429,15 @@ async fn open_hbone(
             .map(|w| w.baggage)
             .unwrap_or_default(),
     };
-    ctx.pool.open(&req).await.map_err(|e| e.to_string())
+    ctx.pool.open(&req).await.map_err(|e| {
+        let flags = match &e {
+            HboneError::Status { status, .. } if *status == http::StatusCode::UNAUTHORIZED => {
+                ResponseFlags::Denied
+            }
+            _ => ResponseFlags::ConnectFailed,
+        };
+        (flags, e.to_string())
+    })
 }
 
 /// Inbound HBONE for the pod at `local` (the dialled address).
@@ -379,11 +470,10 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
 /// Plaintext captured on 15006 for the pod at `original_dst`: refused where PeerAuthentication
 /// is STRICT, otherwise authorized without identity and delivered from the client's address.
 pub async fn inbound_plaintext(
-    enforcer: &Arc<Enforcer>,
+    ctx: &super::handler::HandlerContext,
     tcp: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
-    pod: &str,
 ) {
     let attrs = ConnectionAttrs {
         source: None,
@@ -391,23 +481,29 @@ pub async fn inbound_plaintext(
         destination_ip: original_dst.ip(),
         destination_port: original_dst.port(),
     };
-    let Ok(mut admission) = enforcer.admit(attrs, InboundKind::Plaintext) else {
-        super::handler::reset(tcp);
-        return;
+    let mut telemetry = ctx.telemetry.inbound_plaintext(client, original_dst);
+    let mut admission = match ctx.enforcer.admit(attrs, InboundKind::Plaintext) {
+        Ok(a) => a,
+        Err(d) => {
+            telemetry.set_policy(d.policy.as_deref(), d.reason.as_str());
+            telemetry.fail(ResponseFlags::Denied, "denied by policy");
+            super::handler::reset(tcp);
+            return;
+        }
     };
+    telemetry.set_policy(
+        admission.decision.policy.as_deref(),
+        admission.decision.reason.as_str(),
+    );
     match super::handler::connect_direct(client, original_dst).await {
         Ok(upstream) => {
-            super::handler::splice_tcp(
-                tcp,
-                upstream,
-                "inbound_plaintext",
-                (client, original_dst, pod),
-                admission.revoked(),
-            )
-            .await
+            telemetry.opened();
+            let result =
+                super::handler::splice_tcp(tcp, upstream, &telemetry, admission.revoked()).await;
+            super::handler::closed([telemetry], &result);
         }
         Err(e) => {
-            info!(%client, %original_dst, pod, error = %e, "upstream connect failed");
+            telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
             super::handler::reset(tcp);
         }
     }

@@ -8,6 +8,7 @@
 mod direct;
 pub mod handler;
 pub mod mesh;
+pub mod telemetry;
 
 use std::{
     path::{Path, PathBuf},
@@ -20,19 +21,25 @@ use mesh_common::FlowKind;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+pub use crate::admin::AdminAddrs;
 pub use handler::HandlerMode;
 
 use crate::{
+    admin::{AdminState, Readiness},
     capture::{
         self, BpffsLayout, CaptureController, DesiredCapture, FlowTable, PodCapture, listeners,
         routing,
     },
     discovery::LocalConfig,
+    hbone::server::ServerContext,
+    identity::{CertManager, CertificateIssuer},
+    logging::LogControl,
+    metrics::{Metrics, NodeSources},
     policy::{Enforcer, PolicyAuthorizer},
 };
 
 /// Options of `mesh-agent node`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeOptions {
     pub config: PathBuf,
     pub bpffs_dir: PathBuf,
@@ -41,6 +48,10 @@ pub struct NodeOptions {
     pub reload_interval: Duration,
     /// Splice same-node pod<->agent hops with sockmap (needs cgroup v2).
     pub splice: bool,
+    /// The process's log filter (the admin API changes it).
+    pub log: LogControl,
+    /// Ports of the admin, metrics and readiness endpoints.
+    pub admin: AdminAddrs,
 }
 
 /// The capture's desired state for this node from a local configuration.
@@ -73,6 +84,8 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let config = LocalConfig::load(&opts.config)?;
     let layout = BpffsLayout::new(&opts.bpffs_dir);
+    let readiness = Arc::new(Readiness::new());
+    readiness.config(None);
     // Takes the data path's lock first: a second agent must not touch anything.
     let mut controller = CaptureController::start(layout.clone())?;
     routing::ensure().context("installing the capture's policy routing")?;
@@ -86,8 +99,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         None
     };
     direct::set_kernel_splice(agent_cgroup.is_none());
-    let report = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
-    log_state(&controller, &config, report.errors.len());
+    let first = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
+    log_state(&controller, &config, first.errors.len());
 
     let mesh_state = Arc::new(std::sync::RwLock::new(mesh::MeshState::from_config(
         &config,
@@ -95,12 +108,42 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let policies = config.compile_policies();
     policies.log();
     let enforcer = Enforcer::new(policies);
-    let mesh = match opts.handler {
-        HandlerMode::Mesh => Some(mesh_context(
-            &config,
-            Arc::clone(&mesh_state),
-            Arc::clone(&enforcer),
-        )?),
+    let identity = match opts.handler {
+        HandlerMode::Mesh => Some(mesh_identity(&config)?),
+        _ => None,
+    };
+    let pool = identity.as_ref().map(|(issuer, _)| {
+        crate::hbone::client::Pool::new(issuer.roots(), mesh::transparent_connector())
+    });
+    let metrics = Metrics::new(Some(NodeSources {
+        maps: capture::PinnedMaps::new(&layout.maps()),
+        view: controller.view(),
+        enforcer: Arc::clone(&enforcer),
+        certs: identity.as_ref().map(|(_, c)| Arc::clone(c)),
+        pool: pool.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    }));
+    let telemetry = telemetry::Telemetry::new(Arc::clone(&metrics), Arc::clone(&mesh_state));
+    let mesh = match (&identity, &pool) {
+        (Some((issuer, certs)), Some(pool)) => Some(Arc::new(mesh::MeshContext {
+            state: Arc::clone(&mesh_state),
+            certs: Arc::clone(certs),
+            pool: Arc::clone(pool),
+            server: Arc::new(ServerContext {
+                roots: issuer.roots(),
+                trust_domain: issuer.trust_domain(),
+                authorizer: Arc::new(PolicyAuthorizer(Arc::clone(&enforcer))),
+                connector: mesh::transparent_connector(),
+                telemetry: {
+                    let t = Arc::clone(&telemetry);
+                    Arc::new(move |peer, client, dst, hbone| {
+                        t.inbound_hbone(peer, client, dst, hbone)
+                    })
+                },
+            }),
+            enforcer: Arc::clone(&enforcer),
+            telemetry: Arc::clone(&telemetry),
+        })),
         _ => None,
     };
     let ctx = Arc::new(handler::HandlerContext {
@@ -109,6 +152,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         view: controller.view(),
         mesh,
         enforcer: Arc::clone(&enforcer),
+        telemetry,
     });
     let kinds = [
         FlowKind::Outbound,
@@ -134,6 +178,23 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             }
         });
     }
+    readiness.capture(reconcile_problem(&first));
+    let certs = identity.as_ref().map(|(_, c)| Arc::clone(c));
+    prefetch_certificates(certs.clone(), &config, Arc::clone(&readiness));
+    let admin = Arc::new(AdminState {
+        handler: handler::mode_name(opts.handler),
+        layout: layout.clone(),
+        config: std::sync::RwLock::new(Arc::new(config)),
+        view: controller.view(),
+        enforcer: Arc::clone(&enforcer),
+        certs: certs.clone(),
+        pool,
+        metrics: Arc::clone(&metrics),
+        readiness: Arc::clone(&readiness),
+        log: opts.log.clone(),
+    });
+    crate::admin::start(Arc::clone(&admin), opts.admin)
+        .context("starting the admin, metrics and readiness endpoints")?;
     info!(handler = ?opts.handler, config = %opts.config.display(), bpffs = %layout.root.display(), "node agent ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -152,6 +213,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 }
                 match LocalConfig::load(&opts.config) {
                     Ok(new) => {
+                        metrics.control.config(true);
                         *mesh_state.write().unwrap_or_else(|e| e.into_inner()) =
                             mesh::MeshState::from_config(&new);
                         let policies = new.compile_policies();
@@ -162,10 +224,17 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                         }
                         let report =
                             controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
+                        metrics.control.reconcile_errors.inc_by(report.errors.len() as u64);
+                        readiness.capture(reconcile_problem(&report));
                         log_state(&controller, &new, report.errors.len());
+                        prefetch_certificates(certs.clone(), &new, Arc::clone(&readiness));
+                        *admin.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
                     }
                     // Keep serving the last good configuration.
-                    Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+                    Err(e) => {
+                        metrics.control.config(false);
+                        error!(error = %e, "configuration rejected; keeping the previous one");
+                    }
                 }
             }
         }
@@ -174,6 +243,66 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
     );
     Ok(())
+}
+
+/// Readiness wording for a reconciliation.
+fn reconcile_problem(report: &capture::ReconcileReport) -> Option<String> {
+    match report.errors.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        [first, rest @ ..] => Some(format!("{first} (and {} more)", rest.len())),
+    }
+}
+
+/// Fetches the certificates of every enrolled workload of this node in the background, and
+/// tells readiness when they are all held.
+fn prefetch_certificates(
+    certs: Option<Arc<CertManager>>,
+    config: &LocalConfig,
+    readiness: Arc<Readiness>,
+) {
+    let Some(certs) = certs else {
+        readiness.certificates(None);
+        return;
+    };
+    let mut identities: Vec<_> = config
+        .local_pods()
+        .filter(|w| config.is_enrolled(w))
+        .map(|w| config.identity_of(w))
+        .collect();
+    identities.sort();
+    identities.dedup();
+    tokio::spawn(async move {
+        let mut problems = Vec::new();
+        for id in &identities {
+            if let Err(e) = certs.get(id).await {
+                problems.push(format!("{id}: {e}"));
+            }
+        }
+        readiness.certificates(if problems.is_empty() {
+            None
+        } else {
+            Some(problems.join("; "))
+        });
+    });
+}
+
+/// The identity side of the `mesh` handler (local mode: a CA from files).
+fn mesh_identity(
+    config: &LocalConfig,
+) -> anyhow::Result<(Arc<dyn CertificateIssuer>, Arc<CertManager>)> {
+    use crate::identity::{LocalCa, LocalIssuer};
+    let ca = config.ca.as_ref().context(
+        "the mesh handler needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR` makes one), or run with --handler passthrough",
+    )?;
+    let local = LocalCa::from_dir(&ca.dir, &config.node.trust_domain)
+        .with_context(|| format!("loading the CA from {}", ca.dir.display()))?;
+    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(Arc::new(local)));
+    let certs = CertManager::new(
+        Arc::clone(&issuer),
+        Duration::from_secs(ca.cert_ttl_seconds),
+    );
+    Ok((issuer, certs))
 }
 
 /// Heap settings for a long-running proxy (glibc). Buffers of 256 KiB and more come from their
@@ -204,41 +333,6 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Identity, HBONE pool and server for the `mesh` handler (local mode: a CA from files).
-fn mesh_context(
-    config: &LocalConfig,
-    state: Arc<std::sync::RwLock<mesh::MeshState>>,
-    enforcer: Arc<Enforcer>,
-) -> anyhow::Result<Arc<mesh::MeshContext>> {
-    use crate::{
-        hbone::server::ServerContext,
-        identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer},
-    };
-    let ca = config.ca.as_ref().context(
-        "the mesh handler needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR` makes one), or run with --handler passthrough",
-    )?;
-    let local = LocalCa::from_dir(&ca.dir, &config.node.trust_domain)
-        .with_context(|| format!("loading the CA from {}", ca.dir.display()))?;
-    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(Arc::new(local)));
-    let certs = CertManager::new(
-        Arc::clone(&issuer),
-        Duration::from_secs(ca.cert_ttl_seconds),
-    );
-    let server = Arc::new(ServerContext {
-        roots: issuer.roots(),
-        trust_domain: issuer.trust_domain(),
-        authorizer: Arc::new(PolicyAuthorizer(Arc::clone(&enforcer))),
-        connector: mesh::transparent_connector(),
-    });
-    Ok(Arc::new(mesh::MeshContext {
-        state,
-        certs,
-        pool: crate::hbone::client::Pool::new(issuer.roots(), mesh::transparent_connector()),
-        server,
-        enforcer,
-    }))
 }
 
 fn log_state(controller: &CaptureController, config: &LocalConfig, errors: usize) {

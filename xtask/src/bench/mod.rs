@@ -339,6 +339,38 @@ impl Rig<'_> {
         self.client_json(s, &["rr", &self.server_addr(s, RR_PORT), &secs.to_string()])
     }
 
+    /// The request/response test while a scraper in each node fetches its agent's /metrics
+    /// back to back: (rr result, scrapes per second over both agents).
+    fn rr_while_scraping(&self, s: &Scenario) -> Result<(Value, f64)> {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let started = Instant::now();
+        let (rr, scrapes) = std::thread::scope(|scope| {
+            let scrapers: Vec<_> = (1..=2)
+                .map(|node| {
+                    let (place, stop) = (&self.tb.node(node).place, &stop);
+                    scope.spawn(move || {
+                        place
+                            .in_netns(|| {
+                                let mut n = 0u64;
+                                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                    if scrape_once().is_ok() {
+                                        n += 1;
+                                    }
+                                }
+                                n
+                            })
+                            .unwrap_or(0)
+                    })
+                })
+                .collect();
+            let rr = self.rr(s, self.secs);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let scrapes: u64 = scrapers.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+            (rr, scrapes)
+        });
+        Ok((rr?, scrapes as f64 / started.elapsed().as_secs_f64()))
+    }
+
     fn iperf3(&self, s: &Scenario, streams: u32) -> Result<f64> {
         let (client, server) = (self.pod(s.client), self.pod(s.server));
         let port = IPERF_PORT.to_string();
@@ -445,6 +477,24 @@ impl Rig<'_> {
                 p99: Some(p99),
             },
         );
+        if path == BenchPath::Mesh {
+            let (rr, scrapes) = self.rr_while_scraping(s)?;
+            let (p50, p99) = (
+                rr["p50_us"].as_f64().context("p50")?,
+                rr["p99_us"].as_f64().context("p99")?,
+            );
+            results.add(
+                s.name,
+                "rr_1kib_scraped",
+                p,
+                Trial {
+                    value: p50,
+                    p50: Some(p50),
+                    p99: Some(p99),
+                },
+            );
+            results.add(s.name, "scrapes_per_s", p, value(scrapes));
+        }
         let once = match path {
             BenchPath::Plain => ONCE_PORT_PLAIN,
             BenchPath::Mesh => ONCE_PORT_MESH,
@@ -490,6 +540,16 @@ impl Rig<'_> {
         );
         Ok(())
     }
+}
+
+/// One GET /metrics from the agent of the calling thread's network namespace.
+fn scrape_once() -> std::io::Result<usize> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    Ok(body.len())
 }
 
 fn value(v: f64) -> Trial {

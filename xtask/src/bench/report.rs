@@ -25,7 +25,8 @@ pub struct Results {
 pub fn unit(test: &str) -> &'static str {
     match test {
         "throughput_1" | "throughput_16" => "gbit_s",
-        "rr_1kib" => "us",
+        "rr_1kib" | "rr_1kib_scraped" => "us",
+        "scrapes_per_s" => "scrapes_s",
         "connrate_c1" | "connrate_c8" => "conn_s",
         "cpu_per_1k_rps" => "cores",
         _ => "mib",
@@ -266,6 +267,26 @@ impl Results {
             fmt(m, "cores"),
             m.map_or("—", |x| if x <= 0.03 { "yes" } else { "**no**" }),
         );
+        for scenario in ["cross_node", "same_node"] {
+            let (plain, scraped) = (
+                (
+                    self.percentile(scenario, "rr_1kib", "mesh", false),
+                    self.percentile(scenario, "rr_1kib", "mesh", true),
+                ),
+                (
+                    self.percentile(scenario, "rr_1kib_scraped", "mesh", false),
+                    self.percentile(scenario, "rr_1kib_scraped", "mesh", true),
+                ),
+            );
+            if let ((Some(p50), Some(p99)), (Some(s50), Some(s99))) = (plain, scraped) {
+                out += &format!(
+                    "\nScraping both agents' /metrics in a tight loop ({} scrapes/s) during the {scenario} mesh request/response test: p50 {p50:.0} → {s50:.0} µs, p99 {p99:.0} → {s99:.0} µs ({:+.0} µs).\n",
+                    self.median(scenario, "scrapes_per_s", "mesh")
+                        .map_or("?".into(), |v| format!("{v:.0}")),
+                    s99 - p99
+                );
+            }
+        }
         if !self.failures.is_empty() {
             out += "\nFailed trials (not in the figures):\n\n";
             for (s, t, p, why) in &self.failures {

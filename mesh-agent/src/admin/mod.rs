@@ -1,0 +1,303 @@
+//! The agent's HTTP endpoints, served from a thread and runtime of their own so that a scrape or
+//! a config dump never runs on the data path:
+//!
+//! - admin, **localhost only** (`127.0.0.1:15000`, `[::1]:15000`): `/config_dump`, `/certs`,
+//!   `/logging` (GET the filter; POST `?level=<RUST_LOG filter>` to change it), `/debug/ebpf`;
+//! - Prometheus on every address (`:15020`): `/metrics` and `/stats/prometheus`;
+//! - readiness on every address (`:15021`): `/healthz/ready`, 200 only when the config is
+//!   loaded, the capture is in place and the local workloads' certificates are held.
+pub mod dump;
+pub mod readiness;
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+pub use readiness::Readiness;
+
+use crate::{
+    capture::{BpffsLayout, CaptureView},
+    discovery::LocalConfig,
+    hbone::client::Pool,
+    identity::CertManager,
+    logging::LogControl,
+    metrics::Metrics,
+    policy::Enforcer,
+};
+
+/// Everything the endpoints read.
+pub struct AdminState {
+    pub handler: &'static str,
+    pub layout: BpffsLayout,
+    pub config: RwLock<Arc<LocalConfig>>,
+    pub view: Arc<RwLock<CaptureView>>,
+    pub enforcer: Arc<Enforcer>,
+    pub certs: Option<Arc<CertManager>>,
+    pub pool: Option<Arc<Pool>>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub log: LogControl,
+}
+
+/// Where the endpoints listen.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct AdminAddrs {
+    /// Admin API port (config dump, certificates, log level, eBPF state), bound to localhost.
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Prometheus metrics port, every address.
+    #[arg(long, default_value_t = 15020)]
+    pub metrics_port: u16,
+    /// Readiness port (`/healthz/ready`), every address.
+    #[arg(long, default_value_t = 15021)]
+    pub readiness_port: u16,
+}
+
+impl Default for AdminAddrs {
+    fn default() -> Self {
+        Self {
+            admin_port: 15000,
+            metrics_port: 15020,
+            readiness_port: 15021,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Surface {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+/// Binds every endpoint (errors are returned here, not later) and serves them on a thread of
+/// their own until the process exits. Must be called inside the network namespace to serve.
+pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
+    let mut binds = vec![
+        (
+            Surface::Admin,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addrs.admin_port),
+        ),
+        (
+            Surface::Metrics,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addrs.metrics_port),
+        ),
+        (
+            Surface::Readiness,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addrs.readiness_port),
+        ),
+    ];
+    // IPv6 where the namespace has it (v6-only sockets next to the v4 ones).
+    if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        binds.push((
+            Surface::Admin,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addrs.admin_port),
+        ));
+        binds.push((
+            Surface::Metrics,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), addrs.metrics_port),
+        ));
+        binds.push((
+            Surface::Readiness,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), addrs.readiness_port),
+        ));
+    }
+    let mut listeners = Vec::new();
+    for (surface, addr) in binds {
+        listeners.push((
+            surface,
+            bind(addr).with_context(|| format!("binding {addr}"))?,
+        ));
+    }
+    std::thread::Builder::new()
+        .name("mesh-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "admin runtime failed to start; no admin endpoints");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (surface, l) in listeners {
+                    let Ok(l) = TcpListener::from_std(l) else {
+                        continue;
+                    };
+                    let state = Arc::clone(&state);
+                    tasks.push(tokio::spawn(serve(surface, l, state)));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })
+        .context("starting the admin thread")?;
+    info!(
+        admin = addrs.admin_port,
+        metrics = addrs.metrics_port,
+        readiness = addrs.readiness_port,
+        "admin, metrics and readiness endpoints up"
+    );
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
+async fn serve(surface: Surface, listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(surface, &state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts")
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
+    text.push('\n');
+    reply(status, "application/json", text)
+}
+
+fn not_found(path: &str, paths: &[&str]) -> Response<Body> {
+    reply(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        format!(
+            "no such endpoint {path:?}; this port serves: {}\n",
+            paths.join(" ")
+        ),
+    )
+}
+
+async fn route(
+    surface: Surface,
+    state: &AdminState,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    match (surface, req.method(), path.as_str()) {
+        (Surface::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => reply(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            state.metrics.encode(),
+        ),
+        (Surface::Metrics, _, p) => not_found(p, &["/metrics", "/stats/prometheus"]),
+        (Surface::Readiness, &Method::GET, "/healthz/ready") => {
+            let (ready, why) = state.readiness.check();
+            if ready {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {}\n", why.join("; ")),
+                )
+            }
+        }
+        (Surface::Readiness, _, p) => not_found(p, &["/healthz/ready"]),
+        (Surface::Admin, &Method::GET, "/config_dump") => {
+            json(StatusCode::OK, &dump::config_dump(state))
+        }
+        (Surface::Admin, &Method::GET, "/certs") => json(StatusCode::OK, &dump::certs(state)),
+        (Surface::Admin, &Method::GET, "/logging") => json(
+            StatusCode::OK,
+            &serde_json::json!({"filter": state.log.current()}),
+        ),
+        (Surface::Admin, &Method::POST, "/logging") => {
+            let level = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .map(|v| {
+                    v.replace("%2C", ",")
+                        .replace("%3D", "=")
+                        .replace("%3A", ":")
+                });
+            match level {
+                None => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "POST /logging?level=<filter>, e.g. level=debug or level=info,mesh_agent::hbone=trace\n",
+                ),
+                Some(level) => match state.log.set(&level) {
+                    Ok(()) => {
+                        info!(filter = %level, "log filter changed through the admin API");
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({"filter": state.log.current()}),
+                        )
+                    }
+                    Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                },
+            }
+        }
+        (Surface::Admin, &Method::GET, "/debug/ebpf") => {
+            match crate::capture::explain(&state.layout) {
+                Ok(text) => reply(StatusCode::OK, "text/plain", text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e:#}\n"),
+                ),
+            }
+        }
+        (Surface::Admin, &Method::GET, "/") => reply(
+            StatusCode::OK,
+            "text/plain",
+            "mesh-agent admin: /config_dump /certs /logging /debug/ebpf (metrics on :15020, readiness on :15021)\n",
+        ),
+        (Surface::Admin, _, p) => {
+            not_found(p, &["/config_dump", "/certs", "/logging", "/debug/ebpf"])
+        }
+    }
+}

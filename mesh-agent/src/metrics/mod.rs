@@ -1,0 +1,94 @@
+//! Prometheus metrics of the node agent, in Istio's names where Istio has one (so its dashboards
+//! and Kiali work) and `mesh_*` for our own node-level figures. See docs/ARCHITECTURE.md
+//! "Observability".
+//!
+//! The data path only bumps counters (atomics); everything else is read at scrape time by
+//! [`node::NodeCollector`], on the admin thread, never on the data-path runtime.
+pub mod node;
+pub mod process;
+pub mod traffic;
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+pub use node::{ControlCounters, NodeCollector, NodeSources};
+pub use traffic::{
+    AccessInfo, ConnectionTelemetry, Outcome, PeerInfo, Reporter, ResponseFlags, SecurityPolicy,
+    ServiceInfo, TrafficLabels, TrafficMetrics,
+};
+
+/// Counts the bytes a relay moves, by Istio's direction.
+pub trait Meter: Sync {
+    /// Client-to-server bytes.
+    fn request(&self, n: u64);
+    /// Server-to-client bytes.
+    fn response(&self, n: u64);
+}
+
+/// Counts nothing.
+pub struct NoMeter;
+
+impl Meter for NoMeter {
+    fn request(&self, _: u64) {}
+    fn response(&self, _: u64) {}
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// Every metric of one agent.
+pub struct Metrics {
+    registry: Registry,
+    pub traffic: Arc<TrafficMetrics>,
+    pub control: Arc<ControlCounters>,
+}
+
+impl Metrics {
+    /// The registry with the traffic families, the control counters, `istio_build` and, when
+    /// given, the node collector.
+    pub fn new(node: Option<NodeSources>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        let traffic = TrafficMetrics::register(istio);
+        let build = Family::<BuildLabels, Gauge>::default();
+        istio.register(
+            "build",
+            "Istio component build info (component, version tag)",
+            build.clone(),
+        );
+        build
+            .get_or_create(&BuildLabels {
+                component: "mesh-agent",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        let control = ControlCounters::register(&mut registry);
+        if let Some(sources) = node {
+            registry.register_collector(Box::new(NodeCollector::new(sources)));
+        }
+        Arc::new(Self {
+            registry,
+            traffic,
+            control,
+        })
+    }
+
+    /// The exposition (OpenMetrics text, which Prometheus scrapes natively).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
