@@ -123,6 +123,7 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("mesh-admin".into())
         .spawn(move || {
+            lower_priority();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -155,6 +156,20 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
         "admin, metrics and readiness endpoints up"
     );
     Ok(())
+}
+
+/// The endpoints yield the CPU to the data path: this thread runs at nice 19, so a scraper in a
+/// tight loop takes only what the connections leave (the kernel still gives it a small share, so
+/// readiness probes are answered under full load). Measured by the bench (`rr_1kib_scraped`).
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread (a tid is a valid PRIO_PROCESS target).
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+    };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not lower the admin thread's priority");
+    }
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

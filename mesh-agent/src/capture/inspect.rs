@@ -28,9 +28,14 @@ impl PinnedMaps {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
-        let array =
-            PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(self.open(COUNTERS_MAP)?))?;
-        Ok(read_counters(&array)?)
+        Ok(read_counters(&self.counters_map()?)?)
+    }
+
+    /// The counter map, opened (keep it to read the counters repeatedly without reopening).
+    pub fn counters_map(&self) -> anyhow::Result<PerCpuArray<MapData, u64>> {
+        Ok(PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(
+            self.open(COUNTERS_MAP)?,
+        ))?)
     }
 
     /// Enrolled interfaces (ifindex, addresses), sorted by ifindex.
@@ -76,8 +81,9 @@ const COUNTED_MAPS: [&str; 6] = [
 ];
 
 impl PinnedMaps {
-    /// Entries and capacity of every hash-type map, counting at most `limit` keys per map (one
-    /// syscall per key: a scrape must stay cheap even when a map is full).
+    /// Entries and capacity of every hash-type map, counting at most `limit` keys per map. Each
+    /// key is a syscall that walks the map's buckets from the last key (the first one walks all
+    /// of them: ~65,536 buckets for an empty flow table), so callers cache the result.
     pub fn occupancy(&self, limit: u64) -> Vec<MapOccupancy> {
         COUNTED_MAPS
             .iter()

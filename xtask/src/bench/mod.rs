@@ -340,7 +340,7 @@ impl Rig<'_> {
     }
 
     /// The request/response test while a scraper in each node fetches its agent's /metrics
-    /// back to back: (rr result, scrapes per second over both agents).
+    /// back to back on a kept-alive connection: (rr result, scrapes per second, both agents).
     fn rr_while_scraping(&self, s: &Scenario) -> Result<(Value, f64)> {
         let stop = std::sync::atomic::AtomicBool::new(false);
         let started = Instant::now();
@@ -350,15 +350,7 @@ impl Rig<'_> {
                     let (place, stop) = (&self.tb.node(node).place, &stop);
                     scope.spawn(move || {
                         place
-                            .in_netns(|| {
-                                let mut n = 0u64;
-                                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                                    if scrape_once().is_ok() {
-                                        n += 1;
-                                    }
-                                }
-                                n
-                            })
+                            .in_netns(|| scrape_loop(stop).unwrap_or(0))
                             .unwrap_or(0)
                     })
                 })
@@ -542,14 +534,40 @@ impl Rig<'_> {
     }
 }
 
-/// One GET /metrics from the agent of the calling thread's network namespace.
-fn scrape_once() -> std::io::Result<usize> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+/// GET /metrics over one kept-alive connection (as Prometheus scrapes) to the agent of the
+/// calling thread's network namespace, until `stop`; the number of complete scrapes.
+fn scrape_loop(stop: &std::sync::atomic::AtomicBool) -> std::io::Result<u64> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let mut n = 0;
+    let s = std::net::TcpStream::connect(("127.0.0.1", 15020))?;
+    let mut reader = std::io::BufReader::new(s.try_clone()?);
+    let mut writer = s;
     let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(body.len())
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        writer.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line
+                .split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            {
+                length = v.1.trim().parse::<usize>().ok();
+            }
+        }
+        let length = length.ok_or_else(|| std::io::Error::other("no content-length"))?;
+        body.resize(length, 0);
+        reader.read_exact(&mut body)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn value(v: f64) -> Trial {
