@@ -470,6 +470,23 @@ fn scraped_counters_match_the_traffic_exactly_and_the_admin_api_stays_on_the_nod
         "{status}"
     );
 
+    // The operator commands read the same endpoints.
+    let bin = mesh_testbed::binaries::mesh_agent().unwrap();
+    let status = node1.run(bin.to_str().unwrap(), &["status"]).unwrap();
+    assert!(
+        status.contains("READY")
+            && status.contains(&format!("mesh/{}", p(1, 1).name()))
+            && status.contains(&principal(p(1, 2))),
+        "{status}"
+    );
+    let top = node1
+        .run(bin.to_str().unwrap(), &["metrics", "--top", "3"])
+        .unwrap();
+    assert!(
+        top.contains(&format!("mesh/{}", p(2, 1).name())) && top.contains("enrolled pods"),
+        "{top}"
+    );
+
     // ... and nowhere a pod can reach, enrolled or not, by any of the node's addresses; while
     // the metrics port on the same addresses answers (the path itself works).
     let node = tb.node(1);
