@@ -67,6 +67,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Endpoint addresses given explicitly (Kubernetes mode: from the service's EndpointSlices,
+    /// ready endpoints only). When present they replace the selector as the endpoint source.
+    #[serde(default)]
+    pub endpoints: Option<Vec<IpAddr>>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -365,13 +369,32 @@ impl LocalConfig {
 
     /// The workloads a service selects (same namespace, labels include the selector; a service
     /// without a selector selects nothing, as in Kubernetes).
+    /// With explicit `endpoints`, the workloads at those addresses.
     pub fn endpoints_of<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads.iter().filter(move |w| {
-            !svc.selector.is_empty()
-                && !w.host_network
-                && w.namespace == svc.namespace
-                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            if w.host_network {
+                return false;
+            }
+            match &svc.endpoints {
+                Some(ips) => w.ips.iter().any(|ip| ips.contains(ip)),
+                None => {
+                    !svc.selector.is_empty()
+                        && w.namespace == svc.namespace
+                        && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                }
+            }
         })
+    }
+
+    /// A service's endpoint addresses: the explicit ones, or its selected workloads'.
+    pub fn endpoint_ips(&self, svc: &Service) -> Vec<IpAddr> {
+        match &svc.endpoints {
+            Some(ips) => ips.clone(),
+            None => self
+                .endpoints_of(svc)
+                .flat_map(|w| w.ips.iter().copied())
+                .collect(),
+        }
     }
 
     /// Whether `w` is in the mesh, with Istio's rules: host-network pods never; pod label

@@ -1,6 +1,7 @@
-//! Where the agent learns about the world. Local mode reads one YAML file (this module's
-//! [`local`]); the Kubernetes watchers come with the Kubernetes issue and feed the same types.
+//! Where the agent learns about the world. Local mode reads one YAML file ([`local`]);
+//! Kubernetes mode ([`kube`]) watches the API server and builds the same [`LocalConfig`].
 
+pub mod kube;
 pub mod local;
 
 pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload};

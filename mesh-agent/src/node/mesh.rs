@@ -129,16 +129,12 @@ impl MeshState {
         }
         let mut services = HashMap::new();
         for svc in &config.services {
-            let endpoints: Vec<_> = config.endpoints_of(svc).collect();
+            let endpoints = config.endpoint_ips(svc);
             for vip in &svc.vips {
                 let family: Vec<IpAddr> = endpoints
                     .iter()
-                    .filter_map(|w| {
-                        w.ips
-                            .iter()
-                            .find(|ip| ip.is_ipv4() == vip.is_ipv4())
-                            .copied()
-                    })
+                    .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
+                    .copied()
                     .collect();
                 for p in &svc.ports {
                     services.insert(

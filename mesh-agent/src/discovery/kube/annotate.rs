@@ -1,0 +1,91 @@
+//! `ambient.istio.io/redirection: enabled` on the local pods the agent captures (as istio-cni
+//! marks them), removed when a pod leaves the mesh and when the agent exits.
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use tracing::{debug, warn};
+
+use crate::discovery::LocalConfig;
+
+/// Istio's annotation for a pod whose traffic is redirected to the node proxy.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// Keeps the annotation in step with enrolment.
+pub struct Annotator {
+    client: Client,
+    annotated: tokio::sync::Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Annotator {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            annotated: Default::default(),
+        }
+    }
+
+    async fn set(&self, namespace: &str, name: &str, on: bool) -> Result<(), kube::Error> {
+        let value = if on {
+            serde_json::Value::String("enabled".into())
+        } else {
+            serde_json::Value::Null
+        };
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
+        Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+
+    /// Annotates newly enrolled local pods and un-annotates those that left.
+    pub async fn sync(&self, config: &LocalConfig) {
+        let want: BTreeSet<(String, String)> = config
+            .local_pods()
+            .filter(|w| config.is_enrolled(w))
+            .map(|w| (w.namespace.clone(), w.name.clone()))
+            .collect();
+        let mut annotated = self.annotated.lock().await;
+        for (ns, name) in want.difference(&annotated.clone()) {
+            match self.set(ns, name, true).await {
+                Ok(()) => {
+                    debug!(pod = %format!("{ns}/{name}"), "annotated as redirected");
+                    annotated.insert((ns.clone(), name.clone()));
+                }
+                Err(e) => {
+                    warn!(pod = %format!("{ns}/{name}"), error = %e, "could not annotate the pod")
+                }
+            }
+        }
+        let gone: Vec<_> = annotated.difference(&want).cloned().collect();
+        for (ns, name) in gone {
+            // A deleted pod needs nothing; anything else is retried on the next sync.
+            match self.set(&ns, &name, false).await {
+                Ok(()) => {
+                    annotated.remove(&(ns, name));
+                }
+                Err(kube::Error::Api(s)) if s.is_not_found() => {
+                    annotated.remove(&(ns, name));
+                }
+                Err(e) => {
+                    warn!(pod = %format!("{ns}/{name}"), error = %e, "could not remove the annotation")
+                }
+            }
+        }
+    }
+
+    /// Removes every annotation this agent set (on exit).
+    pub async fn clear(&self) {
+        let all: Vec<_> = self.annotated.lock().await.iter().cloned().collect();
+        for (ns, name) in all {
+            if let Err(e) = self.set(&ns, &name, false).await {
+                warn!(pod = %format!("{ns}/{name}"), error = %e, "could not remove the annotation on exit");
+            }
+        }
+        self.annotated.lock().await.clear();
+    }
+}

@@ -1,0 +1,354 @@
+//! From the API objects the watchers hold to the agent's state ([`LocalConfig`], the same model
+//! as local mode): namespaces, pods as workloads, Services with their EndpointSlices, and the
+//! Istio security objects as policies.
+//!
+//! Kubernetes state is never quite consistent (a terminating pod and its replacement can share an
+//! address for a moment, a local pod's interface appears after its IP); objects that would make
+//! the whole snapshot invalid are left out and reported, everything else applies.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace as K8sNamespace, Pod, Service as K8sService},
+    discovery::v1::EndpointSlice,
+};
+use kube::api::DynamicObject;
+
+use super::host::PodLocator;
+use crate::{
+    discovery::{
+        CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload,
+        local::MeshSection,
+    },
+    policy::RawObject,
+};
+
+/// What the snapshot needs besides the objects.
+#[derive(Clone, Debug)]
+pub struct SnapshotSettings {
+    pub node_name: String,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    /// Explicit uplinks; empty: every interface that is not a pod's and not loopback.
+    pub uplinks: Vec<String>,
+    /// Local CA files, if the agent signs its own workload certificates (no CA service).
+    pub ca: Option<CaSection>,
+}
+
+/// The objects, as the reflector stores hold them.
+#[derive(Default)]
+pub struct Objects {
+    pub namespaces: Vec<K8sNamespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<K8sService>,
+    pub slices: Vec<EndpointSlice>,
+    pub policies: Vec<DynamicObject>,
+}
+
+/// A snapshot and what was left out of it.
+pub struct Snapshot {
+    pub config: LocalConfig,
+    /// Local pods without a host interface yet, conflicting addresses, unusable objects.
+    pub skipped: Vec<String>,
+}
+
+fn pod_key(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or(""),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Whether the pod still has (or will have) running containers.
+fn alive(p: &Pod) -> bool {
+    !matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn pod_ips(p: &Pod) -> Vec<IpAddr> {
+    let status = p.status.as_ref();
+    let mut out: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if out.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|i| i.parse().ok())
+    {
+        out.push(ip);
+    }
+    // At most one address per family (the model's rule).
+    let mut v4 = false;
+    let mut v6 = false;
+    out.retain(|ip| {
+        let seen = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+        !std::mem::replace(seen, true)
+    });
+    out
+}
+
+/// Builds the snapshot. `interfaces` lists the node's interfaces (for automatic uplinks).
+pub fn build(
+    settings: &SnapshotSettings,
+    objects: &Objects,
+    locator: &dyn PodLocator,
+    interfaces: &[String],
+) -> Snapshot {
+    let mut skipped = Vec::new();
+    let namespaces: Vec<Namespace> = objects
+        .namespaces
+        .iter()
+        .filter_map(|n| {
+            Some(Namespace {
+                name: n.metadata.name.clone()?,
+                labels: n.metadata.labels.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+
+    // Pods. Where two live pods claim one address (a terminating pod and its successor), the
+    // one not being deleted wins, then the newer one.
+    let mut pods: Vec<&Pod> = objects
+        .pods
+        .iter()
+        .filter(|p| alive(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        .collect();
+    pods.sort_by_key(|p| {
+        (
+            p.metadata.deletion_timestamp.is_none(),
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        )
+    });
+    pods.reverse();
+    let mut owner: HashMap<IpAddr, String> = HashMap::new();
+    let mut workloads = Vec::new();
+    for p in pods {
+        let spec = p.spec.as_ref().expect("filtered above");
+        let host_network = spec.host_network.unwrap_or(false);
+        let ips = if host_network { Vec::new() } else { pod_ips(p) };
+        if ips.is_empty() && !host_network {
+            continue; // not started yet: no address, nothing to capture or reach
+        }
+        if let Some(other) = ips.iter().find_map(|ip| owner.get(ip)) {
+            skipped.push(format!("pod {}: its address is also {other}'s", pod_key(p)));
+            continue;
+        }
+        let node = spec.node_name.clone().unwrap_or_default();
+        let (mut host_interface, mut cgroup) = (None, None);
+        if node == settings.node_name && !host_network {
+            let uid = p.metadata.uid.as_deref().unwrap_or("");
+            match locator.locate(uid, &ips) {
+                Some(found) => {
+                    host_interface = Some(found.interface);
+                    cgroup = found.cgroup;
+                }
+                None => {
+                    skipped.push(format!(
+                        "pod {}: no host interface found for {ips:?} yet",
+                        pod_key(p)
+                    ));
+                    continue;
+                }
+            }
+        }
+        let service_account = spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        let mut labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
+        // A label value the model rejects would reject the whole snapshot: treat as unset.
+        if let Some(v) = labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
+            && v != crate::discovery::DATAPLANE_MODE_AMBIENT
+            && v != crate::discovery::DATAPLANE_MODE_NONE
+        {
+            skipped.push(format!(
+                "pod {}: unknown dataplane mode {v:?} ignored",
+                pod_key(p)
+            ));
+            labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
+        }
+        for ip in &ips {
+            owner.insert(*ip, pod_key(p));
+        }
+        workloads.push(Workload {
+            name: p.metadata.name.clone().unwrap_or_default(),
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            service_account,
+            node,
+            ips,
+            labels,
+            host_network,
+            host_interface,
+            cgroup,
+        });
+    }
+    workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Services and their endpoints.
+    let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &objects.slices {
+        let (Some(ns), Some(svc)) = (
+            s.metadata.namespace.clone(),
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .cloned(),
+        ) else {
+            continue;
+        };
+        slices_by_service.entry((ns, svc)).or_default().push(s);
+    }
+    let mut services = Vec::new();
+    for svc in &objects.services {
+        let (Some(name), Some(namespace), Some(spec)) = (
+            svc.metadata.name.clone(),
+            svc.metadata.namespace.clone(),
+            svc.spec.as_ref(),
+        ) else {
+            continue;
+        };
+        let vips: Vec<IpAddr> = spec
+            .cluster_ips
+            .clone()
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .filter(|ip| !owner.contains_key(ip))
+            .collect();
+        if vips.is_empty() {
+            continue; // headless or ExternalName: nothing to capture by VIP
+        }
+        let slices = slices_by_service
+            .get(&(namespace.clone(), name.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let mut ports = Vec::new();
+        for p in spec.ports.iter().flatten() {
+            if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                continue;
+            }
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
+            use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+            let target = match &p.target_port {
+                None => Some(port),
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                // A named target port is the number the endpoints publish under the service
+                // port's name.
+                Some(IntOrString::String(_)) => slices
+                    .iter()
+                    .flat_map(|s| s.ports.iter().flatten())
+                    .find(|ep| ep.name == p.name)
+                    .and_then(|ep| ep.port)
+                    .and_then(|n| u16::try_from(n).ok()),
+            };
+            match target {
+                Some(t) if t != 0 && port != 0 => ports.push(ServicePort {
+                    port,
+                    target_port: Some(t),
+                }),
+                _ => skipped.push(format!(
+                    "service {namespace}/{name}: port {port} has no usable target port"
+                )),
+            }
+        }
+        if ports.is_empty() {
+            continue;
+        }
+        let ready: BTreeSet<IpAddr> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        services.push(Service {
+            name,
+            namespace,
+            vips,
+            ports,
+            selector: spec.selector.clone().unwrap_or_default(),
+            endpoints: Some(ready.into_iter().collect()),
+        });
+    }
+    // Two Services never share a VIP in a cluster; keep the first of a duplicate anyway.
+    let mut seen = BTreeSet::new();
+    services.retain(|s| s.vips.iter().all(|v| seen.insert(*v)));
+
+    // Policies, as the local file would carry them.
+    let mut policies = Vec::new();
+    for obj in &objects.policies {
+        let Some(types) = &obj.types else { continue };
+        let spec = obj
+            .data
+            .get("spec")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let spec = match serde_yaml::to_value(&spec) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        policies.push(RawObject {
+            api_version: types.api_version.clone(),
+            kind: types.kind.clone(),
+            metadata: crate::policy::crd::ObjectMeta {
+                name: obj.metadata.name.clone().unwrap_or_default(),
+                namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+                creation_timestamp: obj
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string()),
+            },
+            spec,
+        });
+    }
+    policies.sort_by(|a, b| {
+        (&a.kind, &a.metadata.namespace, &a.metadata.name).cmp(&(
+            &b.kind,
+            &b.metadata.namespace,
+            &b.metadata.name,
+        ))
+    });
+
+    let uplinks = if settings.uplinks.is_empty() {
+        let pod_ifaces: BTreeSet<&str> = workloads
+            .iter()
+            .filter_map(|w| w.host_interface.as_deref())
+            .collect();
+        interfaces
+            .iter()
+            .filter(|i| *i != "lo" && !pod_ifaces.contains(i.as_str()))
+            .cloned()
+            .collect()
+    } else {
+        settings.uplinks.clone()
+    };
+    Snapshot {
+        config: LocalConfig {
+            node: NodeSection {
+                name: settings.node_name.clone(),
+                uplinks,
+                trust_domain: settings.trust_domain.clone(),
+            },
+            ca: settings.ca.clone(),
+            namespaces,
+            workloads,
+            services,
+            mesh: MeshSection {
+                root_namespace: settings.root_namespace.clone(),
+            },
+            policies,
+        },
+        skipped,
+    }
+}

@@ -1,0 +1,333 @@
+//! Kubernetes-mode discovery against an API server double: the real kube-rs watchers list and
+//! watch recorded objects of a kind cluster (`tests/fixtures/kind-cluster.json`), and the
+//! agent's state follows — enrolment by namespace label and pod opt-out, label flips, service
+//! endpoints, policies — across watch expiry (410 Gone → re-list) and API outages (the last
+//! state stays), with the redirection annotation kept in step.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::discovery::{
+    LocalConfig,
+    kube::{KubeDiscovery, Located, PodLocator, SnapshotSettings, annotate::Annotator},
+};
+use mesh_testbed::fakeapi::FakeApi;
+use serde_json::{Value, json};
+
+const NODE: &str = "kind-worker";
+
+/// Interfaces by pod address, as the routing table of `kind-worker` would say.
+struct FakeLocator(HashMap<IpAddr, &'static str>);
+
+impl PodLocator for FakeLocator {
+    fn locate(&self, _uid: &str, ips: &[IpAddr]) -> Option<Located> {
+        ips.iter().find_map(|ip| self.0.get(ip)).map(|i| Located {
+            interface: (*i).to_owned(),
+            cgroup: None,
+        })
+    }
+}
+
+fn fixture() -> Vec<Value> {
+    serde_json::from_str(include_str!("../fixtures/kind-cluster.json")).unwrap()
+}
+
+fn locator() -> Arc<FakeLocator> {
+    Arc::new(FakeLocator(HashMap::from([
+        ("10.244.1.5".parse().unwrap(), "veth1f3a9c2e"),
+        ("10.244.1.6".parse().unwrap(), "veth2b7d0e41"),
+        ("10.244.1.7".parse().unwrap(), "veth3c8e1f52"),
+        ("10.244.1.8".parse().unwrap(), "veth4d9f2063"),
+    ])))
+}
+
+fn settings() -> SnapshotSettings {
+    SnapshotSettings {
+        node_name: NODE.into(),
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        uplinks: vec![],
+        ca: None,
+    }
+}
+
+async fn client(api: &FakeApi) -> kube::Client {
+    let config = kube::Config::new(api.url().parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+fn start(client: kube::Client) -> KubeDiscovery {
+    KubeDiscovery::start(
+        client,
+        settings(),
+        locator(),
+        Arc::new(|| vec!["eth0".into(), "lo".into(), "veth1f3a9c2e".into()]),
+    )
+}
+
+/// Waits until the published config satisfies `ok` (what it says otherwise, on timeout).
+async fn until(
+    d: &mut KubeDiscovery,
+    what: &str,
+    ok: impl Fn(&LocalConfig) -> bool,
+) -> Arc<LocalConfig> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(s) = d.snapshots.borrow().clone()
+            && ok(&s.config)
+        {
+            return Arc::new(s.config.clone());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "timed out waiting for: {what}; last: {:#?}",
+            d.snapshots
+                .borrow()
+                .as_ref()
+                .map(|s| (&s.config.workloads, &s.skipped))
+        );
+        let _ = tokio::time::timeout(left, d.snapshots.changed()).await;
+    }
+}
+
+fn enrolled(c: &LocalConfig, ns: &str, prefix: &str) -> Option<bool> {
+    c.workloads
+        .iter()
+        .find(|w| w.namespace == ns && w.name.starts_with(prefix))
+        .map(|w| c.is_enrolled(w))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_state_follows_the_api_through_expiry_and_outages() {
+    let api = FakeApi::start();
+    for obj in fixture() {
+        api.apply(obj);
+    }
+    let mut d = start(client(&api).await);
+
+    // The recorded cluster, as the agent sees it.
+    let c = until(&mut d, "the first snapshot", |c| !c.workloads.is_empty()).await;
+    assert_eq!(c.node.name, NODE);
+    assert_eq!(
+        enrolled(&c, "demo", "web-7d9f8c6b5-x2x4k"),
+        Some(true),
+        "namespace label enrols"
+    );
+    assert_eq!(enrolled(&c, "demo", "sleep"), Some(true));
+    assert_eq!(
+        enrolled(&c, "demo", "debug"),
+        Some(false),
+        "pod label none opts out"
+    );
+    assert_eq!(
+        enrolled(&c, "legacy", "legacy-app"),
+        Some(false),
+        "namespace without the label"
+    );
+    assert_eq!(
+        enrolled(&c, "kube-system", "kindnet"),
+        Some(false),
+        "host network never"
+    );
+    assert!(
+        c.workloads.iter().all(|w| !w.name.starts_with("job-once")),
+        "finished pods are gone (their address is reused)"
+    );
+    let web = c
+        .workloads
+        .iter()
+        .find(|w| w.name == "web-7d9f8c6b5-x2x4k")
+        .unwrap();
+    assert_eq!(web.service_account, "web");
+    assert_eq!(
+        web.host_interface.as_deref(),
+        Some("veth1f3a9c2e"),
+        "found through the host, not by name"
+    );
+    let remote = c
+        .workloads
+        .iter()
+        .find(|w| w.name == "web-7d9f8c6b5-p4t6z")
+        .unwrap();
+    assert_eq!(remote.node, "kind-worker2");
+    assert_eq!(remote.host_interface, None);
+    assert_eq!(
+        c.node.uplinks,
+        vec!["eth0".to_owned()],
+        "every interface but loopback and pods'"
+    );
+    // Services: the VIP, the named target port resolved through the EndpointSlice, ready
+    // endpoints only, TCP only, headless services skipped.
+    assert_eq!(c.services.len(), 1, "{:?}", c.services);
+    let svc = &c.services[0];
+    assert_eq!(svc.vips, vec!["10.96.120.15".parse::<IpAddr>().unwrap()]);
+    assert_eq!(svc.ports.len(), 1);
+    assert_eq!(
+        (svc.ports[0].port, svc.ports[0].target_port),
+        (80, Some(8080))
+    );
+    let mut eps = svc.endpoints.clone().unwrap();
+    eps.sort();
+    assert_eq!(
+        eps,
+        vec![
+            "10.244.1.5".parse::<IpAddr>().unwrap(),
+            "10.244.2.9".parse().unwrap()
+        ]
+    );
+    // Policies, in the local file's model.
+    let kinds: Vec<_> = c
+        .policies
+        .iter()
+        .map(|p| format!("{} {}/{}", p.kind, p.metadata.namespace, p.metadata.name))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "AuthorizationPolicy demo/web-from-sleep",
+            "PeerAuthentication istio-system/default"
+        ]
+    );
+    let set = c.compile_policies();
+    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    assert_eq!(set.authorization_policies, 1);
+    // Watches resume from the list's resourceVersion.
+    let watches: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.query.contains("watch=true"))
+        .collect();
+    assert!(
+        watches.iter().all(|w| w.query.contains("resourceVersion=")),
+        "{watches:?}"
+    );
+
+    // Label flips enrol and un-enrol running pods.
+    let mut legacy_ns = api.get("namespaces", "", "legacy").unwrap();
+    legacy_ns["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("ambient");
+    api.apply(legacy_ns.clone());
+    until(&mut d, "legacy enrolled by its namespace label", |c| {
+        enrolled(c, "legacy", "legacy-app") == Some(true)
+    })
+    .await;
+    let mut debug = api.get("pods", "demo", "debug-0").unwrap();
+    debug["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("istio.io/dataplane-mode");
+    api.apply(debug);
+    until(
+        &mut d,
+        "debug-0 enrolled once its opt-out is removed",
+        |c| enrolled(c, "demo", "debug") == Some(true),
+    )
+    .await;
+
+    // The redirection annotation follows enrolment.
+    let annotator = Annotator::new(d.client.clone());
+    let c = until(&mut d, "current", |_| true).await;
+    annotator.sync(&c).await;
+    let annotated = |ns: &str, name: &str| {
+        api.get("pods", ns, name).unwrap()["metadata"]["annotations"]["ambient.istio.io/redirection"]
+            == json!("enabled")
+    };
+    assert!(
+        annotated("demo", "web-7d9f8c6b5-x2x4k")
+            && annotated("legacy", "legacy-app-6f5d4c3b2-m9n8b")
+    );
+    assert!(
+        !annotated("demo", "web-7d9f8c6b5-p4t6z"),
+        "another node's pod is that node's agent's business"
+    );
+
+    // Watch expiry (compaction): the watchers get 410 Gone, re-list, and carry on.
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.query.contains("watch=true"))
+        .count();
+    api.expire_watches();
+    let mut sleep = api.get("pods", "demo", "sleep-5c7d8f9b6-q8w2e").unwrap();
+    sleep["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("none");
+    api.apply(sleep);
+    until(&mut d, "a change made after expiry arrives", |c| {
+        enrolled(c, "demo", "sleep") == Some(false)
+    })
+    .await;
+    let lists_after = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.query.contains("watch=true"))
+        .count();
+    assert!(
+        lists_after > lists_before,
+        "410 Gone made the watchers list again"
+    );
+
+    // An outage: the agent keeps its last state (nothing vanishes), and catches up afterwards.
+    let before = until(&mut d, "current", |_| true).await;
+    api.fail_with(Some(503));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = d.snapshots.borrow().as_ref().unwrap().config.clone();
+    assert_eq!(during, *before, "an unreachable API changes nothing");
+    api.fail_with(None);
+    legacy_ns["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("istio.io/dataplane-mode");
+    api.apply(legacy_ns);
+    until(&mut d, "the change made after the outage", |c| {
+        enrolled(c, "legacy", "legacy-app") == Some(false)
+    })
+    .await;
+
+    // The pod that left the mesh loses its annotation; the agent's exit removes the rest.
+    let c = until(&mut d, "current", |_| true).await;
+    annotator.sync(&c).await;
+    assert!(!annotated("legacy", "legacy-app-6f5d4c3b2-m9n8b"));
+    annotator.clear().await;
+    assert!(!annotated("demo", "web-7d9f8c6b5-x2x4k"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_istio_crds_mean_no_policies_but_a_failing_list_means_no_state() {
+    // No Istio CRDs installed: 404, treated as empty.
+    let api = FakeApi::start();
+    for obj in fixture()
+        .into_iter()
+        .filter(|o| !o["apiVersion"].as_str().unwrap().contains("istio"))
+    {
+        api.apply(obj);
+    }
+    for r in [
+        "authorizationpolicies",
+        "peerauthentications",
+        "requestauthentications",
+    ] {
+        api.not_served(r);
+    }
+    let mut d = start(client(&api).await);
+    let c = until(&mut d, "a snapshot without CRDs", |c| {
+        !c.workloads.is_empty()
+    })
+    .await;
+    assert!(c.policies.is_empty());
+
+    // An API that fails from the start: no state is published at all (never a half-known
+    // cluster, never a mesh without its policies).
+    let failing = FakeApi::start();
+    for obj in fixture() {
+        failing.apply(obj);
+    }
+    failing.fail_with(Some(500));
+    let d = start(client(&failing).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        d.snapshots.borrow().is_none(),
+        "published state while the API was failing"
+    );
+}
