@@ -87,11 +87,39 @@ enum CaCommand {
     },
 }
 
+/// Kubernetes mode (no --config).
+#[derive(clap::Args, Debug)]
+struct KubeArgs {
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A kubeconfig file; default: the pod's service account (in cluster), then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = mesh_agent::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Istio's root namespace (policies there apply mesh-wide).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Interfaces traffic from other nodes arrives on (repeatable); default: every interface
+    /// that is not a pod's and not loopback.
+    #[arg(long = "uplink")]
+    uplinks: Vec<String>,
+    /// Sign workload certificates with CA files in this directory (Istio's `cacerts` layout)
+    /// instead of asking the mesh CA.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+}
+
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
     /// Local-mode configuration file (node, namespaces, workloads); reloaded when it changes.
-    #[arg(long, required_unless_present_any = ["explain_datapath", "uninstall"])]
+    /// Without it the agent runs in Kubernetes mode (in-cluster or --kubeconfig).
+    #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// bpffs directory holding the pinned programs, maps and links.
     #[arg(long, default_value = capture::DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
@@ -218,7 +246,24 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
         return Ok(());
     }
     let opts = NodeOptions {
-        config: args.config.context("--config is required")?,
+        config: match args.config {
+            Some(path) => node::ConfigOrigin::File(path),
+            None => node::ConfigOrigin::Kube(node::source::KubeSource {
+                kubeconfig: args.kube.kubeconfig,
+                settings: mesh_agent::discovery::kube::SnapshotSettings {
+                    node_name: args.kube.node_name.context(
+                        "Kubernetes mode needs --node-name (or NODE_NAME); for local mode give --config FILE",
+                    )?,
+                    trust_domain: args.kube.trust_domain,
+                    root_namespace: args.kube.root_namespace,
+                    uplinks: args.kube.uplinks,
+                    ca: args.kube.ca_dir.map(|dir| mesh_agent::discovery::CaSection {
+                        dir,
+                        cert_ttl_seconds: 86_400,
+                    }),
+                },
+            }),
+        },
         bpffs_dir: args.bpffs_dir,
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),

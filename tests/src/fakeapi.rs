@@ -180,6 +180,13 @@ impl State {
 impl FakeApi {
     /// Starts the server on a loopback port.
     pub fn start() -> Self {
+        Self::start_on(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+    }
+
+    /// Starts the server on `listener` (which may belong to another network namespace: a
+    /// socket stays in the namespace it was created in).
+    pub fn start_on(listener: std::net::TcpListener) -> Self {
+        listener.set_nonblocking(true).expect("nonblocking");
         let state = Arc::new(Mutex::new(State {
             rv: 100,
             ..State::default()
@@ -195,9 +202,7 @@ impl FakeApi {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 addr_tx
                     .send(listener.local_addr().expect("addr"))
                     .expect("send");

@@ -191,6 +191,12 @@ impl LocalConfig {
         })
     }
 
+    /// Validates a configuration built elsewhere (Kubernetes mode) with the file's rules.
+    pub fn parse_checked(config: LocalConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Parses and validates YAML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: LocalConfig =

@@ -8,12 +8,13 @@
 mod direct;
 pub mod handler;
 pub mod mesh;
+pub mod source;
 pub mod telemetry;
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -41,7 +42,8 @@ use crate::{
 /// Options of `mesh-agent node`.
 #[derive(Clone)]
 pub struct NodeOptions {
-    pub config: PathBuf,
+    /// A local config file, or Kubernetes.
+    pub config: ConfigOrigin,
     pub bpffs_dir: PathBuf,
     pub handler: HandlerMode,
     /// How often the config file is checked for changes.
@@ -52,6 +54,13 @@ pub struct NodeOptions {
     pub log: LogControl,
     /// Ports of the admin, metrics and readiness endpoints.
     pub admin: AdminAddrs,
+}
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigOrigin {
+    File(PathBuf),
+    Kube(source::KubeSource),
 }
 
 /// The capture's desired state for this node from a local configuration.
@@ -82,7 +91,11 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
 
 /// Runs the node agent until SIGINT/SIGTERM.
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
-    let config = LocalConfig::load(&opts.config)?;
+    let mut source = match &opts.config {
+        ConfigOrigin::File(path) => source::Source::file(path, opts.reload_interval),
+        ConfigOrigin::Kube(k) => source::Source::kube(k).await?,
+    };
+    let config = source.initial().await?;
     let layout = BpffsLayout::new(&opts.bpffs_dir);
     let readiness = Arc::new(Readiness::new());
     readiness.config(None);
@@ -195,23 +208,19 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     });
     crate::admin::start(Arc::clone(&admin), opts.admin)
         .context("starting the admin, metrics and readiness endpoints")?;
-    info!(handler = ?opts.handler, config = %opts.config.display(), bpffs = %layout.root.display(), "node agent ready");
+    source.applied(&admin.config.read().unwrap_or_else(|e| e.into_inner()));
+    info!(handler = ?opts.handler, config = %source.describe(), bpffs = %layout.root.display(), "node agent ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut watcher = ConfigWatcher::new(&opts.config);
-    let mut tick = tokio::time::interval(opts.reload_interval);
     let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = trim.tick() => release_free_memory(),
-            _ = tick.tick() => {
-                if !watcher.changed() {
-                    continue;
-                }
-                match LocalConfig::load(&opts.config) {
+            next = source.next() => {
+                match next {
                     Ok(new) => {
                         metrics.control.config(true);
                         *mesh_state.write().unwrap_or_else(|e| e.into_inner()) =
@@ -228,6 +237,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                         readiness.capture(reconcile_problem(&report));
                         log_state(&controller, &new, report.errors.len());
                         prefetch_certificates(certs.clone(), &new, Arc::clone(&readiness));
+                        source.applied(&new);
                         *admin.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
                     }
                     // Keep serving the last good configuration.
@@ -242,6 +252,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     info!(
         "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
     );
+    source.stop().await;
     Ok(())
 }
 
@@ -341,38 +352,6 @@ fn log_state(controller: &CaptureController, config: &LocalConfig, errors: usize
     let mut enrolled: Vec<_> = view.by_ifindex.values().map(|p| p.key.clone()).collect();
     enrolled.sort();
     info!(node = %config.node.name, enrolled = ?enrolled, errors, "capture reconciled");
-}
-
-/// Detects changes of the config file by modification time and size (cheap, and robust to
-/// editors that replace the file).
-struct ConfigWatcher {
-    path: PathBuf,
-    last: Option<(SystemTime, u64)>,
-}
-
-impl ConfigWatcher {
-    fn new(path: &Path) -> Self {
-        let mut w = Self {
-            path: path.to_owned(),
-            last: None,
-        };
-        w.last = w.stamp();
-        w
-    }
-
-    fn stamp(&self) -> Option<(SystemTime, u64)> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
-    }
-
-    fn changed(&mut self) -> bool {
-        let now = self.stamp();
-        if now != self.last {
-            self.last = now;
-            return now.is_some();
-        }
-        false
-    }
 }
 
 /// `mesh-agent node --uninstall`: removes every kernel object the capture owns.

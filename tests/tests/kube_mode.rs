@@ -1,0 +1,222 @@
+//! The node agent in Kubernetes mode on the testbed: real agents (no --config) watch an API
+//! server double whose pods are the testbed's pods, find each local pod on the host by its
+//! route, capture the enrolled ones and carry their traffic through HBONE; a namespace label
+//! flip enrols a running pod; enrolled pods carry the redirection annotation.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::capture::PinnedMaps;
+use mesh_common::Counter;
+use mesh_testbed::{
+    Background, Pod, Testbed, TestbedSpec, binaries, can_run,
+    fakeapi::FakeApi,
+    probe::{Probe, ProbeServer},
+};
+use serde_json::{Value, json};
+
+const SPEC: TestbedSpec = TestbedSpec {
+    nodes: 2,
+    pods_per_node: 2,
+};
+
+fn namespace(name: &str, ambient: bool) -> Value {
+    let mut labels = json!({"kubernetes.io/metadata.name": name});
+    if ambient {
+        labels["istio.io/dataplane-mode"] = json!("ambient");
+    }
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// Pod 1 of each node in `mesh` (enrolled by its namespace), pod 2 in `apps` (not yet).
+fn pod(p: &Pod) -> Value {
+    let ns = if p.index == 1 { "mesh" } else { "apps" };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": p.name(), "namespace": ns, "uid": format!("uid-{}", p.name()), "labels": {"app": p.name()}},
+        "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": format!("sa-{}", p.name()),
+                 "containers": [{"name": "app", "image": "mtb-probe"}]},
+        "status": {"phase": "Running", "podIP": p.ipv4.to_string(),
+                   "podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]}
+    })
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn enrolled_ifindexes(maps: &PinnedMaps) -> BTreeSet<u32> {
+    maps.pods()
+        .map(|v| v.into_iter().map(|(i, _)| i).collect())
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agents_in_kubernetes_mode_enrol_pods_found_on_the_host_and_follow_label_flips() {
+    if !can_run("Kubernetes mode", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let work = std::env::temp_dir().join(format!("mesh-kube-{}", tb.info().run));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&tb, &work)));
+    let _ = std::fs::remove_dir_all(&work);
+    tb.teardown_verified().unwrap();
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn run(tb: &Testbed, work: &Path) {
+    // The API server double listens on node1's uplink address: both agents reach it over the
+    // testbed's LAN, from their own namespaces (their own traffic is never captured).
+    let node1 = tb.node(1);
+    let listener = node1
+        .place
+        .in_netns(|| std::net::TcpListener::bind((node1.ipv4, 0)))
+        .unwrap()
+        .unwrap();
+    let api = FakeApi::start_on(listener);
+    for ns in [namespace("mesh", true), namespace("apps", false)] {
+        api.apply(ns);
+    }
+    for p in tb.pods() {
+        api.apply(pod(p));
+    }
+    let bin = binaries::mesh_agent().unwrap();
+    let ca = work.join("ca");
+    let out = std::process::Command::new(&bin)
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let kc = kubeconfig(work, &api.url());
+    let mut agents: Vec<Background> = Vec::new();
+    for n in 1..=2 {
+        let bpffs = tb.bpffs_dir().join(format!("agent-node{n}"));
+        let mut a = tb
+            .node(n)
+            .place
+            .spawn(
+                bin.to_str().unwrap(),
+                &[
+                    "node",
+                    "--kubeconfig",
+                    kc.to_str().unwrap(),
+                    "--node-name",
+                    &format!("node{n}"),
+                    "--ca-dir",
+                    ca.to_str().unwrap(),
+                    "--bpffs-dir",
+                    bpffs.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        for port in [15001, 15006, 15008] {
+            if let Err(e) = a.wait_listening(port, Duration::from_secs(30)) {
+                let out = a.kill().unwrap();
+                panic!("node{n}: {e:#}\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        agents.push(a);
+    }
+    let maps: Vec<PinnedMaps> = (1..=2)
+        .map(|n| PinnedMaps::new(&tb.bpffs_dir().join(format!("agent-node{n}/maps"))))
+        .collect();
+    let ifindex = |p: &Pod| {
+        tb.node(p.node)
+            .place
+            .in_netns(|| mesh_agent::ebpf::ifindex_of(&p.host_veth))
+            .unwrap()
+            .unwrap()
+    };
+    // Pod 1 of each node is enrolled (namespace label), found by its route: its host veth.
+    for n in 1..=2 {
+        let want = BTreeSet::from([ifindex(tb.pod(n, 1))]);
+        wait_for(&format!("node{n} to enrol its pod 1"), || {
+            enrolled_ifindexes(&maps[n - 1]) == want
+        });
+    }
+
+    // Traffic between them goes through HBONE.
+    let _servers: Vec<_> = tb
+        .pods()
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let before = maps[1].counters().unwrap();
+    let dst = SocketAddr::new(tb.pod(2, 1).ipv4.into(), 8080);
+    let mut probe = Probe::connect(&tb.pod(1, 1).place, dst, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    let hello = probe.hello().unwrap();
+    assert_eq!(hello["role"], "server", "{hello}");
+    assert_eq!(
+        hello["peer"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap()
+            .ip(),
+        tb.pod(1, 1).ipv4
+    );
+    probe.finish(64 << 10).unwrap();
+    let after = maps[1].counters().unwrap().since(&before);
+    assert!(after.get(Counter::CapturedInboundHbone) >= 1, "{after:?}");
+
+    // The enrolled pods carry the redirection annotation; the others do not.
+    let annotated = |p: &Pod| {
+        let ns = if p.index == 1 { "mesh" } else { "apps" };
+        api.get("pods", ns, p.name()).unwrap()["metadata"]["annotations"]["ambient.istio.io/redirection"]
+            == json!("enabled")
+    };
+    wait_for("the annotation on node1-pod1", || annotated(tb.pod(1, 1)));
+    assert!(!annotated(tb.pod(1, 2)));
+
+    // Labelling `apps` enrols the running pods 2 without a restart.
+    api.apply(namespace("apps", true));
+    for n in 1..=2 {
+        let want = BTreeSet::from([ifindex(tb.pod(n, 1)), ifindex(tb.pod(n, 2))]);
+        wait_for(
+            &format!("node{n} to enrol pod 2 after the label flip"),
+            || enrolled_ifindexes(&maps[n - 1]) == want,
+        );
+    }
+    wait_for("the annotation on node1-pod2", || annotated(tb.pod(1, 2)));
+
+    // Stopping the agents removes their annotations.
+    for a in agents {
+        let out = a.terminate(Duration::from_secs(15)).unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    for p in tb.pods() {
+        assert!(
+            !annotated(p),
+            "{} still annotated after the agent stopped",
+            p.name()
+        );
+    }
+    drop(api);
+}
