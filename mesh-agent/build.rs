@@ -1,10 +1,12 @@
 //! Builds `mesh-ebpf` for bpfel-unknown-none (nightly, -Z build-std=core, bpf-linker) through
-//! aya-build and leaves the object in OUT_DIR, where `ebpf::object` embeds it.
+//! aya-build and leaves the object in OUT_DIR, where `ebpf::object` embeds it; and generates the
+//! CA's gRPC code.
 use std::{env, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
+    grpc()?;
     if which::which("bpf-linker").is_err() {
         bail!(
             "bpf-linker is not on PATH; run `cargo xtask setup` (it builds bpf-linker against the nightly's LLVM)"
@@ -24,4 +26,18 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// The CA's gRPC service (Istio's `istio.v1.auth.IstioCertificateService`), compiled by protox
+/// (a pure-Rust protobuf compiler: no protoc on the build machine).
+fn grpc() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["istio/v1/auth/ca.proto"], ["proto"])
+        .context("compiling proto/istio/v1/auth/ca.proto")?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+        .context("generating the gRPC code")?;
+    Ok(())
 }

@@ -4,6 +4,7 @@
 //! `mesh-agent` binary. See docs/ARCHITECTURE.md for where each concern lives.
 
 pub mod admin;
+pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod discovery;

@@ -73,6 +73,31 @@ enum EbpfCommand {
 
 #[derive(Subcommand, Debug)]
 enum CaCommand {
+    /// Serve Istio's IstioCertificateService on 15012 (Kubernetes mode): callers authenticate
+    /// with a projected service-account token (audience istio-ca); the node agent may ask for
+    /// the service accounts that have pods on its node.
+    Serve {
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// The CA's namespace (its Secrets and the root ConfigMap live there).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+        namespace: String,
+        #[arg(long, default_value = mesh_agent::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// The node agents' service account, namespace/name.
+        #[arg(long, default_value = "mesh-system/mesh-agent")]
+        node_agent: String,
+        /// Longest (and default) workload certificate lifetime, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        max_ttl_seconds: u64,
+        /// DNS names of the CA's serving certificate (repeatable); default: the mesh-ca
+        /// Service's names in the namespace.
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// A kubeconfig file; default: in cluster.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Write a fresh self-signed ECDSA P-256 root (ca-cert.pem, ca-key.pem, root-cert.pem) to a
     /// directory; never overwrites. The layout is Istio's `cacerts`, which can be used instead.
     Init {
@@ -108,8 +133,17 @@ struct KubeArgs {
     uplinks: Vec<String>,
     /// Sign workload certificates with CA files in this directory (Istio's `cacerts` layout)
     /// instead of asking the mesh CA.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_address")]
     ca_dir: Option<PathBuf>,
+    /// The mesh CA (`mesh-agent ca serve`, or any Istio-compatible CA).
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// The mesh root certificate (the CA's `istio-ca-root-cert` ConfigMap, mounted).
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    ca_root: PathBuf,
+    /// The projected service-account token for the CA (audience istio-ca).
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-ca-token")]
+    ca_token: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -157,6 +191,56 @@ fn main() -> anyhow::Result<()> {
     let (log_control, _flush_on_exit) = mesh_agent::logging::init(&filter, cli.log_format);
     match cli.command {
         Command::Node(args) => node(args, log_control),
+        Command::Ca {
+            command:
+                CaCommand::Serve {
+                    listen,
+                    namespace,
+                    trust_domain,
+                    node_agent,
+                    max_ttl_seconds,
+                    dns_names,
+                    kubeconfig,
+                },
+        } => {
+            let node_agent = node_agent
+                .split_once('/')
+                .map(|(n, s)| (n.to_owned(), s.to_owned()))
+                .context("--node-agent must be namespace/name")?;
+            let dns_names = if dns_names.is_empty() {
+                vec![
+                    format!("mesh-ca.{namespace}.svc"),
+                    format!("mesh-ca.{namespace}.svc.cluster.local"),
+                ]
+            } else {
+                dns_names
+            };
+            small_runtime()?.block_on(async move {
+                let client = node::source::kube_client(kubeconfig.as_deref()).await?;
+                let names = mesh_agent::ca::root::RootObjects::new(&namespace);
+                let ca = mesh_agent::ca::root::load_or_create(
+                    &client,
+                    &names,
+                    &trust_domain,
+                    Duration::from_secs(10 * 365 * 86_400),
+                )
+                .await?;
+                mesh_agent::ca::root::publish(&client, &names, &ca).await?;
+                mesh_agent::ca::CaService::new(
+                    client,
+                    std::sync::Arc::new(ca),
+                    mesh_agent::ca::CaSettings {
+                        listen,
+                        trust_domain,
+                        node_agent,
+                        max_ttl: Duration::from_secs(max_ttl_seconds),
+                        dns_names,
+                    },
+                )
+                .serve()
+                .await
+            })
+        }
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -270,6 +354,11 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
         splice: args.splice,
         log,
         admin: args.admin,
+        ca_service: args.kube.ca_address.map(|address| node::CaServiceOptions {
+            address,
+            root: args.kube.ca_root,
+            token: args.kube.ca_token,
+        }),
     };
     node::tune_allocator();
     // `block_on` runs the control loop on this thread; connections run on the workers.

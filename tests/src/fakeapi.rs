@@ -59,6 +59,8 @@ struct State {
     not_served: BTreeSet<String>,
     requests: Vec<Recorded>,
     tokens: HashMap<String, TokenUser>,
+    /// Tokens the API server knows but rejects (expired, revoked), with its error text.
+    rejected: HashMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -323,6 +325,15 @@ impl FakeApi {
             .insert(token.to_owned(), user);
     }
 
+    /// Registers a token TokenReview rejects with `error` (e.g. an expired one).
+    pub fn reject_token(&self, token: &str, error: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .rejected
+            .insert(token.to_owned(), error.to_owned());
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
@@ -408,14 +419,18 @@ async fn handle(
                     .collect()
             })
             .unwrap_or_default();
-        let status_v = match st.tokens.get(token) {
-            Some(u) if wanted.iter().all(|a| u.audiences.contains(a)) => json!({
-                "authenticated": true,
-                "user": {"username": u.username, "extra": u.extra},
-                "audiences": wanted,
-            }),
-            Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
-            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        let status_v = if let Some(why) = st.rejected.get(token) {
+            json!({"authenticated": false, "error": why})
+        } else {
+            match st.tokens.get(token) {
+                Some(u) if wanted.iter().all(|a| u.audiences.contains(a)) => json!({
+                    "authenticated": true,
+                    "user": {"username": u.username, "extra": u.extra},
+                    "audiences": wanted,
+                }),
+                Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            }
         };
         let mut out = review.clone();
         out["status"] = status_v;

@@ -106,6 +106,28 @@ impl LocalCa {
             move |source| IdentityError::Read { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let (cert, key) = Self::generate_root(trust_domain, validity)?;
+        for name in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE] {
+            let path = dir.join(name);
+            if path.exists() {
+                return Err(IdentityError::BadCertificate {
+                    what: path.display().to_string(),
+                    message: "already exists; not overwriting a CA".into(),
+                });
+            }
+        }
+        write_file(&dir.join(CA_KEY_FILE), &key, 0o600).map_err(io(&dir.join(CA_KEY_FILE)))?;
+        write_file(&dir.join(CA_CERT_FILE), &cert, 0o644).map_err(io(&dir.join(CA_CERT_FILE)))?;
+        write_file(&dir.join(ROOT_CERT_FILE), &cert, 0o644)
+            .map_err(io(&dir.join(ROOT_CERT_FILE)))?;
+        Ok(())
+    }
+
+    /// A fresh self-signed ECDSA P-256 root for `trust_domain`: (certificate PEM, key PEM).
+    pub fn generate_root(
+        trust_domain: &str,
+        validity: Duration,
+    ) -> Result<(String, String), IdentityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -123,22 +145,39 @@ impl LocalCa {
         params.not_after = now + validity;
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        for name in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE] {
-            let path = dir.join(name);
-            if path.exists() {
-                return Err(IdentityError::BadCertificate {
-                    what: path.display().to_string(),
-                    message: "already exists; not overwriting a CA".into(),
-                });
-            }
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A TLS server certificate for the CA service itself (DNS names), signed by this CA:
+    /// (chain PEM leaf first, key PEM).
+    pub fn sign_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "mesh-agent CA service");
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain = leaf.pem();
+        for c in &self.chain {
+            chain += &pem_encode(c);
         }
-        write_file(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)
-            .map_err(io(&dir.join(CA_KEY_FILE)))?;
-        write_file(&dir.join(CA_CERT_FILE), &cert.pem(), 0o644)
-            .map_err(io(&dir.join(CA_CERT_FILE)))?;
-        write_file(&dir.join(ROOT_CERT_FILE), &cert.pem(), 0o644)
-            .map_err(io(&dir.join(ROOT_CERT_FILE)))?;
-        Ok(())
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// The roots as PEM (published for agents).
+    pub fn roots_pem(&self) -> String {
+        self.roots.iter().map(pem_encode).collect()
     }
 
     /// The trust anchors workloads verify peers against.
@@ -209,6 +248,14 @@ fn pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, Iden
         });
     }
     Ok(certs)
+}
+
+/// One certificate as PEM.
+pub fn pem_encode(der: &CertificateDer<'_>) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 fn random_serial() -> SerialNumber {

@@ -138,8 +138,10 @@ impl CertManager {
     }
 
     async fn request(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
+        // The CSR names the identity (a CA checks it; the local CA ignores CSR names anyway).
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let params = CertificateParams::new(Vec::<String>::new())?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(identity.uri().try_into()?)];
         let csr = params.serialize_request(&key)?.pem()?;
         let chain = self.issuer.sign(&csr, identity, self.ttl).await?;
         let (not_before, not_after) = validity(&chain[0])?;

@@ -54,6 +54,19 @@ pub struct NodeOptions {
     pub log: LogControl,
     /// Ports of the admin, metrics and readiness endpoints.
     pub admin: AdminAddrs,
+    /// The mesh CA to ask for certificates (Kubernetes mode); None: the config's `ca` files.
+    pub ca_service: Option<CaServiceOptions>,
+}
+
+/// Where the mesh CA is and how to authenticate to it.
+#[derive(Clone, Debug)]
+pub struct CaServiceOptions {
+    /// `https://host:port`.
+    pub address: String,
+    /// The mesh root certificate (PEM file).
+    pub root: PathBuf,
+    /// The projected service-account token (file, re-read per request).
+    pub token: PathBuf,
 }
 
 /// Where the configuration comes from.
@@ -122,7 +135,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     policies.log();
     let enforcer = Enforcer::new(policies);
     let identity = match opts.handler {
-        HandlerMode::Mesh => Some(mesh_identity(&config)?),
+        HandlerMode::Mesh => Some(mesh_identity(&config, opts.ca_service.as_ref())?),
         _ => None,
     };
     let pool = identity.as_ref().map(|(issuer, _)| {
@@ -298,11 +311,27 @@ fn prefetch_certificates(
     });
 }
 
-/// The identity side of the `mesh` handler (local mode: a CA from files).
+/// The identity side of the `mesh` handler: the mesh CA over gRPC, or a CA from files.
 fn mesh_identity(
     config: &LocalConfig,
+    service: Option<&CaServiceOptions>,
 ) -> anyhow::Result<(Arc<dyn CertificateIssuer>, Arc<CertManager>)> {
     use crate::identity::{LocalCa, LocalIssuer};
+    if let Some(s) = service {
+        let root = std::fs::read_to_string(&s.root)
+            .with_context(|| format!("reading the mesh root {}", s.root.display()))?;
+        let issuer: Arc<dyn CertificateIssuer> = Arc::new(
+            crate::ca::client::GrpcIssuer::new(
+                &s.address,
+                &root,
+                s.token.clone(),
+                &config.node.trust_domain,
+            )
+            .with_context(|| format!("the mesh CA at {}", s.address))?,
+        );
+        let certs = CertManager::new(Arc::clone(&issuer), Duration::from_secs(86_400));
+        return Ok((issuer, certs));
+    }
     let ca = config.ca.as_ref().context(
         "the mesh handler needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR` makes one), or run with --handler passthrough",
     )?;
