@@ -178,6 +178,10 @@ struct NodeArgs {
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
+    /// On SIGTERM/SIGINT, keep serving live connections for up to this long (seconds) before
+    /// exiting; readiness turns false at once. A second signal exits immediately.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
     /// Remove every kernel object the capture owns on this node, then exit.
     #[arg(long)]
     uninstall: bool,
@@ -359,6 +363,7 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
             root: args.kube.ca_root,
             token: args.kube.ca_token,
         }),
+        drain: Duration::from_secs(args.drain_seconds),
     };
     node::tune_allocator();
     // `block_on` runs the control loop on this thread; connections run on the workers.

@@ -12,6 +12,7 @@ pub mod binaries;
 pub mod cgroup;
 pub mod fakeapi;
 pub mod hostnet;
+pub mod http;
 pub mod load;
 pub mod naming;
 pub mod netns;

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_testbed::{Pod, Testbed, TestbedSpec, can_run};
+use mesh_testbed::{Pod, Testbed, TestbedSpec, can_run, http::http_get};
 use support::{Agent, PodId, TempDir, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
@@ -58,31 +58,6 @@ fn exchange(from: &Pod, to: &Pod, port: u16, bytes: usize) -> std::io::Result<us
             let mut answer = Vec::new();
             s.read_to_end(&mut answer)?;
             Ok(answer.len())
-        })
-        .unwrap()
-}
-
-/// GET `path` from `addr` inside `place`'s namespace: (status line, body).
-fn http_get(
-    place: &mesh_testbed::Place,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-) -> std::io::Result<(String, String)> {
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    place
-        .in_netns(move || -> std::io::Result<(String, String)> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.write_all(request.as_bytes())?;
-            let mut all = Vec::new();
-            s.read_to_end(&mut all)?;
-            let text = String::from_utf8_lossy(&all).into_owned();
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            Ok((
-                head.lines().next().unwrap_or("").to_owned(),
-                body.to_owned(),
-            ))
         })
         .unwrap()
 }

@@ -14,6 +14,7 @@ struct State {
     capture: Option<String>,
     certificates: Option<String>,
     initialised: [bool; 3],
+    draining: bool,
 }
 
 impl Readiness {
@@ -47,10 +48,21 @@ impl Readiness {
         self.update(2, problem);
     }
 
+    /// The agent is shutting down: not ready any more, whatever else holds.
+    pub fn draining(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .draining = true;
+    }
+
     /// Ready, and otherwise why not.
     pub fn check(&self) -> (bool, Vec<String>) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut why = Vec::new();
+        if s.draining {
+            why.push("draining: the agent is shutting down".to_owned());
+        }
         for (i, (name, problem)) in [
             ("config", &s.config),
             ("capture", &s.capture),
@@ -86,5 +98,11 @@ mod tests {
         assert!(r.check().0);
         r.capture(Some("1 error".into()));
         assert_eq!(r.check().1, vec!["capture: 1 error".to_owned()]);
+        r.capture(None);
+        r.draining();
+        assert_eq!(
+            r.check().1,
+            vec!["draining: the agent is shutting down".to_owned()]
+        );
     }
 }

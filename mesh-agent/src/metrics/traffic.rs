@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -168,9 +168,17 @@ pub struct TrafficMetrics {
     failed: Family<TrafficLabels, Counter>,
     received_bytes: Family<TrafficLabels, Counter>,
     sent_bytes: Family<TrafficLabels, Counter>,
+    /// Connections whose telemetry is alive (attributed and not yet logged): what a draining
+    /// agent waits for.
+    in_flight: Arc<AtomicI64>,
 }
 
 impl TrafficMetrics {
+    /// Connections being carried now (a same-node connection counts once per reporter).
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Registers the families under the `istio` prefix of `registry`.
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let m = Self::default();
@@ -234,6 +242,12 @@ struct Live {
     response_bytes: AtomicU64,
 }
 
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How a connection ended, for the access log.
 pub enum Outcome<'a> {
     Closed,
@@ -244,6 +258,7 @@ impl ConnectionTelemetry {
     pub fn new(metrics: &Arc<TrafficMetrics>, labels: TrafficLabels, access: AccessInfo) -> Self {
         let received = metrics.received_bytes.get_or_create(&labels).clone();
         let sent = metrics.sent_bytes.get_or_create(&labels).clone();
+        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: Some(Live {
                 metrics: Arc::clone(metrics),

@@ -56,6 +56,8 @@ pub struct NodeOptions {
     pub admin: AdminAddrs,
     /// The mesh CA to ask for certificates (Kubernetes mode); None: the config's `ca` files.
     pub ca_service: Option<CaServiceOptions>,
+    /// On SIGTERM/SIGINT, how long live connections may take to finish before the agent exits.
+    pub drain: Duration,
 }
 
 /// Where the mesh CA is and how to authenticate to it.
@@ -262,11 +264,57 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             }
         }
     }
+    source.stop().await;
+    drain(
+        &metrics,
+        &readiness,
+        opts.drain,
+        [&mut sigterm, &mut sigint],
+    )
+    .await;
     info!(
         "stopping; the data path stays attached (captured pods' new connections are refused until an agent is back)"
     );
-    source.stop().await;
     Ok(())
+}
+
+/// Shutting down: readiness turns false at once (a rollout sees it), connections keep flowing
+/// and new ones are still served, until none is left or `limit` has passed. A second signal
+/// ends it at once.
+async fn drain(
+    metrics: &Metrics,
+    readiness: &Readiness,
+    limit: Duration,
+    [sigterm, sigint]: [&mut tokio::signal::unix::Signal; 2],
+) {
+    readiness.draining();
+    let deadline = tokio::time::Instant::now() + limit;
+    let live = metrics.traffic.in_flight();
+    if live > 0 {
+        info!(
+            connections = live,
+            limit_s = limit.as_secs_f64(),
+            "draining"
+        );
+    }
+    loop {
+        let live = metrics.traffic.in_flight();
+        if live <= 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                connections = live,
+                "drain time over: closing the connections still open"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = sigterm.recv() => return,
+            _ = sigint.recv() => return,
+        }
+    }
 }
 
 /// Readiness wording for a reconciliation.
