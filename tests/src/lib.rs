@@ -10,6 +10,7 @@
 pub mod addressing;
 pub mod binaries;
 pub mod cgroup;
+pub mod deploy;
 pub mod fakeapi;
 pub mod hostnet;
 pub mod http;

@@ -1,7 +1,8 @@
 //! The node agent in Kubernetes mode on the testbed: real agents (no --config) watch an API
 //! server double whose pods are the testbed's pods, find each local pod on the host by its
 //! route, capture the enrolled ones and carry their traffic through HBONE; a namespace label
-//! flip enrols a running pod; enrolled pods carry the redirection annotation.
+//! flip enrols a running pod; enrolled pods carry the redirection annotation. The agents run
+//! with exactly the capabilities the DaemonSet in deploy/ grants them, nothing more.
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -13,7 +14,9 @@ use mesh_agent::capture::PinnedMaps;
 use mesh_common::Counter;
 use mesh_testbed::{
     Background, Pod, Testbed, TestbedSpec, binaries, can_run,
+    deploy::{node_agent_capabilities, with_only_capabilities},
     fakeapi::FakeApi,
+    http::http_get,
     probe::{Probe, ProbeServer},
 };
 use serde_json::{Value, json};
@@ -72,7 +75,7 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn agents_in_kubernetes_mode_enrol_pods_found_on_the_host_and_follow_label_flips() {
-    if !can_run("Kubernetes mode", &["ip"]) {
+    if !can_run("Kubernetes mode", &["ip", "setpriv"]) {
         return;
     }
     let tb = Testbed::build(SPEC).unwrap();
@@ -112,27 +115,30 @@ fn run(tb: &Testbed, work: &Path) {
         .unwrap();
     assert!(out.status.success());
     let kc = kubeconfig(work, &api.url());
+    let caps = node_agent_capabilities().unwrap();
+    assert!(!caps.is_empty());
     let mut agents: Vec<Background> = Vec::new();
     for n in 1..=2 {
         let bpffs = tb.bpffs_dir().join(format!("agent-node{n}"));
-        let mut a = tb
-            .node(n)
-            .place
-            .spawn(
-                bin.to_str().unwrap(),
-                &[
-                    "node",
-                    "--kubeconfig",
-                    kc.to_str().unwrap(),
-                    "--node-name",
-                    &format!("node{n}"),
-                    "--ca-dir",
-                    ca.to_str().unwrap(),
-                    "--bpffs-dir",
-                    bpffs.to_str().unwrap(),
-                ],
-            )
-            .unwrap();
+        // With only the capabilities the DaemonSet grants (deploy/base/node-agent.yaml): if
+        // the data path needed more, the agent would fail here.
+        let argv = with_only_capabilities(
+            &caps,
+            bin.to_str().unwrap(),
+            &[
+                "node",
+                "--kubeconfig",
+                kc.to_str().unwrap(),
+                "--node-name",
+                &format!("node{n}"),
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--bpffs-dir",
+                bpffs.to_str().unwrap(),
+            ],
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut a = tb.node(n).place.spawn("setpriv", &argv).unwrap();
         for port in [15001, 15006, 15008] {
             if let Err(e) = a.wait_listening(port, Duration::from_secs(30)) {
                 let out = a.kill().unwrap();
@@ -205,7 +211,37 @@ fn run(tb: &Testbed, work: &Path) {
     }
     wait_for("the annotation on node1-pod2", || annotated(tb.pod(1, 2)));
 
-    // Stopping the agents removes their annotations.
+    // Graceful termination: a SIGTERM'd agent turns unready at once, keeps carrying a live
+    // connection to its end (the client half-closes after the signal), then exits.
+    let mut live = Probe::connect(&tb.pod(1, 1).place, dst, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    live.hello().unwrap();
+    live.send(256 << 10).unwrap();
+    let node2 = agents.pop().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node2.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for("node2 to report draining", || {
+        http_get(
+            &tb.node(2).place,
+            "127.0.0.1:15021".parse().unwrap(),
+            "GET",
+            "/healthz/ready",
+        )
+        .is_ok_and(|(status, body)| status.contains("503") && body.contains("draining"))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    live.send(256 << 10).unwrap();
+    live.finish(1 << 20).unwrap();
+    let out = node2.wait(Duration::from_secs(4)).unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("draining"), "{log}");
+    assert!(!log.contains("drain time over"), "{log}");
+
+    // Stopping the agents removes their annotations (node2's went with its drain above).
     for a in agents {
         let out = a.terminate(Duration::from_secs(15)).unwrap();
         let log = String::from_utf8_lossy(&out.stderr);

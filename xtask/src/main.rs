@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation. Every command a README tells a person to run is here.
 mod bench;
+mod cluster;
 mod cmd;
 mod demo;
 mod setup;
@@ -46,6 +47,24 @@ enum Cmd {
         #[command(subcommand)]
         command: testbed::TestbedCmd,
     },
+    /// Build the container image (docker build -f deploy/Dockerfile); needs Docker.
+    Image {
+        #[arg(long, default_value = cluster::IMAGE)]
+        tag: String,
+        /// Print the command instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// A kind cluster with the mesh on it (needs Docker, kind, kubectl).
+    Kind {
+        #[command(subcommand)]
+        command: cluster::ClusterCmd,
+    },
+    /// A minikube cluster with the mesh on it (needs Docker, minikube, kubectl).
+    Minikube {
+        #[command(subcommand)]
+        command: cluster::ClusterCmd,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,6 +94,9 @@ fn main() -> Result<()> {
         Cmd::Testbed { command } => testbed::run(command),
         Cmd::Demo => demo::run(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Image { tag, dry_run } => cluster::image(&tag, dry_run),
+        Cmd::Kind { command } => cluster::run(cluster::Flavor::Kind, command),
+        Cmd::Minikube { command } => cluster::run(cluster::Flavor::Minikube, command),
     }
 }
 

@@ -1,0 +1,569 @@
+//! deploy/ checked offline: every kustomization renders (`kubectl kustomize`), every object
+//! parses into its k8s-openapi type with no field lost (a misspelled field is one the type does
+//! not know), the Istio objects compile with the agent's own policy compiler, and the DaemonSet,
+//! CA Deployment, Services and RBAC agree with what the binary actually uses (its ports, flags
+//! and defaults, read from `mesh-agent --help`; the kinds discovery watches; the CA's names).
+//! The Dockerfile is checked for the properties the issue asks for. Each capability the
+//! DaemonSet grants is shown to be needed (root: the eBPF object does not load without it).
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use mesh_testbed::{binaries, can_run, deploy};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// The kustomizations a user applies.
+const KUSTOMIZATIONS: [&str; 5] = ["base", "crds", "overlays/kind", "overlays/minikube", "demo"];
+
+fn kubectl_available(test: &str) -> bool {
+    let ok = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    let reason = "needs kubectl (with its built-in kustomize) on PATH";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {reason}; CI=true, so this is a failure");
+    }
+    eprintln!("SKIP {test}: {reason}");
+    false
+}
+
+/// Paths present in `original` but missing or different after a typed round trip.
+fn lost_fields(original: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, typed) {
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, v) in o {
+                let p = format!("{path}.{k}");
+                match t.get(k) {
+                    Some(tv) => lost_fields(v, tv, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(t)) if o.len() == t.len() => {
+            for (i, (ov, tv)) in o.iter().zip(t).enumerate() {
+                lost_fields(ov, tv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (o, t) if o == t => {}
+        (o, t) => out.push(format!("{path}: {o} became {t}")),
+    }
+}
+
+fn round_trip<T: DeserializeOwned + Serialize>(obj: &Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(obj.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut lost = Vec::new();
+    lost_fields(obj, &back, "", &mut lost);
+    if lost.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "fields the type does not know: {}",
+            lost.join(", ")
+        ))
+    }
+}
+
+/// Checks one rendered object against its type.
+fn check_object(obj: &Value) -> Result<(), String> {
+    let api = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    match (api, kind) {
+        ("v1", "Namespace") => round_trip::<Namespace>(obj),
+        ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(obj),
+        ("v1", "Service") => round_trip::<Service>(obj),
+        ("v1", "ConfigMap") => round_trip::<ConfigMap>(obj),
+        ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(obj),
+        ("apps/v1", "Deployment") => round_trip::<Deployment>(obj),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(obj),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            round_trip::<ClusterRoleBinding>(obj)
+        }
+        ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(obj),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(obj),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            round_trip::<CustomResourceDefinition>(obj)
+        }
+        ("security.istio.io/v1", "AuthorizationPolicy") => {
+            let raw: mesh_agent::policy::RawObject =
+                serde_json::from_value(obj.clone()).map_err(|e| e.to_string())?;
+            let entry = mesh_agent::policy::compile::compile_authorization(
+                &raw,
+                mesh_agent::policy::DEFAULT_ROOT_NAMESPACE,
+            );
+            match (&entry.policy, entry.notes.is_empty()) {
+                (Ok(_), true) => Ok(()),
+                (Ok(_), false) => Err(format!("compiles with notes: {:?}", entry.notes)),
+                (Err(e), _) => Err(format!("the agent refuses it: {e}")),
+            }
+        }
+        _ => Err(format!("no check for {api} {kind}: add one")),
+    }
+}
+
+fn render(dir: &str) -> Vec<Value> {
+    deploy::kustomize(&deploy::deploy_dir().join(dir)).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn typed<T: DeserializeOwned>(v: &Value) -> T {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// `--flag`'s default as `mesh-agent <sub> --help` prints it.
+fn help_default(help: &str, flag: &str) -> String {
+    let start = help
+        .find(&format!("--{flag} "))
+        .or_else(|| help.find(&format!("--{flag}\n")))
+        .unwrap_or_else(|| panic!("--{flag} not in help"));
+    let rest = &help[start..];
+    let end = rest.find("\n  -").unwrap_or(rest.len());
+    let entry = &rest[..end];
+    let d = entry
+        .find("[default: ")
+        .unwrap_or_else(|| panic!("--{flag} has no default: {entry}"));
+    let v = &entry[d + "[default: ".len()..];
+    v[..v.find(']').unwrap()].to_owned()
+}
+
+fn help(args: &[&str]) -> String {
+    let bin = binaries::mesh_agent().unwrap();
+    let out = Command::new(bin).args(args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{args:?} --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every `--flag` in `args` is one the subcommand has.
+fn assert_flags_exist(args: &[String], help: &str, who: &str) {
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{who}: {flag} is not a flag of the binary"
+        );
+    }
+}
+
+fn container_ports(c: &Container) -> BTreeSet<u16> {
+    c.ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port as u16)
+        .collect()
+}
+
+fn pod_spec(workload: &Value) -> PodSpec {
+    typed(&workload["spec"]["template"]["spec"])
+}
+
+#[test]
+fn every_kustomization_renders_into_known_typed_objects() {
+    if !kubectl_available("deploy manifests render") {
+        return;
+    }
+    let mut problems = Vec::new();
+    for dir in KUSTOMIZATIONS {
+        let objs = render(dir);
+        assert!(!objs.is_empty(), "{dir} rendered nothing");
+        for obj in &objs {
+            if let Err(e) = check_object(obj) {
+                problems.push(format!(
+                    "{dir}: {} {}: {e}",
+                    obj["kind"], obj["metadata"]["name"]
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // The round trip does catch a misspelling (the check can fail).
+    let mut bad = find(&render("base"), "DaemonSet", "mesh-agent").clone();
+    bad["spec"]["template"]["spec"]["hostNetwrk"] = Value::Bool(true);
+    let err = check_object(&bad).unwrap_err();
+    assert!(err.contains("hostNetwrk"), "{err}");
+}
+
+#[test]
+fn the_daemonset_matches_what_the_agent_uses() {
+    if !kubectl_available("DaemonSet vs agent") {
+        return;
+    }
+    let objs = render("overlays/kind");
+    let ds = find(&objs, "DaemonSet", "mesh-agent");
+    let spec = pod_spec(ds);
+    let agent = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "mesh-agent")
+        .unwrap();
+    let node_help = help(&["node"]);
+
+    // Host networking: the agent attaches to the host's pod interfaces and listens there.
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+
+    // Ports: the capture's listeners and the metrics/readiness endpoints, nothing else.
+    let metrics: u16 = help_default(&node_help, "metrics-port").parse().unwrap();
+    let readiness: u16 = help_default(&node_help, "readiness-port").parse().unwrap();
+    let want = BTreeSet::from([
+        mesh_common::capture::PORT_OUTBOUND,
+        mesh_common::capture::PORT_INBOUND_PLAINTEXT,
+        mesh_common::capture::PORT_INBOUND_HBONE,
+        metrics,
+        readiness,
+    ]);
+    assert_eq!(container_ports(agent), want);
+    for probe in [&agent.readiness_probe, &agent.startup_probe] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(readiness.into())
+        );
+    }
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], metrics.to_string());
+
+    // Arguments are real flags; the node name comes from the downward API.
+    assert_eq!(agent.args.as_ref().unwrap()[0], "node");
+    assert_flags_exist(agent.args.as_ref().unwrap(), &node_help, "DaemonSet");
+    let env = agent.env.as_ref().unwrap();
+    let node_name = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+    assert_eq!(
+        node_name
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("spec.nodeName")
+    );
+    assert!(node_help.contains("[env: NODE_NAME="));
+
+    // Mounts: bpffs where the pins go, the CA root and token where the agent reads them.
+    let mounts = agent.volume_mounts.as_ref().unwrap();
+    let mount_of = |path: &str| {
+        let path = Path::new(path);
+        let m = mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("nothing mounted over {}", path.display()));
+        let rel = path.strip_prefix(&m.mount_path).unwrap().to_owned();
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .unwrap();
+        (m.clone(), vol.clone(), rel)
+    };
+    let bpffs = help_default(&node_help, "bpffs-dir");
+    assert_eq!(bpffs, mesh_agent::capture::DEFAULT_BPFFS_DIR);
+    let (m, vol, _) = mount_of(&bpffs);
+    assert_eq!(vol.host_path.as_ref().unwrap().path, "/sys/fs/bpf");
+    assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
+
+    let (_, vol, rel) = mount_of(&help_default(&node_help, "ca-root"));
+    let cm = vol.config_map.unwrap();
+    let names = mesh_agent::ca::root::RootObjects::new("mesh-system");
+    assert_eq!(cm.name, names.root_configmap);
+    assert_eq!(rel, Path::new(mesh_agent::identity::ca::ROOT_CERT_FILE));
+
+    let (_, vol, rel) = mount_of(&help_default(&node_help, "ca-token"));
+    let token = vol.projected.unwrap().sources.unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(
+        token.audience.as_deref(),
+        Some(mesh_agent::ca::auth::CA_AUDIENCE)
+    );
+    assert_eq!(Path::new(&token.path), rel);
+
+    // The CA address names the CA's Service and port.
+    let ca_address = agent
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.strip_prefix("--ca-address="))
+        .unwrap();
+    let svc: Service = typed(find(&objs, "Service", "mesh-ca"));
+    let port = svc.spec.unwrap().ports.unwrap()[0].port;
+    assert_eq!(
+        ca_address,
+        format!(
+            "https://mesh-ca.{}.svc:{port}",
+            ds["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+
+    // Privileges: uid 0 with exactly the capabilities tests/tests/kube_mode.rs runs it with.
+    let sc = agent.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().add.clone().unwrap(),
+        deploy::node_agent_capabilities().unwrap()
+    );
+
+    // Graceful termination: the grace period outlasts the agent's drain.
+    let drain: i64 = agent
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-seconds="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(spec.termination_grace_period_seconds.unwrap() > drain);
+    assert!(agent.resources.as_ref().unwrap().requests.is_some());
+
+    // The service account is the one the CA lets ask for other identities.
+    let ca_help = help(&["ca", "serve"]);
+    assert_eq!(
+        help_default(&ca_help, "node-agent"),
+        format!(
+            "{}/{}",
+            ds["metadata"]["namespace"].as_str().unwrap(),
+            spec.service_account_name.as_deref().unwrap()
+        )
+    );
+}
+
+#[test]
+fn the_ca_deployment_services_and_rbac_match_the_binary() {
+    if !kubectl_available("CA, Services, RBAC vs agent") {
+        return;
+    }
+    let objs = render("overlays/minikube");
+    let ca_help = help(&["ca", "serve"]);
+
+    // The CA: its real flags, its listen port exposed by the Service, non-root.
+    let spec = pod_spec(find(&objs, "Deployment", "mesh-ca"));
+    let ca = &spec.containers[0];
+    let args = ca.args.as_ref().unwrap();
+    assert_eq!(&args[..2], ["ca", "serve"]);
+    assert_flags_exist(args, &ca_help, "CA Deployment");
+    let listen = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen="))
+        .map_or_else(|| help_default(&ca_help, "listen"), str::to_owned);
+    let listen_port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(container_ports(ca), BTreeSet::from([listen_port]));
+    assert!(ca_help.contains("[env: POD_NAMESPACE="));
+    assert!(ca.env.iter().flatten().any(|e| e.name == "POD_NAMESPACE"));
+    let psc = spec.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    let svc: Service = typed(find(&objs, "Service", "mesh-ca"));
+    let sp = &svc.spec.unwrap().ports.unwrap()[0];
+    assert_eq!(sp.port, i32::from(listen_port));
+
+    // Every image is the locally loaded one, never pulled.
+    for o in objs.iter().filter(|o| o["spec"]["template"].is_object()) {
+        let spec = pod_spec(o);
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            assert_eq!(c.image.as_deref(), Some("mesh-agent:dev"), "{}", c.name);
+            assert_eq!(c.image_pull_policy.as_deref(), Some("Never"), "{}", c.name);
+        }
+    }
+
+    // RBAC: the agent may watch every kind discovery watches and nothing it does not use.
+    let agent: ClusterRole = typed(find(&objs, "ClusterRole", "mesh-agent"));
+    let rules = agent.rules.unwrap();
+    let allows = |rules: &[PolicyRule], group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+    ]
+    .into_iter()
+    .chain(
+        mesh_agent::discovery::kube::ISTIO_KINDS
+            .iter()
+            .map(|(_, plural)| ("security.istio.io", *plural)),
+    ) {
+        for verb in ["list", "watch"] {
+            assert!(
+                allows(&rules, group, resource, verb),
+                "{verb} {group}/{resource}"
+            );
+        }
+    }
+    assert!(allows(&rules, "", "pods", "patch"));
+    for r in &rules {
+        assert!(
+            !r.resources
+                .iter()
+                .flatten()
+                .any(|x| x == "secrets" || x == "*")
+        );
+        assert!(
+            !r.verbs
+                .iter()
+                .any(|v| ["*", "create", "delete", "update"].contains(&v.as_str()))
+        );
+    }
+    // The CA: token reviews and pod lookups cluster-wide; its own Secrets and ConfigMap.
+    let ca_rules = typed::<ClusterRole>(find(&objs, "ClusterRole", "mesh-ca"))
+        .rules
+        .unwrap();
+    assert!(allows(
+        &ca_rules,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create"
+    ));
+    assert!(allows(&ca_rules, "", "pods", "list"));
+    assert!(
+        !ca_rules
+            .iter()
+            .any(|r| r.resources.iter().flatten().any(|x| x == "secrets"))
+    );
+    let role = typed::<Role>(find(&objs, "Role", "mesh-ca")).rules.unwrap();
+    let names = mesh_agent::ca::root::RootObjects::new("mesh-system");
+    for secret in [&names.cacerts_secret, &names.root_secret] {
+        assert!(role.iter().any(|r| {
+            r.resource_names.iter().flatten().any(|n| n == secret)
+                && r.verbs.iter().any(|v| v == "get")
+        }));
+    }
+    assert!(role.iter().any(|r| {
+        r.resource_names
+            .iter()
+            .flatten()
+            .any(|n| *n == names.root_configmap)
+            && r.verbs.iter().any(|v| v == "update")
+    }));
+
+    // The metrics Service and its scrape annotations point at the agent's metrics port.
+    let node_help = help(&["node"]);
+    let metrics = help_default(&node_help, "metrics-port");
+    let m = find(&objs, "Service", "mesh-agent-metrics");
+    assert_eq!(m["metadata"]["annotations"]["prometheus.io/port"], metrics);
+    assert_eq!(m["spec"]["ports"][0]["port"].to_string(), metrics);
+}
+
+#[test]
+fn crds_serve_the_versions_the_agent_reads() {
+    if !kubectl_available("CRDs") {
+        return;
+    }
+    let objs = render("crds");
+    for (kind, plural) in mesh_agent::discovery::kube::ISTIO_KINDS {
+        let crd: CustomResourceDefinition = typed(find(
+            &objs,
+            "CustomResourceDefinition",
+            &format!("{plural}.security.istio.io"),
+        ));
+        assert_eq!(crd.spec.names.kind, kind);
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let served: Vec<_> = crd
+            .spec
+            .versions
+            .iter()
+            .filter(|v| v.served)
+            .map(|v| (v.name.as_str(), v.storage))
+            .collect();
+        assert_eq!(served, [("v1", true), ("v1beta1", false)], "{kind}");
+    }
+}
+
+#[test]
+fn the_kind_config_and_dockerfile_are_sound() {
+    let dir = deploy::deploy_dir();
+    let kind = std::fs::read_to_string(dir.join("kind/cluster.yaml")).unwrap();
+    let kind: Value = deploy::parse_documents(&kind).unwrap().remove(0);
+    assert_eq!(kind["apiVersion"], "kind.x-k8s.io/v1alpha4");
+    assert_eq!(kind["kind"], "Cluster");
+    let roles: Vec<_> = kind["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].clone())
+        .collect();
+    assert!(
+        roles.iter().filter(|r| *r == "worker").count() >= 2,
+        "traffic must cross nodes"
+    );
+    // kindnet (routed /32 per pod) is what the agent's host locator expects: keep it.
+    assert!(kind["networking"]["disableDefaultCNI"] != true);
+
+    let text = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
+    let problems = mesh_testbed::deploy::lint_dockerfile(&text);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The lint can fail.
+    assert!(!mesh_testbed::deploy::lint_dockerfile("FROM debian:latest\nRUN true\n").is_empty());
+    let ignore = std::fs::read_to_string(dir.join("Dockerfile.dockerignore")).unwrap();
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target/"),
+        "the build context must skip target/"
+    );
+    // The builder is at least the workspace's rust-version.
+    let workspace = std::fs::read_to_string(dir.join("../Cargo.toml")).unwrap();
+    let want = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert!(
+        text.contains(&format!("FROM rust:{want}-")),
+        "builder must be rust:{want}"
+    );
+}
+
+#[test]
+fn each_capability_the_daemonset_grants_is_needed() {
+    if !can_run("capabilities are needed", &["setpriv"]) {
+        return;
+    }
+    let caps = deploy::node_agent_capabilities().unwrap();
+    let bin = binaries::mesh_agent().unwrap();
+    let check = |caps: &[String]| {
+        let argv = deploy::with_only_capabilities(caps, bin.to_str().unwrap(), &["ebpf", "check"]);
+        Command::new("setpriv").args(&argv).output().unwrap()
+    };
+    let all = check(&caps);
+    assert!(
+        all.status.success(),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let out = check(&fewer);
+        assert!(
+            !out.status.success(),
+            "the data path loads without CAP_{missing}: drop it from the DaemonSet"
+        );
+    }
+}
