@@ -327,15 +327,11 @@ fn demo(flavor: Flavor) -> Result<()> {
     let client_pod = pod_of(flavor, "client")?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let a = cmd::output(&mut flavor.kubectl(&[
-            "-n",
-            DEMO_NAMESPACE,
-            "get",
-            "pod",
+        let a = pod_field(
+            flavor,
             &client_pod,
-            "-o",
-            "jsonpath={.metadata.annotations.ambient\\.istio\\.io/redirection}",
-        ]))?;
+            "{.metadata.annotations.ambient\\.istio\\.io/redirection}",
+        )?;
         if a.trim() == "enabled" {
             println!("✓ {client_pod} is captured (ambient.istio.io/redirection: enabled)");
             break;
@@ -362,10 +358,22 @@ fn demo(flavor: Flavor) -> Result<()> {
             "http://server/clientip",
         ])
     };
+    let client_ip = pod_field(flavor, &client_pod, "{.status.podIP}")?;
     for i in 1..=5 {
         let seen = cmd::output(&mut curl("client"))
             .with_context(|| format!("request {i} from the allowed client"))?;
-        println!("✓ client → server: the server saw {}", seen.trim());
+        let seen = seen.trim();
+        // agnhost answers Go's RemoteAddr, `ip:port` or `[ip]:port`: compare the address.
+        let seen_ip = seen
+            .rsplit_once(':')
+            .map_or(seen, |(ip, _)| ip)
+            .trim_matches(['[', ']']);
+        if seen_ip != client_ip.trim() {
+            bail!(
+                "the server saw {seen}, not the client's address {client_ip}: the source was not kept"
+            );
+        }
+        println!("✓ client → server ({i}/5): the server saw the client's own address {seen}");
     }
     match cmd::output(&mut curl("intruder")) {
         Ok(body) => bail!(
@@ -375,15 +383,7 @@ fn demo(flavor: Flavor) -> Result<()> {
         Err(e) => println!("✓ intruder → server refused by policy ({e:#})"),
     }
     // What the client's node agent counted.
-    let node = cmd::output(&mut flavor.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "get",
-        "pod",
-        &client_pod,
-        "-o",
-        "jsonpath={.spec.nodeName}",
-    ]))?;
+    let node = pod_field(flavor, &client_pod, "{.spec.nodeName}")?;
     let agent = cmd::output(&mut flavor.kubectl(&[
         "-n",
         MESH_NAMESPACE,
@@ -412,6 +412,19 @@ fn demo(flavor: Flavor) -> Result<()> {
         flavor.context()
     );
     Ok(())
+}
+
+/// A field of a demo pod, by JSONPath.
+fn pod_field(flavor: Flavor, pod: &str, jsonpath: &str) -> Result<String> {
+    cmd::output(&mut flavor.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "pod",
+        pod,
+        "-o",
+        &format!("jsonpath={jsonpath}"),
+    ]))
 }
 
 fn pod_of(flavor: Flavor, app: &str) -> Result<String> {
