@@ -2,9 +2,11 @@
 //! server double whose pods are the testbed's pods, find each local pod on the host by its
 //! route, capture the enrolled ones and carry their traffic through HBONE; a namespace label
 //! flip enrols a running pod; enrolled pods carry the redirection annotation. The agents run
-//! with exactly the capabilities the DaemonSet in deploy/ grants them, nothing more.
+//! with exactly the capabilities the DaemonSet in deploy/ grants them, nothing more, and get
+//! their workloads' certificates from `mesh-agent ca serve` (run as the CA Deployment runs it)
+//! with projected-token authentication, as in a cluster.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
@@ -15,7 +17,7 @@ use mesh_common::Counter;
 use mesh_testbed::{
     Background, Pod, Testbed, TestbedSpec, binaries, can_run,
     deploy::{node_agent_capabilities, with_only_capabilities},
-    fakeapi::FakeApi,
+    fakeapi::{FakeApi, TokenUser},
     http::http_get,
     probe::{Probe, ProbeServer},
 };
@@ -107,14 +109,8 @@ fn run(tb: &Testbed, work: &Path) {
         api.apply(pod(p));
     }
     let bin = binaries::mesh_agent().unwrap();
-    let ca = work.join("ca");
-    let out = std::process::Command::new(&bin)
-        .args(["ca", "init", "--out"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     let kc = kubeconfig(work, &api.url());
+    let (ca, ca_address) = start_ca(tb, &api, &bin, &kc, work);
     let caps = node_agent_capabilities().unwrap();
     assert!(!caps.is_empty());
     let mut agents: Vec<Background> = Vec::new();
@@ -131,8 +127,14 @@ fn run(tb: &Testbed, work: &Path) {
                 kc.to_str().unwrap(),
                 "--node-name",
                 &format!("node{n}"),
-                "--ca-dir",
-                ca.to_str().unwrap(),
+                "--ca-address",
+                &ca_address,
+                "--ca-root",
+                work.join("istio/root-cert.pem").to_str().unwrap(),
+                "--ca-token",
+                work.join(format!("tokens-node{n}/istio-ca-token"))
+                    .to_str()
+                    .unwrap(),
                 "--bpffs-dir",
                 bpffs.to_str().unwrap(),
             ],
@@ -190,6 +192,14 @@ fn run(tb: &Testbed, work: &Path) {
     probe.finish(64 << 10).unwrap();
     let after = maps[1].counters().unwrap().since(&before);
     assert!(after.get(Counter::CapturedInboundHbone) >= 1, "{after:?}");
+    // Both ends' certificates came from the mesh CA, asked by each node's agent for its pod,
+    // after a TokenReview of the agent's token.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/tokenreviews")),
+        "the CA never reviewed a token"
+    );
 
     // The enrolled pods carry the redirection annotation; the others do not.
     let annotated = |p: &Pod| {
@@ -240,12 +250,20 @@ fn run(tb: &Testbed, work: &Path) {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("draining"), "{log}");
     assert!(!log.contains("drain time over"), "{log}");
+    // Everything the capture was asked to do on the node applied (uplinks found in the node's
+    // own namespace, every enrolled pod's interface attached).
+    assert!(!log.contains("capture reconciliation"), "{log}");
 
     // Stopping the agents removes their annotations (node2's went with its drain above).
     for a in agents {
         let out = a.terminate(Duration::from_secs(15)).unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(!log.contains("panicked"), "{log}");
+        assert!(!log.contains("capture reconciliation"), "{log}");
+        // One reconciliation per configuration that changed (first state, enrolments, the
+        // label flip, annotations arriving), not a loop over the same one.
+        let reconciled = log.matches("capture reconciled").count();
+        assert!(reconciled < 30, "{reconciled} reconciliations");
     }
     for p in tb.pods() {
         assert!(
@@ -254,5 +272,99 @@ fn run(tb: &Testbed, work: &Path) {
             p.name()
         );
     }
+    let out = ca.terminate(Duration::from_secs(10)).unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    for n in 1..=2 {
+        let issued = format!("spiffe://cluster.local/ns/mesh/sa/sa-node{n}-pod1");
+        assert!(
+            log.lines().any(|l| l.contains("certificate issued")
+                && l.contains("mesh-system/mesh-agent")
+                && l.contains(&issued)),
+            "the CA did not issue {issued} to the node agent:\n{log}"
+        );
+    }
+    assert!(!log.contains("refused"), "{log}");
     drop(api);
+}
+
+/// `mesh-agent ca serve` as the CA Deployment runs it (uid 65532, no capabilities), on node1's
+/// address, with the API server double; the node agents' pods and bound tokens registered, the
+/// published root and the tokens written where the agents read them (the DaemonSet's mounts).
+fn start_ca(
+    tb: &Testbed,
+    api: &FakeApi,
+    bin: &Path,
+    kc: &Path,
+    work: &Path,
+) -> (Background, String) {
+    for n in 1..=2 {
+        let name = format!("mesh-agent-node{n}");
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "mesh-system", "uid": format!("uid-{name}")},
+            "spec": {"nodeName": format!("node{n}"), "serviceAccountName": "mesh-agent",
+                     "hostNetwork": true, "containers": [{"name": "mesh-agent", "image": "mesh-agent"}]},
+            "status": {"phase": "Running", "podIP": tb.node(n).ipv4.to_string()}
+        }));
+        let token = format!("token-of-{name}");
+        api.add_token(
+            &token,
+            TokenUser {
+                username: "system:serviceaccount:mesh-system:mesh-agent".into(),
+                audiences: vec![mesh_agent::ca::auth::CA_AUDIENCE.into()],
+                extra: BTreeMap::from([
+                    (
+                        "authentication.kubernetes.io/pod-name".into(),
+                        vec![name.clone()],
+                    ),
+                    (
+                        "authentication.kubernetes.io/pod-uid".into(),
+                        vec![format!("uid-{name}")],
+                    ),
+                ]),
+            },
+        );
+        let dir = work.join(format!("tokens-node{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("istio-ca-token"), token).unwrap();
+    }
+    // A copy anyone may execute: the checkout may sit where uid 65532 cannot reach.
+    let ca_bin = work.join("mesh-agent-ca");
+    std::fs::copy(bin, &ca_bin).unwrap();
+    let node1 = tb.node(1);
+    let listen = format!("{}:15012", node1.ipv4);
+    let args = [
+        "--reuid=65532",
+        "--regid=65532",
+        "--clear-groups",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+        ca_bin.to_str().unwrap(),
+        "ca",
+        "serve",
+        "--listen",
+        &listen,
+        "--namespace",
+        "mesh-system",
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--dns-name",
+        &node1.ipv4.to_string(),
+    ];
+    let mut ca = node1.place.spawn("setpriv", &args).unwrap();
+    if let Err(e) = ca.wait_listening(15012, Duration::from_secs(30)) {
+        let out = ca.kill().unwrap();
+        panic!("the CA: {e:#}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let root = api
+        .get("configmaps", "mesh-system", "istio-ca-root-cert")
+        .expect("the CA published its root")["data"]["root-cert.pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::create_dir_all(work.join("istio")).unwrap();
+    std::fs::write(work.join("istio/root-cert.pem"), root).unwrap();
+    (ca, format!("https://{listen}"))
 }

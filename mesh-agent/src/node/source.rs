@@ -117,6 +117,11 @@ impl Source {
             Self::Kube {
                 discovery, skipped, ..
             } => loop {
+                // Only a snapshot not returned before: the publisher sends one only when the
+                // configuration differs, and each is applied once.
+                if discovery.snapshots.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
                 let current = discovery.snapshots.borrow_and_update().clone();
                 if let Some(snap) = current {
                     if snap.skipped != *skipped {
@@ -131,9 +136,6 @@ impl Source {
                         return Err(e.to_string());
                     }
                     return Ok(snap.config.clone());
-                }
-                if discovery.snapshots.changed().await.is_err() {
-                    std::future::pending::<()>().await;
                 }
             },
         }

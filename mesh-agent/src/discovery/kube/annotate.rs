@@ -1,6 +1,9 @@
 //! `ambient.istio.io/redirection: enabled` on the local pods the agent captures (as istio-cni
 //! marks them), removed when a pod leaves the mesh and when the agent exits.
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -18,6 +21,8 @@ pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 pub struct Annotator {
     client: Client,
     annotated: tokio::sync::Mutex<BTreeSet<(String, String)>>,
+    /// Set by [`clear`](Self::clear): a sync still queued behind it must not annotate again.
+    closed: AtomicBool,
 }
 
 impl Annotator {
@@ -25,6 +30,7 @@ impl Annotator {
         Self {
             client,
             annotated: Default::default(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -50,6 +56,9 @@ impl Annotator {
             .map(|w| (w.namespace.clone(), w.name.clone()))
             .collect();
         let mut annotated = self.annotated.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         for (ns, name) in want.difference(&annotated.clone()) {
             match self.set(ns, name, true).await {
                 Ok(()) => {
@@ -80,12 +89,13 @@ impl Annotator {
 
     /// Removes every annotation this agent set (on exit).
     pub async fn clear(&self) {
-        let all: Vec<_> = self.annotated.lock().await.iter().cloned().collect();
-        for (ns, name) in all {
+        self.closed.store(true, Ordering::Release);
+        // Holding the lock: a sync in progress finishes first, later ones see `closed`.
+        let mut annotated = self.annotated.lock().await;
+        for (ns, name) in std::mem::take(&mut *annotated) {
             if let Err(e) = self.set(&ns, &name, false).await {
                 warn!(pod = %format!("{ns}/{name}"), error = %e, "could not remove the annotation on exit");
             }
         }
-        self.annotated.lock().await.clear();
     }
 }

@@ -55,7 +55,7 @@ impl PodLocator for HostLocator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
-            && Path::new("/sys/class/net").join(&hit.interface).exists()
+            && interface_exists(&hit.interface)
         {
             return Some(hit.clone());
         }
@@ -83,12 +83,37 @@ fn route_interface(ip: IpAddr) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    parse_route_get(&String::from_utf8_lossy(&out.stdout)).filter(|dev| {
-        !Path::new("/sys/class/net")
-            .join(dev)
-            .join("bridge")
-            .exists()
-    })
+    parse_route_get(&String::from_utf8_lossy(&out.stdout)).filter(|dev| !is_bridge(dev))
+}
+
+// Interfaces are looked up by netlink/ioctl, never through /sys/class/net: sysfs shows the
+// network namespace it was mounted in, which is not necessarily the agent's (a process that
+// entered a namespace with setns keeps the old /sys).
+
+/// Whether `name` is an interface of this network namespace.
+fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
+/// Whether `dev` is a Linux bridge (`ip -d -j link show dev <dev>`).
+fn is_bridge(dev: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", dev])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            link_kind(&String::from_utf8_lossy(&o.stdout)).as_deref() == Some("bridge")
+        })
+}
+
+/// `linkinfo.info_kind` of `ip -d -j link show` output (`veth`, `bridge`…; None for plain
+/// devices).
+pub fn link_kind(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.as_array()?.first()?["linkinfo"]["info_kind"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// The `dev` of `ip -j route get` output, when the route is direct (no gateway) and not local.
@@ -168,12 +193,12 @@ pub fn pod_netns(cgroup: &Path) -> Option<PathBuf> {
     None
 }
 
-/// The node's interface names (for automatic uplinks).
+/// The interface names of this network namespace (for automatic uplinks).
 pub fn interfaces() -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+    let mut out: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| i.name().to_string_lossy().into_owned())
                 .collect()
         })
         .unwrap_or_default();
@@ -193,6 +218,11 @@ mod tests {
         assert_eq!(parse_route_get(via), None, "a remote pod (via a gateway)");
         let local = r#"[{"type":"local","dst":"10.0.0.1","dev":"lo","flags":[]}]"#;
         assert_eq!(parse_route_get(local), None);
+        let bridge = r#"[{"ifindex":4,"ifname":"cni0","linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}}}]"#;
+        assert_eq!(link_kind(bridge).as_deref(), Some("bridge"));
+        let veth = r#"[{"ifindex":5,"ifname":"veth1","linkinfo":{"info_kind":"veth"}}]"#;
+        assert_eq!(link_kind(veth).as_deref(), Some("veth"));
+        assert_eq!(link_kind(r#"[{"ifindex":2,"ifname":"eth0"}]"#), None);
         assert_eq!(parse_route_get("not json"), None);
     }
 
