@@ -40,6 +40,51 @@ impl WorkloadCert {
 struct Slot {
     current: RwLock<Option<Arc<WorkloadCert>>>,
     first: OnceCell<()>,
+    /// The last failed first issuance: until when the CA is not asked again, and why.
+    held_off: Mutex<Option<HoldOff>>,
+}
+
+/// After a failed first issuance the CA is not asked again for a while (1 s, doubling to 30 s):
+/// a burst of connections for a refused identity fails fast instead of becoming a burst of CA
+/// requests. Rotation has its own backoff.
+struct HoldOff {
+    until: tokio::time::Instant,
+    backoff: Duration,
+    reason: String,
+}
+
+const FIRST_HOLD_OFF: Duration = Duration::from_secs(1);
+const MAX_HOLD_OFF: Duration = Duration::from_secs(30);
+
+impl Slot {
+    /// The refusal to repeat, while the hold-off lasts.
+    fn held_off(&self, identity: &SpiffeId) -> Option<IdentityError> {
+        let h = self.held_off.lock().unwrap_or_else(|e| e.into_inner());
+        let h = h.as_ref()?;
+        let left = h
+            .until
+            .checked_duration_since(tokio::time::Instant::now())?;
+        Some(IdentityError::Refused {
+            identity: identity.uri(),
+            reason: format!(
+                "{} (the CA is asked again in {:.1} s)",
+                h.reason,
+                left.as_secs_f64()
+            ),
+        })
+    }
+
+    fn failed(&self, error: &IdentityError) {
+        let mut h = self.held_off.lock().unwrap_or_else(|e| e.into_inner());
+        let backoff = h
+            .as_ref()
+            .map_or(FIRST_HOLD_OFF, |p| (p.backoff * 2).min(MAX_HOLD_OFF));
+        *h = Some(HoldOff {
+            until: tokio::time::Instant::now() + backoff,
+            backoff,
+            reason: error.to_string(),
+        });
+    }
 }
 
 /// The node's workload certificates.
@@ -79,15 +124,24 @@ impl CertManager {
                 Arc::new(Slot {
                     current: RwLock::new(None),
                     first: OnceCell::new(),
+                    held_off: Mutex::new(None),
                 })
             }))
         };
         if let Some(c) = current(&slot) {
             return Ok(c);
         }
+        if let Some(e) = slot.held_off(identity) {
+            return Err(e);
+        }
         slot.first
             .get_or_try_init(|| async {
-                let cert = self.issue(identity).await?;
+                // Callers queued behind a failure see it, rather than asking again each.
+                if let Some(e) = slot.held_off(identity) {
+                    return Err(e);
+                }
+                let cert = self.issue(identity).await.inspect_err(|e| slot.failed(e))?;
+                *slot.held_off.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert);
                 let me = Arc::clone(self);
                 let (id, s) = (identity.clone(), Arc::clone(&slot));
@@ -238,6 +292,80 @@ mod tests {
         let ca = LocalCa::from_dir(&dir, "cluster.local").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         CertManager::new(Arc::new(LocalIssuer::new(Arc::new(ca))), ttl)
+    }
+
+    /// Refuses every request until told otherwise, counting them.
+    struct Refusing {
+        inner: LocalIssuer,
+        refuse: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+    }
+
+    impl CertificateIssuer for Refusing {
+        fn sign<'a>(
+            &'a self,
+            csr_pem: &'a str,
+            identity: &'a SpiffeId,
+            ttl: Duration,
+        ) -> crate::identity::issuer::IssueFuture<'a> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.refuse.load(Ordering::Relaxed) {
+                return Box::pin(async move {
+                    Err(IdentityError::Refused {
+                        identity: identity.uri(),
+                        reason: "PermissionDenied: not on this node".into(),
+                    })
+                });
+            }
+            self.inner.sign(csr_pem, identity, ttl)
+        }
+        fn roots(&self) -> Vec<CertificateDer<'static>> {
+            self.inner.roots()
+        }
+        fn trust_domain(&self) -> String {
+            self.inner.trust_domain()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_repeated_without_asking_the_ca_until_the_hold_off_ends() {
+        let dir = std::env::temp_dir().join(format!("mesh-mgr-holdoff-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        LocalCa::init_dir(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+        let ca = LocalCa::from_dir(&dir, "cluster.local").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let issuer = Arc::new(Refusing {
+            inner: LocalIssuer::new(Arc::new(ca)),
+            refuse: true.into(),
+            calls: AtomicU64::new(0),
+        });
+        let m = CertManager::new(issuer.clone(), Duration::from_secs(3600));
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        // A burst of connections: one CA request, every caller gets its answer.
+        let burst = futures::future::join_all((0..20).map(|_| m.get(&id))).await;
+        assert!(burst.iter().all(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("not on this node"))
+        }));
+        assert_eq!(issuer.calls.load(Ordering::Relaxed), 1);
+        // After the hold-off the CA is asked again (and the next hold-off is longer).
+        tokio::time::advance(FIRST_HOLD_OFF + Duration::from_millis(10)).await;
+        assert!(m.get(&id).await.is_err());
+        assert_eq!(issuer.calls.load(Ordering::Relaxed), 2);
+        tokio::time::advance(FIRST_HOLD_OFF + Duration::from_millis(10)).await;
+        let e = m.get(&id).await.unwrap_err().to_string();
+        assert!(e.contains("asked again in"), "{e}");
+        assert_eq!(
+            issuer.calls.load(Ordering::Relaxed),
+            2,
+            "second hold-off is 2 s"
+        );
+        // Once the CA agrees, the certificate comes and sticks.
+        issuer.refuse.store(false, Ordering::Relaxed);
+        tokio::time::advance(2 * FIRST_HOLD_OFF).await;
+        assert!(m.get(&id).await.is_ok());
+        assert!(m.get(&id).await.is_ok());
+        assert_eq!(issuer.calls.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
