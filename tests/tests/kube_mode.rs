@@ -111,6 +111,8 @@ fn run(tb: &Testbed, work: &Path) {
     let bin = binaries::mesh_agent().unwrap();
     let kc = kubeconfig(work, &api.url());
     let (ca, ca_address) = start_ca(tb, &api, &bin, &kc, work);
+    // The agents start while the CA is down (it published its root first, as in a cluster).
+    let first_ca_run = ca.terminate(Duration::from_secs(10)).unwrap();
     let caps = node_agent_capabilities().unwrap();
     assert!(!caps.is_empty());
     let mut agents: Vec<Background> = Vec::new();
@@ -148,6 +150,23 @@ fn run(tb: &Testbed, work: &Path) {
             }
         }
         agents.push(a);
+    }
+    // Not ready without certificates; ready once the CA is back, with no configuration change
+    // (the agents keep asking).
+    for n in 1..=2 {
+        wait_for(
+            &format!("node{n} to be unready for want of certificates"),
+            || {
+                let (status, body) = readiness(tb, n);
+                status.contains("503") && body.contains("certificates")
+            },
+        );
+    }
+    let ca = spawn_ca(tb, &kc, work);
+    for n in 1..=2 {
+        wait_for(&format!("node{n} to be ready once the CA is back"), || {
+            readiness(tb, n).0.contains("200")
+        });
     }
     let maps: Vec<PinnedMaps> = (1..=2)
         .map(|n| PinnedMaps::new(&tb.bpffs_dir().join(format!("agent-node{n}/maps"))))
@@ -235,13 +254,8 @@ fn run(tb: &Testbed, work: &Path) {
     )
     .unwrap();
     wait_for("node2 to report draining", || {
-        http_get(
-            &tb.node(2).place,
-            "127.0.0.1:15021".parse().unwrap(),
-            "GET",
-            "/healthz/ready",
-        )
-        .is_ok_and(|(status, body)| status.contains("503") && body.contains("draining"))
+        let (status, body) = readiness(tb, 2);
+        status.contains("503") && body.contains("draining")
     });
     std::thread::sleep(Duration::from_millis(500));
     live.send(256 << 10).unwrap();
@@ -273,7 +287,8 @@ fn run(tb: &Testbed, work: &Path) {
         );
     }
     let out = ca.terminate(Duration::from_secs(10)).unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = String::from_utf8_lossy(&first_ca_run.stderr).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
     for n in 1..=2 {
         let issued = format!("spiffe://cluster.local/ns/mesh/sa/sa-node{n}-pod1");
         assert!(
@@ -329,8 +344,22 @@ fn start_ca(
         std::fs::write(dir.join("istio-ca-token"), token).unwrap();
     }
     // A copy anyone may execute: the checkout may sit where uid 65532 cannot reach.
+    std::fs::copy(bin, work.join("mesh-agent-ca")).unwrap();
+    let ca = spawn_ca(tb, kc, work);
+    let root = api
+        .get("configmaps", "mesh-system", "istio-ca-root-cert")
+        .expect("the CA published its root")["data"]["root-cert.pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::create_dir_all(work.join("istio")).unwrap();
+    std::fs::write(work.join("istio/root-cert.pem"), root).unwrap();
+    (ca, format!("https://{}:15012", tb.node(1).ipv4))
+}
+
+/// The CA process on node1 (uid 65532, no capabilities), listening.
+fn spawn_ca(tb: &Testbed, kc: &Path, work: &Path) -> Background {
     let ca_bin = work.join("mesh-agent-ca");
-    std::fs::copy(bin, &ca_bin).unwrap();
     let node1 = tb.node(1);
     let listen = format!("{}:15012", node1.ipv4);
     let args = [
@@ -358,13 +387,16 @@ fn start_ca(
         let out = ca.kill().unwrap();
         panic!("the CA: {e:#}\n{}", String::from_utf8_lossy(&out.stderr));
     }
-    let root = api
-        .get("configmaps", "mesh-system", "istio-ca-root-cert")
-        .expect("the CA published its root")["data"]["root-cert.pem"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    std::fs::create_dir_all(work.join("istio")).unwrap();
-    std::fs::write(work.join("istio/root-cert.pem"), root).unwrap();
-    (ca, format!("https://{listen}"))
+    ca
+}
+
+/// node`n`'s readiness: (status line, body).
+fn readiness(tb: &Testbed, n: usize) -> (String, String) {
+    http_get(
+        &tb.node(n).place,
+        "127.0.0.1:15021".parse().unwrap(),
+        "GET",
+        "/healthz/ready",
+    )
+    .unwrap_or_default()
 }

@@ -208,7 +208,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     }
     readiness.capture(reconcile_problem(&first));
     let certs = identity.as_ref().map(|(_, c)| Arc::clone(c));
-    prefetch_certificates(certs.clone(), &config, Arc::clone(&readiness));
+    let prefetch = Prefetch::new(certs.clone(), Arc::clone(&readiness));
+    prefetch.start(&config);
     let admin = Arc::new(AdminState {
         handler: handler::mode_name(opts.handler),
         layout: layout.clone(),
@@ -251,7 +252,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                         metrics.control.reconcile_errors.inc_by(report.errors.len() as u64);
                         readiness.capture(reconcile_problem(&report));
                         log_state(&controller, &new, report.errors.len());
-                        prefetch_certificates(certs.clone(), &new, Arc::clone(&readiness));
+                        prefetch.start(&new);
                         source.applied(&new);
                         *admin.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
                     }
@@ -326,37 +327,62 @@ fn reconcile_problem(report: &capture::ReconcileReport) -> Option<String> {
     }
 }
 
-/// Fetches the certificates of every enrolled workload of this node in the background, and
-/// tells readiness when they are all held.
-fn prefetch_certificates(
+/// Fetches the certificates of every enrolled workload of this node in the background and
+/// tells readiness when they are all held; while some are missing (CA down, a refusal) it
+/// tries again (1 s doubling to 30 s), so readiness recovers without a configuration change.
+/// Each configuration starts a new round; an older round stops.
+struct Prefetch {
     certs: Option<Arc<CertManager>>,
-    config: &LocalConfig,
     readiness: Arc<Readiness>,
-) {
-    let Some(certs) = certs else {
-        readiness.certificates(None);
-        return;
-    };
-    let mut identities: Vec<_> = config
-        .local_pods()
-        .filter(|w| config.is_enrolled(w))
-        .map(|w| config.identity_of(w))
-        .collect();
-    identities.sort();
-    identities.dedup();
-    tokio::spawn(async move {
-        let mut problems = Vec::new();
-        for id in &identities {
-            if let Err(e) = certs.get(id).await {
-                problems.push(format!("{id}: {e}"));
-            }
+    round: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Prefetch {
+    fn new(certs: Option<Arc<CertManager>>, readiness: Arc<Readiness>) -> Self {
+        Self {
+            certs,
+            readiness,
+            round: Arc::default(),
         }
-        readiness.certificates(if problems.is_empty() {
-            None
-        } else {
-            Some(problems.join("; "))
+    }
+
+    fn start(&self, config: &LocalConfig) {
+        use std::sync::atomic::Ordering;
+        let Some(certs) = self.certs.clone() else {
+            self.readiness.certificates(None);
+            return;
+        };
+        let mut identities: Vec<_> = config
+            .local_pods()
+            .filter(|w| config.is_enrolled(w))
+            .map(|w| config.identity_of(w))
+            .collect();
+        identities.sort();
+        identities.dedup();
+        let round = self.round.fetch_add(1, Ordering::AcqRel) + 1;
+        let (rounds, readiness) = (Arc::clone(&self.round), Arc::clone(&self.readiness));
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                let mut problems = Vec::new();
+                for id in &identities {
+                    if let Err(e) = certs.get(id).await {
+                        problems.push(format!("{id}: {e}"));
+                    }
+                }
+                if rounds.load(Ordering::Acquire) != round {
+                    return;
+                }
+                if problems.is_empty() {
+                    readiness.certificates(None);
+                    return;
+                }
+                readiness.certificates(Some(problems.join("; ")));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
         });
-    });
+    }
 }
 
 /// The identity side of the `mesh` handler: the mesh CA over gRPC, or a CA from files.
