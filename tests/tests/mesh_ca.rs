@@ -360,6 +360,14 @@ async fn an_istio_cacerts_secret_is_used_when_present() {
     let api = FakeApi::start();
     let dir = std::env::temp_dir().join(format!("mesh-cacerts-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // Removed however the test ends.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     mesh_agent::identity::LocalCa::init_dir(&dir, "cluster.local", Duration::from_secs(86_400))
         .unwrap();
     let read = |f: &str| {
@@ -391,5 +399,4 @@ async fn an_istio_cacerts_secret_is_used_when_present() {
         api.get("secrets", NS, "mesh-ca-root").is_none(),
         "no root of our own next to cacerts"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
