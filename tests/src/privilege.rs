@@ -19,14 +19,24 @@ pub fn can_run(test: &str, tools: &[&str]) -> bool {
     let reason = if unsafe { libc::geteuid() } != 0 {
         Some("needs root (network namespaces, veths, cgroups, eBPF)".to_owned())
     } else {
-        let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-        (!missing.is_empty()).then(|| {
-            format!(
-                "needs {} on PATH (`cargo xtask setup` installs it)",
-                missing.join(", ")
-            )
-        })
+        missing(tools, " (`cargo xtask setup` installs it)")
     };
+    gate(test, reason)
+}
+
+/// The same gate for a test that needs no root, only `tools` on PATH (`how` says where they
+/// come from).
+pub fn has_tools(test: &str, tools: &[&str], how: &str) -> bool {
+    gate(test, missing(tools, &format!(" ({how})")))
+}
+
+fn missing(tools: &[&str], hint: &str) -> Option<String> {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    (!missing.is_empty()).then(|| format!("needs {} on PATH{hint}", missing.join(", ")))
+}
+
+/// Run (true), skip with the reason printed (false), or fail under CI.
+fn gate(test: &str, reason: Option<String>) -> bool {
     match reason {
         None => true,
         Some(reason) if under_ci() => panic!("{test}: {reason}; CI=true, so this is a failure"),
@@ -37,7 +47,8 @@ pub fn can_run(test: &str, tools: &[&str]) -> bool {
     }
 }
 
-fn on_path(program: &str) -> bool {
+/// Whether `program` is a file in one of PATH's directories.
+pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }

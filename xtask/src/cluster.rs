@@ -72,11 +72,14 @@ impl Flavor {
 
     fn create(self) -> Command {
         match self {
-            Flavor::Kind => command(
-                "kind",
-                &["create", "cluster", "--name", CLUSTER, "--config"],
-            )
-            .arg_path(workspace_root().join("deploy/kind/cluster.yaml")),
+            Flavor::Kind => {
+                let mut c = command(
+                    "kind",
+                    &["create", "cluster", "--name", CLUSTER, "--config"],
+                );
+                c.arg(workspace_root().join("deploy/kind/cluster.yaml"));
+                c
+            }
             // A routed CNI: the agent finds pods by their host route (the default bridge CNI
             // puts every pod behind one bridge).
             Flavor::Minikube => command(
@@ -130,22 +133,11 @@ impl Flavor {
     }
 }
 
-/// `Command::new(program).args(args)`, with a path argument appended fluently.
+/// `Command::new(program).args(args)`.
 fn command(program: &str, args: &[&str]) -> Command {
     let mut c = Command::new(program);
     c.args(args);
     c
-}
-
-trait ArgPath {
-    fn arg_path(self, p: PathBuf) -> Self;
-}
-
-impl ArgPath for Command {
-    fn arg_path(mut self, p: PathBuf) -> Self {
-        self.arg(p);
-        self
-    }
 }
 
 /// Prints and runs, or only prints.
@@ -168,10 +160,7 @@ fn require(tools: &[&str]) -> Result<()> {
     let missing: Vec<&str> = tools
         .iter()
         .copied()
-        .filter(|t| {
-            !std::env::var_os("PATH")
-                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
-        })
+        .filter(|t| !mesh_testbed::privilege::on_path(t))
         .collect();
     if !missing.is_empty() {
         bail!(
