@@ -120,6 +120,29 @@ unsafe impl aya::Pod for FlowInfo {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PodIpEntry {}
 
+/// Name of the hash of this node's own addresses (16-byte keys as [`FlowKey`]'s -> u32, unused):
+/// a pod's SYN to one of them is left to the node's stack (so node services see the pod's own
+/// address) unless it is for an agent port, which is dropped. Filled and kept current by the agent.
+pub const NODE_ADDRS_MAP: &str = "MESH_NODE_ADDRS";
+/// Capacity of [`NODE_ADDRS_MAP`]: every address of every interface of the node (pod gateways
+/// included), with room to spare.
+pub const MAX_NODE_ADDRS: u32 = 4096;
+/// The admin API's port (localhost only, never reachable from a pod).
+pub const PORT_ADMIN: u16 = 15000;
+/// DNS proxy port (reserved, as ztunnel's).
+pub const PORT_DNS: u16 = 15053;
+
+/// Ports of the node's own addresses a pod must never reach: the admin API and the capture
+/// listeners (a pod connecting to them directly would make the agent serve a connection the
+/// capture never saw). Metrics (15020) and readiness (15021) stay reachable: Prometheus and
+/// health checkers may be pods.
+pub const fn is_agent_port(port: u16) -> bool {
+    matches!(
+        port,
+        PORT_ADMIN | PORT_OUTBOUND | PORT_INBOUND_PLAINTEXT | PORT_INBOUND_HBONE | PORT_DNS
+    )
+}
+
 /// Name of the sockhash of spliced sockets, keyed by [`SpliceKey`].
 pub const SPLICE_MAP: &str = "MESH_SPLICE";
 /// Name of the LRU hash of agent->pod connections whose pod end may join the splice

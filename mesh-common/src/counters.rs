@@ -47,11 +47,20 @@ pub enum Counter {
     CapturedOverTimeWait = 17,
     /// Listener lookups `mesh_sk_lookup` answered with an agent listener (captured flows only).
     SkLookupAssigned = 18,
+    /// TCP from an enrolled pod to a destination no pod may reach through the node (loopback,
+    /// unspecified, multicast/broadcast, IPv6 link-local, IPv4-in-IPv6 forms): dropped.
+    DroppedForbiddenDestination = 19,
+    /// SYNs from an enrolled pod to one of the node's own addresses on an agent port
+    /// (admin, capture listeners): dropped.
+    DroppedAgentPort = 20,
+    /// SYNs from an enrolled pod to one of the node's own addresses: left to the node's stack
+    /// (not captured), so the node's services see the pod's own address.
+    PassedToNode = 21,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 22] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
@@ -71,6 +80,9 @@ impl Counter {
         Counter::SpliceFallbacks,
         Counter::CapturedOverTimeWait,
         Counter::SkLookupAssigned,
+        Counter::DroppedForbiddenDestination,
+        Counter::DroppedAgentPort,
+        Counter::PassedToNode,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -103,6 +115,9 @@ impl Counter {
             Counter::SpliceFallbacks => "splice_fallbacks",
             Counter::CapturedOverTimeWait => "captured_over_time_wait",
             Counter::SkLookupAssigned => "sk_lookup_assigned",
+            Counter::DroppedForbiddenDestination => "dropped_forbidden_destination",
+            Counter::DroppedAgentPort => "dropped_agent_port",
+            Counter::PassedToNode => "passed_to_node",
         }
     }
 }

@@ -6,10 +6,12 @@
 
 pub mod capture;
 pub mod counters;
+pub mod destination;
 pub mod pods;
 
 pub use capture::{FlowInfo, FlowKey, FlowKind, PodIpEntry};
 pub use counters::Counter;
+pub use destination::{Forbidden, forbidden_destination};
 pub use pods::{POD_HAS_IPV4, POD_HAS_IPV6, PODS_MAP, PodAddrs};
 
 /// Name of the per-CPU array that holds the data path's per-reason counters.

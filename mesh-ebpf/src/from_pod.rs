@@ -4,22 +4,29 @@
 //! 1. Anti-spoofing: the interface is the pod's identity (a pod cannot choose which veth its
 //!    packets arrive on); a packet whose source address is not the pod's own is dropped and
 //!    counted, so everything after may trust the source address of what passes.
-//! 2. TCP of a connection a local agent socket owns (the pod's replies to the agent's transparent
+//! 2. TCP to a destination no pod may reach through the node (its loopback, `::`/`0.0.0.0`,
+//!    multicast, IPv6 link-local, IPv4-in-IPv6 forms: [`mesh_common::destination`]) is dropped
+//!    and counted, whatever the agent would do with it.
+//! 3. TCP of a connection a local agent socket owns (the pod's replies to the agent's transparent
 //!    connections, later segments of captured connections) is delivered to that socket.
-//! 3. A new connection (SYN) goes to the outbound listener, with the interface recorded in the
+//! 4. A SYN to one of the node's own addresses is the node's business: on an agent port (admin,
+//!    capture listeners) it is dropped, otherwise it is left to the node's stack uncaptured, so
+//!    the node's services see the pod's own address (never the node's, which host services may
+//!    trust).
+//! 5. Any other new connection (SYN) goes to the outbound listener, with the interface recorded in the
 //!    flow table as the source identity; if the agent is down the SYN is answered with a RST.
-//! 4. Other TCP (connections older than the enrolment) passes untouched.
+//! 6. Other TCP (connections older than the enrolment) passes untouched.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{Counter, FlowKind, PodAddrs};
+use mesh_common::{Counter, FlowKind, PodAddrs, capture::is_agent_port, forbidden_destination};
 
 use crate::{
     counters,
-    maps::MESH_PODS,
-    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_HLEN, Parsed},
+    maps::{MESH_NODE_ADDRS, MESH_PODS},
+    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Family, IPV6_HLEN, Parsed},
     refuse, steer,
 };
 
@@ -57,6 +64,10 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         }
         Parsed::Tcp(seg) => seg,
     };
+    if forbidden_destination(&seg.dst, seg.family == Family::V6).is_some() {
+        counters::add(Counter::DroppedForbiddenDestination, 1);
+        return TC_ACT_SHOT as i32;
+    }
     let holder = steer::local_socket(&ctx, &seg);
     if holder == steer::LocalSocket::Live {
         steer::mark_local(&ctx);
@@ -65,6 +76,15 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
     }
     if !seg.is_pure_syn() {
         counters::add(Counter::PassedUncaptured, 1);
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: read-only map lookup.
+    if unsafe { MESH_NODE_ADDRS.get(&seg.dst) }.is_some() {
+        if is_agent_port(u16::from_be(seg.dport_be)) {
+            counters::add(Counter::DroppedAgentPort, 1);
+            return TC_ACT_SHOT as i32;
+        }
+        counters::add(Counter::PassedToNode, 1);
         return TC_ACT_UNSPEC;
     }
     let time_wait = holder == steer::LocalSocket::TimeWait;

@@ -4,7 +4,11 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
 };
-use mesh_common::{FlowInfo, FlowKey, PodAddrs, PodIpEntry, capture::MAX_FLOWS, pods::MAX_PODS};
+use mesh_common::{
+    FlowInfo, FlowKey, PodAddrs, PodIpEntry,
+    capture::{MAX_FLOWS, MAX_NODE_ADDRS},
+    pods::MAX_PODS,
+};
 
 /// Enrolled pods by host-interface ifindex. Not in the map = not enrolled = untouched.
 #[map(name = "MESH_PODS")]
@@ -18,3 +22,8 @@ pub static MESH_POD_IPS: HashMap<[u8; 16], PodIpEntry> = HashMap::with_max_entri
 /// Captured connections the agent has not yet accepted: who sent the SYN, and why it was captured.
 #[map(name = "MESH_FLOWS")]
 pub static MESH_FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// This node's own addresses (IPv4 v4-mapped), kept current by the agent: pods' connections to
+/// them are the node's business, not the mesh's (see `mesh_tc_from_pod`).
+#[map(name = "MESH_NODE_ADDRS")]
+pub static MESH_NODE_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);

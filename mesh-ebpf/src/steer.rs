@@ -69,7 +69,7 @@ pub enum LocalSocket {
 #[inline(always)]
 pub fn local_socket(ctx: &TcContext, seg: &TcpSegment) -> LocalSocket {
     // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
-    let sk = unsafe { lookup(ctx, seg, seg.dport_be, true) };
+    let sk = unsafe { lookup(ctx, seg, seg.sport_be, seg.dport_be, true) };
     if sk.is_null() {
         return LocalSocket::None;
     }
@@ -92,6 +92,11 @@ pub fn local_socket(ctx: &TcContext, seg: &TcpSegment) -> LocalSocket {
 /// hashed next to the TIME_WAIT one, so the pod would retry for a minute. Such a SYN is only
 /// marked: the kernel's TIME_WAIT handling then retires the old socket and looks up a listener,
 /// which `mesh_sk_lookup` answers from the flow record written here.
+///
+/// The listener is looked up with the segment's addresses and the listener's port. For HBONE
+/// that port is the segment's own, so with `time_wait` the segment's exact tuple would find the
+/// TIME_WAIT socket (which the full-socket lookup turns into nothing) instead of the listener;
+/// the lookup then uses source port 0, which no connection has, so only a listener matches.
 #[inline(always)]
 pub fn assign_to_listener(
     ctx: &TcContext,
@@ -100,8 +105,9 @@ pub fn assign_to_listener(
     ifindex: u32,
     time_wait: bool,
 ) -> bool {
+    let sport_be = if time_wait { 0 } else { seg.sport_be };
     // SAFETY: as above; the full-socket lookup returns a listener or an exact match.
-    let sk = unsafe { lookup(ctx, seg, kind.port().to_be(), false) };
+    let sk = unsafe { lookup(ctx, seg, sport_be, kind.port().to_be(), false) };
     if sk.is_null() {
         return false;
     }
@@ -131,11 +137,12 @@ pub fn assign_to_listener(
 }
 
 /// `bpf_skc_lookup_tcp` (any socket state) or `bpf_sk_lookup_tcp` (full sockets) for the segment's
-/// addresses with destination port `dport_be`, in the current namespace.
+/// addresses with ports `sport_be` -> `dport_be`, in the current namespace.
 #[inline(always)]
 unsafe fn lookup(
     ctx: &TcContext,
     seg: &TcpSegment,
+    sport_be: u16,
     dport_be: u16,
     any_state: bool,
 ) -> *mut bpf_sock {
@@ -145,7 +152,7 @@ unsafe fn lookup(
             let mut t = Tuple4 {
                 saddr: seg.src4(),
                 daddr: seg.dst4(),
-                sport: seg.sport_be,
+                sport: sport_be,
                 dport: dport_be,
             };
             let tuple = &mut t as *mut Tuple4 as *mut bpf_sock_tuple;
@@ -160,7 +167,7 @@ unsafe fn lookup(
             let mut t = Tuple6 {
                 saddr: seg.src,
                 daddr: seg.dst,
-                sport: seg.sport_be,
+                sport: sport_be,
                 dport: dport_be,
             };
             let tuple = &mut t as *mut Tuple6 as *mut bpf_sock_tuple;

@@ -20,6 +20,7 @@ pub mod netns;
 pub mod place;
 pub mod privilege;
 pub mod probe;
+pub mod rawtcp;
 mod sys;
 mod testbed;
 pub mod topology;

@@ -166,11 +166,31 @@ impl CaptureController {
         &self.datapath
     }
 
+    /// Brings `MESH_NODE_ADDRS` in line with the node's interfaces (uplinks, pods' gateway
+    /// addresses). Called by every reconciliation and periodically: an address added between two
+    /// is treated as a remote destination by the capture meanwhile, and refused by the agent
+    /// (see `node::upstream`), never relayed from the node's address.
+    pub fn sync_node_addresses(&mut self) -> Result<(), String> {
+        let want = crate::ebpf::node_addresses()
+            .map_err(|e| format!("listing the node's addresses: {e}"))?;
+        let change = self
+            .datapath
+            .sync_node_addrs(&want)
+            .map_err(|e| format!("updating the node's addresses in the data path: {e}"))?;
+        if !change.added.is_empty() || !change.removed.is_empty() {
+            info!(added = ?change.added, removed = ?change.removed, "node addresses updated");
+        }
+        Ok(())
+    }
+
     /// Converges maps, attachments and pins to `desired`. New attachments are made before old ones
     /// are removed, so an interface is never left uncaptured in between.
     pub fn reconcile(&mut self, desired: &DesiredCapture) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         let mut view = CaptureView::default();
+        if let Err(e) = self.sync_node_addresses() {
+            report.errors.push(e);
+        }
 
         // 0. Resolve the enrolled pods' interfaces, and let the handlers know the new pods
         //    before the kernel starts capturing them. Pods being un-enrolled stay known until

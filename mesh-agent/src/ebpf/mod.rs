@@ -6,6 +6,7 @@ mod datapath;
 mod enrollment;
 mod error;
 mod lookup;
+mod node_addrs;
 mod splice;
 mod tc;
 
@@ -14,6 +15,7 @@ pub use datapath::{Datapath, ObjectEntry};
 pub use enrollment::{Enrollment, addrs_of, ifindex_of, ip_from_key, ip_key, pod_addrs};
 pub use error::DatapathError;
 pub use lookup::NetnsAttachment;
+pub use node_addrs::{NodeAddrsChange, node_addresses};
 pub use splice::CgroupAttachment;
 pub use tc::{TcAttachment, TcHook};
 
@@ -45,7 +47,7 @@ pub mod programs {
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
@@ -55,4 +57,5 @@ pub const MAPS: [&str; 9] = [
     mesh_common::capture::SPLICE_STATE_MAP,
     mesh_common::capture::CONFIG_MAP,
     mesh_common::capture::LISTENERS_MAP,
+    mesh_common::capture::NODE_ADDRS_MAP,
 ];

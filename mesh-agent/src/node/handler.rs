@@ -13,13 +13,9 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
-use mesh_common::{
-    FlowKind,
-    capture::{PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND},
-};
+use mesh_common::FlowKind;
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,8 +23,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use super::sockets::reset;
+use super::sockets::{Upstream, canonical, connect_direct};
 use crate::{
-    capture::{CaptureView, FlowTable, PodCapture, listeners::connect_transparent},
+    capture::{CaptureView, FlowTable, PodCapture},
     metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
 };
 
@@ -218,7 +216,7 @@ async fn relay(
     original_dst: SocketAddr,
 ) {
     let mut telemetry = ctx.telemetry.outbound(client, original_dst, None, None);
-    match connect_direct(client, original_dst).await {
+    match connect_direct(client, original_dst, Upstream::Dialled).await {
         Ok(upstream) => {
             telemetry.opened();
             let result = splice_tcp(inbound, upstream, &telemetry, std::future::pending()).await;
@@ -229,40 +227,6 @@ async fn relay(
             reset(inbound);
         }
     }
-}
-
-/// Connects to `dst` on behalf of `client`: transparently from the client's address, except for
-/// destinations on this node (their replies would be routed to the pod, not to us), which are
-/// reached from the node's address. The agent's own capture ports there are refused (a loop).
-pub(super) async fn connect_direct(
-    client: SocketAddr,
-    dst: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    // A pod has no business with the node's loopback (where the admin API listens); the kernel
-    // drops such packets from a pod before they reach us, and so do we.
-    if dst.ip().is_loopback() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "a loopback destination",
-        ));
-    }
-    let local = is_local_address(dst.ip());
-    if local && CAPTURE_PORTS.contains(&dst.port()) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "the agent's own capture port",
-        ));
-    }
-    let connect = tokio::time::timeout(Duration::from_secs(10), async {
-        if local {
-            TcpStream::connect(dst).await
-        } else {
-            connect_transparent(client.ip(), dst).await
-        }
-    });
-    connect
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// Relays both ways until both sides are done (half-closes propagate; bulk transfers move by
@@ -298,29 +262,6 @@ pub(super) fn closed(
             Err(why) => t.close(Outcome::Reset(why)),
         }
     }
-}
-
-const CAPTURE_PORTS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE];
-
-/// Whether `ip` is an address of this node (binding to it without IP_TRANSPARENT succeeds).
-/// With `net.ipv4.ip_nonlocal_bind=1` every address looks local; delivery then loses
-/// transparency but still works.
-fn is_local_address(ip: std::net::IpAddr) -> bool {
-    let domain = socket2::Domain::for_address(SocketAddr::new(ip, 0));
-    socket2::Socket::new(domain, socket2::Type::STREAM, None)
-        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
-        .is_ok()
-}
-
-/// Closes with a RST (SO_LINGER 0) so the client sees a refusal, not a clean end of stream.
-pub(super) fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-}
-
-/// IPv4 peers of a dual-stack socket appear as `::ffff:a.b.c.d`; we speak plain IPv4.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// FNV-1a, 64 bit: the report digest (stable across builds, trivially reimplemented by clients).
@@ -362,11 +303,5 @@ mod tests {
         let mut h = Fnv1a64::new();
         h.update(b"foobar");
         assert_eq!(h.finish(), 0x85944171f73967e8);
-    }
-
-    #[test]
-    fn v4_mapped_peers_become_ipv4() {
-        let a: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
-        assert_eq!(canonical(a), "10.1.2.3:80".parse().unwrap());
     }
 }

@@ -23,6 +23,7 @@ use mesh_common::capture::PORT_INBOUND_HBONE;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
+use super::sockets::{Upstream, connect_direct};
 use crate::{
     capture::listeners::connect_transparent,
     discovery::LocalConfig,
@@ -264,7 +265,7 @@ pub async fn outbound(
             ctx.telemetry
                 .outbound(client, original_dst, service.as_ref(), None)
                 .fail(ResponseFlags::ConnectFailed, reason);
-            super::handler::reset(tcp);
+            super::sockets::reset(tcp);
             return;
         }
     };
@@ -322,7 +323,7 @@ pub async fn outbound(
                             t.set_policy(d.policy.as_deref(), d.reason.as_str());
                             t.fail(ResponseFlags::Denied, "denied by policy");
                         }
-                        super::handler::reset(tcp);
+                        super::sockets::reset(tcp);
                         return;
                     }
                 };
@@ -332,7 +333,7 @@ pub async fn outbound(
                         admission.decision.reason.as_str(),
                     );
                 }
-                match super::handler::connect_direct(client, dst).await {
+                match connect_direct(client, dst, Upstream::Dialled).await {
                     Ok(upstream) => {
                         src_t.opened();
                         dst_t.opened();
@@ -353,7 +354,12 @@ pub async fn outbound(
             }
             Ok(Route::Passthrough) => {
                 let mut telemetry = ctx.telemetry.outbound(client, dst, service.as_ref(), None);
-                match super::handler::connect_direct(client, dst).await {
+                let how = if service.is_some() {
+                    Upstream::ServiceEndpoint
+                } else {
+                    Upstream::Dialled
+                };
+                match connect_direct(client, dst, how).await {
                     Ok(upstream) => {
                         telemetry.opened();
                         let result = super::handler::splice_tcp(
@@ -374,13 +380,13 @@ pub async fn outbound(
             }
             Err(reason) => {
                 warn!(%client, %original_dst, reason, "refusing captured connection");
-                super::handler::reset(tcp);
+                super::sockets::reset(tcp);
                 return;
             }
         }
     }
     info!(%client, %original_dst, pod, error = last_error, "every destination failed");
-    super::handler::reset(tcp);
+    super::sockets::reset(tcp);
 }
 
 /// A same-node connection's bytes count for both of this agent's reports.
@@ -442,7 +448,7 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
         Some(w) if w.enrolled && w.node == ctx.local_node() => w,
         _ => {
             warn!(%local, "HBONE for an address that is not an enrolled pod of this node");
-            super::handler::reset(tcp);
+            super::sockets::reset(tcp);
             return;
         }
     };
@@ -450,7 +456,7 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
         Ok(c) => c,
         Err(e) => {
             warn!(pod = %pod.key, error = %e, "no certificate for the destination workload");
-            super::handler::reset(tcp);
+            super::sockets::reset(tcp);
             return;
         }
     };
@@ -483,7 +489,7 @@ pub async fn inbound_plaintext(
         Err(d) => {
             telemetry.set_policy(d.policy.as_deref(), d.reason.as_str());
             telemetry.fail(ResponseFlags::Denied, "denied by policy");
-            super::handler::reset(tcp);
+            super::sockets::reset(tcp);
             return;
         }
     };
@@ -491,7 +497,7 @@ pub async fn inbound_plaintext(
         admission.decision.policy.as_deref(),
         admission.decision.reason.as_str(),
     );
-    match super::handler::connect_direct(client, original_dst).await {
+    match connect_direct(client, original_dst, Upstream::Dialled).await {
         Ok(upstream) => {
             telemetry.opened();
             let result =
@@ -500,7 +506,7 @@ pub async fn inbound_plaintext(
         }
         Err(e) => {
             telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
-            super::handler::reset(tcp);
+            super::sockets::reset(tcp);
         }
     }
 }

@@ -8,6 +8,7 @@
 mod direct;
 pub mod handler;
 pub mod mesh;
+mod sockets;
 pub mod source;
 pub mod telemetry;
 
@@ -230,11 +231,17 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
+    let mut node_addrs = tokio::time::interval(NODE_ADDRS_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = trim.tick() => release_free_memory(),
+            _ = node_addrs.tick() => {
+                if let Err(e) = controller.sync_node_addresses() {
+                    warn!(error = %e, "node addresses not updated");
+                }
+            }
             next = source.next() => {
                 match next {
                     Ok(new) => {
@@ -437,6 +444,8 @@ pub fn tune_allocator() {
 
 /// How often freed heap memory is handed back to the kernel.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the node's own addresses are re-read into the data path between reconciliations.
+const NODE_ADDRS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Returns freed heap memory to the kernel. glibc keeps what a burst of connections allocated
 /// (TLS and HTTP/2 buffers) in its arenas; without this an idle agent keeps the RSS of its

@@ -1,0 +1,197 @@
+//! Socket helpers the connection flows share (a leaf: it calls nothing of the flows): opening
+//! the upstream connection on a pod's behalf, refusing with a reset, address spelling.
+//!
+//! Every connect the agent makes for a pod passes [`connect_direct`]'s checks first, whatever
+//! the capture already dropped: a destination no pod may reach through the node (see
+//! [`mesh_common::destination`]), the agent's own ports on the node's addresses, and the node's
+//! addresses outside a Service are refused before any socket is made.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_common::{capture::is_agent_port, forbidden_destination};
+use tokio::net::TcpStream;
+
+use crate::{capture::listeners::connect_transparent, ebpf::ip_key};
+
+/// How the destination of an upstream connection was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// The address the client dialled.
+    Dialled,
+    /// An endpoint of the Service the client dialled (the Service's own choice of backend).
+    ServiceEndpoint,
+}
+
+/// Why the agent will not connect to a destination on a pod's behalf.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("destination {0} is never reachable from a pod ({1})")]
+    Forbidden(IpAddr, &'static str),
+    #[error("destination {0} is the agent's own port on this node")]
+    AgentPort(SocketAddr),
+    #[error(
+        "destination {0} is this node's own address: pods reach the node directly, not through the agent"
+    )]
+    NodeAddress(SocketAddr),
+}
+
+impl From<Refused> for std::io::Error {
+    fn from(r: Refused) -> Self {
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, r.to_string())
+    }
+}
+
+/// The checks of [`connect_direct`], apart: `local` is whether `dst` is an address of this node.
+pub fn refusal(dst: SocketAddr, local: bool, how: Upstream) -> Result<(), Refused> {
+    let ip = dst.ip().to_canonical();
+    if let Some(why) = forbidden_destination(&ip_key(ip), ip.is_ipv6()) {
+        return Err(Refused::Forbidden(ip, why.name()));
+    }
+    if local && is_agent_port(dst.port()) {
+        return Err(Refused::AgentPort(dst));
+    }
+    // The capture leaves a pod's connections to the node's addresses to the node's stack, so
+    // one reaching us was not meant to: relaying it would present the pod as the node to host
+    // services. A Service endpoint on the node (a host-network backend) is the Service's
+    // choice and is reached from the node's address (replies to a pod's address would be
+    // routed to the pod, not to us).
+    if local && how == Upstream::Dialled {
+        return Err(Refused::NodeAddress(dst));
+    }
+    Ok(())
+}
+
+/// Connects to `dst` on behalf of `client`: transparently from the client's address, except for
+/// a Service endpoint on this node, which is reached from the node's address. Refuses what
+/// [`refusal`] refuses.
+pub async fn connect_direct(
+    client: SocketAddr,
+    dst: SocketAddr,
+    how: Upstream,
+) -> std::io::Result<TcpStream> {
+    let local = is_local_address(dst.ip());
+    refusal(dst, local, how)?;
+    let connect = tokio::time::timeout(Duration::from_secs(10), async {
+        if local {
+            TcpStream::connect(dst).await
+        } else {
+            connect_transparent(client.ip(), dst).await
+        }
+    });
+    connect
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Whether `ip` is an address of this node (binding to it without IP_TRANSPARENT succeeds).
+/// With `net.ipv4.ip_nonlocal_bind=1` every address looks local: pods' connections relayed by
+/// the agent are then refused as node addresses (fail closed).
+fn is_local_address(ip: IpAddr) -> bool {
+    let domain = socket2::Domain::for_address(SocketAddr::new(ip, 0));
+    socket2::Socket::new(domain, socket2::Type::STREAM, None)
+        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+        .is_ok()
+}
+
+/// Closes with a RST (SO_LINGER 0) so the client sees a refusal, not a clean end of stream.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// IPv4 peers of a dual-stack socket appear as `::ffff:a.b.c.d`; we speak plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v4_mapped_peers_become_ipv4() {
+        assert_eq!(canonical(sa("[::ffff:10.1.2.3]:80")), sa("10.1.2.3:80"));
+    }
+
+    /// Every spelling of the node's loopback and "this host" is refused before any socket is
+    /// made, whether or not the address looks local.
+    #[test]
+    fn refuses_every_form_of_the_nodes_loopback() {
+        for dst in [
+            "0.0.0.0:15000",
+            "0.1.2.3:80",
+            "127.0.0.1:15000",
+            "127.8.9.10:22",
+            "[::]:15000",
+            "[::1]:15000",
+            "[::ffff:127.0.0.1]:15000",
+            "[::ffff:0.0.0.0]:15000",
+            "[::127.0.0.1]:15000",
+            "[ff02::1]:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[fe80::1]:80",
+        ] {
+            for local in [false, true] {
+                for how in [Upstream::Dialled, Upstream::ServiceEndpoint] {
+                    assert!(
+                        matches!(refusal(sa(dst), local, how), Err(Refused::Forbidden(..))),
+                        "{dst} local={local} {how:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn node_addresses_only_through_a_service_and_never_on_agent_ports() {
+        let node = sa("10.0.0.1:8080");
+        assert_eq!(
+            refusal(node, true, Upstream::Dialled),
+            Err(Refused::NodeAddress(node))
+        );
+        assert_eq!(refusal(node, true, Upstream::ServiceEndpoint), Ok(()));
+        for port in [15000, 15001, 15006, 15008, 15053] {
+            let admin = SocketAddr::new(node.ip(), port);
+            for how in [Upstream::Dialled, Upstream::ServiceEndpoint] {
+                assert_eq!(refusal(admin, true, how), Err(Refused::AgentPort(admin)));
+            }
+        }
+        // Metrics and readiness stay reachable through a Service (Prometheus may be a pod).
+        assert_eq!(
+            refusal(sa("10.0.0.1:15020"), true, Upstream::ServiceEndpoint),
+            Ok(())
+        );
+        // Remote destinations: any port.
+        assert_eq!(
+            refusal(sa("10.244.2.5:15000"), false, Upstream::Dialled),
+            Ok(())
+        );
+    }
+
+    /// The real check, end to end in this process: `::` and `0.0.0.0` are refused without a
+    /// connection being attempted (a listener on the loopback never sees one).
+    #[tokio::test]
+    async fn connect_direct_never_reaches_the_loopback() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        for dst in [
+            SocketAddr::new("0.0.0.0".parse().unwrap(), port),
+            SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), port),
+        ] {
+            let e = connect_direct(sa("10.244.1.2:5555"), dst, Upstream::Dialled)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{dst}: {e}");
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(100), l.accept()).await;
+        assert!(accepted.is_err(), "a refused destination was connected to");
+    }
+}
