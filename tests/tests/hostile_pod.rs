@@ -255,3 +255,211 @@ fn hbone_syns_reusing_a_tuple_the_agent_holds_in_time_wait_connect() {
     drop(ca);
     tb.teardown_verified().unwrap();
 }
+
+/// Issue #15 item 7: when an agent dies, the applications on both ends of a live connection see
+/// a reset, never a clean end of stream that would pass a truncated transfer off as complete.
+#[test]
+fn a_dying_agent_resets_live_connections_on_both_ends() {
+    if !can_run("hostile pod: agent death", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 2,
+        pods_per_node: 1,
+    })
+    .unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
+    let enrolled = pods(&[(1, 1), (2, 1)]);
+    let mut a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let (client_pod, server_pod) = (tb.pod(1, 1), tb.pod(2, 1));
+    let dst = sa(server_pod.ipv4, 9000);
+    let listener = server_pod
+        .place
+        .in_netns(|| TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let mut client = client_pod
+        .place
+        .in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    let (mut server, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), IpAddr::from(client_pod.ipv4));
+    // Live both ways through both agents.
+    client.write_all(&[7u8; 1000]).unwrap();
+    let mut buf = [0u8; 1000];
+    server.read_exact(&mut buf).unwrap();
+    server.write_all(&buf).unwrap();
+    client.read_exact(&mut buf).unwrap();
+    let captured = a1.counters().get(Counter::CapturedOutbound);
+    assert!(captured >= 1, "the connection went through the agent");
+
+    a1.kill().unwrap();
+    for (end, s) in [("client", &mut client), ("server", &mut server)] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let got = s.read(&mut buf);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the {end} saw {got:?} when the source agent died, not a reset"
+        );
+    }
+    drop(a2);
+    drop(a1);
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}
+
+/// Issue #15 item 8: a pod that leaves the mesh right after many server-first connections (the
+/// agent holding their tuples in TIME_WAIT) connects at once from colliding ports.
+#[test]
+fn a_pod_leaving_the_mesh_connects_at_once_from_ports_the_agent_held_in_time_wait() {
+    if !can_run("hostile pod: leaving the mesh", &["ip", "ss"]) {
+        return;
+    }
+    const N: u16 = 200;
+    const FIRST_PORT: u16 = 46000;
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 2,
+    })
+    .unwrap();
+    let enrolled = pods(&[(1, 1)]);
+    let mut agent = Agent::start(&tb, 1, "passthrough", &enrolled).unwrap();
+    let (client, server) = (tb.pod(1, 1), tb.pod(1, 2));
+    let dst = sa(server.ipv4, 9100);
+    // A server that closes first, every time.
+    let listener = server
+        .place
+        .in_netns(|| TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acceptor = {
+        let stop = std::sync::Arc::clone(&stop);
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => drop(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        })
+    };
+    let connect_from_port = |port: u16| -> std::io::Result<TcpStream> {
+        client
+            .place
+            .in_netns(|| -> std::io::Result<TcpStream> {
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                sock.set_reuse_address(true)?;
+                sock.bind(&sa(client.ipv4, port).into())?;
+                sock.connect_timeout(&dst.into(), Duration::from_secs(2))?;
+                Ok(sock.into())
+            })
+            .unwrap()
+    };
+    for port in FIRST_PORT..FIRST_PORT + N {
+        let mut s = connect_from_port(port).unwrap_or_else(|e| panic!("port {port}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read(&mut [0u8; 1]);
+    }
+    let time_wait = |place: &mesh_testbed::Place| {
+        place
+            .run("ss", &["-Htan", "state", "time-wait"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("{}:", client.ipv4)))
+            .count()
+    };
+    let held = time_wait(&tb.node(1).place);
+    assert!(
+        held >= usize::from(N) * 9 / 10,
+        "the agent holds {held} TIME_WAIT sockets of the pod"
+    );
+
+    agent.set_enrolled(&tb, &pods(&[])).unwrap();
+    let started = std::time::Instant::now();
+    let failed: Vec<String> = (FIRST_PORT..FIRST_PORT + N)
+        .filter_map(|port| {
+            connect_from_port(port)
+                .err()
+                .map(|e| format!("{port}: {e}"))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {N} connections from colliding ports failed after leaving the mesh: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!(
+        "{N} connections from colliding ports in {:?}",
+        started.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    acceptor.join().unwrap();
+    drop(agent);
+    tb.teardown_verified().unwrap();
+}
+
+/// Issue #15 item 7: a connection started while the destination's agent is down (its SYNs are
+/// dropped: fail closed) goes through within a second of the agent's return, not after the
+/// kernel's SYN back-off.
+#[test]
+fn a_connection_started_while_the_peer_agent_is_down_goes_through_soon_after_it_returns() {
+    if !can_run("hostile pod: peer agent restart", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 2,
+        pods_per_node: 1,
+    })
+    .unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
+    let enrolled = pods(&[(1, 1), (2, 1)]);
+    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let mut a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let (client_pod, server_pod) = (tb.pod(1, 1), tb.pod(2, 1));
+    let dst = sa(server_pod.ipv4, 9000);
+    let listener = server_pod
+        .place
+        .in_netns(|| TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(&b).unwrap();
+    });
+    a2.kill().unwrap();
+    let place = client_pod.place.clone();
+    let client = std::thread::spawn(move || {
+        let mut s = place
+            .in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).map(|()| std::time::Instant::now())
+    });
+    // Long enough for the kernel's back-off to reach its 4 s step (SYNs at 0, 1, 3, 7 s).
+    std::thread::sleep(Duration::from_millis(3000));
+    a2.restart(&tb, &enrolled).unwrap();
+    let back = std::time::Instant::now();
+    let done = client.join().unwrap().expect("the connection went through");
+    let waited = done.saturating_duration_since(back);
+    eprintln!("connected {waited:?} after the destination's agent was back");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the connection waited {waited:?} after the destination's agent was back"
+    );
+    echo.join().unwrap();
+    drop(a1);
+    drop(a2);
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}

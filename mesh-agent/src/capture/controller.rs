@@ -103,13 +103,22 @@ pub struct CaptureController {
     instance: String,
     attached: BTreeMap<LinkKey, Attached>,
     view: Arc<RwLock<CaptureView>>,
+    /// Addresses of pods that left the mesh recently, until when their TIME_WAIT sockets are
+    /// retired.
+    recently_left: HashMap<IpAddr, std::time::Instant>,
 }
 
 /// Per-item problems of one reconciliation (the rest of the desired state still applies).
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub errors: Vec<String>,
+    /// TIME_WAIT sockets of pods that left the mesh, destroyed (see [`super::time_wait`]).
+    pub time_wait_destroyed: usize,
 }
+
+/// How long after a pod leaves the mesh its TIME_WAIT sockets keep being retired: the TIME_WAIT
+/// period (60 s) plus a margin, so draining connections that finish later are covered too.
+const RETIRE_TIME_WAIT_FOR: std::time::Duration = std::time::Duration::from_secs(70);
 
 impl CaptureController {
     /// Loads the data path with its maps pinned (adopting existing ones) under `layout`, and pins
@@ -151,6 +160,7 @@ impl CaptureController {
             instance: instance_name(),
             attached: BTreeMap::new(),
             view: Arc::default(),
+            recently_left: HashMap::new(),
         })
     }
 
@@ -308,6 +318,22 @@ impl CaptureController {
             }
         }
 
+        // Pods leaving the mesh now: their TIME_WAIT sockets are retired below and for a while.
+        let now = std::time::Instant::now();
+        for (ip, entry) in &existing_ips {
+            let still = wanted_ips
+                .get(ip)
+                .is_some_and(|e| e.flags & POD_IP_ENROLLED != 0);
+            if entry.flags & POD_IP_ENROLLED != 0 && !still {
+                self.recently_left.insert(*ip, now + RETIRE_TIME_WAIT_FOR);
+            }
+        }
+        for ip in wanted_ips.keys() {
+            if wanted_ips[ip].flags & POD_IP_ENROLLED != 0 {
+                self.recently_left.remove(ip);
+            }
+        }
+
         if let Some(cgroup) = &desired.agent_cgroup {
             match self.ensure_sock_ops(SOCK_OPS_AGENT, cgroup) {
                 Ok(key) => {
@@ -382,10 +408,29 @@ impl CaptureController {
         self.remove_foreign_link_pins(&failed_targets, &mut report);
 
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        match self.retire_time_wait() {
+            Ok(n) => report.time_wait_destroyed = n,
+            Err(e) => report.errors.push(e),
+        }
         for e in &report.errors {
             warn!(error = %e, "capture reconciliation");
         }
         report
+    }
+
+    /// Destroys the agent's TIME_WAIT sockets of pods that left the mesh in the last
+    /// [`RETIRE_TIME_WAIT_FOR`]: once a pod is no longer captured, a SYN of its meeting one is
+    /// dropped by the node and the pod hangs for up to a minute. Returns how many.
+    pub fn retire_time_wait(&mut self) -> Result<usize, String> {
+        let now = std::time::Instant::now();
+        self.recently_left.retain(|_, until| *until > now);
+        let ips: HashSet<IpAddr> = self.recently_left.keys().copied().collect();
+        let n = super::time_wait::destroy_time_wait(&ips)
+            .map_err(|e| format!("retiring TIME_WAIT sockets of pods that left the mesh: {e}"))?;
+        if n > 0 {
+            info!(sockets = n, pods_addresses = ?ips, "retired TIME_WAIT sockets of pods that left the mesh");
+        }
+        Ok(n)
     }
 
     /// Detaches everything and forgets every enrolment (maps emptied); the pins of maps and

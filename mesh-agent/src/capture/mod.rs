@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod listeners;
 pub mod pins;
 pub mod routing;
+pub mod time_wait;
 
 use std::{fmt::Write as _, path::Path};
 

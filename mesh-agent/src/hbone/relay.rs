@@ -76,6 +76,9 @@ pub async fn relay_until(
         TcpSide::Server => meter.request(n),
     };
     let _ = tcp.set_nodelay(true);
+    // Until the relay ends cleanly, any close is a reset — the agent's death included, so an
+    // application never mistakes a truncated transfer for a clean end.
+    reset_tcp_on_close(&tcp, true);
     let (mut r, mut w) = tcp.into_split();
     let mut moved = Moved::default();
     let outcome = {
@@ -91,7 +94,10 @@ pub async fn relay_until(
         }
     };
     match outcome {
-        Some((Ok(()), Ok(()))) => RelayEnd::Closed(moved),
+        Some((Ok(()), Ok(()))) => {
+            reset_tcp_on_close(w.as_ref(), false);
+            RelayEnd::Closed(moved)
+        }
         Some((up, down)) => {
             if let Err(Failure {
                 reset_tcp: true, ..
@@ -231,5 +237,12 @@ fn reset_message(reason: Result<Reason, h2::Error>) -> String {
 
 /// Makes the eventual close of the TCP socket a RST (SO_LINGER 0).
 fn reset_tcp(w: &OwnedWriteHalf) {
-    let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+    reset_tcp_on_close(w.as_ref(), true);
+}
+
+/// SO_LINGER 0 (`reset`: every close, the process's exit included, sends a RST) or the default
+/// (a close after both FINs is quiet).
+pub fn reset_tcp_on_close(tcp: &TcpStream, reset: bool) {
+    let linger = reset.then_some(std::time::Duration::ZERO);
+    let _ = socket2::SockRef::from(tcp).set_linger(linger);
 }

@@ -41,6 +41,9 @@ pub struct ControlCounters {
     pub config_reloads: Family<OutcomeLabels, Counter>,
     /// Items a capture reconciliation could not apply.
     pub reconcile_errors: Counter,
+    /// TIME_WAIT sockets of pods that left the mesh, destroyed so the pods' new connections
+    /// are not dropped by the node.
+    pub time_wait_destroyed: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +62,11 @@ impl ControlCounters {
             "mesh_config_reloads",
             "Configuration loads by outcome (applied, rejected)",
             c.config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_time_wait_sockets_destroyed",
+            "TIME_WAIT sockets of pods that left the mesh, destroyed so their new connections are not dropped",
+            c.time_wait_destroyed.clone(),
         );
         registry.register(
             "mesh_capture_reconcile_errors",

@@ -27,6 +27,7 @@ use super::sockets::reset;
 use super::sockets::{Upstream, canonical, connect_direct};
 use crate::{
     capture::{CaptureView, FlowTable, PodCapture},
+    hbone::relay::reset_tcp_on_close,
     metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
 };
 
@@ -240,15 +241,28 @@ pub(super) async fn splice_tcp(
 ) -> Result<super::direct::Moved, String> {
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    // Until both directions are done, any close is a reset (the agent's death included): an
+    // application never mistakes a truncated transfer for a clean end.
+    for s in [&inbound, &upstream] {
+        reset_tcp_on_close(s, true);
+    }
     let moved = tokio::select! {
         r = super::direct::relay(&inbound, &upstream, meter) => r,
         () = stop => Err(std::io::Error::other("revoked by a policy change")),
     };
-    moved.map_err(|e| {
-        reset(inbound);
-        reset(upstream);
-        e.to_string()
-    })
+    match moved {
+        Ok(m) => {
+            for s in [&inbound, &upstream] {
+                reset_tcp_on_close(s, false);
+            }
+            Ok(m)
+        }
+        Err(e) => {
+            reset(inbound);
+            reset(upstream);
+            Err(e.to_string())
+        }
+    }
 }
 
 /// Closes a connection's telemetry after [`splice_tcp`].

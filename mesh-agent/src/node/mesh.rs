@@ -25,7 +25,6 @@ use tracing::{info, warn};
 
 use super::sockets::{Upstream, connect_direct};
 use crate::{
-    capture::listeners::connect_transparent,
     discovery::LocalConfig,
     hbone::{
         client::{HboneError, Pool, StreamRequest},
@@ -511,7 +510,8 @@ pub async fn inbound_plaintext(
     }
 }
 
-/// The connectors both HBONE ends use: transparent, from the client's address.
+/// The connectors both HBONE ends use: transparent, from the client's address, retried on
+/// silence (see [`super::sockets::connect_soon`]).
 pub fn transparent_connector() -> crate::hbone::Connector {
-    Arc::new(|client_ip, dst| Box::pin(connect_transparent(client_ip, dst)))
+    Arc::new(|client_ip, dst| Box::pin(super::sockets::connect_soon(client_ip, dst)))
 }

@@ -241,6 +241,12 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 if let Err(e) = controller.sync_node_addresses() {
                     warn!(error = %e, "node addresses not updated");
                 }
+                match controller.retire_time_wait() {
+                    Ok(n) => {
+                        metrics.control.time_wait_destroyed.inc_by(n as u64);
+                    }
+                    Err(e) => warn!(error = %e, "TIME_WAIT sockets not retired"),
+                }
             }
             next = source.next() => {
                 match next {
@@ -257,6 +263,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                         let report =
                             controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
                         metrics.control.reconcile_errors.inc_by(report.errors.len() as u64);
+                        metrics
+                            .control
+                            .time_wait_destroyed
+                            .inc_by(report.time_wait_destroyed as u64);
                         readiness.capture(reconcile_problem(&report));
                         log_state(&controller, &new, report.errors.len());
                         prefetch.start(&new);

@@ -85,6 +85,40 @@ pub async fn connect_direct(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
+/// Per-attempt bounds of [`connect_soon`]: each new attempt sends a fresh SYN at once instead of
+/// waiting out the kernel's SYN back-off (1 s, 2 s, 4 s ...), so a connection started while the
+/// peer's agent was down goes through within a second of its return. 7.75 s in all, then the
+/// connect fails (the kernel alone would try for two minutes).
+const CONNECT_ATTEMPTS: [Duration; 9] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+    Duration::from_secs(1),
+];
+
+/// A transparent connect from `client_ip` to `dst` retried on silence (dropped SYNs: the peer's
+/// agent restarting fails closed by dropping them); a definite answer (refused, unreachable)
+/// ends it at once. Used for HBONE dials and deliveries to pods.
+pub async fn connect_soon(client_ip: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    for bound in CONNECT_ATTEMPTS {
+        if let Ok(result) = tokio::time::timeout(bound, connect_transparent(client_ip, dst)).await {
+            return result;
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from {dst} in {} attempts",
+            CONNECT_ATTEMPTS.len()
+        ),
+    ))
+}
+
 /// Whether `ip` is an address of this node (binding to it without IP_TRANSPARENT succeeds).
 /// With `net.ipv4.ip_nonlocal_bind=1` every address looks local: pods' connections relayed by
 /// the agent are then refused as node addresses (fail closed).
