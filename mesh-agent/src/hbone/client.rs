@@ -1,6 +1,9 @@
 //! The HBONE client: a pool of mTLS HTTP/2 connections per (client address, source identity,
 //! destination identity, destination), at most 100 streams each, idle ones closed after 5
 //! minutes; one CONNECT stream per proxied connection.
+//!
+//! HTTP/2 settings as ztunnel's client (`src/proxy/h2/client.rs`): its windows and frame size,
+//! ENABLE_PUSH=0 (a CONNECT client never takes pushes), a 16 KiB header list.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -15,7 +18,10 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tracing::debug;
 
-use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use super::{
+    CLIENT_MAX_HEADER_LIST, CONNECTION_WINDOW, Connector, MAX_FRAME, MAX_STREAMS_PER_CONNECTION,
+    STREAM_WINDOW, forwarded,
+};
 use crate::{identity::SpiffeId, tls};
 
 /// Connections idle this long are closed.
@@ -69,6 +75,9 @@ pub struct StreamRequest {
     /// W3C `baggage` describing the source workload (k8s.cluster.name, k8s.namespace.name,
     /// k8s.pod.name, service.name, service.version), as ztunnel sends it.
     pub baggage: String,
+    /// The service hostname the client addressed (a VIP), sent as `forwarded: ...;host=` as
+    /// ztunnel does: the destination agent reports it as `destination_service`.
+    pub service_host: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -183,7 +192,10 @@ impl Pool {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(req.authority.to_string())
-            .header("forwarded", format!("for=\"{}\"", req.client))
+            .header(
+                http::header::FORWARDED,
+                forwarded::header_value(req.client, req.service_host.as_deref()),
+            )
             .header("baggage", &req.baggage)
             .header("traceparent", traceparent())
             .body(())
@@ -281,6 +293,8 @@ impl Pool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_header_list_size(CLIENT_MAX_HEADER_LIST)
+            .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::H2 { addr, source })?;

@@ -13,10 +13,14 @@ use std::{
 use tokio::net::TcpStream;
 
 pub mod client;
+pub mod forwarded;
+pub mod limits;
 pub mod relay;
 pub mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;
 
 /// HTTP/2 settings both ends use (ztunnel's): 4 MiB per stream, 16 MiB per connection, 1 MiB
 /// frames.
@@ -25,6 +29,17 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Streams per pooled connection before another connection is opened.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// SETTINGS_MAX_CONCURRENT_STREAMS the server advertises: ztunnel's (hyper's default), 200.
+/// Our pool opens at most [`MAX_STREAMS_PER_CONNECTION`] on one connection, ztunnel's pool up to
+/// its `pool_max_streams_per_conn` (100), so neither meets it in normal operation.
+pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// SETTINGS_MAX_HEADER_LIST_SIZE the server advertises and enforces: ztunnel's 64 KiB (h2's
+/// default is 16 MiB). A CONNECT carries a few hundred bytes; a larger list is answered 431 and
+/// the stream reset by h2, the connection's other streams unaffected.
+pub const SERVER_MAX_HEADER_LIST: u32 = 64 << 10;
+/// SETTINGS_MAX_HEADER_LIST_SIZE the client advertises: ztunnel's 16 KiB (a response to CONNECT
+/// carries a status and `baggage`).
+pub const CLIENT_MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// How either end opens TCP on behalf of a client: `connect(client_ip, addr)` — the client
 /// towards `<pod>:15008`, the server towards the destination pod. The agent connects

@@ -2,19 +2,32 @@
 //! original destination), then one CONNECT per stream, answered as ztunnel does: 200 once the
 //! upstream connection is up, 400 for a non-CONNECT method, a malformed authority or an authority
 //! that is not the pod this connection was accepted for, 401 when authorization denies, 503 when
-//! the upstream connect fails.
+//! the upstream connect fails or the peer holds too many upstream connections.
+//!
+//! HTTP/2 settings as ztunnel's server (`src/proxy/h2/server.rs`): 4 MiB stream and 16 MiB
+//! connection windows, 1 MiB frames, 200 concurrent streams, a 64 KiB header list. Past TLS a
+//! peer is bounded by [`super::limits`]: the preface within 10 s, a connection without streams
+//! closed after 10 min, 4096 upstream connections per peer.
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, info, warn};
 
-use super::{CONNECTION_WINDOW, Connector, MAX_FRAME, STREAM_WINDOW, relay};
+use super::{
+    CONNECTION_WINDOW, Connector, MAX_FRAME, SERVER_MAX_CONCURRENT_STREAMS, SERVER_MAX_HEADER_LIST,
+    STREAM_WINDOW, forwarded,
+    limits::{PeerUpstreams, Refusal, ServerCounters, ServerLimits},
+    relay,
+};
 use crate::{
     identity::SpiffeId,
     metrics::{ConnectionTelemetry, Outcome, ResponseFlags},
@@ -54,14 +67,17 @@ impl Authorizer for AllowMesh {
 }
 
 /// Builds the telemetry of one inbound stream (the destination reporter): the peer's
-/// certificate identity, the client address, the CONNECT authority and the dialled
-/// `<pod>:15008`.
-pub type InboundTelemetry =
-    Arc<dyn Fn(&SpiffeId, SocketAddr, SocketAddr, SocketAddr) -> ConnectionTelemetry + Send + Sync>;
+/// certificate identity, the client address, the CONNECT authority, the dialled `<pod>:15008`
+/// and the service hostname the client addressed (`forwarded: ...;host=`), if it said.
+pub type InboundTelemetry = Arc<
+    dyn Fn(&SpiffeId, SocketAddr, SocketAddr, SocketAddr, Option<&str>) -> ConnectionTelemetry
+        + Send
+        + Sync,
+>;
 
 /// No telemetry (tests of the HBONE layer alone).
 pub fn no_telemetry() -> InboundTelemetry {
-    Arc::new(|_, _, _, _| ConnectionTelemetry::disabled())
+    Arc::new(|_, _, _, _, _| ConnectionTelemetry::disabled())
 }
 
 /// Everything a connection needs, shared.
@@ -71,6 +87,10 @@ pub struct ServerContext {
     pub authorizer: Arc<dyn Authorizer>,
     pub connector: Connector,
     pub telemetry: InboundTelemetry,
+    pub limits: ServerLimits,
+    pub counters: Arc<ServerCounters>,
+    /// Upstream connections per peer, across all connections.
+    pub upstreams: Arc<PeerUpstreams>,
 }
 
 /// Serves one accepted connection (already known to be for `target`) to its end.
@@ -111,28 +131,104 @@ pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
     else {
         return;
     };
-    let mut conn = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(1000)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            debug!(client = %outer_peer, error = %e, "HBONE: HTTP/2 handshake failed");
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(SERVER_MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(ctx.limits.h2_handshake_timeout, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            if let Some(suppressed) = ctx.counters.refuse(Refusal::H2HandshakeError) {
+                info!(client = %outer_peer, %peer, error = %e, suppressed, "HBONE: HTTP/2 handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            if let Some(suppressed) = ctx.counters.refuse(Refusal::H2HandshakeTimeout) {
+                info!(client = %outer_peer, %peer, timeout = ?ctx.limits.h2_handshake_timeout, suppressed,
+                    "HBONE: no HTTP/2 preface after TLS, closing");
+            }
             return;
         }
     };
     let target = Arc::new(target);
     let peer = Arc::new(peer);
-    while let Some(req) = conn.accept().await {
-        let Ok((req, respond)) = req else { break };
-        let (ctx, target, peer) = (Arc::clone(&ctx), Arc::clone(&target), Arc::clone(&peer));
-        tokio::spawn(async move {
-            stream(ctx, req, respond, &target, &peer, (outer_peer, outer_local)).await
-        });
+    let streams = Arc::new(OpenStreams::new());
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            req = conn.accept() => {
+                let Some(Ok((req, respond))) = req else { break };
+                let (ctx, target, peer) = (Arc::clone(&ctx), Arc::clone(&target), Arc::clone(&peer));
+                let open = OpenStreams::enter(&streams);
+                tokio::spawn(async move {
+                    stream(ctx, req, respond, &target, &peer, (outer_peer, outer_local)).await;
+                    drop(open);
+                });
+            }
+            () = streams.idle_for(ctx.limits.idle_timeout), if !draining => {
+                if let Some(suppressed) = ctx.counters.refuse(Refusal::IdleTimeout) {
+                    debug!(client = %outer_peer, %peer, suppressed, "HBONE: connection idle, closing");
+                }
+                // GOAWAY; streams the client opened meanwhile are still served, then accept()
+                // ends.
+                conn.graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+/// Streams open on one connection and since when it has none, for the idle timeout.
+struct OpenStreams {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// One stream's presence on its connection.
+struct StreamPresence(Arc<OpenStreams>);
+
+impl OpenStreams {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn enter(this: &Arc<Self>) -> StreamPresence {
+        this.open.fetch_add(1, Ordering::AcqRel);
+        StreamPresence(Arc::clone(this))
+    }
+
+    /// Resolves once the connection has had no stream for `idle` (re-checked as streams come
+    /// and go: a stream that opens meanwhile postpones it).
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = if self.open.load(Ordering::Acquire) == 0 {
+                *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + idle
+            } else {
+                Instant::now() + idle
+            };
+            tokio::time::sleep_until(deadline).await;
+            let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            if self.open.load(Ordering::Acquire) == 0 && since.elapsed() >= idle {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for StreamPresence {
+    fn drop(&mut self) {
+        // Under the lock, so idle_for never sees the count at 0 with an old idle_since.
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *since = Instant::now();
+        }
     }
 }
 
@@ -171,8 +267,9 @@ async fn stream(
     }
     // The client address: the outer connection's source (the source agent connects from the
     // client pod's address); the port from `forwarded` when present.
-    let client = SocketAddr::new(outer_peer.ip(), forwarded_port(req.headers()).unwrap_or(0));
-    let mut telemetry = (ctx.telemetry)(peer, client, dst, outer_local);
+    let fwd = forwarded::from_headers(req.headers());
+    let client = SocketAddr::new(outer_peer.ip(), fwd.for_addr.map_or(0, |a| a.port()));
+    let mut telemetry = (ctx.telemetry)(peer, client, dst, outer_local, fwd.host.as_deref());
     // The enforcer logs and counts the decision.
     let mut admission = match ctx.authorizer.admit(peer, client, dst) {
         Ok(a) => a,
@@ -187,6 +284,18 @@ async fn stream(
         admission.decision.policy.as_deref(),
         admission.decision.reason.as_str(),
     );
+    let Some(_slot) = ctx
+        .upstreams
+        .acquire(peer, client.ip(), ctx.limits.max_upstreams_per_peer)
+    else {
+        refuse_peer_limit(&ctx, peer, client.ip());
+        let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        telemetry.fail(
+            ResponseFlags::ConnectFailed,
+            "too many connections from this peer",
+        );
+        return;
+    };
     let upstream = match tokio::time::timeout(
         Duration::from_secs(10),
         (ctx.connector)(client.ip(), dst),
@@ -233,26 +342,9 @@ async fn stream(
     }
 }
 
-/// The port of `forwarded: for="<ip>:<port>"` (or `for="[v6]:port"`).
-fn forwarded_port(headers: &http::HeaderMap) -> Option<u16> {
-    let v = headers.get("forwarded")?.to_str().ok()?;
-    let for_ = v.split(';').find_map(|p| p.trim().strip_prefix("for="))?;
-    let for_ = for_.trim_matches('"');
-    for_.parse::<SocketAddr>().ok().map(|a| a.port())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_port_of_forwarded() {
-        let mut h = http::HeaderMap::new();
-        h.insert("forwarded", "for=\"10.0.0.1:4242\"".parse().unwrap());
-        assert_eq!(forwarded_port(&h), Some(4242));
-        h.insert("forwarded", "for=\"[fd00::1]:80\"".parse().unwrap());
-        assert_eq!(forwarded_port(&h), Some(80));
-        h.insert("forwarded", "for=junk".parse().unwrap());
-        assert_eq!(forwarded_port(&h), None);
+fn refuse_peer_limit(ctx: &ServerContext, peer: &SpiffeId, ip: IpAddr) {
+    if let Some(suppressed) = ctx.counters.refuse(Refusal::PeerUpstreamLimit) {
+        warn!(%peer, client = %ip, limit = ctx.limits.max_upstreams_per_peer, suppressed,
+            "HBONE: peer holds too many upstream connections, refusing (503)");
     }
 }

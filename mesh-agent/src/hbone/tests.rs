@@ -11,24 +11,33 @@ use tokio::{
 use super::{
     Connector,
     client::{HboneError, Pool, StreamRequest},
-    server::{AllowMesh, ServerContext, Target},
+    limits::{PeerUpstreams, ServerCounters, ServerLimits},
+    server::{AllowMesh, InboundTelemetry, ServerContext, Target},
 };
 use crate::identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId};
 
-struct Rig {
-    pool: Arc<Pool>,
-    server: SocketAddr,
-    a: SpiffeId,
-    b: SpiffeId,
-    certs: Arc<CertManager>,
+pub(super) struct Rig {
+    pub pool: Arc<Pool>,
+    pub server: SocketAddr,
+    pub a: SpiffeId,
+    pub b: SpiffeId,
+    pub certs: Arc<CertManager>,
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub counters: Arc<ServerCounters>,
+    pub upstreams: Arc<PeerUpstreams>,
 }
 
-fn id(sa: &str) -> SpiffeId {
+pub(super) fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).unwrap()
 }
 
 /// A CA, an HBONE server on loopback speaking for identity `b`, and a pool.
 async fn rig() -> Rig {
+    rig_with(ServerLimits::default(), super::server::no_telemetry()).await
+}
+
+/// [`rig`] with the server's limits and telemetry given.
+pub(super) async fn rig_with(limits: ServerLimits, telemetry: InboundTelemetry) -> Rig {
     let dir = std::env::temp_dir().join(format!(
         "mesh-hbone-{}-{:?}",
         std::process::id(),
@@ -43,12 +52,17 @@ async fn rig() -> Rig {
     let (a, b) = (id("a"), id("b"));
     let b_cert = certs.get(&b).await.unwrap();
     let server_connector: Connector = Arc::new(|_client, dst| Box::pin(TcpStream::connect(dst)));
+    let counters = Arc::new(ServerCounters::default());
+    let upstreams = Arc::new(PeerUpstreams::default());
     let ctx = Arc::new(ServerContext {
         roots: issuer.roots(),
         trust_domain: "cluster.local".into(),
         authorizer: Arc::new(AllowMesh),
         connector: server_connector,
-        telemetry: super::server::no_telemetry(),
+        telemetry,
+        limits,
+        counters: Arc::clone(&counters),
+        upstreams: Arc::clone(&upstreams),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();
@@ -73,11 +87,14 @@ async fn rig() -> Rig {
         a,
         b,
         certs,
+        roots: issuer.roots(),
+        counters,
+        upstreams,
     }
 }
 
 /// An upstream that answers each connection with everything it received, then closes.
-async fn echo() -> SocketAddr {
+pub(super) async fn echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -97,7 +114,7 @@ async fn echo() -> SocketAddr {
 }
 
 impl Rig {
-    async fn request(&self, authority: SocketAddr, expect: &SpiffeId) -> StreamRequest {
+    pub(super) async fn request(&self, authority: SocketAddr, expect: &SpiffeId) -> StreamRequest {
         StreamRequest {
             client: "127.0.0.1:40000".parse().unwrap(),
             source: self.a.clone(),
@@ -106,11 +123,12 @@ impl Rig {
             hbone_addr: self.server,
             authority,
             baggage: "k8s.namespace.name=default,service.name=a".into(),
+            service_host: None,
         }
     }
 }
 
-async fn read_all(mut recv: RecvStream) -> Result<Vec<u8>, h2::Error> {
+pub(super) async fn read_all(mut recv: RecvStream) -> Result<Vec<u8>, h2::Error> {
     let mut out = Vec::new();
     while let Some(c) = recv.data().await {
         let c = c?;

@@ -49,6 +49,8 @@ pub struct Metrics {
     registry: Registry,
     pub traffic: Arc<TrafficMetrics>,
     pub control: Arc<ControlCounters>,
+    /// The HBONE server's refusals (its limits past TLS).
+    pub hbone_server: Arc<crate::hbone::limits::ServerCounters>,
 }
 
 impl Metrics {
@@ -71,6 +73,7 @@ impl Metrics {
             })
             .set(1);
         let control = ControlCounters::register(&mut registry);
+        let hbone_server = crate::hbone::limits::ServerCounters::register(&mut registry);
         if let Some(sources) = node {
             registry.register_collector(Box::new(NodeCollector::new(sources)));
         }
@@ -78,6 +81,7 @@ impl Metrics {
             registry,
             traffic,
             control,
+            hbone_server,
         })
     }
 

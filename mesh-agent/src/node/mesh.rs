@@ -279,7 +279,8 @@ pub async fn outbound(
                 let mut telemetry =
                     ctx.telemetry
                         .outbound(client, dst, service.as_ref(), Some(hbone));
-                match open_hbone(ctx, client, dst, &source, &destination).await {
+                let host = service.as_ref().map(|s| s.hostname.clone());
+                match open_hbone(ctx, client, dst, &source, &destination, host).await {
                     Ok(stream) => {
                         telemetry.opened();
                         let _ = tcp.set_nodelay(true);
@@ -411,6 +412,7 @@ async fn open_hbone(
     dst: SocketAddr,
     source: &SpiffeId,
     destination: &MeshWorkload,
+    service_host: Option<String>,
 ) -> Result<crate::hbone::client::PooledStream, (ResponseFlags, String)> {
     let cert = ctx.certs.get(source).await.map_err(|e| {
         (
@@ -429,6 +431,7 @@ async fn open_hbone(
             .lookup(client.ip())
             .map(|w| w.baggage)
             .unwrap_or_default(),
+        service_host,
     };
     ctx.pool.open(&req).await.map_err(|e| {
         let flags = match &e {

@@ -165,10 +165,13 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 connector: mesh::transparent_connector(),
                 telemetry: {
                     let t = Arc::clone(&telemetry);
-                    Arc::new(move |peer, client, dst, hbone| {
-                        t.inbound_hbone(peer, client, dst, hbone)
+                    Arc::new(move |peer, client, dst, hbone, host| {
+                        t.inbound_hbone(peer, client, dst, hbone, host)
                     })
                 },
+                limits: Default::default(),
+                counters: Arc::clone(&metrics.hbone_server),
+                upstreams: Default::default(),
             }),
             enforcer: Arc::clone(&enforcer),
             telemetry: Arc::clone(&telemetry),

@@ -118,13 +118,29 @@ impl Telemetry {
         )
     }
 
-    /// The server's agent, for an HBONE stream from `peer` (its certificate's identity).
+    /// The service `host` names (`forwarded: ...;host=` of the CONNECT, a hostname with or
+    /// without `:port`), only if `dst`'s pod is one of its endpoints: a client cannot label
+    /// traffic to a pod with a service the pod is not part of.
+    fn service_by_host(&self, host: &str, dst: SocketAddr) -> Option<ServiceInfo> {
+        let name = host.split_once(':').map_or(host, |(n, _)| n);
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.services.values().find_map(|svc| {
+            let info = service_info(&svc.key);
+            (info.hostname.eq_ignore_ascii_case(name) && svc.endpoints.contains(&dst.ip()))
+                .then_some(info)
+        })
+    }
+
+    /// The server's agent, for an HBONE stream from `peer` (its certificate's identity);
+    /// `service_host` is the hostname the client addressed, as ztunnel sends it (the
+    /// destination agent cannot tell a VIP's traffic from a pod's otherwise).
     pub fn inbound_hbone(
         &self,
         peer: &SpiffeId,
         client: SocketAddr,
         dst: SocketAddr,
         hbone: SocketAddr,
+        service_host: Option<&str>,
     ) -> ConnectionTelemetry {
         // The client's workload only if the address belongs to a workload of that identity.
         let source = self
@@ -134,11 +150,12 @@ impl Telemetry {
         let destination = self
             .lookup(dst)
             .map_or_else(PeerInfo::default, |w| peer_of(&w, Some(&w.identity)));
+        let service = service_host.and_then(|h| self.service_by_host(h, dst));
         self.build(
             Reporter::destination,
             source,
             destination,
-            None,
+            service.as_ref(),
             SecurityPolicy::mutual_tls,
             AccessInfo {
                 client: Some(client),
@@ -196,5 +213,64 @@ impl Telemetry {
                 access.clone(),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::LocalConfig;
+
+    const CONFIG: &str = "node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1], labels: {app: web}}\n  - {name: b, namespace: x, node: n1, ips: [10.0.0.2], hostInterface: veth-b, labels: {app: db}}\nservices:\n  - {name: web, namespace: x, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}\n  - {name: db, namespace: x, vips: [10.96.0.2], ports: [{port: 5432}], selector: {app: db}}\n";
+
+    /// The `destination_service` of the destination reporter's opened-connection series.
+    fn inbound_service(host: Option<&str>, dst: &str) -> String {
+        let config = LocalConfig::parse(CONFIG).unwrap();
+        let state = Arc::new(RwLock::new(MeshState::from_config(&config)));
+        let metrics = Metrics::new(None);
+        let t = Telemetry::new(Arc::clone(&metrics), state);
+        let peer = SpiffeId::new("cluster.local", "x", "default").unwrap();
+        let mut c = t.inbound_hbone(
+            &peer,
+            "10.0.0.9:4000".parse().unwrap(),
+            dst.parse().unwrap(),
+            "10.0.0.2:15008".parse().unwrap(),
+            host,
+        );
+        c.opened();
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let v = line
+            .split("destination_service=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap();
+        v.to_owned()
+    }
+
+    #[test]
+    fn forwarded_host_names_the_destination_service_of_its_endpoints_only() {
+        assert_eq!(
+            inbound_service(Some("db.x.svc.cluster.local"), "10.0.0.2:5432"),
+            "db.x.svc.cluster.local"
+        );
+        assert_eq!(
+            inbound_service(Some("db.x.svc.cluster.local:5432"), "10.0.0.2:5432"),
+            "db.x.svc.cluster.local",
+            "with a port"
+        );
+        assert_eq!(inbound_service(None, "10.0.0.2:5432"), "unknown");
+        // A service the pod is not an endpoint of, or that does not exist: not trusted.
+        assert_eq!(
+            inbound_service(Some("web.x.svc.cluster.local"), "10.0.0.2:5432"),
+            "unknown"
+        );
+        assert_eq!(
+            inbound_service(Some("nope.x.svc.cluster.local"), "10.0.0.2:5432"),
+            "unknown"
+        );
     }
 }
