@@ -4,6 +4,7 @@
 //!
 //! The data path only bumps counters (atomics); everything else is read at scrape time by
 //! [`node::NodeCollector`], on the admin thread, never on the data-path runtime.
+pub mod admission;
 pub mod node;
 pub mod process;
 pub mod traffic;
@@ -16,6 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub use admission::AdmissionMetrics;
 pub use node::{ControlCounters, NodeCollector, NodeSources};
 pub use traffic::{
     AccessInfo, ConnectionTelemetry, Outcome, PeerInfo, Reporter, ResponseFlags, SecurityPolicy,
@@ -49,6 +51,8 @@ pub struct Metrics {
     registry: Registry,
     pub traffic: Arc<TrafficMetrics>,
     pub control: Arc<ControlCounters>,
+    /// Connection admission (refusals, handshakes in flight, the fd budget).
+    pub admission: Arc<AdmissionMetrics>,
 }
 
 impl Metrics {
@@ -71,6 +75,7 @@ impl Metrics {
             })
             .set(1);
         let control = ControlCounters::register(&mut registry);
+        let admission = AdmissionMetrics::register(&mut registry);
         if let Some(sources) = node {
             registry.register_collector(Box::new(NodeCollector::new(sources)));
         }
@@ -78,6 +83,7 @@ impl Metrics {
             registry,
             traffic,
             control,
+            admission,
         })
     }
 
