@@ -182,7 +182,9 @@ pub struct SetupPermit {
 impl AdmissionControl {
     pub fn new(limits: Limits, metrics: Arc<AdmissionMetrics>) -> Arc<Self> {
         metrics.fd_limit.set(gauge_value(limits.fd_limit));
-        metrics.inbound_fd_budget.set(gauge_value(limits.inbound_fds));
+        metrics
+            .inbound_fd_budget
+            .set(gauge_value(limits.inbound_fds));
         Arc::new(Self {
             limits,
             counts: Mutex::default(),
@@ -260,7 +262,9 @@ impl AdmissionControl {
             Stage::Handshake => {
                 c.handshakes += 1;
                 c.handshakes_by_source.insert(source, per_source + 1);
-                self.metrics.handshakes.set(gauge_value(c.handshakes as u64));
+                self.metrics
+                    .handshakes
+                    .set(gauge_value(c.handshakes as u64));
             }
             Stage::Connect => {
                 c.connects_by_source.insert(source, per_source + 1);
@@ -275,7 +279,9 @@ impl AdmissionControl {
         let by_source = match stage {
             Stage::Handshake => {
                 c.handshakes = c.handshakes.saturating_sub(1);
-                self.metrics.handshakes.set(gauge_value(c.handshakes as u64));
+                self.metrics
+                    .handshakes
+                    .set(gauge_value(c.handshakes as u64));
                 &mut c.handshakes_by_source
             }
             Stage::Connect => &mut c.connects_by_source,
@@ -374,7 +380,11 @@ impl LogLimiter {
 pub fn start(metrics: Arc<AdmissionMetrics>) -> Arc<AdmissionControl> {
     let limit = match raise_fd_limit() {
         Ok(l) => {
-            info!(before = l.before, now = l.now, "open-files limit (RLIMIT_NOFILE)");
+            info!(
+                before = l.before,
+                now = l.now,
+                "open-files limit (RLIMIT_NOFILE)"
+            );
             l.now
         }
         Err(e) => {
@@ -555,15 +565,15 @@ mod tests {
         let l = LogLimiter::default();
         assert_eq!(l.allow(), Some(0));
         assert_eq!(l.allow(), None);
-        assert_eq!(l.allow(), None);
-        // Pretend the last line was written over a second ago.
-        l.last_ms.store(1, Ordering::Relaxed);
+        assert_eq!(l.unlogged.load(Ordering::Relaxed), 2);
+        // The last line was written two seconds ago, two were held back since.
         let l = LogLimiter {
             start: Instant::now() - Duration::from_secs(2),
             last_ms: AtomicU64::new(1),
-            unlogged: AtomicU64::new(l.unlogged.load(Ordering::Relaxed)),
+            unlogged: AtomicU64::new(2),
         };
         assert_eq!(l.allow(), Some(2));
+        assert_eq!(l.allow(), None);
     }
 
     #[test]

@@ -138,8 +138,7 @@ pub async fn handle(
                     super::mesh::inbound_hbone(mesh, stream, original_dst, setup).await
                 }
                 FlowKind::InboundPlaintext => {
-                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup)
-                        .await
+                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
                 }
                 FlowKind::Outbound => {
                     super::mesh::outbound(mesh, stream, client, original_dst, pod).await

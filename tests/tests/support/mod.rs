@@ -166,7 +166,15 @@ impl Agent {
         nofile: (u64, u64),
     ) -> Result<Self> {
         let yaml = config_yaml_with_ca(tb, node, enrolled, Some(ca_dir));
-        Self::start_inner(tb, node, "mesh", enrolled, Some(ca_dir), &yaml, Some(nofile))
+        Self::start_inner(
+            tb,
+            node,
+            "mesh",
+            enrolled,
+            Some(ca_dir),
+            &yaml,
+            Some(nofile),
+        )
     }
 
     fn start_with_config(
@@ -216,21 +224,19 @@ impl Agent {
             Some(l) => ("prlimit", vec![l.as_str(), bin]),
             None => (bin, vec![]),
         };
-        args.extend_from_slice(
-            &[
-                "node",
-                "--config",
-                self.config.to_str().context("config path")?,
-                "--bpffs-dir",
-                self.bpffs.to_str().context("bpffs path")?,
-                "--handler",
-                self.handler,
-                "--reload-interval-ms",
-                "100",
-                // The capture tests cover the splice too.
-                "--splice",
-            ],
-        );
+        args.extend_from_slice(&[
+            "node",
+            "--config",
+            self.config.to_str().context("config path")?,
+            "--bpffs-dir",
+            self.bpffs.to_str().context("bpffs path")?,
+            "--handler",
+            self.handler,
+            "--reload-interval-ms",
+            "100",
+            // The capture tests cover the splice too.
+            "--splice",
+        ]);
         let mut p = tb.node(self.node).place.spawn(program, &args)?;
         for port in [15001, 15006, 15008] {
             if let Err(e) = p.wait_listening(port, Duration::from_secs(20)) {
