@@ -94,7 +94,13 @@ pub struct ServerContext {
 }
 
 /// Serves one accepted connection (already known to be for `target`) to its end.
-pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
+/// `handshake_permit` (the caller's admission slot) is dropped as soon as the TLS handshake ends.
+pub async fn serve(
+    ctx: Arc<ServerContext>,
+    tcp: TcpStream,
+    target: Target,
+    handshake_permit: impl Send,
+) {
     let (Ok(outer_peer), Ok(outer_local)) = (tcp.peer_addr(), tcp.local_addr()) else {
         return;
     };
@@ -122,6 +128,7 @@ pub async fn serve(ctx: Arc<ServerContext>, tcp: TcpStream, target: Target) {
         }
         Err(_) => return,
     };
+    drop(handshake_permit);
     let Some(peer) = tls
         .get_ref()
         .1

@@ -77,7 +77,7 @@ pub(super) async fn rig_with(limits: ServerLimits, telemetry: InboundTelemetry) 
                 cert: Arc::clone(&b_cert.key),
                 baggage: "k8s.namespace.name=default,service.name=b".into(),
             };
-            tokio::spawn(super::server::serve(Arc::clone(&ctx), tcp, target));
+            tokio::spawn(super::server::serve(Arc::clone(&ctx), tcp, target, ()));
         }
     });
     let connector: Connector = Arc::new(|_client, addr| Box::pin(TcpStream::connect(addr)));

@@ -4,6 +4,7 @@
 //!
 //! The data path only bumps counters (atomics); everything else is read at scrape time by
 //! [`node::NodeCollector`], on the admin thread, never on the data-path runtime.
+pub mod admission;
 pub mod node;
 pub mod process;
 pub mod traffic;
@@ -16,6 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub use admission::AdmissionMetrics;
 pub use node::{ControlCounters, NodeCollector, NodeSources};
 pub use traffic::{
     AccessInfo, ConnectionTelemetry, Outcome, PeerInfo, Reporter, ResponseFlags, SecurityPolicy,
@@ -51,6 +53,8 @@ pub struct Metrics {
     pub control: Arc<ControlCounters>,
     /// The HBONE server's refusals (its limits past TLS).
     pub hbone_server: Arc<crate::hbone::limits::ServerCounters>,
+    /// Connection admission (refusals, handshakes in flight, the fd budget).
+    pub admission: Arc<AdmissionMetrics>,
 }
 
 impl Metrics {
@@ -74,6 +78,7 @@ impl Metrics {
             .set(1);
         let control = ControlCounters::register(&mut registry);
         let hbone_server = crate::hbone::limits::ServerCounters::register(&mut registry);
+        let admission = AdmissionMetrics::register(&mut registry);
         if let Some(sources) = node {
             registry.register_collector(Box::new(NodeCollector::new(sources)));
         }
@@ -82,6 +87,7 @@ impl Metrics {
             traffic,
             control,
             hbone_server,
+            admission,
         })
     }
 

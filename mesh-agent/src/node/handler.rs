@@ -87,8 +87,18 @@ pub fn listener_name(kind: FlowKind) -> &'static str {
     }
 }
 
-/// Serves one accepted connection to completion.
-pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind) {
+/// Serves one accepted connection to completion; `admitted` holds its admission permits
+/// (see [`super::admission`]) until the connection, or its setup, ends.
+pub async fn handle(
+    ctx: Arc<HandlerContext>,
+    stream: TcpStream,
+    kind: FlowKind,
+    admitted: super::admission::Admitted,
+) {
+    let super::admission::Admitted {
+        connection: _connection,
+        setup,
+    } = admitted;
     let (Ok(client), Ok(original_dst)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
@@ -124,10 +134,10 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
             };
             match kind {
                 FlowKind::InboundHbone => {
-                    super::mesh::inbound_hbone(mesh, stream, original_dst).await
+                    super::mesh::inbound_hbone(mesh, stream, original_dst, setup).await
                 }
                 FlowKind::InboundPlaintext => {
-                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst).await
+                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
                 }
                 FlowKind::Outbound => {
                     super::mesh::outbound(mesh, stream, client, original_dst, pod).await
@@ -141,12 +151,21 @@ pub async fn handle(ctx: Arc<HandlerContext>, stream: TcpStream, kind: FlowKind)
         }
         // Plaintext to an enrolled pod obeys its policy here too (never plaintext to STRICT).
         (HandlerMode::Passthrough, FlowKind::InboundPlaintext) => {
-            super::mesh::inbound_plaintext(&ctx, stream, client, original_dst).await
+            super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
         }
         (HandlerMode::Passthrough, FlowKind::Outbound) => {
             relay(&ctx, stream, client, original_dst).await
         }
     }
+}
+
+/// Resets a connection admission refused. Its capture record is removed too: it would
+/// otherwise stay in the flow map until evicted, and a flood would evict legitimate ones.
+pub fn refuse(ctx: &HandlerContext, stream: TcpStream) {
+    if let (Ok(client), Ok(original_dst)) = (stream.peer_addr(), stream.local_addr()) {
+        let _ = ctx.flows.take(canonical(client), canonical(original_dst));
+    }
+    reset(stream);
 }
 
 /// Decides who a connection belongs to from what the kernel recorded, never from the client

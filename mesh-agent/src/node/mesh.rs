@@ -23,7 +23,10 @@ use mesh_common::capture::PORT_INBOUND_HBONE;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::sockets::{Upstream, connect_direct};
+use super::{
+    admission::SetupPermit,
+    sockets::{Upstream, connect_direct},
+};
 use crate::{
     discovery::LocalConfig,
     hbone::{
@@ -444,8 +447,14 @@ async fn open_hbone(
     })
 }
 
-/// Inbound HBONE for the pod at `local` (the dialled address).
-pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr) {
+/// Inbound HBONE for the pod at `local` (the dialled address). `handshake` (an admission
+/// permit) is given back as soon as the TLS handshake ends.
+pub async fn inbound_hbone(
+    ctx: &MeshContext,
+    tcp: TcpStream,
+    local: SocketAddr,
+    handshake: Option<SetupPermit>,
+) {
     let pod = match ctx.lookup(local.ip()) {
         Some(w) if w.enrolled && w.node == ctx.local_node() => w,
         _ => {
@@ -468,16 +477,18 @@ pub async fn inbound_hbone(ctx: &MeshContext, tcp: TcpStream, local: SocketAddr)
         cert: Arc::clone(&cert.key),
         baggage: pod.baggage.clone(),
     };
-    server::serve(Arc::clone(&ctx.server), tcp, target).await;
+    server::serve(Arc::clone(&ctx.server), tcp, target, handshake).await;
 }
 
 /// Plaintext captured on 15006 for the pod at `original_dst`: refused where PeerAuthentication
 /// is STRICT, otherwise authorized without identity and delivered from the client's address.
+/// `connecting` (an admission permit) is given back once the upstream connect ends.
 pub async fn inbound_plaintext(
     ctx: &super::handler::HandlerContext,
     tcp: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
+    connecting: Option<SetupPermit>,
 ) {
     let attrs = ConnectionAttrs {
         source: None,
@@ -499,7 +510,9 @@ pub async fn inbound_plaintext(
         admission.decision.policy.as_deref(),
         admission.decision.reason.as_str(),
     );
-    match connect_direct(client, original_dst, Upstream::Dialled).await {
+    let connected = connect_direct(client, original_dst, Upstream::Dialled).await;
+    drop(connecting);
+    match connected {
         Ok(upstream) => {
             telemetry.opened();
             let result =

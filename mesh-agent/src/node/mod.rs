@@ -5,6 +5,7 @@
 //! When the agent stops, the data path stays attached on purpose: captured pods' new connections
 //! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
 
+pub mod admission;
 mod direct;
 pub mod handler;
 pub mod mesh;
@@ -186,6 +187,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         enforcer: Arc::clone(&enforcer),
         telemetry,
     });
+    // Before any listener: the limits are derived from the open-files limit.
+    let admission = admission::start(Arc::clone(&metrics.admission));
     let kinds = [
         FlowKind::Outbound,
         FlowKind::InboundPlaintext,
@@ -194,16 +197,25 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let bound = listeners::bind_all(&kinds, 4096)?;
     controller.register_listeners(&bound)?;
     for l in bound {
-        let ctx = Arc::clone(&ctx);
+        let (ctx, admission) = (Arc::clone(&ctx), Arc::clone(&admission));
         tokio::spawn(async move {
             loop {
                 match l.listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(handler::handle(Arc::clone(&ctx), stream, l.kind));
-                    }
+                    Ok((stream, peer)) => match admission.admit(l.kind, peer.ip()) {
+                        Ok(admitted) => {
+                            tokio::spawn(handler::handle(
+                                Arc::clone(&ctx),
+                                stream,
+                                l.kind,
+                                admitted,
+                            ));
+                        }
+                        Err(_) => handler::refuse(&ctx, stream),
+                    },
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(listener = handler::listener_name(l.kind), error = %e, "accept failed");
+                        // EMFILE and friends: back off instead of spinning; the connection
+                        // waits in the backlog until descriptors free up.
+                        admission.accept_failed(l.kind, &e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }

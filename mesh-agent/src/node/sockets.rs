@@ -86,20 +86,17 @@ pub async fn connect_direct(
 }
 
 /// Per-attempt bounds of [`connect_soon`]: each new attempt sends a fresh SYN at once instead of
-/// waiting out the kernel's SYN back-off (1 s, 2 s, 4 s ...), so a connection started while the
-/// peer's agent was down goes through within a second of its return. 7.75 s in all, then the
-/// connect fails (the kernel alone would try for two minutes).
-const CONNECT_ATTEMPTS: [Duration; 9] = [
+/// waiting out the kernel's SYN back-off (1 s, 2 s, 4 s, 8 s ...), so a connection started while
+/// the peer's agent was down goes through within a second of its return (an agent restart takes
+/// seconds). About 30 s in all, then the connect fails (the kernel alone would try for two
+/// minutes).
+const CONNECT_ATTEMPTS: [Duration; 3] = [
     Duration::from_millis(250),
     Duration::from_millis(500),
     Duration::from_secs(1),
-    Duration::from_secs(1),
-    Duration::from_secs(1),
-    Duration::from_secs(1),
-    Duration::from_secs(1),
-    Duration::from_secs(1),
-    Duration::from_secs(1),
 ];
+/// How many attempts of the last bound [`connect_soon`] makes after the first ones.
+const CONNECT_LAST_REPEATS: usize = 28;
 
 /// A transparent connect from `client_ip` to `dst` retried on silence (dropped SYNs: the peer's
 /// agent restarting fails closed by dropping them); a definite answer (refused, unreachable)

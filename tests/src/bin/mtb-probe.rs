@@ -10,6 +10,9 @@
 //! mtb-probe rr <addr:port> <secs>              1 KiB request/response latency (JSON)
 //! mtb-probe connrate <addr:port> <conc> <secs> connect, 1 KiB exchange, close: conn/s (JSON)
 //! mtb-probe paced <addr:port> <rps> <secs>     1 KiB exchanges at a fixed rate (JSON)
+//! mtb-probe hold <addr:port> <count>           open <count> idle connections and hold them: prints
+//!                                              {"opened","failed"}, then the sockets' TCP states
+//!                                              for each line read on stdin; closes all at EOF
 //! ```
 use std::{net::SocketAddr, time::Duration};
 
@@ -77,12 +80,16 @@ fn main() -> Result<()> {
             rps.parse().context("rate")?,
             Duration::from_secs_f64(secs.parse().context("seconds")?),
         )?),
+        ["hold", dst, count] => hold(
+            dst.parse().context("destination")?,
+            count.parse().context("count")?,
+        ),
         ["http", port, name] => {
             let port: u16 = port.parse().context("port")?;
             http(port, name)
         }
         _ => bail!(
-            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs>"
+            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | hold <addr:port> <count>"
         ),
     }
 }
@@ -115,4 +122,63 @@ fn http(port: u16, name: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Opens `count` connections to `dst` without sending anything (non-blocking connects: a flood
+/// of idle clients) and reports their TCP states on request, until stdin ends.
+fn hold(dst: SocketAddr, count: usize) -> Result<()> {
+    use std::io::BufRead;
+    let mut held = Vec::with_capacity(count);
+    let mut failed = 0usize;
+    for _ in 0..count {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_nonblocking(true)?;
+        match s.connect(&dst.into()) {
+            Ok(()) => held.push(s),
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => held.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    print_json(&serde_json::json!({"opened": held.len(), "failed": failed}))?;
+    for line in std::io::stdin().lock().lines() {
+        line?;
+        let mut states = std::collections::BTreeMap::<&str, usize>::new();
+        for s in &held {
+            *states.entry(tcp_state(s)).or_default() += 1;
+        }
+        print_json(&states)?;
+    }
+    Ok(())
+}
+
+/// The socket's TCP state (TCP_INFO), by the kernel's name; `reset` is CLOSE (what an RST leaves).
+fn tcp_state(s: &socket2::Socket) -> &'static str {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as above; the fd is open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return "unknown";
+    }
+    match info.tcpi_state {
+        1 => "established",
+        2 => "connecting",
+        7 => "reset",
+        8 => "close_wait",
+        _ => "other",
+    }
 }

@@ -23,6 +23,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub bpffs: PathBuf,
     ca_dir: Option<PathBuf>,
+    /// RLIMIT_NOFILE (soft, hard) to start the agent with (`prlimit`), instead of the test's.
+    nofile: Option<(u64, u64)>,
     process: Option<Background>,
 }
 
@@ -155,6 +157,26 @@ impl Agent {
         Self::start_with_config(tb, node, "mesh", enrolled, Some(ca_dir), &yaml)
     }
 
+    /// A `mesh` agent started with RLIMIT_NOFILE `(soft, hard)`.
+    pub fn start_with_nofile(
+        tb: &Testbed,
+        node: usize,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: &Path,
+        nofile: (u64, u64),
+    ) -> Result<Self> {
+        let yaml = config_yaml_with_ca(tb, node, enrolled, Some(ca_dir));
+        Self::start_inner(
+            tb,
+            node,
+            "mesh",
+            enrolled,
+            Some(ca_dir),
+            &yaml,
+            Some(nofile),
+        )
+    }
+
     fn start_with_config(
         tb: &Testbed,
         node: usize,
@@ -162,6 +184,18 @@ impl Agent {
         enrolled: &BTreeSet<PodId>,
         ca_dir: Option<&Path>,
         yaml: &str,
+    ) -> Result<Self> {
+        Self::start_inner(tb, node, handler, enrolled, ca_dir, yaml, None)
+    }
+
+    fn start_inner(
+        tb: &Testbed,
+        node: usize,
+        handler: &'static str,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: Option<&Path>,
+        yaml: &str,
+        nofile: Option<(u64, u64)>,
     ) -> Result<Self> {
         let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
         let config =
@@ -173,6 +207,7 @@ impl Agent {
             config,
             bpffs: dir,
             ca_dir: ca_dir.map(Path::to_owned),
+            nofile,
             process: None,
         };
         agent.spawn(tb)?;
@@ -182,22 +217,27 @@ impl Agent {
 
     fn spawn(&mut self, tb: &Testbed) -> Result<()> {
         let bin = binaries::mesh_agent()?;
-        let mut p = tb.node(self.node).place.spawn(
-            bin.to_str().context("agent path")?,
-            &[
-                "node",
-                "--config",
-                self.config.to_str().context("config path")?,
-                "--bpffs-dir",
-                self.bpffs.to_str().context("bpffs path")?,
-                "--handler",
-                self.handler,
-                "--reload-interval-ms",
-                "100",
-                // The capture tests cover the splice too.
-                "--splice",
-            ],
-        )?;
+        let bin = bin.to_str().context("agent path")?;
+        // prlimit sets the limit and execs the agent (same pid).
+        let limit = self.nofile.map(|(s, h)| format!("--nofile={s}:{h}"));
+        let (program, mut args) = match &limit {
+            Some(l) => ("prlimit", vec![l.as_str(), bin]),
+            None => (bin, vec![]),
+        };
+        args.extend_from_slice(&[
+            "node",
+            "--config",
+            self.config.to_str().context("config path")?,
+            "--bpffs-dir",
+            self.bpffs.to_str().context("bpffs path")?,
+            "--handler",
+            self.handler,
+            "--reload-interval-ms",
+            "100",
+            // The capture tests cover the splice too.
+            "--splice",
+        ]);
+        let mut p = tb.node(self.node).place.spawn(program, &args)?;
         for port in [15001, 15006, 15008] {
             if let Err(e) = p.wait_listening(port, Duration::from_secs(20)) {
                 let out = p.kill()?;
