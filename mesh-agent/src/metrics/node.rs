@@ -39,8 +39,15 @@ const OCCUPANCY_TTL: Duration = Duration::from_secs(10);
 pub struct ControlCounters {
     /// Config loads by outcome (`applied`, `rejected`).
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Refused configurations by reason (`syntax`, `invalid`, `unenrolls_all`, ...).
+    pub config_rejections: Family<ReasonLabels, Counter>,
     /// Items a capture reconciliation could not apply.
     pub reconcile_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +68,11 @@ impl ControlCounters {
             c.config_reloads.clone(),
         );
         registry.register(
+            "mesh_config_rejections",
+            "Configurations refused (the previous one kept serving) by reason",
+            c.config_rejections.clone(),
+        );
+        registry.register(
             "mesh_capture_reconcile_errors",
             "Items a capture reconciliation could not apply (interfaces, attachments, map entries)",
             c.reconcile_errors.clone(),
@@ -72,6 +84,14 @@ impl ControlCounters {
         let outcome = if applied { "applied" } else { "rejected" };
         self.config_reloads
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// A refused configuration: `rejected` in `mesh_config_reloads` and its reason.
+    pub fn config_rejected(&self, reason: &'static str) {
+        self.config(false);
+        self.config_rejections
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 }
