@@ -23,19 +23,21 @@ const SPEC: TestbedSpec = TestbedSpec {
     pods_per_node: 3,
 };
 
+/// Enrolled interface sets, in the order seen.
+type Sets = Arc<Mutex<Vec<BTreeSet<u32>>>>;
+
 /// Samples the enrolment map every 15 ms and keeps every set seen, in order (repeats folded).
 struct Checker {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<BTreeSet<u32>>>>,
+    seen: Sets,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Checker {
     fn start(agent: &Agent) -> Self {
-        let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let (stop, seen): (Arc<AtomicBool>, Sets) = Default::default();
         let maps = agent.maps();
-        let (s, v): (Arc<AtomicBool>, Arc<Mutex<Vec<BTreeSet<u32>>>>) =
-            (Arc::clone(&stop), Arc::clone(&seen));
+        let (s, v) = (Arc::clone(&stop), Arc::clone(&seen));
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Acquire) {
                 let now: BTreeSet<u32> = maps

@@ -154,7 +154,9 @@ impl ConfigFile {
     /// Polling: the text once it read the same `settle` apart (and the stamp did not move).
     fn poll_stable(&mut self) -> Option<String> {
         let now_stamp = stamp(&self.path);
-        if self.candidate.is_none() && now_stamp == self.stamp {
+        // After lost events the stamp may not have moved since we last looked: read anyway.
+        let lost = self.watch.as_ref().is_some_and(|w| w.overflowed);
+        if self.candidate.is_none() && now_stamp == self.stamp && !lost {
             return None;
         }
         let text = std::fs::read_to_string(&self.path).ok();
@@ -232,7 +234,7 @@ impl Watch {
     /// Waits until a change may be complete: something happened and no writer is still
     /// writing in place.
     async fn wait(&mut self, path: &Path) {
-        while !(self.due && !self.writing) && !self.overflowed {
+        while !self.overflowed && (!self.due || self.writing) {
             let Ok(mut guard) = self.fd.readable_mut().await else {
                 self.overflowed = true;
                 return;

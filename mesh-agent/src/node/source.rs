@@ -28,7 +28,7 @@ pub struct KubeSource {
 /// The configuration source of a running agent.
 pub enum Source {
     File {
-        file: ConfigFile,
+        file: Box<ConfigFile>,
         /// The configuration in force (the last one handed out), for the un-enrol-all check.
         current: Option<LocalConfig>,
     },
@@ -63,7 +63,7 @@ impl Source {
     /// unavailable).
     pub fn file(path: &Path, interval: Duration) -> Self {
         Self::File {
-            file: ConfigFile::new(path, interval, settle_interval(interval)),
+            file: Box::new(ConfigFile::new(path, interval, settle_interval(interval))),
             current: None,
         }
     }
