@@ -39,7 +39,9 @@ impl Checker {
         let maps = agent.maps();
         let (s, v) = (Arc::clone(&stop), Arc::clone(&seen));
         let thread = thread::spawn(move || {
-            while !s.load(Ordering::Acquire) {
+            loop {
+                // One last sample after the stop, so the final state is always seen.
+                let stopping = s.load(Ordering::Acquire);
                 let now: BTreeSet<u32> = maps
                     .pods()
                     .expect("pinned MESH_PODS readable")
@@ -51,6 +53,9 @@ impl Checker {
                     v.push(now);
                 }
                 drop(v);
+                if stopping {
+                    break;
+                }
                 thread::sleep(Duration::from_millis(15));
             }
         });
