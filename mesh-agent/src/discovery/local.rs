@@ -42,12 +42,18 @@ pub struct MeshSection {
     /// Policies here without a selector apply to the whole mesh.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// Local mode: a reload may leave no workload of this node enrolled. Without it such a
+    /// reload is refused, since a truncated or emptied file looks exactly like that and would
+    /// send the pods' traffic out in plaintext.
+    #[serde(default)]
+    pub allow_unenroll_all: bool,
 }
 
 impl Default for MeshSection {
     fn default() -> Self {
         Self {
             root_namespace: default_root_namespace(),
+            allow_unenroll_all: false,
         }
     }
 }
@@ -170,6 +176,23 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    /// A reload that would leave none of this node's workloads enrolled.
+    #[error(
+        "{path}: would un-enrol every workload of this node (enrolled now: {enrolled}); set `mesh: {{allowUnenrollAll: true}}` in the file if that is meant"
+    )]
+    UnenrolsAll { path: String, enrolled: String },
+}
+
+impl ConfigError {
+    /// A short label for metrics (`reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Read { .. } => "unreadable",
+            Self::Syntax { .. } => "syntax",
+            Self::Invalid { .. } => "invalid",
+            Self::UnenrolsAll { .. } => "unenrolls_all",
+        }
+    }
 }
 
 impl LocalConfig {
@@ -180,7 +203,13 @@ impl LocalConfig {
             path: p.clone(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        Self::parse_file(path, &text)
+    }
+
+    /// Parses and validates `text`, read from `path` (errors name the file).
+    pub fn parse_file(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        Self::parse(text).map_err(|e| match e {
             ConfigError::Syntax { source, .. } => ConfigError::Syntax { path: p, source },
             ConfigError::Invalid { field, message, .. } => ConfigError::Invalid {
                 path: p,
@@ -188,6 +217,27 @@ impl LocalConfig {
                 message,
             },
             other => other,
+        })
+    }
+
+    /// Whether replacing `current` by `self` may go ahead: a reload that leaves no workload of
+    /// this node enrolled while some are must say so (`mesh.allowUnenrollAll`). The first
+    /// configuration may enrol nothing (there is nothing to un-enrol).
+    pub fn check_reload(&self, current: &LocalConfig, path: &Path) -> Result<(), ConfigError> {
+        let enrolled: Vec<String> = current
+            .local_pods()
+            .filter(|w| current.is_enrolled(w))
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect();
+        if enrolled.is_empty()
+            || self.mesh.allow_unenroll_all
+            || self.local_pods().any(|w| self.is_enrolled(w))
+        {
+            return Ok(());
+        }
+        Err(ConfigError::UnenrolsAll {
+            path: path.display().to_string(),
+            enrolled: enrolled.join(", "),
         })
     }
 
@@ -597,6 +647,51 @@ workloads:
         .to_string();
         assert!(
             e.contains("policies[1].metadata.name") && e.contains("listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_reload_that_unenrols_everything_must_say_so() {
+        let path = Path::new("/etc/mesh/node.yaml");
+        let current = LocalConfig::parse(GOOD).unwrap();
+        // What a file truncated after its workloads looks like.
+        let empty = LocalConfig::parse("node: {name: n1, uplinks: [eth0]}\n").unwrap();
+        let e = empty.check_reload(&current, path).unwrap_err();
+        assert_eq!(e.reason(), "unenrolls_all");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/etc/mesh/node.yaml")
+                && msg.contains("mesh/a, plain/c")
+                && msg.contains("allowUnenrollAll"),
+            "{msg}"
+        );
+        // Un-enrolling some (one is left) is an ordinary change.
+        let one_left = GOOD.replace("labels: {istio.io/dataplane-mode: ambient}}", "}");
+        let one_left = LocalConfig::parse(&one_left).unwrap();
+        assert_eq!(
+            one_left
+                .local_pods()
+                .filter(|w| one_left.is_enrolled(w))
+                .count(),
+            1
+        );
+        one_left.check_reload(&current, path).unwrap();
+        // Said explicitly, it goes ahead.
+        let meant = LocalConfig::parse(
+            "node: {name: n1, uplinks: [eth0]}\nmesh: {allowUnenrollAll: true}\n",
+        )
+        .unwrap();
+        assert!(meant.mesh.allow_unenroll_all);
+        meant.check_reload(&current, path).unwrap();
+        // Nothing enrolled before: nothing to protect (the first configuration too).
+        empty.check_reload(&empty, path).unwrap();
+        // The flag is validated like the other fields.
+        let e = LocalConfig::parse("node: {name: n1}\nmesh: {allowUnenrollAll: maybe}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("allowUnenrollAll") || e.contains("line 2"),
             "{e}"
         );
     }

@@ -39,11 +39,18 @@ const OCCUPANCY_TTL: Duration = Duration::from_secs(10);
 pub struct ControlCounters {
     /// Config loads by outcome (`applied`, `rejected`).
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Refused configurations by reason (`syntax`, `invalid`, `unenrolls_all`, ...).
+    pub config_rejections: Family<ReasonLabels, Counter>,
     /// Items a capture reconciliation could not apply.
     pub reconcile_errors: Counter,
     /// TIME_WAIT sockets of pods that left the mesh, destroyed so the pods' new connections
     /// are not dropped by the node.
     pub time_wait_destroyed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,6 +76,11 @@ impl ControlCounters {
             c.time_wait_destroyed.clone(),
         );
         registry.register(
+            "mesh_config_rejections",
+            "Configurations refused (the previous one kept serving) by reason",
+            c.config_rejections.clone(),
+        );
+        registry.register(
             "mesh_capture_reconcile_errors",
             "Items a capture reconciliation could not apply (interfaces, attachments, map entries)",
             c.reconcile_errors.clone(),
@@ -80,6 +92,14 @@ impl ControlCounters {
         let outcome = if applied { "applied" } else { "rejected" };
         self.config_reloads
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// A refused configuration: `rejected` in `mesh_config_reloads` and its reason.
+    pub fn config_rejected(&self, reason: &'static str) {
+        self.config(false);
+        self.config_rejections
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 }

@@ -6,6 +6,7 @@
 //! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
 
 pub mod admission;
+mod config_file;
 mod direct;
 pub mod handler;
 pub mod mesh;
@@ -290,8 +291,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                     }
                     // Keep serving the last good configuration.
                     Err(e) => {
-                        metrics.control.config(false);
-                        error!(error = %e, "configuration rejected; keeping the previous one");
+                        metrics.control.config_rejected(e.reason());
+                        error!(source = %source.describe(), reason = e.reason(), error = %e,
+                            "configuration rejected; keeping the previous one");
                     }
                 }
             }

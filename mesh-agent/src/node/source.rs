@@ -1,17 +1,20 @@
-//! Where the node agent's configuration comes from: a local file (polled) or the Kubernetes API
-//! (watched). Both yield the same [`LocalConfig`].
+//! Where the node agent's configuration comes from: a local file (watched with inotify, read
+//! only when whole; see [`ConfigFile`]) or the Kubernetes API (watched). Both yield the same
+//! [`LocalConfig`].
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use tracing::{info, warn};
 
+use super::config_file::ConfigFile;
 use crate::discovery::{
     LocalConfig,
     kube::{HostLocator, KubeDiscovery, SnapshotSettings, annotate::Annotator, host},
+    local::ConfigError,
 };
 
 /// How the agent talks to Kubernetes.
@@ -25,9 +28,9 @@ pub struct KubeSource {
 /// The configuration source of a running agent.
 pub enum Source {
     File {
-        path: PathBuf,
-        watcher: ConfigWatcher,
-        tick: tokio::time::Interval,
+        file: Box<ConfigFile>,
+        /// The configuration in force (the last one handed out), for the un-enrol-all check.
+        current: Option<LocalConfig>,
     },
     Kube {
         discovery: KubeDiscovery,
@@ -56,12 +59,12 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Clie
 }
 
 impl Source {
-    /// The local file at `path`, polled every `interval`.
+    /// The local file at `path`, watched with inotify (polled every `interval` where that is
+    /// unavailable).
     pub fn file(path: &Path, interval: Duration) -> Self {
         Self::File {
-            path: path.to_owned(),
-            watcher: ConfigWatcher::new(path),
-            tick: tokio::time::interval(interval),
+            file: Box::new(ConfigFile::new(path, interval, settle_interval(interval))),
+            current: None,
         }
     }
 
@@ -84,7 +87,7 @@ impl Source {
     /// For logs.
     pub fn describe(&self) -> String {
         match self {
-            Self::File { path, .. } => path.display().to_string(),
+            Self::File { file, .. } => file.path().display().to_string(),
             Self::Kube { .. } => "kubernetes".into(),
         }
     }
@@ -92,7 +95,15 @@ impl Source {
     /// The first configuration (waits for the API's first full list in Kubernetes mode).
     pub async fn initial(&mut self) -> anyhow::Result<LocalConfig> {
         match self {
-            Self::File { path, .. } => Ok(LocalConfig::load(path)?),
+            Self::File { file, current } => {
+                let text = file.read_initial().map_err(|source| ConfigError::Read {
+                    path: file.path().display().to_string(),
+                    source,
+                })?;
+                let config = LocalConfig::parse_file(file.path(), &text)?;
+                *current = Some(config.clone());
+                Ok(config)
+            }
             Self::Kube { .. } => {
                 info!("waiting for the Kubernetes API (every watcher's first list)");
                 self.next().await.map_err(anyhow::Error::msg)
@@ -100,20 +111,19 @@ impl Source {
         }
     }
 
-    /// The next configuration, when it changes; `Err` for a file that does not load (the
-    /// caller keeps the previous one).
-    pub async fn next(&mut self) -> Result<LocalConfig, String> {
+    /// The next configuration, when it changes; `Err` for one that is refused (the caller
+    /// keeps the previous one). Cancel-safe.
+    pub async fn next(&mut self) -> Result<LocalConfig, ConfigError> {
         match self {
-            Self::File {
-                path,
-                watcher,
-                tick,
-            } => loop {
-                tick.tick().await;
-                if watcher.changed() {
-                    return LocalConfig::load(path).map_err(|e| e.to_string());
+            Self::File { file, current } => {
+                let text = file.next().await;
+                let new = LocalConfig::parse_file(file.path(), &text)?;
+                if let Some(current) = current {
+                    new.check_reload(current, file.path())?;
                 }
-            },
+                *current = Some(new.clone());
+                Ok(new)
+            }
             Self::Kube {
                 discovery, skipped, ..
             } => loop {
@@ -132,9 +142,7 @@ impl Source {
                     }
                     let config = snap.config.clone();
                     // Check it like a file: an inconsistent cluster must not reach the data path.
-                    if let Err(e) = LocalConfig::parse_checked(config) {
-                        return Err(e.to_string());
-                    }
+                    LocalConfig::parse_checked(config)?;
                     return Ok(snap.config.clone());
                 }
             },
@@ -161,34 +169,56 @@ impl Source {
     }
 }
 
-/// Detects changes of the config file by modification time and size (cheap, and robust to
-/// editors that replace the file).
-pub struct ConfigWatcher {
-    path: PathBuf,
-    last: Option<(SystemTime, u64)>,
+/// Without inotify, how long a changed file must read the same before it is applied: several
+/// poll intervals and at least a second (a writer pausing longer still defeats it; see
+/// [`ConfigFile`]).
+fn settle_interval(interval: Duration) -> Duration {
+    (interval * 4).max(Duration::from_secs(1))
 }
 
-impl ConfigWatcher {
-    pub fn new(path: &Path) -> Self {
-        let mut w = Self {
-            path: path.to_owned(),
-            last: None,
-        };
-        w.last = w.stamp();
-        w
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENROLLED: &str = "node: {name: n1}\nnamespaces: [{name: m, labels: {istio.io/dataplane-mode: ambient}}]\nworkloads:\n  - {name: a, namespace: m, node: n1, ips: [10.0.0.1], hostInterface: va}\n";
+
+    fn replace(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
     }
 
-    fn stamp(&self) -> Option<(SystemTime, u64)> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
+    async fn next(source: &mut Source) -> Result<LocalConfig, ConfigError> {
+        tokio::time::timeout(Duration::from_secs(2), source.next())
+            .await
+            .expect("no reload")
     }
 
-    pub fn changed(&mut self) -> bool {
-        let now = self.stamp();
-        if now != self.last {
-            self.last = now;
-            return now.is_some();
-        }
-        false
+    #[tokio::test]
+    async fn a_file_unenrolling_everything_is_refused_unless_it_says_so() {
+        let dir = super::super::config_file::tests::Dir::new("source");
+        let path = dir.0.join("node.yaml");
+        std::fs::write(&path, ENROLLED).unwrap();
+        let mut source = Source::file(&path, Duration::from_millis(20));
+        let first = source.initial().await.unwrap();
+        assert_eq!(first.workloads.len(), 1);
+        replace(&path, "node: {name: n1}\n");
+        let e = next(&mut source).await.unwrap_err();
+        assert_eq!(e.reason(), "unenrolls_all", "{e}");
+        // A broken file is refused too, and the last good one still counts as current.
+        replace(&path, "node: {name: n1\n");
+        assert_eq!(next(&mut source).await.unwrap_err().reason(), "syntax");
+        replace(&path, "node: {name: n1}\nmesh: {allowUnenrollAll: true}\n");
+        let applied = next(&mut source).await.unwrap();
+        assert!(applied.workloads.is_empty());
+        // Now nothing is enrolled: enrolling again and emptying again are fine... once more
+        // enrolled, emptying is refused again.
+        replace(&path, ENROLLED);
+        next(&mut source).await.unwrap();
+        replace(&path, "node: {name: n1}\nworkloads: []\n");
+        assert_eq!(
+            next(&mut source).await.unwrap_err().reason(),
+            "unenrolls_all"
+        );
     }
 }

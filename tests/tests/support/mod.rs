@@ -275,17 +275,7 @@ impl Agent {
 
     /// Waits until MESH_PODS holds exactly the host interfaces of this node's enrolled pods.
     pub fn wait_enrolled(&self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
-        let want: BTreeSet<u32> = tb
-            .pods()
-            .iter()
-            .filter(|p| p.node == self.node && enrolled.contains(&(p.node, p.index)))
-            .map(|p| {
-                tb.node(self.node)
-                    .place
-                    .in_netns(|| mesh_agent::ebpf::ifindex_of(&p.host_veth))
-                    .and_then(|r| Ok(r?))
-            })
-            .collect::<Result<_>>()?;
+        let want = self.ifindexes(tb, enrolled)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let have: BTreeSet<u32> = self
@@ -316,6 +306,20 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The host-side interface indexes of this node's pods in `enrolled` (as MESH_PODS keys them).
+    pub fn ifindexes(&self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<BTreeSet<u32>> {
+        tb.pods()
+            .iter()
+            .filter(|p| p.node == self.node && enrolled.contains(&(p.node, p.index)))
+            .map(|p| {
+                tb.node(self.node)
+                    .place
+                    .in_netns(|| mesh_agent::ebpf::ifindex_of(&p.host_veth))
+                    .and_then(|r| Ok(r?))
+            })
+            .collect()
     }
 
     pub fn maps(&self) -> PinnedMaps {

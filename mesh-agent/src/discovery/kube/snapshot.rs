@@ -346,6 +346,7 @@ pub fn build(
             services,
             mesh: MeshSection {
                 root_namespace: settings.root_namespace.clone(),
+                ..MeshSection::default()
             },
             policies,
         },
