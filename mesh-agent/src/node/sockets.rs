@@ -86,7 +86,8 @@ pub async fn connect_direct(
 }
 
 /// Per-attempt bounds of [`connect_soon`]: each new attempt sends a fresh SYN at once instead of
-/// waiting out the kernel's SYN back-off (1 s, 2 s, 4 s, 8 s ...), so a connection started while
+/// waiting out the kernel's SYN back-off (after `tcp_syn_linear_timeouts` 1 s steps: 2 s, 4 s,
+/// 8 s ...), so a connection started while
 /// the peer's agent was down goes through within a second of its return (an agent restart takes
 /// seconds). About 30 s in all, then the connect fails (the kernel alone would try for two
 /// minutes).
@@ -102,17 +103,20 @@ const CONNECT_LAST_REPEATS: usize = 28;
 /// agent restarting fails closed by dropping them); a definite answer (refused, unreachable)
 /// ends it at once. Used for HBONE dials and deliveries to pods.
 pub async fn connect_soon(client_ip: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    for bound in CONNECT_ATTEMPTS {
+    let last = CONNECT_ATTEMPTS[CONNECT_ATTEMPTS.len() - 1];
+    let bounds = CONNECT_ATTEMPTS
+        .into_iter()
+        .chain(std::iter::repeat_n(last, CONNECT_LAST_REPEATS));
+    let mut attempts = 0;
+    for bound in bounds {
+        attempts += 1;
         if let Ok(result) = tokio::time::timeout(bound, connect_transparent(client_ip, dst)).await {
             return result;
         }
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        format!(
-            "no answer from {dst} in {} attempts",
-            CONNECT_ATTEMPTS.len()
-        ),
+        format!("no answer from {dst} in {attempts} attempts"),
     ))
 }
 
