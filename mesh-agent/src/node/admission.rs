@@ -565,6 +565,7 @@ mod tests {
         let l = LogLimiter::default();
         assert_eq!(l.allow(), Some(0));
         assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
         assert_eq!(l.unlogged.load(Ordering::Relaxed), 2);
         // The last line was written two seconds ago, two were held back since.
         let l = LogLimiter {

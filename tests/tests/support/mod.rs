@@ -252,8 +252,12 @@ impl Agent {
     }
 
     /// Rewrites the config with a new enrolled set and waits until the kernel maps show it.
+    /// Un-enrolling every pod of the node is meant here, so the file says so (the agent refuses
+    /// it otherwise, see `mesh.allowUnenrollAll`).
     pub fn set_enrolled(&mut self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
-        std::fs::write(&self.config, config_yaml(tb, self.node, enrolled))?;
+        let mut yaml = config_yaml(tb, self.node, enrolled);
+        yaml += "mesh: {allowUnenrollAll: true}\n";
+        std::fs::write(&self.config, yaml)?;
         self.wait_enrolled(tb, enrolled)
     }
 

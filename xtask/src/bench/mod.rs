@@ -587,7 +587,8 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bo
         BenchPath::Mesh => MESH_PODS.into_iter().collect(),
     };
     let mut y = format!(
-        "node: {{name: node{node}, uplinks: [{}]}}\nca: {{dir: {}}}\nnamespaces:\n  - {{name: bench}}\nworkloads:\n",
+        // The plain path un-enrols every pod on purpose.
+        "node: {{name: node{node}, uplinks: [{}]}}\nmesh: {{allowUnenrollAll: true}}\nca: {{dir: {}}}\nnamespaces:\n  - {{name: bench}}\nworkloads:\n",
         tb.node(node).uplink,
         ca.display()
     );
