@@ -86,10 +86,22 @@ pub fn connect_from(
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<io::Result<TcpStream>> {
+    connect_from_port(client, SocketAddr::new(src, 0), dst, timeout)
+}
+
+/// [`connect_from`] from a given source port too (SO_REUSEADDR, so a port whose last connection
+/// this side closed passively can be reused at once): how tests make 4-tuples collide.
+pub fn connect_from_port(
+    client: &Place,
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<io::Result<TcpStream>> {
     client.in_netns(|| {
         let domain = socket2::Domain::for_address(dst);
         let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&src.into())?;
         socket.connect_timeout(&dst.into(), timeout)?;
         Ok(socket.into())
     })

@@ -14,6 +14,7 @@ use mesh_common::Counter;
 use mesh_testbed::{
     Testbed, TestbedSpec, can_run,
     rawtcp::{RawTcp, TCP_ACK, TCP_SYN, mac_of},
+    traffic::connect_from_port,
 };
 use support::{Agent, TempDir, pods};
 
@@ -204,16 +205,7 @@ fn hbone_syns_reusing_a_tuple_the_agent_holds_in_time_wait_connect() {
     let src = sa(client.ipv4, 43210);
     let before = agent.counters();
     for attempt in 1..=3 {
-        let mut s = client
-            .place
-            .in_netns(|| -> std::io::Result<TcpStream> {
-                let sock =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                sock.set_reuse_address(true)?;
-                sock.bind(&src.into())?;
-                sock.connect_timeout(&dst.into(), Duration::from_secs(3))?;
-                Ok(sock.into())
-            })
+        let mut s = connect_from_port(&client.place, src, dst, Duration::from_secs(3))
             .unwrap()
             .unwrap_or_else(|e| panic!("attempt {attempt}: {src} -> {dst}: {e}"));
         // Not TLS: the agent gives up on the handshake and closes first, so it is the side
@@ -350,21 +342,17 @@ fn a_pod_leaving_the_mesh_connects_at_once_from_ports_the_agent_held_in_time_wai
             }
         })
     };
-    let connect_from_port = |port: u16| -> std::io::Result<TcpStream> {
-        client
-            .place
-            .in_netns(|| -> std::io::Result<TcpStream> {
-                let sock =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                sock.set_reuse_address(true)?;
-                sock.bind(&sa(client.ipv4, port).into())?;
-                sock.connect_timeout(&dst.into(), Duration::from_secs(2))?;
-                Ok(sock.into())
-            })
-            .unwrap()
+    let connect_on = |port: u16| {
+        connect_from_port(
+            &client.place,
+            sa(client.ipv4, port),
+            dst,
+            Duration::from_secs(2),
+        )
+        .unwrap()
     };
     for port in FIRST_PORT..FIRST_PORT + BEFORE {
-        let mut s = connect_from_port(port).unwrap_or_else(|e| panic!("port {port}: {e}"));
+        let mut s = connect_on(port).unwrap_or_else(|e| panic!("port {port}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.read(&mut [0u8; 1]);
     }
@@ -385,11 +373,7 @@ fn a_pod_leaving_the_mesh_connects_at_once_from_ports_the_agent_held_in_time_wai
     agent.set_enrolled(&tb, &pods(&[(1, 3)])).unwrap();
     let started = std::time::Instant::now();
     let failed: Vec<String> = (FIRST_PORT..FIRST_PORT + N)
-        .filter_map(|port| {
-            connect_from_port(port)
-                .err()
-                .map(|e| format!("{port}: {e}"))
-        })
+        .filter_map(|port| connect_on(port).err().map(|e| format!("{port}: {e}")))
         .collect();
     assert!(
         failed.is_empty(),
