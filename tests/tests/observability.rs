@@ -14,7 +14,11 @@ use std::{
 };
 
 use mesh_testbed::{Pod, Testbed, TestbedSpec, can_run, http::http_get};
-use support::{Agent, PodId, TempDir, pods};
+use support::{
+    Agent, PodId, TempDir,
+    metrics::{scrape, value},
+    pods,
+};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -60,42 +64,6 @@ fn exchange(from: &Pod, to: &Pod, port: u16, bytes: usize) -> std::io::Result<us
             Ok(answer.len())
         })
         .unwrap()
-}
-
-fn scrape(tb: &Testbed, node: usize) -> prometheus_parse::Scrape {
-    let (status, body) = http_get(
-        &tb.node(node).place,
-        "127.0.0.1:15020".parse().unwrap(),
-        "GET",
-        "/metrics",
-    )
-    .unwrap();
-    assert!(status.contains("200"), "node{node} /metrics: {status}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .unwrap_or_else(|e| panic!("node{node}: the exposition does not parse: {e}\n{body}"))
-}
-
-/// The value of `metric` (OpenMetrics `_total` included) whose labels include all of `want`;
-/// 0 when there is none, and a failure when several match.
-fn value(s: &prometheus_parse::Scrape, metric: &str, want: &[(&str, &str)]) -> f64 {
-    let matching: Vec<f64> = s
-        .samples
-        .iter()
-        .filter(|x| x.metric == metric || x.metric == format!("{metric}_total"))
-        .filter(|x| want.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .collect();
-    assert!(
-        matching.len() <= 1,
-        "{metric} {want:?}: {} series",
-        matching.len()
-    );
-    matching.first().copied().unwrap_or(0.0)
 }
 
 fn principal(pod: &Pod) -> String {

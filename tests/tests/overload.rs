@@ -19,10 +19,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use mesh_testbed::{
     Place, Testbed, TestbedSpec, binaries, can_run,
-    http::http_get,
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, TempDir, pods};
+use support::{
+    Agent, TempDir,
+    metrics::{scrape, sum},
+    pods,
+};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -105,33 +108,6 @@ fn send_marked(client: &Place, dst: SocketAddr, marker: &str) -> Result<()> {
     let hello = p.hello()?;
     anyhow::ensure!(hello["role"] == "server", "{hello}");
     p.finish_with_marker(marker, 64 << 10)
-}
-
-fn scrape(tb: &Testbed, node: usize) -> prometheus_parse::Scrape {
-    let (status, body) = http_get(
-        &tb.node(node).place,
-        "127.0.0.1:15020".parse().unwrap(),
-        "GET",
-        "/metrics",
-    )
-    .unwrap();
-    assert!(status.contains("200"), "node{node} /metrics: {status}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-}
-
-/// The value of `metric` (`_total` included) with all of `want` among its labels; 0 if absent.
-fn value(s: &prometheus_parse::Scrape, metric: &str, want: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == metric || x.metric == format!("{metric}_total"))
-        .filter(|x| want.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .sum()
 }
 
 #[test]
@@ -225,7 +201,7 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
         .map(|s| count(s, "established") + count(s, "close_wait"))
         .sum();
     let m = scrape(&tb, 1);
-    let refused = value(
+    let refused = sum(
         &m,
         "mesh_connections_refused",
         &[
@@ -242,13 +218,13 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
         "only {reset} of {FLOOD} reset: {states:?}"
     );
     assert!(
-        value(&m, "mesh_hbone_handshakes_in_flight", &[]) <= HANDSHAKES_PER_SOURCE as f64,
+        sum(&m, "mesh_hbone_handshakes_in_flight", &[]) <= HANDSHAKES_PER_SOURCE as f64,
         "handshakes in flight above the per-source cap"
     );
     // The agent raised its soft limit to the hard one.
-    assert_eq!(value(&m, "process_max_fds", &[]), NOFILE.1 as f64);
-    assert_eq!(value(&m, "mesh_fd_limit", &[]), NOFILE.1 as f64);
-    assert_eq!(value(&m, "mesh_inbound_fd_budget", &[]), 3072.0);
+    assert_eq!(sum(&m, "process_max_fds", &[]), NOFILE.1 as f64);
+    assert_eq!(sum(&m, "mesh_fd_limit", &[]), NOFILE.1 as f64);
+    assert_eq!(sum(&m, "mesh_inbound_fd_budget", &[]), 3072.0);
 
     // Closing the flood gives everything back.
     for f in flooders {
@@ -258,7 +234,7 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
     loop {
         let (fds, inflight) = (
             a1.fd_count(),
-            value(&scrape(&tb, 1), "mesh_hbone_handshakes_in_flight", &[]),
+            sum(&scrape(&tb, 1), "mesh_hbone_handshakes_in_flight", &[]),
         );
         if fds <= baseline + 4 && inflight == 0.0 {
             break;

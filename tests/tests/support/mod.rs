@@ -13,6 +13,8 @@ use anyhow::{Context as _, Result, bail};
 use mesh_agent::{capture::PinnedMaps, ebpf::CounterSnapshot};
 use mesh_testbed::{Background, Pod, Testbed, binaries};
 
+pub mod metrics;
+
 /// A pod by (node, index), 1-based like the testbed.
 pub type PodId = (usize, usize);
 
@@ -177,7 +179,7 @@ impl Agent {
         )
     }
 
-    fn start_with_config(
+    pub fn start_with_config(
         tb: &Testbed,
         node: usize,
         handler: &'static str,
