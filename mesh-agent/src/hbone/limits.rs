@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use prometheus_client::{
@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::identity::SpiffeId;
+use crate::{identity::SpiffeId, log_limit::LogLimiter};
 
 /// The client preface must arrive this soon after TLS (the TLS handshake has the same bound):
 /// a peer with a valid certificate that never speaks HTTP/2 is otherwise kept forever.
@@ -37,7 +37,6 @@ pub const MAX_UPSTREAMS_PER_PEER: usize = 4096;
 
 /// Log lines per reason and second; the rest are only counted.
 const LOG_BURST: u32 = 10;
-const LOG_WINDOW: Duration = Duration::from_secs(1);
 
 /// The server's bounds; [`Default`] is the constants above (tests shorten them).
 #[derive(Clone, Copy, Debug)]
@@ -93,19 +92,21 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
-struct LogWindow {
-    start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
 /// The server's refusal counters and their log rate limit. Oversized header lists are refused
 /// by h2 itself (431 and RST_STREAM before the request reaches us), so they have no counter
 /// here.
-#[derive(Default)]
 pub struct ServerCounters {
     refusals: Family<ReasonLabels, Counter>,
-    windows: Mutex<HashMap<Refusal, LogWindow>>,
+    logs: LogLimiter<Refusal>,
+}
+
+impl Default for ServerCounters {
+    fn default() -> Self {
+        Self {
+            refusals: Family::default(),
+            logs: LogLimiter::per_second(LOG_BURST),
+        }
+    }
 }
 
 impl ServerCounters {
@@ -130,23 +131,7 @@ impl ServerCounters {
         self.refusals
             .get_or_create(&ReasonLabels { reason: r.as_str() })
             .inc();
-        let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let w = windows.entry(r).or_insert(LogWindow {
-            start: now,
-            logged: 0,
-            suppressed: 0,
-        });
-        if now.duration_since(w.start) >= LOG_WINDOW {
-            w.start = now;
-            w.logged = 0;
-        }
-        if w.logged >= LOG_BURST {
-            w.suppressed += 1;
-            return None;
-        }
-        w.logged += 1;
-        Some(std::mem::take(&mut w.suppressed))
+        self.logs.allow(r)
     }
 
     /// How many times `r` was counted.
@@ -244,16 +229,5 @@ mod tests {
         assert_eq!(logged, LOG_BURST as usize);
         assert_eq!(c.count(Refusal::IdleTimeout), 25);
         assert_eq!(c.count(Refusal::PeerUpstreamLimit), 0);
-        c.windows
-            .lock()
-            .unwrap()
-            .get_mut(&Refusal::IdleTimeout)
-            .unwrap()
-            .start -= LOG_WINDOW;
-        assert_eq!(
-            c.refuse(Refusal::IdleTimeout),
-            Some(15),
-            "the next line reports the suppressed ones"
-        );
     }
 }

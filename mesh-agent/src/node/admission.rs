@@ -26,18 +26,15 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use mesh_common::FlowKind;
 use tracing::{info, warn};
 
 use super::handler::listener_name;
-use crate::metrics::AdmissionMetrics;
+use crate::{log_limit::LogLimiter, metrics::AdmissionMetrics};
 
 /// HBONE TLS handshakes in flight from one source address.
 pub const HANDSHAKES_PER_SOURCE: usize = 64;
@@ -156,8 +153,8 @@ pub struct AdmissionControl {
     limits: Limits,
     counts: Mutex<Counts>,
     metrics: Arc<AdmissionMetrics>,
-    refusal_log: LogLimiter,
-    accept_log: LogLimiter,
+    /// One line a second for refusals and one for accept failures (a flood is counted, not logged).
+    logs: LogLimiter<&'static str>,
 }
 
 /// What an admitted connection holds. Dropping a permit gives its share back.
@@ -189,8 +186,7 @@ impl AdmissionControl {
             limits,
             counts: Mutex::default(),
             metrics,
-            refusal_log: LogLimiter::default(),
-            accept_log: LogLimiter::default(),
+            logs: LogLimiter::new(1, LOG_INTERVAL),
         })
     }
 
@@ -210,7 +206,7 @@ impl AdmissionControl {
         let result = self.take(stage, source);
         if let Err(refusal) = result {
             self.metrics.refused(listener_name(kind), refusal.reason());
-            if let Some(unlogged) = self.refusal_log.allow() {
+            if let Some(unlogged) = self.logs.allow("refusal") {
                 warn!(
                     listener = listener_name(kind),
                     %source,
@@ -306,7 +302,7 @@ impl AdmissionControl {
     pub fn accept_failed(&self, kind: FlowKind, error: &std::io::Error) {
         let listener = listener_name(kind);
         self.metrics.refused(listener, "accept_error");
-        if let Some(unlogged) = self.accept_log.allow() {
+        if let Some(unlogged) = self.logs.allow("accept") {
             warn!(listener, error = %error, unlogged, "accept failed; backing off");
         }
     }
@@ -336,45 +332,7 @@ fn gauge_value(v: u64) -> i64 {
 }
 
 /// Lets one log line through per second; says how many were held back since the last one.
-struct LogLimiter {
-    start: Instant,
-    /// Milliseconds since `start` of the last line let through, plus one (0: never).
-    last_ms: AtomicU64,
-    unlogged: AtomicU64,
-}
-
-impl Default for LogLimiter {
-    fn default() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            unlogged: AtomicU64::new(0),
-        }
-    }
-}
-
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-impl LogLimiter {
-    /// `Some(unlogged since the last line)` when a line may be written now.
-    fn allow(&self) -> Option<u64> {
-        let now = self.start.elapsed().as_millis() as u64 + 1;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now - last < LOG_INTERVAL.as_millis() as u64 {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        if self
-            .last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.unlogged.swap(0, Ordering::Relaxed))
-    }
-}
 
 /// Raises the open-files limit and builds the admission service from it; logs the figures.
 pub fn start(metrics: Arc<AdmissionMetrics>) -> Arc<AdmissionControl> {
@@ -558,23 +516,6 @@ mod tests {
         assert_eq!(refused(&m, "outbound", "accept_error"), 2);
         assert_eq!(m.fd_limit.get(), 1024);
         assert_eq!(m.inbound_fd_budget.get(), 768);
-    }
-
-    #[test]
-    fn the_log_limiter_lets_one_line_a_second_through() {
-        let l = LogLimiter::default();
-        assert_eq!(l.allow(), Some(0));
-        assert_eq!(l.allow(), None);
-        assert_eq!(l.allow(), None);
-        assert_eq!(l.unlogged.load(Ordering::Relaxed), 2);
-        // The last line was written two seconds ago, two were held back since.
-        let l = LogLimiter {
-            start: Instant::now() - Duration::from_secs(2),
-            last_ms: AtomicU64::new(1),
-            unlogged: AtomicU64::new(2),
-        };
-        assert_eq!(l.allow(), Some(2));
-        assert_eq!(l.allow(), None);
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -17,6 +16,7 @@ use super::{
     index::{Decision, PolicySet, Reason},
     model::ConnectionAttrs,
 };
+use crate::log_limit::LogLimiter;
 
 /// How the connection reached the destination's agent (a log and metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,13 +49,6 @@ pub struct DecisionKey {
 
 /// Log lines per (decision, policy, reason) and second; the rest are counted and summarised.
 const LOG_BURST: u32 = 10;
-const LOG_WINDOW: Duration = Duration::from_secs(1);
-
-struct LogWindow {
-    start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
 
 struct Live {
     attrs: ConnectionAttrs,
@@ -70,7 +63,7 @@ pub struct Enforcer {
     next_id: AtomicU64,
     counts: Mutex<BTreeMap<DecisionKey, u64>>,
     revoked: AtomicU64,
-    windows: Mutex<HashMap<DecisionKey, LogWindow>>,
+    logs: LogLimiter<DecisionKey>,
 }
 
 /// An admitted connection: keep it for as long as the connection lives.
@@ -136,7 +129,7 @@ impl Enforcer {
             next_id: AtomicU64::new(1),
             counts: Mutex::new(BTreeMap::new()),
             revoked: AtomicU64::new(0),
-            windows: Mutex::new(HashMap::new()),
+            logs: LogLimiter::per_second(LOG_BURST),
         })
     }
 
@@ -226,7 +219,7 @@ impl Enforcer {
                 *counts.entry(audit).or_default() += 1;
             }
         }
-        let Some(suppressed) = self.may_log(key) else {
+        let Some(suppressed) = self.logs.allow(key) else {
             return;
         };
         let source = attrs
@@ -250,28 +243,6 @@ impl Enforcer {
                 audited = ?audited, suppressed, "{what}"
             );
         }
-    }
-
-    /// Whether to log a decision with these labels now; `Some(n)`: yes, and `n` similar ones
-    /// were not logged since the last line.
-    fn may_log(&self, key: DecisionKey) -> Option<u64> {
-        let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let w = windows.entry(key).or_insert(LogWindow {
-            start: now,
-            logged: 0,
-            suppressed: 0,
-        });
-        if now.duration_since(w.start) >= LOG_WINDOW {
-            w.start = now;
-            w.logged = 0;
-        }
-        if w.logged >= LOG_BURST {
-            w.suppressed += 1;
-            return None;
-        }
-        w.logged += 1;
-        Some(std::mem::take(&mut w.suppressed))
     }
 }
 
@@ -299,6 +270,7 @@ impl crate::hbone::server::Authorizer for PolicyAuthorizer {
 mod tests {
     use super::*;
     use crate::policy::{compile::WorkloadInfo, crd::RawObject};
+    use std::time::Duration;
 
     fn set(policies: &str) -> PolicySet {
         let objects: Vec<RawObject> = serde_yaml::from_str(policies).unwrap();
@@ -363,15 +335,14 @@ mod tests {
             policy: String::new(),
             reason: r,
         };
-        let logged = (0..100).filter(|_| e.may_log(key("a")).is_some()).count();
+        let logged = (0..100)
+            .filter(|_| e.logs.allow(key("a")).is_some())
+            .count();
         assert_eq!(logged, LOG_BURST as usize);
         assert_eq!(
-            e.may_log(key("b")),
+            e.logs.allow(key("b")),
             Some(0),
             "another reason has its own budget"
         );
-        // The next window reports what was suppressed.
-        e.windows.lock().unwrap().get_mut(&key("a")).unwrap().start -= LOG_WINDOW;
-        assert_eq!(e.may_log(key("a")), Some(90));
     }
 }
