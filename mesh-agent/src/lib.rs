@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;

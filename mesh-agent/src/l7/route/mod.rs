@@ -1,0 +1,119 @@
+//! Routing decisions for one request: which VirtualService owns the host, which rule matches
+//! first, which weighted destination takes it. Pure and synchronous, so the same table serves
+//! the waypoint, the gateway and the conformance table.
+pub mod compile;
+pub mod duration;
+pub mod matching;
+pub mod model;
+
+use std::sync::Arc;
+
+pub use matching::{RequestMatch, RequestView};
+use model::{HttpRule, RouteTarget, RuleAction, VirtualService};
+
+use super::api::ConfigError;
+use crate::policy::RawObject;
+
+/// The compiled VirtualServices of a config, looked up by host.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    /// Oldest first (creation time, then `namespace/name`): among services claiming one host
+    /// with equally specific patterns, the first wins.
+    services: Vec<Arc<VirtualService>>,
+}
+
+/// What the table says about one request.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// No VirtualService claims the host: to the service itself, with Istio's defaults.
+    Default,
+    /// A rule matched. `target` is the weighted pick for a `route` rule (`None` for redirects
+    /// and direct responses).
+    Rule {
+        service: &'a VirtualService,
+        rule: &'a HttpRule,
+        /// The alternative of `rule.matches` that matched (`None`: the rule has none).
+        matched: Option<&'a RequestMatch>,
+        target: Option<&'a RouteTarget>,
+    },
+    /// The host is claimed but no rule matched: 404, response flag NR.
+    NoRoute { service: &'a VirtualService },
+}
+
+impl RouteTable {
+    /// Compiles every VirtualService among `objects` (other kinds are skipped); a rejected
+    /// object is left out and reported, the rest are served.
+    pub fn build(objects: &[RawObject]) -> (Self, Vec<ConfigError>) {
+        let mut errors = Vec::new();
+        let mut services: Vec<Arc<VirtualService>> = objects
+            .iter()
+            .filter(|o| o.kind == "VirtualService")
+            .filter_map(|o| match compile::virtual_service(o) {
+                Ok(vs) => Some(Arc::new(vs)),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            })
+            .collect();
+        services.sort_by(|a, b| {
+            let created = |v: &VirtualService| v.created.clone().unwrap_or_default();
+            created(a).cmp(&created(b)).then_with(|| a.key.cmp(&b.key))
+        });
+        (Self { services }, errors)
+    }
+
+    /// The VirtualService owning HTTP traffic to `host` (fully qualified, no port): among those
+    /// with `http` rules, the most specific host pattern wins, then the oldest object.
+    pub fn service_for(&self, host: &str) -> Option<&VirtualService> {
+        let mut best: Option<(&VirtualService, usize)> = None;
+        for vs in self.services.iter().filter(|vs| !vs.http.is_empty()) {
+            let Some(spec) = vs
+                .hosts
+                .iter()
+                .filter(|h| h.matches(host))
+                .map(model::HostPattern::specificity)
+                .max()
+            else {
+                continue;
+            };
+            if best.is_none_or(|(_, s)| spec > s) {
+                best = Some((vs, spec));
+            }
+        }
+        best.map(|(vs, _)| vs)
+    }
+
+    /// Routes one HTTP request to `host`; `roll` is a uniformly random number (the weighted
+    /// pick), fixed by tests.
+    pub fn route(&self, host: &str, request: &RequestView<'_>, roll: u64) -> Decision<'_> {
+        let Some(service) = self.service_for(host) else {
+            return Decision::Default;
+        };
+        let Some((rule, matched)) = service
+            .http
+            .iter()
+            .find_map(|r| r.first_match(request).map(|m| (r, m)))
+        else {
+            return Decision::NoRoute { service };
+        };
+        let target = match &rule.action {
+            RuleAction::Route(w) => w.pick(roll),
+            RuleAction::Redirect(_) | RuleAction::Direct { .. } => None,
+        };
+        Decision::Rule {
+            service,
+            rule,
+            matched,
+            target,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+}
