@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::route::{
     Decision, RequestView, RouteTable,
+    destination::{DestinationRules, ResolvedPolicy},
     model::{Abort, AttemptOutcome, RuleAction},
 };
 use crate::policy::RawObject;
@@ -98,6 +99,101 @@ struct Expect {
     response_in: BTreeMap<String, String>,
     /// Whether the CORS policy allows this `origin`.
     cors_allows: Option<BTreeMap<String, bool>>,
+    /// With `rule: policy`: the DestinationRule policy for `subset` on the request's port.
+    subset: Option<String>,
+    /// The resolved policy's fields as text (see `policy_fields`).
+    policy: Option<BTreeMap<String, String>>,
+    /// The subset's labels; `{}` with `unknownSubset`.
+    subset_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    unknown_subset: bool,
+}
+
+/// The resolved policy as the table spells it.
+fn policy_fields(p: &ResolvedPolicy) -> BTreeMap<String, String> {
+    let pool = &p.connection_pool;
+    let mut f: BTreeMap<String, String> = [
+        ("lb", format!("{:?}", p.load_balancer())),
+        ("maxConnections", pool.max_connections.to_string()),
+        (
+            "connectTimeoutMs",
+            pool.connect_timeout.as_millis().to_string(),
+        ),
+        ("maxPendingRequests", pool.max_pending_requests.to_string()),
+        ("maxRequests", pool.max_requests.to_string()),
+        (
+            "maxRequestsPerConnection",
+            pool.max_requests_per_connection.to_string(),
+        ),
+        ("maxRetries", pool.max_retries.to_string()),
+        ("idleTimeoutS", pool.idle_timeout.as_secs().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let o = p.outlier_detection.as_ref();
+    let opt = |v: Option<u32>| v.map_or("off".to_owned(), |n| n.to_string());
+    f.insert(
+        "outlier".into(),
+        if o.is_some() { "on" } else { "off" }.into(),
+    );
+    if let Some(o) = o {
+        f.insert("consecutive5xx".into(), opt(o.consecutive_5xx));
+        f.insert(
+            "consecutiveGatewayErrors".into(),
+            opt(o.consecutive_gateway_errors),
+        );
+        f.insert("intervalMs".into(), o.interval.as_millis().to_string());
+        f.insert(
+            "baseEjectionMs".into(),
+            o.base_ejection_time.as_millis().to_string(),
+        );
+        f.insert(
+            "maxEjectionPercent".into(),
+            o.max_ejection_percent.to_string(),
+        );
+        f.insert("minHealthPercent".into(), o.min_health_percent.to_string());
+    }
+    f
+}
+
+/// A `rule: policy` case: DestinationRule lookup and merging.
+fn run_policy(case: &Case, objects: &[RawObject]) -> Result<(), String> {
+    let (rules, errors) = DestinationRules::build(objects);
+    let e = &case.expect;
+    if errors.len() != e.rejections {
+        return Err(format!(
+            "{} rejected, want {}: {errors:?}",
+            errors.len(),
+            e.rejections
+        ));
+    }
+    let rule = rules.for_host(&case.request.host);
+    let policy = rule.map_or_else(ResolvedPolicy::default, |r| {
+        r.resolve(e.subset.as_deref(), case.request.port)
+    });
+    if let Some(want) = &e.policy {
+        let got = policy_fields(&policy);
+        for (k, v) in want {
+            if got.get(k) != Some(v) {
+                return Err(format!("{k}: want {v}, got {:?}", got.get(k)));
+            }
+        }
+    }
+    if let Some(want) = &e.subset_labels {
+        let name = e.subset.as_deref().ok_or("subsetLabels needs subset")?;
+        let got = rule.and_then(|r| r.subset(name)).map(|s| s.labels.clone());
+        if got.as_ref() != Some(want) {
+            return Err(format!("subset {name}: want {want:?}, got {got:?}"));
+        }
+    }
+    if e.unknown_subset {
+        let name = e.subset.as_deref().ok_or("unknownSubset needs subset")?;
+        if rule.and_then(|r| r.subset(name)).is_some() {
+            return Err(format!("subset {name} should be unknown (503 NC)"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -197,10 +293,14 @@ fn run(case: &Case) -> Result<(), String> {
             o
         })
         .collect();
-    let (table, errors) = RouteTable::build(&objects);
     let e = &case.expect;
+    if e.rule == "policy" {
+        return run_policy(case, &objects);
+    }
+    let (table, errors) = RouteTable::build(&objects);
     if e.rule == "rejected" {
-        let Some(err) = errors.first() else {
+        let (_, dr_errors) = DestinationRules::build(&objects);
+        let Some(err) = errors.first().or(dr_errors.first()) else {
             return Err("accepted, Istio rejects it".into());
         };
         let text = err.to_string();

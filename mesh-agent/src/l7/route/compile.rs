@@ -322,7 +322,10 @@ fn string_matcher(m: &istio::StringMatch) -> Result<Option<StringMatcher>, Field
 /// Istio allows an empty prefix only for uri (where it matches every path).
 fn no_empty_prefix(m: &istio::StringMatch, field: &str, allowed: bool) -> Result<(), FieldError> {
     if !allowed && m.prefix.as_deref() == Some("") {
-        return Err((format!("{field}.prefix"), "an empty prefix is only allowed for uri".into()));
+        return Err((
+            format!("{field}.prefix"),
+            "an empty prefix is only allowed for uri".into(),
+        ));
     }
     Ok(())
 }

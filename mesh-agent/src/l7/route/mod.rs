@@ -2,6 +2,7 @@
 //! first, which weighted destination takes it. Pure and synchronous, so the same table serves
 //! the waypoint, the gateway and the conformance table.
 pub mod compile;
+pub mod destination;
 pub mod duration;
 pub mod matching;
 pub mod model;
