@@ -1,5 +1,6 @@
 //! Traffic-management objects as users apply them, and the errors that name what is wrong with
 //! one. The same objects come from the local config file and from Kubernetes.
+pub mod gateway;
 pub mod istio;
 
 use crate::policy::RawObject;

@@ -597,6 +597,7 @@ fn compile_redirect(r: &istio::HttpRedirect) -> Result<Redirect, FieldError> {
     }
     Ok(Redirect {
         uri: r.uri.clone(),
+        replace_prefix: None,
         authority: r.authority.clone(),
         port,
         scheme: r.scheme.clone(),

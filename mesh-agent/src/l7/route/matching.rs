@@ -47,6 +47,9 @@ impl RequestView<'_> {
 pub enum StringMatcher {
     Exact(String),
     Prefix(String),
+    /// Gateway API `PathPrefix`: whole segments (`/foo` matches `/foo` and `/foo/bar`, not
+    /// `/foobar`); held without its trailing `/`.
+    PathPrefix(String),
     /// Anchored at both ends: the whole value must match (Envoy's `safe_regex`).
     Regex(Regex),
 }
@@ -64,6 +67,10 @@ impl StringMatcher {
         match self {
             Self::Exact(e) => value == e,
             Self::Prefix(p) => value.starts_with(p.as_str()),
+            Self::PathPrefix(p) => {
+                value.starts_with(p.as_str())
+                    && (value.len() == p.len() || value.as_bytes()[p.len()] == b'/')
+            }
             Self::Regex(r) => r.is_match(value),
         }
     }
@@ -75,7 +82,7 @@ impl StringMatcher {
             Self::Prefix(p) => value
                 .get(..p.len())
                 .is_some_and(|head| head.eq_ignore_ascii_case(p)),
-            Self::Regex(r) => r.is_match(value),
+            Self::PathPrefix(_) | Self::Regex(_) => self.matches(value),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod destination;
 pub mod duration;
+pub mod gateway;
 pub mod matching;
 pub mod model;
 
@@ -18,6 +19,9 @@ use crate::policy::RawObject;
 /// The compiled VirtualServices of a config, looked up by host.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
+    /// From HTTPRoutes, one per service: consulted first (Istio leaves mixing both APIs on one
+    /// service undefined; we let the Gateway API object, the recommended one, win).
+    gateway: Vec<Arc<VirtualService>>,
     /// Oldest first (creation time, then `namespace/name`): among services claiming one host
     /// with equally specific patterns, the first wins.
     services: Vec<Arc<VirtualService>>,
@@ -42,10 +46,11 @@ pub enum Decision<'a> {
 }
 
 impl RouteTable {
-    /// Compiles every VirtualService among `objects` (other kinds are skipped); a rejected
-    /// object is left out and reported, the rest are served.
+    /// Compiles every VirtualService and HTTPRoute among `objects` (other kinds are skipped);
+    /// a rejected object is left out and reported, the rest are served.
     pub fn build(objects: &[RawObject]) -> (Self, Vec<ConfigError>) {
-        let mut errors = Vec::new();
+        let (gateway, mut errors) = gateway::http_routes(objects);
+        let gateway = gateway.into_iter().map(Arc::new).collect();
         let mut services: Vec<Arc<VirtualService>> = objects
             .iter()
             .filter(|o| o.kind == "VirtualService")
@@ -61,12 +66,24 @@ impl RouteTable {
             let created = |v: &VirtualService| v.created.clone().unwrap_or_default();
             created(a).cmp(&created(b)).then_with(|| a.key.cmp(&b.key))
         });
-        (Self { services }, errors)
+        (Self { gateway, services }, errors)
     }
 
     /// The VirtualService owning HTTP traffic to `host` (fully qualified, no port): among those
     /// with `http` rules, the most specific host pattern wins, then the oldest object.
-    pub fn service_for(&self, host: &str) -> Option<&VirtualService> {
+    /// An HTTPRoute-derived list claims the host only on the ports its parentRefs name.
+    pub fn service_for(&self, host: &str, port: u16) -> Option<&VirtualService> {
+        let attached = |vs: &&Arc<VirtualService>| {
+            vs.hosts[0].matches(host)
+                && vs
+                    .http
+                    .iter()
+                    .flat_map(|r| &r.matches)
+                    .any(|m| m.port.is_none_or(|p| p == port))
+        };
+        if let Some(vs) = self.gateway.iter().find(attached) {
+            return Some(vs);
+        }
         let mut best: Option<(&VirtualService, usize)> = None;
         for vs in self.services.iter().filter(|vs| !vs.http.is_empty()) {
             let Some(spec) = vs
@@ -88,7 +105,7 @@ impl RouteTable {
     /// Routes one HTTP request to `host`; `roll` is a uniformly random number (the weighted
     /// pick), fixed by tests.
     pub fn route(&self, host: &str, request: &RequestView<'_>, roll: u64) -> Decision<'_> {
-        let Some(service) = self.service_for(host) else {
+        let Some(service) = self.service_for(host, request.port) else {
             return Decision::Default;
         };
         let Some((rule, matched)) = service
@@ -110,11 +127,12 @@ impl RouteTable {
         }
     }
 
+    /// Route lists held (VirtualServices plus one per HTTPRoute-attached service).
     pub fn len(&self) -> usize {
-        self.services.len()
+        self.services.len() + self.gateway.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
+        self.len() == 0
     }
 }

@@ -195,6 +195,18 @@ impl HeaderEdit {
 
 #[derive(Clone, Debug)]
 pub enum Rewrite {
+    /// Gateway API `ReplaceFullPath`: the whole path, whatever matched.
+    FullPath {
+        path: String,
+        authority: Option<String>,
+    },
+    /// Gateway API `ReplacePrefixMatch`: the matched path prefix (whole segments) replaced,
+    /// without doubling or losing the `/` between it and the rest.
+    PrefixSegments {
+        prefix: String,
+        replacement: String,
+        authority: Option<String>,
+    },
     /// Replace the part the rule's prefix match matched (the whole path for other matches).
     Uri {
         uri: Option<String>,
@@ -212,7 +224,10 @@ impl Rewrite {
     /// The new `:authority`, if the rewrite sets one.
     pub fn authority(&self) -> Option<&str> {
         match self {
-            Self::Uri { authority, .. } | Self::Regex { authority, .. } => authority.as_deref(),
+            Self::Uri { authority, .. }
+            | Self::Regex { authority, .. }
+            | Self::FullPath { authority, .. }
+            | Self::PrefixSegments { authority, .. } => authority.as_deref(),
         }
     }
 
@@ -229,7 +244,7 @@ impl Rewrite {
             Self::Uri { uri: None, .. } => path.to_owned(),
             Self::Uri { uri: Some(uri), .. } => {
                 match matched.and_then(|m| m.uri.as_ref()) {
-                    Some(StringMatcher::Prefix(p)) => {
+                    Some(StringMatcher::Prefix(p) | StringMatcher::PathPrefix(p)) => {
                         // `ignoreUriCase` may have matched a prefix of another case.
                         format!("{uri}{}", path.get(p.len()..).unwrap_or(""))
                     }
@@ -244,12 +259,35 @@ impl Rewrite {
             } => pattern
                 .replace_all(path, substitution.as_str())
                 .into_owned(),
+            Self::FullPath { path, .. } => path.clone(),
+            Self::PrefixSegments {
+                prefix,
+                replacement,
+                ..
+            } => replace_prefix_segments(path, prefix, replacement),
         };
         match query {
             Some(q) => format!("{new_path}?{q}"),
             None => new_path,
         }
     }
+}
+
+/// `path` with its leading `prefix` (whole segments, as a Gateway API `PathPrefix` matched it)
+/// replaced by `replacement`, keeping one `/` between them and the request's trailing slash
+/// (the table in the Gateway API's `HTTPPathModifier` docs): `/foo/bar` → `/xyz/bar` for
+/// `/xyz` or `/xyz/`, `/bar` for `/`; `/foo/` → `/xyz/`; `/foo` → `/xyz`.
+pub fn replace_prefix_segments(path: &str, prefix: &str, replacement: &str) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    let rest = path.get(prefix.len()..).unwrap_or("");
+    if rest.is_empty() {
+        return if replacement.is_empty() {
+            "/".into()
+        } else {
+            replacement.to_owned()
+        };
+    }
+    format!("{}{rest}", replacement.trim_end_matches('/'))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,6 +300,8 @@ pub enum RedirectPort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Redirect {
     pub uri: Option<String>,
+    /// Gateway API `ReplacePrefixMatch`: (the matched prefix, its replacement).
+    pub replace_prefix: Option<(String, String)>,
     pub authority: Option<String>,
     pub port: Option<RedirectPort>,
     pub scheme: Option<String>,
@@ -300,7 +340,15 @@ impl Redirect {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        let path = match (&self.uri, query) {
+        let replaced;
+        let uri = match &self.replace_prefix {
+            Some((prefix, with)) => {
+                replaced = Some(replace_prefix_segments(path, prefix, with));
+                &replaced
+            }
+            None => &self.uri,
+        };
+        let path = match (uri, query) {
             (Some(uri), _) if uri.contains('?') => uri.clone(),
             (Some(uri), Some(q)) => format!("{uri}?{q}"),
             (Some(uri), None) => uri.clone(),
