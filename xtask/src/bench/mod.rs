@@ -56,6 +56,12 @@ pub struct BenchArgs {
     /// are then the spliced path's.
     #[arg(long)]
     splice: bool,
+    /// Use the dev-profile binaries (`cargo xtask test` has just built them; mesh-agent is
+    /// compiled at opt-level 2 there, its dependencies are not) instead of a release build:
+    /// CI's smoke run proves the harness without a second full build. The header says
+    /// `build: dev`; such figures are not comparable with release runs.
+    #[arg(long)]
+    dev_build: bool,
     /// Only these scenarios (cross_node, same_node).
     #[arg(long = "scenario", value_parser = ["cross_node", "same_node"])]
     scenarios: Vec<String>,
@@ -105,9 +111,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let started = Instant::now();
     ensure_setup()?;
-    println!("• build (release)");
-    cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = if args.dev_build {
+        println!("• build (dev profile, --dev-build)");
+        cmd::run(&mut cargo(&["build", "--bins"]))?;
+        workspace_root().join("target/debug")
+    } else {
+        println!("• build (release)");
+        cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
+        workspace_root().join("target/release")
+    };
     let header = machine_header(&args)?;
     println!("• machine: {header}");
     let tb = Testbed::build(TestbedSpec {
@@ -173,6 +185,7 @@ fn machine_header(args: &BenchArgs) -> Result<Value> {
         "trials": if quick { 3 } else { 5 },
         "seconds_per_test": if quick { 2 } else { 5 },
         "agent_splice": args.splice,
+        "build": if args.dev_build { "dev" } else { "release" },
     }))
 }
 
