@@ -77,15 +77,42 @@ pub struct Service {
     /// ready endpoints only). When present they replace the selector as the endpoint source.
     #[serde(default)]
     pub endpoints: Option<Vec<IpAddr>>,
+    /// The Service's labels (`istio.io/use-waypoint` binds it to a waypoint).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(from = "RawServicePort")]
 pub struct ServicePort {
     pub port: u16,
     /// Defaults to `port`.
-    #[serde(default)]
     pub target_port: Option<u16>,
+    /// Declared by `appProtocol` or the port name's prefix (`http-web`); `None`: detected.
+    pub protocol: Option<crate::l7::protocol::Protocol>,
+}
+
+/// A service port as written: `name` and `appProtocol` are read for the protocol only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<String>,
+}
+
+impl From<RawServicePort> for ServicePort {
+    fn from(r: RawServicePort) -> Self {
+        Self {
+            port: r.port,
+            target_port: r.target_port,
+            protocol: crate::l7::protocol::declared(r.app_protocol.as_deref(), r.name.as_deref()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -606,6 +633,23 @@ workloads:
         .unwrap_err()
         .to_string();
         assert!(e.contains("10.96.0.1:80 is also served by x/s"), "{e}");
+    }
+
+    #[test]
+    fn service_ports_declare_their_protocol_and_services_keep_labels() {
+        use crate::l7::protocol::Protocol;
+        let c = LocalConfig::parse("node: {name: n1}\nservices:\n  - {name: web, namespace: x, vips: [10.96.0.1], labels: {istio.io/use-waypoint: waypoint}, ports: [{port: 80, name: http-web}, {port: 81, appProtocol: grpc, name: tcp-x}, {port: 82, name: web}]}\n").unwrap();
+        let s = &c.services[0];
+        let protocols: Vec<_> = s.ports.iter().map(|p| p.protocol).collect();
+        assert_eq!(
+            protocols,
+            [Some(Protocol::Http), Some(Protocol::Grpc), None]
+        );
+        assert_eq!(s.labels["istio.io/use-waypoint"], "waypoint");
+        let e = LocalConfig::parse("node: {name: n1}\nservices:\n  - {name: web, namespace: x, vips: [10.96.0.1], ports: [{port: 80, nmae: http}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nmae"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! arrived (HBONE for a waypoint, TLS or TCP listeners for a gateway); the proxies that feed it
 //! live beside it.
 pub mod api;
+pub mod binding;
+pub mod protocol;
 pub mod route;
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub struct ObjectMeta {
     /// RFC 3339; decides between PeerAuthentications of the same level (oldest wins), as Istio.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// Labels (a waypoint Gateway's `istio.io/waypoint-for`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `spec.selector`.

@@ -256,6 +256,10 @@ pub fn build(
                 Some(t) if t != 0 && port != 0 => ports.push(ServicePort {
                     port,
                     target_port: Some(t),
+                    protocol: crate::l7::protocol::declared(
+                        p.app_protocol.as_deref(),
+                        p.name.as_deref(),
+                    ),
                 }),
                 _ => skipped.push(format!(
                     "service {namespace}/{name}: port {port} has no usable target port"
@@ -278,6 +282,7 @@ pub fn build(
             ports,
             selector: spec.selector.clone().unwrap_or_default(),
             endpoints: Some(ready.into_iter().collect()),
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
         });
     }
     // Two Services never share a VIP in a cluster; keep the first of a duplicate anyway.
@@ -308,6 +313,7 @@ pub fn build(
                     .creation_timestamp
                     .as_ref()
                     .map(|t| t.0.to_string()),
+                labels: obj.metadata.labels.clone().unwrap_or_default(),
             },
             spec,
         });
