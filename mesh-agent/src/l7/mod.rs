@@ -5,6 +5,7 @@
 pub mod api;
 pub mod binding;
 pub mod protocol;
+pub mod proxy;
 pub mod route;
 
 #[cfg(test)]
