@@ -6,6 +6,7 @@ pub mod api;
 pub mod binding;
 pub mod protocol;
 pub mod proxy;
+pub mod resilience;
 pub mod route;
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 
+use super::resilience::Breakers;
 use super::route::{
     Decision, RequestView, RouteTable,
     compile::default_retries,
+    destination::DestinationRules,
     model::{Abort, AttemptOutcome, HttpRule, RetryPolicy, RuleAction, Target},
 };
 
@@ -137,10 +139,25 @@ pub struct Destination {
 /// Routes and forwards requests for one proxy.
 pub struct Engine {
     pub routes: Arc<RouteTable>,
+    pub destinations: Arc<DestinationRules>,
     pub upstream: Arc<dyn Upstream>,
+    breakers: Breakers,
 }
 
 impl Engine {
+    pub fn new(
+        routes: Arc<RouteTable>,
+        destinations: Arc<DestinationRules>,
+        upstream: Arc<dyn Upstream>,
+    ) -> Self {
+        Self {
+            routes,
+            destinations,
+            upstream,
+            breakers: Breakers::default(),
+        }
+    }
+
     /// Handles one request to `dst`. `rng` draws weights, faults and mirrors.
     pub async fn handle<B>(
         &self,
@@ -285,6 +302,40 @@ impl Engine {
             }
         }
         let port = target.target.port.unwrap_or(dst.port);
+        // Circuit breaking: the service's (subset's) connection pool thresholds.
+        let policy = self
+            .destinations
+            .for_host(&target.target.host)
+            .map(|d| d.resolve(target.target.subset.as_deref(), port))
+            .unwrap_or_default();
+        let breaker = self
+            .breakers
+            .get(&target.target.host, target.target.subset.as_deref());
+        let permit = match rule.timeout {
+            Some(t) => {
+                match tokio::time::timeout(t, breaker.admit(&policy.connection_pool)).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        outcome.flags.push("UT");
+                        return (
+                            local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                            outcome,
+                        );
+                    }
+                }
+            }
+            None => breaker.admit(&policy.connection_pool).await,
+        };
+        let Ok(permit) = permit else {
+            outcome.flags.push("UO");
+            return (
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
+                outcome,
+            );
+        };
         let attempts = self.attempts(
             &target.target,
             port,
@@ -306,7 +357,15 @@ impl Engine {
             },
             None => attempts.await,
         };
-        let mut response = result;
+        // The slot is held until the response body ends (or is dropped).
+        let response = result.map(|body| {
+            body.map_frame(move |frame| {
+                let _held = &permit;
+                frame
+            })
+            .boxed()
+        });
+        let mut response = response;
         for edit in rule.header_edits(Some(target), true) {
             edit.apply(response.headers_mut());
         }

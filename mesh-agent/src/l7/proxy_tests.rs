@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, StreamBody};
 
 use super::*;
-use crate::policy::RawObject;
+use crate::{l7::route::destination::DestinationRules, policy::RawObject};
 
 /// What the fake upstream does with the next request.
 #[derive(Clone, Copy)]
@@ -105,10 +105,13 @@ fn engine(objects: &str, fake: &Arc<Fake>) -> Engine {
     let objects: Vec<RawObject> = serde_yaml::from_str(objects).unwrap();
     let (routes, errors) = RouteTable::build(&objects);
     assert!(errors.is_empty(), "{errors:?}");
-    Engine {
-        routes: Arc::new(routes),
-        upstream: Arc::clone(fake) as Arc<dyn Upstream>,
-    }
+    let (destinations, errors) = DestinationRules::build(&objects);
+    assert!(errors.is_empty(), "{errors:?}");
+    Engine::new(
+        Arc::new(routes),
+        Arc::new(destinations),
+        Arc::clone(fake) as Arc<dyn Upstream>,
+    )
 }
 
 fn vs(http: &str) -> String {
@@ -401,4 +404,42 @@ async fn a_streamed_body_is_sent_once() {
         "a body that cannot be replayed is not retried"
     );
     assert_eq!(fake.seen().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tripped_circuit_breaker_answers_503_uo() {
+    let fake = Fake::with(&[
+        Step::Slow(Duration::from_secs(1)),
+        Step::Slow(Duration::from_secs(1)),
+    ]);
+    let objects = format!(
+        "{}\n",
+        vs("[{route: [{destination: {host: reviews}}]}]")
+            .trim_end_matches(']')
+            .to_owned()
+            + ", {apiVersion: networking.istio.io/v1, kind: DestinationRule, metadata: {name: reviews, namespace: default}, spec: {host: reviews, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}}}]"
+    );
+    let e = Arc::new(engine(&objects, &fake));
+    let mut running = Vec::new();
+    for i in 0..3u64 {
+        let e = Arc::clone(&e);
+        running.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(i);
+            let (resp, outcome) = e.handle(&DST(), get("/"), &mut rng).await;
+            let _ = resp.into_body().collect().await;
+            outcome.flags()
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut flags = Vec::new();
+    for r in running {
+        flags.push(r.await.unwrap());
+    }
+    flags.sort();
+    assert_eq!(
+        flags,
+        ["-", "-", "UO"],
+        "one in flight, one pending, one overflow"
+    );
+    assert_eq!(fake.seen().len(), 2);
 }
