@@ -151,22 +151,10 @@ fn api_version_error(ctx: &Ctx<'_>, obj: &RawObject) -> Option<PolicyError> {
 /// Parses `spec` with the full schema; errors carry the path of the offending field.
 fn parse_spec<T: serde::de::DeserializeOwned>(
     ctx: &Ctx<'_>,
-    spec: &serde_yaml::Value,
+    obj: &RawObject,
 ) -> Result<T, PolicyError> {
-    let spec = if spec.is_null() {
-        serde_yaml::Value::Mapping(Default::default())
-    } else {
-        spec.clone()
-    };
-    serde_path_to_error::deserialize(spec).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
-            "spec".to_owned()
-        } else {
-            format!("spec.{path}")
-        };
-        ctx.err(field, e.into_inner().to_string())
-    })
+    obj.typed_spec()
+        .map_err(|(field, message)| ctx.err(field, message))
 }
 
 /// The part of a spec that decides its scope, read leniently so that a policy with an error
@@ -294,7 +282,7 @@ pub fn compile_authorization(obj: &RawObject, root_namespace: &str) -> Authoriza
     };
     let policy = match scope_error.or_else(|| api_version_error(&ctx, obj)) {
         Some(e) => Err(e),
-        None => parse_spec::<AuthorizationPolicySpec>(&ctx, &obj.spec)
+        None => parse_spec::<AuthorizationPolicySpec>(&ctx, obj)
             .and_then(|spec| {
                 compile_rules(&ctx, &spec, Arc::clone(&name), &mut notes, &mut l7_rules)
             })
@@ -617,7 +605,7 @@ pub fn compile_peer_authentication(obj: &RawObject, root_namespace: &str) -> Pee
     let mut notes = Vec::new();
     let modes = match api_version_error(&ctx, obj) {
         Some(e) => Err(e),
-        None => parse_spec::<PeerAuthenticationSpec>(&ctx, &obj.spec)
+        None => parse_spec::<PeerAuthenticationSpec>(&ctx, obj)
             .and_then(|spec| peer_modes(&ctx, &spec, &mut notes)),
     };
     PeerAuthEntry {

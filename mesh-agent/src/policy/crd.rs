@@ -209,3 +209,24 @@ pub struct RawObject {
     #[serde(default)]
     pub spec: serde_yaml::Value,
 }
+
+impl RawObject {
+    /// `spec` read with the full schema `T` (a missing spec is an empty one); an error gives
+    /// the offending field's path (`spec.rules[0].from`) and what is wrong with it.
+    pub fn typed_spec<T: serde::de::DeserializeOwned>(&self) -> Result<T, (String, String)> {
+        let spec = if self.spec.is_null() {
+            serde_yaml::Value::Mapping(Default::default())
+        } else {
+            self.spec.clone()
+        };
+        serde_path_to_error::deserialize(spec).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() {
+                "spec".to_owned()
+            } else {
+                format!("spec.{path}")
+            };
+            (field, e.into_inner().to_string())
+        })
+    }
+}

@@ -58,19 +58,8 @@ impl ObjectContext<'_> {
 
     /// Parses `spec` with the full schema; errors carry the path of the offending field.
     pub fn spec<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        let spec = if self.obj.spec.is_null() {
-            serde_yaml::Value::Mapping(Default::default())
-        } else {
-            self.obj.spec.clone()
-        };
-        serde_path_to_error::deserialize(spec).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() {
-                "spec".to_owned()
-            } else {
-                format!("spec.{path}")
-            };
-            self.err(field, e.into_inner().to_string())
-        })
+        self.obj
+            .typed_spec()
+            .map_err(|(field, message)| self.err(field, message))
     }
 }

@@ -3,7 +3,7 @@
 //! component replaced whole; subset port-level > subset > port-level > rule).
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{compile::qualify, duration, model::HostPattern};
+use super::{FieldError, compile::qualify, duration, model::HostPattern};
 use crate::{
     l7::api::{ConfigError, ISTIO_NETWORKING_VERSIONS, ObjectContext, istio},
     policy::RawObject,
@@ -195,8 +195,6 @@ impl DestinationRules {
         best.map(|(r, _)| r)
     }
 }
-
-type FieldError = (String, String);
 
 fn compile(obj: &RawObject) -> Result<DestinationRule, ConfigError> {
     let ctx = ObjectContext { obj };

@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, StatusCode};
 
 use super::{
+    FieldError,
     compile::{default_retries, qualify},
     duration,
+    headers::{header_names, header_pair},
     matching::{RequestMatch, StringMatcher, ValueMatcher},
     model::{
         HeaderEdit, HeaderOps, HostPattern, HttpRule, Mirror, Redirect, RedirectPort, Rewrite,
@@ -23,8 +25,6 @@ use crate::{
     },
     policy::RawObject,
 };
-
-type FieldError = (String, String);
 
 /// One match of one rule, with its place in the precedence order.
 struct Candidate {
@@ -254,48 +254,16 @@ fn route_match(m: &api::HttpRouteMatch) -> Result<(RequestMatch, u8, usize), Fie
 }
 
 fn header_modifier(m: &api::HeaderModifier, field: &str) -> Result<HeaderEdit, FieldError> {
-    let pair = |(i, p): (usize, &api::HeaderValuePair), kind: &str| {
-        let here = format!("{field}.{kind}[{i}]");
-        let name = HeaderName::from_bytes(p.name.as_bytes()).map_err(|_| {
-            (
-                format!("{here}.name"),
-                format!("{:?} is not a header name", p.name),
-            )
-        })?;
-        let value = HeaderValue::from_str(&p.value).map_err(|_| {
-            (
-                format!("{here}.value"),
-                format!("{:?} is not a header value", p.value),
-            )
-        })?;
-        Ok::<_, FieldError>((name, value))
+    let pairs = |list: &[api::HeaderValuePair], kind: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(i, p)| header_pair(&p.name, &p.value, &format!("{field}.{kind}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
     };
     Ok(HeaderEdit {
-        set: m
-            .set
-            .iter()
-            .enumerate()
-            .map(|p| pair(p, "set"))
-            .collect::<Result<_, _>>()?,
-        add: m
-            .add
-            .iter()
-            .enumerate()
-            .map(|p| pair(p, "add"))
-            .collect::<Result<_, _>>()?,
-        remove: m
-            .remove
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
-                    (
-                        format!("{field}.remove[{i}]"),
-                        format!("{n:?} is not a header name"),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?,
+        set: pairs(&m.set, "set")?,
+        add: pairs(&m.add, "add")?,
+        remove: header_names(&m.remove, &format!("{field}.remove"))?,
     })
 }
 

@@ -5,8 +5,10 @@ pub mod compile;
 pub mod destination;
 pub mod duration;
 pub mod gateway;
+mod headers;
 pub mod matching;
 pub mod model;
+mod retries_faults;
 
 use std::sync::Arc;
 
@@ -15,6 +17,15 @@ use model::{HttpRule, RouteTarget, RuleAction, VirtualService};
 
 use super::api::ConfigError;
 use crate::policy::RawObject;
+
+/// An error inside an object: the field path below where it was found, and the message.
+pub(crate) type FieldError = (String, String);
+
+/// Attaches a field path to a message.
+pub(crate) fn at(field: impl Into<String>) -> impl FnOnce(String) -> FieldError {
+    let field = field.into();
+    move |m| (field, m)
+}
 
 /// The compiled VirtualServices of a config, looked up by host.
 #[derive(Clone, Debug, Default)]
