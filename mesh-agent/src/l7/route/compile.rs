@@ -188,13 +188,7 @@ fn http_rule(r: &istio::HttpRoute, index: usize, ns: &str) -> Result<HttpRule, F
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                let target = d
-                    .destination
-                    .as_ref()
-                    .ok_or_else(|| (format!(".route[{i}].destination"), "required".to_owned()))
-                    .and_then(|t| {
-                        target(t, ns).map_err(|(f, e)| (format!(".route[{i}].destination{f}"), e))
-                    })?;
+                let target = route_target(i, d.destination.as_ref(), ns)?;
                 let headers = header_ops(d.headers.as_ref())
                     .map_err(|(f, e)| (format!(".route[{i}].headers{f}"), e))?;
                 Ok((target, d.weight, headers))
@@ -384,6 +378,12 @@ fn request_match(m: &istio::HttpMatchRequest) -> Result<RequestMatch, FieldError
         // matches here.
         for_mesh: m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"),
     })
+}
+
+/// `route[i].destination` (required).
+fn route_target(i: usize, d: Option<&istio::Destination>, ns: &str) -> Result<Target, FieldError> {
+    let d = d.ok_or_else(|| (format!(".route[{i}].destination"), "required".to_owned()))?;
+    target(d, ns).map_err(|(f, e)| (format!(".route[{i}].destination{f}"), e))
 }
 
 fn target(d: &istio::Destination, ns: &str) -> Result<Target, FieldError> {
@@ -656,13 +656,7 @@ fn tcp_rule(r: &istio::TcpRoute, ns: &str) -> Result<TcpRule, FieldError> {
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let t = d
-                .destination
-                .as_ref()
-                .ok_or_else(|| (format!(".route[{i}].destination"), "required".to_owned()))
-                .and_then(|t| {
-                    target(t, ns).map_err(|(f, e)| (format!(".route[{i}].destination{f}"), e))
-                })?;
+            let t = route_target(i, d.destination.as_ref(), ns)?;
             Ok((t, d.weight, HeaderOps::default()))
         })
         .collect::<Result<Vec<_>, FieldError>>()?;
