@@ -154,6 +154,7 @@ impl Results {
                 "gbit_s" => format!("{x:.2} Gbit/s"),
                 "us" => format!("{x:.0} µs"),
                 "conn_s" => format!("{x:.0} conn/s"),
+                "scrapes_s" => format!("{x:.0} scrapes/s"),
                 "cores" => format!("{x:.4} cores"),
                 _ => format!("{x:.1} MiB"),
             },
