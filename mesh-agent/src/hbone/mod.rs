@@ -17,6 +17,7 @@ pub mod forwarded;
 pub mod limits;
 pub mod relay;
 pub mod server;
+pub mod stream_io;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
