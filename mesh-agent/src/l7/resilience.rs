@@ -31,6 +31,17 @@ pub struct Breaker {
 /// A slot in flight; dropping it lets a waiting request in.
 pub struct Permit(Arc<Breaker>);
 
+/// One place in the queue of pending requests, given back however the wait ends.
+struct Waiting(Arc<Breaker>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner()).1 -= 1;
+        // Another waiter may take the slot this one was woken for.
+        self.0.freed.notify_one();
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.0.state.lock().unwrap_or_else(|e| e.into_inner()).0 -= 1;
@@ -39,7 +50,8 @@ impl Drop for Permit {
 }
 
 impl Breaker {
-    /// A slot now, or after waiting as one of the pending requests, or [`Overflow`].
+    /// A slot now, or after waiting as one of the pending requests, or [`Overflow`]. A waiter
+    /// that gives up (its future dropped, e.g. by the route timeout) leaves the queue.
     pub async fn admit(self: &Arc<Self>, pool: &ConnectionPool) -> Result<Permit, Overflow> {
         let limit = pool.max_connections.min(pool.max_requests);
         {
@@ -53,13 +65,15 @@ impl Breaker {
             }
             s.1 += 1;
         }
+        let waiting = Waiting(Arc::clone(self));
         loop {
             let notified = self.freed.notified();
             {
                 let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if s.0 < limit {
                     s.0 += 1;
-                    s.1 -= 1;
+                    drop(s);
+                    drop(waiting);
                     return Ok(Permit(Arc::clone(self)));
                 }
             }
@@ -318,6 +332,19 @@ mod tests {
             "the pending request got the slot"
         );
         assert_eq!(b.load(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_leaves_the_queue() {
+        let b = Arc::new(Breaker::default());
+        let p = pool(1, 1);
+        let _busy = b.admit(&p).await.unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), b.admit(&p)).await;
+        assert!(gave_up.is_err(), "it waited");
+        assert_eq!(b.load(), (1, 0), "the queue place is free again");
+        drop(_busy);
+        let again = b.admit(&p).await;
+        assert!(again.is_ok());
     }
 
     #[tokio::test]
