@@ -87,11 +87,9 @@ fn reaches(from: &Pod, to: &Pod, port: u16, v6: bool) -> bool {
         return false;
     };
     match p.hello() {
-        Ok(h) if h["role"] == "server" => {
-            p.finish(4096)
-                .unwrap_or_else(|e| panic!("{} -> {dst}: {e:#}", from.name()));
-            true
-        }
+        // A policy change that lands mid-transfer revokes the connection (RST): not reached.
+        // Paths that must stay open are asserted `true`, so a reset there still fails.
+        Ok(h) if h["role"] == "server" => p.finish(4096).is_ok(),
         _ => false,
     }
 }
