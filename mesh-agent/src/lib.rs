@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod tls;
+pub mod waypoint;

@@ -30,6 +30,10 @@ enum Command {
     /// Run the per-node agent (capture, and for now a pass-through relay), or inspect/remove the
     /// kernel state it owns.
     Node(NodeArgs),
+    /// An L7 waypoint proxy (VirtualService / DestinationRule / HTTPRoute routing) for the
+    /// services and pods bound to one Gateway of class mesh-waypoint. Run it in the waypoint
+    /// pod's network namespace.
+    Waypoint(WaypointArgs),
     /// The mesh certificate authority.
     Ca {
         #[command(subcommand)]
@@ -187,6 +191,34 @@ struct NodeArgs {
     uninstall: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct WaypointArgs {
+    /// Local-mode configuration file (the node agents' schema: services, workloads, and the
+    /// Gateway, VirtualService, DestinationRule and HTTPRoute objects under `policies:`);
+    /// reloaded when it changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// The Gateway (class mesh-waypoint) this waypoint is, `namespace/name`.
+    #[arg(long)]
+    gateway: String,
+    /// This pod's name in the config; default: the first pod labelled
+    /// `gateway.networking.k8s.io/gateway-name=<gateway name>` in the Gateway's namespace.
+    #[arg(long)]
+    pod: Option<String>,
+    #[arg(long, default_value_t = 15008)]
+    hbone_port: u16,
+    #[arg(long, default_value_t = 15020)]
+    metrics_port: u16,
+    #[arg(long, default_value_t = 15021)]
+    readiness_port: u16,
+    /// Config file polling interval, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    reload_interval_ms: u64,
+    /// Threads serving requests.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
@@ -195,6 +227,31 @@ fn main() -> anyhow::Result<()> {
     let (log_control, _flush_on_exit) = mesh_agent::logging::init(&filter, cli.log_format);
     match cli.command {
         Command::Node(args) => node(args, log_control),
+        Command::Waypoint(args) => {
+            let (namespace, name) = args
+                .gateway
+                .split_once('/')
+                .context("--gateway must be namespace/name")?;
+            let opts = mesh_agent::waypoint::WaypointOptions {
+                config: args.config,
+                gateway: mesh_agent::l7::binding::WaypointRef {
+                    name: name.to_owned(),
+                    namespace: namespace.to_owned(),
+                },
+                pod: args.pod,
+                hbone_port: args.hbone_port,
+                metrics_port: args.metrics_port,
+                readiness_port: args.readiness_port,
+                reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.worker_threads.into())
+                .thread_name("mesh-waypoint")
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(mesh_agent::waypoint::run(opts))
+        }
         Command::Ca {
             command:
                 CaCommand::Serve {

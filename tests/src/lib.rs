@@ -14,6 +14,7 @@ pub mod deploy;
 pub mod fakeapi;
 pub mod hostnet;
 pub mod http;
+pub mod httpapp;
 pub mod load;
 pub mod naming;
 pub mod netns;

@@ -260,3 +260,80 @@ pub fn paced(dst: SocketAddr, rps: u32, duration: Duration) -> Result<PacedResul
         seconds,
     })
 }
+
+/// A paced HTTP/1.1 stream with its latency.
+#[derive(Debug, Serialize)]
+pub struct HttpPacedResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub achieved_rps: f64,
+    pub seconds: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// GET `path` (a 1 KiB answer from the L7 test application's `/bytes/1024`) at `rps` on one
+/// kept-alive HTTP/1.1 connection for `duration`: the achieved rate and the latency
+/// percentiles (for the waypoint's added latency and CPU per request rate).
+pub fn http_paced(
+    dst: SocketAddr,
+    host: &str,
+    path: &str,
+    rps: u32,
+    duration: Duration,
+) -> Result<HttpPacedResult> {
+    use std::io::BufRead as _;
+    let s = connect(dst).with_context(|| format!("connecting to {dst}"))?;
+    let mut reader = io::BufReader::new(s.try_clone()?);
+    let mut writer = s;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut hist = Histogram::<u64>::new(3)?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
+    let started = Instant::now();
+    let mut next = started;
+    let (mut requests, mut errors) = (0u64, 0u64);
+    let mut body = Vec::new();
+    while started.elapsed() < duration {
+        let now = Instant::now();
+        if now < next {
+            thread::sleep(next - now);
+        }
+        let sent = Instant::now();
+        writer.write_all(request.as_bytes())?;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                anyhow::bail!("connection closed mid-response");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().context("content-length")?;
+            }
+        }
+        body.resize(length, 0);
+        reader.read_exact(&mut body)?;
+        hist.record(sent.elapsed().as_micros() as u64)?;
+        if !status.contains(" 200 ") {
+            errors += 1;
+        }
+        requests += 1;
+        next += interval;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(HttpPacedResult {
+        requests,
+        errors,
+        achieved_rps: requests as f64 / seconds,
+        seconds,
+        p50_us: hist.value_at_quantile(0.5) as f64,
+        p99_us: hist.value_at_quantile(0.99) as f64,
+    })
+}

@@ -16,6 +16,8 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter, mount"),
     ("iperf3", "throughput tests and baseline traffic"),
     ("curl", "HTTP client traffic"),
+    ("nghttp2-client", "h2load: HTTP/2 load through the waypoint"),
+    ("wrk", "HTTP/1.1 load through the waypoint"),
     ("bpftool", "inspecting pinned programs and maps"),
     ("tcpdump", "captures on the fabric link"),
     ("procps", "ps/pgrep for process checks"),

@@ -177,6 +177,27 @@ pub struct Workload {
     pub cgroup: Option<std::path::PathBuf>,
 }
 
+impl Workload {
+    /// Istio's canonical service name and revision, from the labels Istio reads (the pod's
+    /// name and `latest` when none is set): telemetry and baggage use them.
+    pub fn canonical_names(&self) -> (String, String) {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| self.labels.get(*k).cloned());
+        let name = first(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| self.name.clone());
+        let version = first(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_owned());
+        (name, version)
+    }
+}
+
 fn default_service_account() -> String {
     "default".to_owned()
 }
@@ -508,19 +529,52 @@ impl LocalConfig {
     /// This node's enrolled pods as policy sees them: namespace, labels, addresses and the
     /// services that select them.
     pub fn policy_workloads(&self) -> Vec<crate::policy::WorkloadInfo> {
+        use crate::l7::binding::{Binding, Waypoints};
+        let (waypoints, _) = Waypoints::of_config(self);
+        // A binding as the gate the destination agent checks: the waypoint's pods' identities
+        // (none for a missing waypoint: fail closed).
+        let gate = |binding: Binding, service_host: Option<String>| {
+            let r = match binding {
+                Binding::Direct => return None,
+                Binding::Waypoint(r) | Binding::Missing(r) => r,
+            };
+            Some(crate::policy::WaypointGate {
+                waypoint: format!("{}/{}", r.namespace, r.name),
+                service_host,
+                identities: Waypoints::pods(self, &r)
+                    .into_iter()
+                    .map(|p| self.identity_of(p))
+                    .collect(),
+            })
+        };
         self.local_pods()
             .filter(|w| self.is_enrolled(w))
-            .map(|w| crate::policy::WorkloadInfo {
-                key: format!("{}/{}", w.namespace, w.name),
-                namespace: w.namespace.clone(),
-                labels: w.labels.clone(),
-                ips: w.ips.clone(),
-                services: self
+            .map(|w| {
+                let services: Vec<&Service> = self
                     .services
                     .iter()
                     .filter(|s| self.endpoints_of(s).any(|e| std::ptr::eq(e, w)))
-                    .map(|s| (s.namespace.clone(), s.name.clone()))
-                    .collect(),
+                    .collect();
+                let mut gates: Vec<_> = gate(waypoints.of_workload(self, w), None)
+                    .into_iter()
+                    .collect();
+                gates.extend(services.iter().filter_map(|s| {
+                    gate(
+                        waypoints.of_service(self, s),
+                        Some(crate::l7::route::compile::qualify(&s.name, &s.namespace)),
+                    )
+                }));
+                crate::policy::WorkloadInfo {
+                    key: format!("{}/{}", w.namespace, w.name),
+                    namespace: w.namespace.clone(),
+                    labels: w.labels.clone(),
+                    ips: w.ips.clone(),
+                    services: services
+                        .iter()
+                        .map(|s| (s.namespace.clone(), s.name.clone()))
+                        .collect(),
+                    waypoints: gates,
+                }
             })
             .collect()
     }

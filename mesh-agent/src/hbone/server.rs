@@ -53,6 +53,7 @@ pub trait Authorizer: Send + Sync {
         peer: &SpiffeId,
         client: SocketAddr,
         dst: SocketAddr,
+        service_host: Option<&str>,
     ) -> Result<Admission, Decision>;
 }
 
@@ -61,7 +62,13 @@ pub trait Authorizer: Send + Sync {
 pub struct AllowMesh;
 
 impl Authorizer for AllowMesh {
-    fn admit(&self, _: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<Admission, Decision> {
+    fn admit(
+        &self,
+        _: &SpiffeId,
+        _: SocketAddr,
+        _: SocketAddr,
+        _: Option<&str>,
+    ) -> Result<Admission, Decision> {
         Ok(Admission::unconditional())
     }
 }
@@ -101,6 +108,50 @@ pub async fn serve(
     target: Target,
     handshake_permit: impl Send,
 ) {
+    let layer = ConnectionLayer {
+        roots: &ctx.roots,
+        trust_domain: &ctx.trust_domain,
+        limits: &ctx.limits,
+        counters: &ctx.counters,
+    };
+    let cert = Arc::clone(&target.cert);
+    let identity = target.identity.clone();
+    let target = Arc::new(target);
+    let on_stream = |req, respond, peer: Arc<SpiffeId>, addrs| {
+        let (ctx, target) = (Arc::clone(&ctx), Arc::clone(&target));
+        async move { stream(ctx, req, respond, &target, &peer, addrs).await }
+    };
+    serve_connection(layer, tcp, cert, &identity, handshake_permit, on_stream).await;
+}
+
+/// What the connection layer of an HBONE server needs (the node agent's and the waypoint's).
+pub struct ConnectionLayer<'a> {
+    pub roots: &'a [rustls::pki_types::CertificateDer<'static>],
+    pub trust_domain: &'a str,
+    pub limits: &'a ServerLimits,
+    pub counters: &'a Arc<ServerCounters>,
+}
+
+/// The connection layer alone: TLS as `identity` (client certificates chained to `roots`, in
+/// the trust domain), the HTTP/2 handshake with ztunnel's settings and the limits, then every
+/// stream handed to `on_stream` with the peer's identity and the outer connection's
+/// (peer, local) addresses, each on a task of its own.
+pub async fn serve_connection<F, Fut>(
+    layer: ConnectionLayer<'_>,
+    tcp: TcpStream,
+    cert: Arc<rustls::sign::CertifiedKey>,
+    identity: &SpiffeId,
+    handshake_permit: impl Send,
+    on_stream: F,
+) where
+    F: Fn(
+        Request<h2::RecvStream>,
+        h2::server::SendResponse<Bytes>,
+        Arc<SpiffeId>,
+        (SocketAddr, SocketAddr),
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (Ok(outer_peer), Ok(outer_local)) = (tcp.peer_addr(), tcp.local_addr()) else {
         return;
     };
@@ -108,10 +159,10 @@ pub async fn serve(
     // HTTP/2 writes small frames (HEADERS, then DATA): Nagle would hold them for an ACK.
     let _ = tcp.set_nodelay(true);
     let outer_peer = SocketAddr::new(outer_peer.ip().to_canonical(), outer_peer.port());
-    let config = match tls::server_config(Arc::clone(&target.cert), &ctx.roots, &ctx.trust_domain) {
+    let config = match tls::server_config(cert, layer.roots, layer.trust_domain) {
         Ok(c) => c,
         Err(e) => {
-            warn!(pod = %target.identity, error = %e, "HBONE: no TLS configuration");
+            warn!(pod = %identity, error = %e, "HBONE: no TLS configuration");
             return;
         }
     };
@@ -123,7 +174,7 @@ pub async fn serve(
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            info!(client = %outer_peer, pod = %target.identity, error = %e, "HBONE: TLS handshake refused");
+            info!(client = %outer_peer, pod = %identity, error = %e, "HBONE: TLS handshake refused");
             return;
         }
         Err(_) => return,
@@ -145,23 +196,22 @@ pub async fn serve(
         .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(SERVER_MAX_HEADER_LIST)
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(ctx.limits.h2_handshake_timeout, handshake).await {
+    let mut conn = match tokio::time::timeout(layer.limits.h2_handshake_timeout, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            if let Some(suppressed) = ctx.counters.refuse(Refusal::H2HandshakeError) {
+            if let Some(suppressed) = layer.counters.refuse(Refusal::H2HandshakeError) {
                 info!(client = %outer_peer, %peer, error = %e, suppressed, "HBONE: HTTP/2 handshake failed");
             }
             return;
         }
         Err(_) => {
-            if let Some(suppressed) = ctx.counters.refuse(Refusal::H2HandshakeTimeout) {
-                info!(client = %outer_peer, %peer, timeout = ?ctx.limits.h2_handshake_timeout, suppressed,
+            if let Some(suppressed) = layer.counters.refuse(Refusal::H2HandshakeTimeout) {
+                info!(client = %outer_peer, %peer, timeout = ?layer.limits.h2_handshake_timeout, suppressed,
                     "HBONE: no HTTP/2 preface after TLS, closing");
             }
             return;
         }
     };
-    let target = Arc::new(target);
     let peer = Arc::new(peer);
     let streams = Arc::new(OpenStreams::new());
     let mut draining = false;
@@ -169,15 +219,15 @@ pub async fn serve(
         tokio::select! {
             req = conn.accept() => {
                 let Some(Ok((req, respond))) = req else { break };
-                let (ctx, target, peer) = (Arc::clone(&ctx), Arc::clone(&target), Arc::clone(&peer));
                 let open = OpenStreams::enter(&streams);
+                let work = on_stream(req, respond, Arc::clone(&peer), (outer_peer, outer_local));
                 tokio::spawn(async move {
-                    stream(ctx, req, respond, &target, &peer, (outer_peer, outer_local)).await;
+                    work.await;
                     drop(open);
                 });
             }
-            () = streams.idle_for(ctx.limits.idle_timeout), if !draining => {
-                if let Some(suppressed) = ctx.counters.refuse(Refusal::IdleTimeout) {
+            () = streams.idle_for(layer.limits.idle_timeout), if !draining => {
+                if let Some(suppressed) = layer.counters.refuse(Refusal::IdleTimeout) {
                     debug!(client = %outer_peer, %peer, suppressed, "HBONE: connection idle, closing");
                 }
                 // GOAWAY; streams the client opened meanwhile are still served, then accept()
@@ -278,7 +328,7 @@ async fn stream(
     let client = SocketAddr::new(outer_peer.ip(), fwd.for_addr.map_or(0, |a| a.port()));
     let mut telemetry = (ctx.telemetry)(peer, client, dst, outer_local, fwd.host.as_deref());
     // The enforcer logs and counts the decision.
-    let mut admission = match ctx.authorizer.admit(peer, client, dst) {
+    let mut admission = match ctx.authorizer.admit(peer, client, dst, fwd.host.as_deref()) {
         Ok(a) => a,
         Err(d) => {
             let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);

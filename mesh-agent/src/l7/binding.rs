@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
+    discovery::{LocalConfig, Service, Workload},
     l7::api::{ConfigError, ObjectContext, gateway::GATEWAY_API_VERSIONS},
     policy::RawObject,
 };
@@ -130,6 +131,61 @@ impl Waypoints {
             Some(_) => Binding::Direct,
         }
     }
+}
+
+/// The label Istio puts on a waypoint's pods (and its Service selects): the Gateway's name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// A config's bindings, as the node agent (where to send) and the waypoint (what it serves)
+/// both need them.
+impl Waypoints {
+    /// The waypoints of `config` (its `policies:` list holds the Gateways).
+    pub fn of_config(config: &LocalConfig) -> (Self, Vec<ConfigError>) {
+        Self::build(&config.policies)
+    }
+
+    /// Where traffic to `svc`'s VIPs goes.
+    pub fn of_service(&self, config: &LocalConfig, svc: &Service) -> Binding {
+        self.bind(
+            Addressed::Service,
+            &svc.labels,
+            &svc.namespace,
+            namespace_labels(config, &svc.namespace),
+        )
+    }
+
+    /// Where traffic addressed to pod `w`'s own IPs goes.
+    pub fn of_workload(&self, config: &LocalConfig, w: &Workload) -> Binding {
+        self.bind(
+            Addressed::Workload,
+            &w.labels,
+            &w.namespace,
+            namespace_labels(config, &w.namespace),
+        )
+    }
+
+    /// The pods of waypoint `r` (labelled with its name in its namespace, as istiod labels
+    /// the Deployment it creates).
+    pub fn pods<'a>(config: &'a LocalConfig, r: &WaypointRef) -> Vec<&'a Workload> {
+        config
+            .workloads
+            .iter()
+            .filter(|w| {
+                !w.host_network
+                    && w.namespace == r.namespace
+                    && w.labels.get(GATEWAY_NAME_LABEL) == Some(&r.name)
+            })
+            .collect()
+    }
+}
+
+fn namespace_labels<'a>(config: &'a LocalConfig, namespace: &str) -> &'a BTreeMap<String, String> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    config
+        .namespaces
+        .iter()
+        .find(|n| n.name == namespace)
+        .map_or(&EMPTY, |n| &n.labels)
 }
 
 fn waypoint(obj: &RawObject) -> Result<Option<Waypoint>, ConfigError> {

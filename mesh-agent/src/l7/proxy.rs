@@ -109,11 +109,17 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
         .into_parts()
         .0;
     r.headers = p.headers.clone();
+    r.extensions = p.extensions.clone();
     r
 }
 
 fn full(b: Bytes) -> Body {
     Full::new(b).map_err(|e| match e {}).boxed()
+}
+
+/// An empty body (requests and answers without content).
+pub fn empty_body() -> Body {
+    empty()
 }
 
 fn empty() -> Body {
@@ -136,11 +142,25 @@ pub struct Destination {
     pub port: u16,
 }
 
-/// Routes and forwards requests for one proxy.
-pub struct Engine {
+/// The route objects one request is handled with (swapped whole on a config change, so a
+/// request never sees half of one).
+pub struct Routing {
     pub routes: Arc<RouteTable>,
     pub destinations: Arc<DestinationRules>,
+}
+
+/// Who sent a request (the waypoint's first hop), for `sourceLabels` matches.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub namespace: Option<String>,
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Routes and forwards requests for one proxy.
+pub struct Engine {
+    routing: std::sync::RwLock<Arc<Routing>>,
     pub upstream: Arc<dyn Upstream>,
+    /// Circuit breakers outlive config changes: requests in flight keep their slots.
     breakers: Breakers,
 }
 
@@ -151,11 +171,23 @@ impl Engine {
         upstream: Arc<dyn Upstream>,
     ) -> Self {
         Self {
-            routes,
-            destinations,
+            routing: std::sync::RwLock::new(Arc::new(Routing {
+                routes,
+                destinations,
+            })),
             upstream,
             breakers: Breakers::default(),
         }
+    }
+
+    /// Serves new requests with `routing`; requests in flight finish with what they started with.
+    pub fn reconfigure(&self, routing: Routing) {
+        *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
+    }
+
+    /// The routing new requests get.
+    pub fn routing(&self) -> Arc<Routing> {
+        Arc::clone(&self.routing.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Handles one request to `dst`. `rng` draws weights, faults and mirrors.
@@ -169,6 +201,23 @@ impl Engine {
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
+        self.handle_from(dst, &Source::default(), request, rng)
+            .await
+    }
+
+    /// [`Self::handle`] for a request from a known `source`.
+    pub async fn handle_from<B>(
+        &self,
+        dst: &Destination,
+        source: &Source,
+        request: Request<B>,
+        rng: &mut fastrand::Rng,
+    ) -> (Response<Body>, Outcome)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let routing = self.routing();
         let mut outcome = Outcome::default();
         let (head, body) = request.into_parts();
         let path_and_query = head
@@ -195,11 +244,11 @@ impl Engine {
             authority: &authority,
             headers: &head.headers,
             port: dst.port,
-            source_labels: None,
-            source_namespace: None,
+            source_labels: source.labels.as_ref(),
+            source_namespace: source.namespace.as_deref(),
         };
         let default_rule;
-        let (rule, matched, target) = match self.routes.route(&dst.host, &view, rng.u64(..)) {
+        let (rule, matched, target) = match routing.routes.route(&dst.host, &view, rng.u64(..)) {
             Decision::NoRoute { .. } => {
                 outcome.flags.push("NR");
                 return (local(StatusCode::NOT_FOUND, "route not found"), outcome);
@@ -303,7 +352,7 @@ impl Engine {
         }
         let port = target.target.port.unwrap_or(dst.port);
         // Circuit breaking: the service's (subset's) connection pool thresholds.
-        let policy = self
+        let policy = routing
             .destinations
             .for_host(&target.target.host)
             .map(|d| d.resolve(target.target.subset.as_deref(), port))

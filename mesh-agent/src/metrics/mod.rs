@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod node;
 pub mod process;
+pub mod requests;
 pub mod traffic;
 
 use std::sync::Arc;

@@ -35,6 +35,7 @@ use crate::{
         server::{self, ServerContext, Target},
     },
     identity::{CertManager, SpiffeId},
+    l7::binding::{Binding, Waypoints},
     metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
     policy::{ConnectionAttrs, Enforcer, InboundKind},
 };
@@ -53,33 +54,58 @@ pub struct MeshWorkload {
     pub canonical_revision: String,
     /// W3C baggage describing it (HBONE headers).
     pub baggage: String,
+    /// The waypoint traffic addressed to its own IP goes through (pod bound with
+    /// `waypoint-for: workload` or `all`).
+    pub waypoint: Option<Arc<WaypointRoute>>,
+}
+
+/// Where a waypoint-bound destination's traffic goes.
+#[derive(Debug)]
+pub enum WaypointRoute {
+    /// The waypoint's pods: address and identity.
+    Via {
+        waypoint: String,
+        pods: Vec<(IpAddr, SpiffeId)>,
+        next: std::sync::atomic::AtomicUsize,
+    },
+    /// Bound to a waypoint that does not exist (or was rejected): refused, never bypassed.
+    Missing { waypoint: String },
+}
+
+impl WaypointRoute {
+    fn from_binding(config: &LocalConfig, binding: Binding) -> Option<Arc<Self>> {
+        Some(Arc::new(match binding {
+            Binding::Direct => return None,
+            Binding::Missing(r) => Self::Missing {
+                waypoint: format!("{}/{}", r.namespace, r.name),
+            },
+            Binding::Waypoint(r) => Self::Via {
+                waypoint: format!("{}/{}", r.namespace, r.name),
+                pods: Waypoints::pods(config, &r)
+                    .into_iter()
+                    .flat_map(|p| p.ips.iter().map(move |ip| (*ip, config.identity_of(p))))
+                    .collect(),
+                next: Default::default(),
+            },
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Via { waypoint, .. } | Self::Missing { waypoint } => waypoint,
+        }
+    }
 }
 
 /// The cluster name in baggage and telemetry (Istio's default cluster ID).
 pub const CLUSTER_NAME: &str = "Kubernetes";
 
-/// Istio's canonical service name and revision from a workload's labels.
-fn canonical(w: &crate::discovery::Workload) -> (String, String) {
-    let first = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k).cloned());
-    let name = first(&[
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ])
-    .unwrap_or_else(|| w.name.clone());
-    let version = first(&[
-        "service.istio.io/canonical-revision",
-        "app.kubernetes.io/version",
-        "version",
-    ])
-    .unwrap_or_else(|| "latest".to_owned());
-    (name, version)
-}
-
 /// A service port: where its traffic goes.
 #[derive(Debug)]
 pub struct ServiceTarget {
     pub key: String,
+    /// The waypoint the service is bound to, if any.
+    pub waypoint: Option<Arc<WaypointRoute>>,
     pub target_port: u16,
     /// Endpoint addresses of the VIP's family.
     pub endpoints: Vec<IpAddr>,
@@ -109,9 +135,13 @@ pub struct MeshState {
 
 impl MeshState {
     pub fn from_config(config: &LocalConfig) -> Self {
+        let (waypoints, errors) = Waypoints::of_config(config);
+        for e in &errors {
+            warn!(error = %e, "waypoint rejected: traffic bound to it is refused");
+        }
         let mut by_ip = HashMap::new();
         for w in config.workloads.iter().filter(|w| !w.host_network) {
-            let (service, version) = canonical(w);
+            let (service, version) = w.canonical_names();
             let mw = MeshWorkload {
                 key: format!("{}/{}", w.namespace, w.name),
                 name: w.name.clone(),
@@ -125,6 +155,7 @@ impl MeshState {
                 ),
                 canonical_service: service,
                 canonical_revision: version,
+                waypoint: WaypointRoute::from_binding(config, waypoints.of_workload(config, w)),
             };
             for ip in &w.ips {
                 by_ip.insert(*ip, mw.clone());
@@ -133,6 +164,7 @@ impl MeshState {
         let mut services = HashMap::new();
         for svc in &config.services {
             let endpoints = config.endpoint_ips(svc);
+            let waypoint = WaypointRoute::from_binding(config, waypoints.of_service(config, svc));
             for vip in &svc.vips {
                 let family: Vec<IpAddr> = endpoints
                     .iter()
@@ -144,6 +176,7 @@ impl MeshState {
                         (*vip, p.port),
                         Arc::new(ServiceTarget {
                             key: format!("{}/{}", svc.namespace, svc.name),
+                            waypoint: waypoint.clone(),
                             target_port: p.target_port.unwrap_or(p.port),
                             endpoints: family.clone(),
                             next: Default::default(),
@@ -183,6 +216,26 @@ impl MeshContext {
     fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state.services.get(&(dst.ip(), dst.port())).cloned()
+    }
+
+    /// The waypoint a connection from `client` to `dst` goes through: the service's (when
+    /// `dst` is a VIP) or the pod's own binding. A waypoint's own pods are never sent back to it.
+    fn waypoint_for(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+        service: Option<&ServiceTarget>,
+    ) -> Option<Arc<WaypointRoute>> {
+        let route = match service {
+            Some(s) => s.waypoint.clone(),
+            None => self.lookup(dst.ip()).and_then(|w| w.waypoint),
+        }?;
+        match &*route {
+            WaypointRoute::Via { pods, .. } if pods.iter().any(|(ip, _)| *ip == client.ip()) => {
+                None
+            }
+            _ => Some(route),
+        }
     }
 
     fn local_node(&self) -> String {
@@ -257,9 +310,23 @@ pub async fn outbound(
     original_dst: SocketAddr,
     pod: &str,
 ) {
-    let service = ctx
-        .service(original_dst)
+    let service_target = ctx.service(original_dst);
+    let service = service_target
+        .as_ref()
         .map(|s| super::telemetry::service_info(&s.key));
+    if let Some(route) = ctx.waypoint_for(client, original_dst, service_target.as_deref()) {
+        via_waypoint(
+            ctx,
+            tcp,
+            client,
+            original_dst,
+            &route,
+            service.as_ref(),
+            pod,
+        )
+        .await;
+        return;
+    }
     let candidates = match destinations(ctx, original_dst) {
         Ok(c) => c,
         Err(reason) => {
@@ -273,34 +340,35 @@ pub async fn outbound(
     };
     let mut last_error = String::new();
     for dst in candidates {
+        // An endpoint bound to a waypoint itself (`waypoint-for: workload|all`) is reached
+        // through it, also when the client addressed its Service.
+        if service.is_some()
+            && let Some(route) = ctx.waypoint_for(client, dst, None)
+        {
+            via_waypoint(ctx, tcp, client, dst, &route, service.as_ref(), pod).await;
+            return;
+        }
         match route(ctx, client, dst) {
             Ok(Route::Hbone {
                 source,
                 destination,
             }) => {
                 let hbone = SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE);
-                let mut telemetry =
-                    ctx.telemetry
-                        .outbound(client, dst, service.as_ref(), Some(hbone));
+                let telemetry = ctx
+                    .telemetry
+                    .outbound(client, dst, service.as_ref(), Some(hbone));
                 let host = service.as_ref().map(|s| s.hostname.clone());
-                match open_hbone(ctx, client, dst, &source, &destination, host).await {
-                    Ok(stream) => {
-                        telemetry.opened();
-                        let _ = tcp.set_nodelay(true);
-                        let end = relay::relay(
-                            tcp,
-                            stream.send,
-                            stream.recv,
-                            (&telemetry, relay::TcpSide::Client),
-                        )
-                        .await;
-                        drop(stream.slot);
-                        match &end {
-                            relay::RelayEnd::Closed(_) => telemetry.close(Outcome::Closed),
-                            relay::RelayEnd::Reset(_, why) => telemetry.close(Outcome::Reset(why)),
-                        }
-                        return;
-                    }
+                match open_hbone(
+                    ctx,
+                    client,
+                    (hbone, dst),
+                    &source,
+                    &destination.identity,
+                    host,
+                )
+                .await
+                {
+                    Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
                     Err((flags, e)) => {
                         telemetry.fail(flags, &e);
                         last_error = e;
@@ -316,6 +384,7 @@ pub async fn outbound(
                     source_ip: client.ip(),
                     destination_ip: dst.ip(),
                     destination_port: dst.port(),
+                    service_host: None,
                 };
                 let [mut src_t, mut dst_t] = ctx.telemetry.same_node(client, dst);
                 let mut admission = match ctx.enforcer.admit(attrs, InboundKind::SameNode) {
@@ -392,6 +461,91 @@ pub async fn outbound(
     super::sockets::reset(tcp);
 }
 
+/// A connection to a waypoint-bound destination: HBONE to one of the waypoint's pods with the
+/// original destination as authority and the client's identity; refused (RST) when the
+/// waypoint is missing or none of its pods answers — never sent around it.
+async fn via_waypoint(
+    ctx: &MeshContext,
+    tcp: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    route: &WaypointRoute,
+    service: Option<&crate::metrics::ServiceInfo>,
+    pod: &str,
+) {
+    let refuse = |tcp, why: &str| {
+        info!(%client, %original_dst, pod, waypoint = route.name(), reason = why, "refusing a waypoint-bound connection");
+        ctx.telemetry
+            .outbound(client, original_dst, service, None)
+            .fail(ResponseFlags::ConnectFailed, why);
+        super::sockets::reset(tcp);
+    };
+    let (pods, next) = match route {
+        WaypointRoute::Missing { .. } => {
+            return refuse(tcp, "bound to a waypoint that does not exist");
+        }
+        WaypointRoute::Via { pods, next, .. } if pods.is_empty() => {
+            let _ = next;
+            return refuse(tcp, "the waypoint has no pods");
+        }
+        WaypointRoute::Via { pods, next, .. } => (pods, next),
+    };
+    let Some(source) = ctx.lookup(client.ip()) else {
+        return refuse(tcp, "client is not a known workload");
+    };
+    let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let host = service.map(|s| s.hostname.clone());
+    let mut last_error = String::new();
+    for i in 0..pods.len() {
+        let (ip, identity) = &pods[(start + i) % pods.len()];
+        let hbone = SocketAddr::new(*ip, PORT_INBOUND_HBONE);
+        let telemetry = ctx
+            .telemetry
+            .outbound(client, original_dst, service, Some(hbone));
+        match open_hbone(
+            ctx,
+            client,
+            (hbone, original_dst),
+            &source.identity,
+            identity,
+            host.clone(),
+        )
+        .await
+        {
+            Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
+            Err((flags, e)) => {
+                telemetry.fail(flags, &e);
+                last_error = e;
+            }
+        }
+    }
+    info!(%client, %original_dst, pod, waypoint = route.name(), error = last_error,
+        "no waypoint pod answered: refused, not bypassed");
+    super::sockets::reset(tcp);
+}
+
+/// Carries a captured connection over an open HBONE stream to its end.
+async fn relay_hbone(
+    tcp: TcpStream,
+    stream: crate::hbone::client::PooledStream,
+    mut telemetry: ConnectionTelemetry,
+) {
+    telemetry.opened();
+    let _ = tcp.set_nodelay(true);
+    let end = relay::relay(
+        tcp,
+        stream.send,
+        stream.recv,
+        (&telemetry, relay::TcpSide::Client),
+    )
+    .await;
+    drop(stream.slot);
+    match &end {
+        relay::RelayEnd::Closed(_) => telemetry.close(Outcome::Closed),
+        relay::RelayEnd::Reset(_, why) => telemetry.close(Outcome::Reset(why)),
+    }
+}
+
 /// A same-node connection's bytes count for both of this agent's reports.
 struct BothReporters<'a>(&'a ConnectionTelemetry, &'a ConnectionTelemetry);
 
@@ -412,9 +566,9 @@ impl Meter for BothReporters<'_> {
 async fn open_hbone(
     ctx: &MeshContext,
     client: SocketAddr,
-    dst: SocketAddr,
+    (hbone_addr, authority): (SocketAddr, SocketAddr),
     source: &SpiffeId,
-    destination: &MeshWorkload,
+    destination: &SpiffeId,
     service_host: Option<String>,
 ) -> Result<crate::hbone::client::PooledStream, (ResponseFlags, String)> {
     let cert = ctx.certs.get(source).await.map_err(|e| {
@@ -427,9 +581,9 @@ async fn open_hbone(
         client,
         source: source.clone(),
         source_cert: Arc::clone(&cert.key),
-        destination: destination.identity.clone(),
-        hbone_addr: SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE),
-        authority: dst,
+        destination: destination.clone(),
+        hbone_addr,
+        authority,
         baggage: ctx
             .lookup(client.ip())
             .map(|w| w.baggage)
@@ -495,6 +649,7 @@ pub async fn inbound_plaintext(
         source_ip: client.ip(),
         destination_ip: original_dst.ip(),
         destination_port: original_dst.port(),
+        service_host: None,
     };
     let mut telemetry = ctx.telemetry.inbound_plaintext(client, original_dst);
     let mut admission = match ctx.enforcer.admit(attrs, InboundKind::Plaintext) {

@@ -6,7 +6,7 @@
 //! are then refused (no listener), never let out uncaptured. `--uninstall` removes it all.
 
 pub mod admission;
-mod config_file;
+pub mod config_file;
 mod direct;
 pub mod handler;
 pub mod mesh;

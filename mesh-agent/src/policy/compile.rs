@@ -61,6 +61,21 @@ pub struct WorkloadInfo {
     pub ips: Vec<IpAddr>,
     /// `(namespace, name)` of the Services that select it.
     pub services: Vec<(String, String)>,
+    /// Waypoints its traffic must come through (Istio ambient: all traffic into a
+    /// waypoint-bound resource passes its waypoint).
+    pub waypoints: Vec<WaypointGate>,
+}
+
+/// One waypoint requirement of a workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaypointGate {
+    /// `namespace/name` of the waypoint (the decision's policy label).
+    pub waypoint: String,
+    /// `None`: every connection to the workload (it is bound itself); `Some(host)`: connections
+    /// addressed to that service.
+    pub service_host: Option<String>,
+    /// The waypoint pods' identities; empty when the waypoint does not exist (nothing passes).
+    pub identities: Vec<crate::identity::SpiffeId>,
 }
 
 impl Scope {

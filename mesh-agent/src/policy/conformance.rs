@@ -70,6 +70,7 @@ fn workload(
         services: service
             .map(|s| vec![(ns.to_owned(), s.to_owned())])
             .unwrap_or_default(),
+        waypoints: Vec::new(),
     }
 }
 
@@ -105,6 +106,7 @@ fn attrs(c: &Conn) -> ConnectionAttrs {
             .destination_ip
             .unwrap_or_else(|| "10.0.0.10".parse().unwrap()),
         destination_port: c.port.unwrap_or(8080),
+        service_host: None,
     }
 }
 

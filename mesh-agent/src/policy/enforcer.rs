@@ -255,12 +255,21 @@ impl crate::hbone::server::Authorizer for PolicyAuthorizer {
         peer: &crate::identity::SpiffeId,
         client: std::net::SocketAddr,
         dst: std::net::SocketAddr,
+        service_host: Option<&str>,
     ) -> Result<Admission, Decision> {
         let attrs = ConnectionAttrs {
             source: Some(peer.clone()),
             source_ip: client.ip(),
             destination_ip: dst.ip(),
             destination_port: dst.port(),
+            // `host=` may carry the port.
+            service_host: service_host
+                .map(|h| {
+                    h.rsplit_once(':')
+                        .filter(|(_, p)| p.parse::<u16>().is_ok())
+                        .map_or(h, |(h, _)| h)
+                })
+                .map(Arc::from),
         };
         self.0.admit(attrs, InboundKind::Hbone)
     }
@@ -289,6 +298,7 @@ mod tests {
             source_ip: "10.0.0.9".parse().unwrap(),
             destination_ip: "10.0.0.1".parse().unwrap(),
             destination_port: port,
+            service_host: None,
         }
     }
 

@@ -31,6 +31,8 @@ pub enum Reason {
     MtlsStrict,
     /// A policy selecting the workload was rejected; its workloads fail closed.
     InvalidPolicy,
+    /// The destination is bound to a waypoint and the connection did not come from it.
+    WaypointBypassed,
     /// The destination is not a workload this agent enforces for.
     UnknownDestination,
 }
@@ -45,6 +47,7 @@ impl Reason {
             Self::L7Unenforceable => "l7_unenforceable",
             Self::MtlsStrict => "mtls_strict",
             Self::InvalidPolicy => "invalid_policy",
+            Self::WaypointBypassed => "waypoint_bypassed",
             Self::UnknownDestination => "unknown_destination",
         }
     }
@@ -97,6 +100,7 @@ pub struct WorkloadPolicies {
     /// Rejected policies that select it.
     pub invalid: Vec<Arc<str>>,
     pub mtls: ResolvedMtls,
+    pub waypoints: Vec<(Arc<str>, super::compile::WaypointGate)>,
 }
 
 /// All policies of the mesh, compiled for the workloads this agent enforces for.
@@ -135,6 +139,9 @@ impl PolicySet {
                     "RequestAuthentication {}/{}: JWTs are checked by waypoints, not node agents",
                     obj.metadata.namespace, obj.metadata.name
                 )),
+                // Routing objects live in the same list; the waypoints and the node agents'
+                // waypoint bindings read (and report) them.
+                kind if crate::l7::api::ROUTING_KINDS.contains(&kind) => {}
                 other => set.errors.push(PolicyError {
                     kind: other.to_owned(),
                     namespace: obj.metadata.namespace.clone(),
@@ -200,6 +207,20 @@ impl PolicySet {
         let Some(wp) = self.by_ip.get(&attrs.destination_ip) else {
             return Decision::new(false, Reason::UnknownDestination, None);
         };
+        // Checked first: a bypass is refused whatever the policies would allow.
+        if let Some((name, _)) = wp.waypoints.iter().find(|(_, g)| {
+            let applies = match &g.service_host {
+                None => true,
+                Some(h) => attrs.service_host.as_deref() == Some(h.as_str()),
+            };
+            applies
+                && !attrs
+                    .source
+                    .as_ref()
+                    .is_some_and(|s| g.identities.contains(s))
+        }) {
+            return Decision::new(false, Reason::WaypointBypassed, Some(name));
+        }
         if attrs.source.is_none() && wp.mtls.mode_for(attrs.destination_port) == MtlsMode::Strict {
             return Decision::new(false, Reason::MtlsStrict, wp.mtls.policy.as_ref());
         }
@@ -247,6 +268,11 @@ fn for_workload(
         audit: Vec::new(),
         invalid: Vec::new(),
         mtls: resolve_mtls(w, peer),
+        waypoints: w
+            .waypoints
+            .iter()
+            .map(|g| (Arc::from(g.waypoint.as_str()), g.clone()))
+            .collect(),
     };
     for e in authz.iter().filter(|e| e.scope.selects(w)) {
         match &e.policy {
@@ -327,5 +353,105 @@ mod tests {
             "{notes}"
         );
         assert!(notes.contains("RequestAuthentication ns/jwt"), "{notes}");
+    }
+
+    /// Istio ambient: all traffic into a waypoint-bound resource passes its waypoint. The
+    /// destination agent refuses the rest, whatever the policies allow; a missing waypoint
+    /// lets nothing through.
+    #[test]
+    fn traffic_that_bypasses_a_waypoint_is_refused() {
+        use crate::identity::SpiffeId;
+        let waypoint = SpiffeId::new("cluster.local", "ns", "waypoint").unwrap();
+        let client = SpiffeId::new("cluster.local", "ns", "client").unwrap();
+        let gate = |service_host: Option<&str>, identities: Vec<SpiffeId>| {
+            super::super::compile::WaypointGate {
+                waypoint: "ns/waypoint".into(),
+                service_host: service_host.map(str::to_owned),
+                identities,
+            }
+        };
+        let workload = |ip: &str, gates| WorkloadInfo {
+            key: format!("ns/{ip}"),
+            namespace: "ns".into(),
+            ips: vec![ip.parse().unwrap()],
+            waypoints: gates,
+            ..Default::default()
+        };
+        let set = PolicySet::compile(
+            &[],
+            &[
+                workload("10.0.0.1", vec![gate(None, vec![waypoint.clone()])]),
+                workload(
+                    "10.0.0.2",
+                    vec![gate(
+                        Some("svc.ns.svc.cluster.local"),
+                        vec![waypoint.clone()],
+                    )],
+                ),
+                workload("10.0.0.3", vec![gate(None, vec![])]),
+            ],
+            "istio-system",
+        );
+        let attrs = |dst: &str, source: Option<&SpiffeId>, host: Option<&str>| ConnectionAttrs {
+            source: source.cloned(),
+            source_ip: "10.0.9.9".parse().unwrap(),
+            destination_ip: dst.parse().unwrap(),
+            destination_port: 8080,
+            service_host: host.map(Arc::from),
+        };
+        let svc = Some("svc.ns.svc.cluster.local");
+        let cases: [(&str, ConnectionAttrs, Option<Reason>); 8] = [
+            (
+                "a bound pod: its waypoint passes",
+                attrs("10.0.0.1", Some(&waypoint), None),
+                None,
+            ),
+            (
+                "a bound pod: another identity is refused",
+                attrs("10.0.0.1", Some(&client), None),
+                Some(Reason::WaypointBypassed),
+            ),
+            (
+                "a bound pod: plaintext is refused",
+                attrs("10.0.0.1", None, None),
+                Some(Reason::WaypointBypassed),
+            ),
+            (
+                "a bound pod: naming a service does not help",
+                attrs("10.0.0.1", Some(&client), svc),
+                Some(Reason::WaypointBypassed),
+            ),
+            (
+                "a bound service, addressed: only its waypoint",
+                attrs("10.0.0.2", Some(&client), svc),
+                Some(Reason::WaypointBypassed),
+            ),
+            (
+                "a bound service, addressed by its waypoint",
+                attrs("10.0.0.2", Some(&waypoint), svc),
+                None,
+            ),
+            (
+                "a bound service's pod addressed directly (waypoint-for service): allowed, as Istio",
+                attrs("10.0.0.2", Some(&client), None),
+                None,
+            ),
+            (
+                "a missing waypoint lets nothing through",
+                attrs("10.0.0.3", Some(&waypoint), None),
+                Some(Reason::WaypointBypassed),
+            ),
+        ];
+        for (istio, a, want) in cases {
+            let d = set.evaluate(&a);
+            match want {
+                None => assert!(d.allowed, "{istio}: {d:?}"),
+                Some(r) => {
+                    assert!(!d.allowed, "{istio}: {d:?}");
+                    assert_eq!(d.reason, r, "{istio}");
+                    assert_eq!(d.policy.as_deref(), Some("ns/waypoint"), "{istio}");
+                }
+            }
+        }
     }
 }

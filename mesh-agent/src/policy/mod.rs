@@ -19,7 +19,7 @@ pub mod model;
 #[cfg(test)]
 mod conformance;
 
-pub use compile::{PolicyError, Scope, WorkloadInfo};
+pub use compile::{PolicyError, Scope, WaypointGate, WorkloadInfo};
 pub use crd::RawObject;
 pub use enforcer::{Admission, Enforcer, InboundKind, PolicyAuthorizer};
 pub use index::{Decision, PolicySet, Reason, WorkloadPolicies};

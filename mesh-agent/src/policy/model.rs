@@ -19,6 +19,9 @@ pub struct ConnectionAttrs {
     pub destination_ip: IpAddr,
     /// The workload's port (after any service port mapping).
     pub destination_port: u16,
+    /// The service hostname the client addressed, when the peer says (HBONE `forwarded:
+    /// ...;host=`): traffic to a waypoint-bound service must come from its waypoint.
+    pub service_host: Option<Arc<str>>,
 }
 
 /// The source as string matchers see it: Istio principals have no `spiffe://` prefix.

@@ -6,10 +6,13 @@
 //! mtb-probe serve <port>               serve the probe protocol until killed
 //! mtb-probe http <port> <name>         a minimal HTTP/1.1 server (for curl): answers every
 //!                                      request with "<name> saw <peer>"
+//! mtb-probe http-app <port> <name> [fail]  the L7 test application (see mesh_testbed::httpapp)
 //! mtb-probe load-server <rr-port> <once-port>...  the benchmark servers (see mesh_testbed::load)
 //! mtb-probe rr <addr:port> <secs>              1 KiB request/response latency (JSON)
 //! mtb-probe connrate <addr:port> <conc> <secs> connect, 1 KiB exchange, close: conn/s (JSON)
 //! mtb-probe paced <addr:port> <rps> <secs>     1 KiB exchanges at a fixed rate (JSON)
+//! mtb-probe http-paced <addr:port> <host> <path> <rps> <secs>  HTTP/1.1 GETs at a fixed rate:
+//!                                              rate and latency percentiles (JSON)
 //! mtb-probe hold <addr:port> <count>           open <count> idle connections and hold them: prints
 //!                                              {"opened","failed"}, then the sockets' TCP states
 //!                                              for each line read on stdin; closes all at EOF
@@ -80,9 +83,21 @@ fn main() -> Result<()> {
             rps.parse().context("rate")?,
             Duration::from_secs_f64(secs.parse().context("seconds")?),
         )?),
+        ["http-paced", dst, host, path, rps, secs] => print_json(&load::http_paced(
+            dst.parse().context("destination")?,
+            host,
+            path,
+            rps.parse().context("rate")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )?),
         ["hold", dst, count] => hold(
             dst.parse().context("destination")?,
             count.parse().context("count")?,
+        ),
+        ["http-app", port, name, rest @ ..] => mesh_testbed::httpapp::serve(
+            port.parse().context("port")?,
+            name,
+            rest.first().is_some_and(|m| *m == "fail"),
         ),
         ["http", port, name] => {
             let port: u16 = port.parse().context("port")?;

@@ -279,6 +279,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Replaces the whole config file (the agent reloads it within its polling interval).
+    pub fn rewrite_config(&self, yaml: &str) -> Result<()> {
+        std::fs::write(&self.config, yaml)?;
+        Ok(())
+    }
+
     /// Waits until MESH_PODS holds exactly the host interfaces of this node's enrolled pods.
     pub fn wait_enrolled(&self, tb: &Testbed, enrolled: &BTreeSet<PodId>) -> Result<()> {
         let want = self.ifindexes(tb, enrolled)?;

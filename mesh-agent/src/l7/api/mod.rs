@@ -12,6 +12,16 @@ pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1alpha3",
 ];
 
+/// Kinds read by the L7 side (waypoints, bindings), which may sit in a config's `policies:`
+/// list next to the security objects.
+pub const ROUTING_KINDS: [&str; 5] = [
+    "VirtualService",
+    "DestinationRule",
+    "HTTPRoute",
+    "GRPCRoute",
+    "Gateway",
+];
+
 /// Why a routing object was rejected: the object, the field, and what is wrong. A rejected
 /// object is left out; the others keep working.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,329 @@
+//! `mesh-agent waypoint`: the L7 proxy node agents send a bound service's (or pod's) traffic
+//! to. It is a mesh workload of its own (its pod's service account and certificate), serves
+//! HBONE on 15008 ([`inbound`]), runs each request through the shared L7 engine
+//! ([`crate::l7::proxy::Engine`]) and reaches the chosen endpoint over HBONE with its own
+//! identity ([`upstream`]). Config (services, pods, Gateways, VirtualServices,
+//! DestinationRules, HTTPRoutes) comes from the local config file and is reloaded when it
+//! changes; requests in flight finish with the config they started with.
+pub mod inbound;
+pub mod state;
+pub mod upstream;
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, RwLock, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use crate::{
+    discovery::LocalConfig,
+    hbone::{
+        client::Pool,
+        limits::{ServerCounters, ServerLimits},
+        server::{ConnectionLayer, serve_connection},
+    },
+    identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId},
+    l7::{
+        binding::WaypointRef,
+        proxy::{Engine, Routing},
+    },
+    metrics::requests::RequestMetrics,
+    node::config_file::ConfigFile,
+};
+use state::WaypointState;
+use upstream::HboneUpstream;
+
+/// How to run a waypoint.
+#[derive(Clone, Debug)]
+pub struct WaypointOptions {
+    /// The local config file (the same schema as the node agents').
+    pub config: PathBuf,
+    /// The Gateway this process is (`namespace/name`).
+    pub gateway: WaypointRef,
+    /// This pod's name in the config (its identity and address); default: the first pod
+    /// labelled with the Gateway's name.
+    pub pod: Option<String>,
+    pub hbone_port: u16,
+    pub metrics_port: u16,
+    pub readiness_port: u16,
+    pub reload_interval: Duration,
+}
+
+/// Shared by every connection.
+pub struct Waypoint {
+    state: Arc<RwLock<Arc<WaypointState>>>,
+    pub engine: Arc<Engine>,
+    pub upstream: Arc<HboneUpstream>,
+    pub metrics: Arc<RequestMetrics>,
+    /// Round-robin position for opaque TCP.
+    tcp_next: AtomicUsize,
+}
+
+impl Waypoint {
+    fn state(&self) -> Arc<WaypointState> {
+        Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Who this waypoint is in `config`.
+fn own_pod<'a>(
+    config: &'a LocalConfig,
+    opts: &WaypointOptions,
+) -> anyhow::Result<&'a crate::discovery::Workload> {
+    let pods = crate::l7::binding::Waypoints::pods(config, &opts.gateway);
+    match &opts.pod {
+        Some(name) => config
+            .workloads
+            .iter()
+            .find(|w| &w.name == name && w.namespace == opts.gateway.namespace)
+            .with_context(|| format!("pod {}/{name} is not in the config", opts.gateway.namespace)),
+        None => pods.first().copied().with_context(|| {
+            format!(
+                "no pod of waypoint {}/{} in the config (label it {}={})",
+                opts.gateway.namespace,
+                opts.gateway.name,
+                crate::l7::binding::GATEWAY_NAME_LABEL,
+                opts.gateway.name
+            )
+        }),
+    }
+}
+
+/// Runs the waypoint until the process is stopped.
+pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
+    let mut file = ConfigFile::new(
+        &opts.config,
+        opts.reload_interval,
+        Duration::from_millis(200),
+    );
+    let text = file
+        .read_initial()
+        .with_context(|| format!("reading {}", opts.config.display()))?;
+    let config = LocalConfig::parse_file(&opts.config, &text)?;
+    let pod = own_pod(&config, &opts)?;
+    let me: SpiffeId = config.identity_of(pod);
+    let (service, version) = pod.canonical_names();
+    let baggage = format!(
+        "k8s.cluster.name={},k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
+        crate::node::mesh::CLUSTER_NAME,
+        pod.namespace,
+        pod.name
+    );
+    let ca = config.ca.as_ref().context(
+        "the waypoint needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR`)",
+    )?;
+    let local = LocalCa::from_dir(&ca.dir, &config.node.trust_domain)
+        .with_context(|| format!("loading the CA from {}", ca.dir.display()))?;
+    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(Arc::new(local)));
+    let roots = issuer.roots();
+    let certs = CertManager::new(
+        Arc::clone(&issuer),
+        Duration::from_secs(ca.cert_ttl_seconds),
+    );
+    let own = certs
+        .get(&me)
+        .await
+        .with_context(|| format!("a certificate for {me}"))?;
+    let trust_domain = config.node.trust_domain.clone();
+
+    let first = WaypointState::build(&config, &opts.gateway);
+    report(&first, &opts.gateway);
+    let routing = Routing {
+        routes: Arc::clone(&first.routes),
+        destinations: Arc::clone(&first.destinations),
+    };
+    let state = Arc::new(RwLock::new(Arc::new(first)));
+    // The waypoint is an ordinary pod: its connections leave from its own address.
+    let connector: crate::hbone::Connector =
+        Arc::new(|_, dst| Box::pin(tokio::net::TcpStream::connect(dst)));
+    let pool = Pool::new(roots.clone(), connector);
+    let upstream = Arc::new(HboneUpstream::new(
+        Arc::clone(&state),
+        pool,
+        Arc::clone(&certs),
+        me.clone(),
+        baggage,
+    ));
+    let mut registry = Registry::default();
+    let metrics = RequestMetrics::register(registry.sub_registry_with_prefix("istio"));
+    let counters = ServerCounters::register(&mut registry);
+    let engine = Arc::new(Engine::new(
+        routing.routes,
+        routing.destinations,
+        Arc::clone(&upstream) as Arc<dyn crate::l7::proxy::Upstream>,
+    ));
+    let wp = Arc::new(Waypoint {
+        state: Arc::clone(&state),
+        engine,
+        upstream,
+        metrics,
+        tcp_next: AtomicUsize::new(0),
+    });
+    let registry = Arc::new(registry);
+    serve_admin(opts.metrics_port, opts.readiness_port, registry).await?;
+
+    let listener = bind_dual(opts.hbone_port)
+        .with_context(|| format!("binding the HBONE port {}", opts.hbone_port))?;
+    info!(gateway = %format!("{}/{}", opts.gateway.namespace, opts.gateway.name), identity = %me,
+        port = opts.hbone_port, "waypoint serving");
+    let limits = Arc::new(ServerLimits::default());
+    let accept = {
+        let wp = Arc::clone(&wp);
+        let certs = Arc::clone(&certs);
+        let me = me.clone();
+        async move {
+            loop {
+                let (tcp, _) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "waypoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let cert = match certs.get(&me).await {
+                    Ok(c) => Arc::clone(&c.key),
+                    Err(_) => Arc::clone(&own.key),
+                };
+                let (wp, roots, limits, counters, td, me) = (
+                    Arc::clone(&wp),
+                    roots.clone(),
+                    Arc::clone(&limits),
+                    Arc::clone(&counters),
+                    trust_domain.clone(),
+                    me.clone(),
+                );
+                tokio::spawn(async move {
+                    let layer = ConnectionLayer {
+                        roots: &roots,
+                        trust_domain: &td,
+                        limits: &limits,
+                        counters: &counters,
+                    };
+                    let on_stream = |req, respond, peer, addrs| {
+                        inbound::stream(Arc::clone(&wp), req, respond, peer, addrs)
+                    };
+                    serve_connection(layer, tcp, cert, &me, (), on_stream).await;
+                });
+            }
+        }
+    };
+    let reload = async move {
+        loop {
+            let text = file.next().await;
+            match LocalConfig::parse_file(&opts.config, &text) {
+                Ok(config) => {
+                    let next = WaypointState::build(&config, &opts.gateway);
+                    report(&next, &opts.gateway);
+                    wp.engine.reconfigure(Routing {
+                        routes: Arc::clone(&next.routes),
+                        destinations: Arc::clone(&next.destinations),
+                    });
+                    *state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+                }
+                Err(e) => warn!(error = %e, "waypoint: config rejected, keeping the previous one"),
+            }
+        }
+    };
+    tokio::select! {
+        () = accept => Ok(()),
+        () = reload => Ok(()),
+        r = tokio::signal::ctrl_c() => {
+            r.context("waiting for a signal")?;
+            info!("waypoint: stopping");
+            Ok(())
+        }
+    }
+}
+
+/// Logs what a config gives this waypoint and every object rejected.
+fn report(state: &WaypointState, me: &WaypointRef) {
+    let (ports, pods) = state.served();
+    info!(gateway = %format!("{}/{}", me.namespace, me.name), service_ports = ports, pods,
+        routes = state.routes.len(), "waypoint config");
+    for e in &state.errors {
+        warn!(error = %e, "waypoint: object rejected");
+    }
+}
+
+/// A listener on every address, IPv6 too where the namespace has it.
+fn bind_dual(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None);
+    let bound = socket.and_then(|s| {
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&v6.into())?;
+        s.listen(1024)?;
+        Ok(s)
+    });
+    let std: std::net::TcpListener = match bound {
+        Ok(s) => s.into(),
+        Err(_) => {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            l
+        }
+    };
+    tokio::net::TcpListener::from_std(std)
+}
+
+/// Prometheus on `metrics_port` (`/metrics`, `/stats/prometheus`) and readiness on
+/// `readiness_port` (`/healthz/ready`: ready once the listeners are up).
+async fn serve_admin(
+    metrics_port: u16,
+    readiness_port: u16,
+    registry: Arc<Registry>,
+) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    for (port, metrics) in [(metrics_port, true), (readiness_port, false)] {
+        let listener = bind_dual(port).with_context(|| format!("binding port {port}"))?;
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let registry = Arc::clone(&registry);
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let registry = Arc::clone(&registry);
+                    async move {
+                        let path = req.uri().path();
+                        let (status, body, ctype) = if metrics
+                            && (path == "/metrics" || path == "/stats/prometheus")
+                        {
+                            let mut out = String::new();
+                            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                            (200, out, crate::metrics::CONTENT_TYPE)
+                        } else if !metrics && path == "/healthz/ready" {
+                            (200, "ready\n".to_owned(), "text/plain")
+                        } else {
+                            (404, "not found\n".to_owned(), "text/plain")
+                        };
+                        let resp = http::Response::builder()
+                            .status(status)
+                            .header(http::header::CONTENT_TYPE, ctype)
+                            .body(Full::new(bytes::Bytes::from(body)))
+                            .expect("static response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,801 @@
+//! The waypoint end to end: node agents send a bound service's (and a bound pod's) traffic to
+//! a `mesh-agent waypoint` over HBONE; the waypoint applies VirtualService / DestinationRule
+//! routing and reaches the chosen pod over HBONE with its own identity. Real clients (curl,
+//! h2load, an HTTP/2 gRPC-shaped client, a WebSocket upgrade, the probe protocol for TCP).
+//!
+//! Topology (two nodes, four pods each; namespace `mesh` is ambient):
+//! - node 1: (1,1) client, (1,2) the waypoint (not captured: `dataplane-mode: none`),
+//!   (1,3) a broken `reviews` pod (answers 503), (1,4) reviews v3
+//! - node 2: (2,1) reviews v1, (2,2) reviews v2, (2,3) ratings (the pod itself bound to the
+//!   waypoint), (2,4) an outsider (namespace `plain`, not in the mesh)
+//!
+//! Service `reviews` (ports http 9080, grpc 9081, tcp 7000) carries `istio.io/use-waypoint`.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use mesh_testbed::{
+    Background, Pod, Testbed, TestbedSpec, binaries, can_run,
+    http::http_get,
+    probe::{Probe, ProbeServer},
+};
+use support::{Agent, PodId, TempDir, pods};
+
+const SPEC: TestbedSpec = TestbedSpec {
+    nodes: 2,
+    pods_per_node: 4,
+};
+const REVIEWS_VIP: &str = "10.96.0.10";
+const REVIEWS_VIP6: &str = "fd00:96::10";
+const ENROLLED_NODE1: [PodId; 3] = [(1, 1), (1, 3), (1, 4)];
+const ENROLLED_NODE2: [PodId; 3] = [(2, 1), (2, 2), (2, 3)];
+
+const GATEWAY: &str = "
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: waypoint, namespace: mesh, labels: {istio.io/waypoint-for: all}}
+  spec:
+    gatewayClassName: mesh-waypoint
+    listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+";
+
+const DESTINATION_RULE: &str = "
+- apiVersion: networking.istio.io/v1
+  kind: DestinationRule
+  metadata: {name: reviews, namespace: mesh}
+  spec:
+    host: reviews
+    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+    subsets:
+      - {name: v1, labels: {version: v1}}
+      - {name: v2, labels: {version: v2}}
+      - {name: v3, labels: {version: v3}}
+      - {name: retry, labels: {pool: retry}}
+      - name: guarded
+        labels: {version: v1}
+        trafficPolicy:
+          connectionPool:
+            tcp: {maxConnections: 1}
+            http: {http1MaxPendingRequests: 1, http2MaxRequests: 1}
+";
+
+/// All of `reviews` to v1 (the tutorial's first step).
+const ALL_TO_V1: &str = "
+- apiVersion: networking.istio.io/v1
+  kind: VirtualService
+  metadata: {name: reviews, namespace: mesh}
+  spec:
+    hosts: [reviews]
+    http:
+      - route: [{destination: {host: reviews, subset: v1}}]
+";
+
+/// Every feature the test asserts, one rule each, then the 80/20 canary.
+const FEATURES: &str = "
+- apiVersion: networking.istio.io/v1
+  kind: VirtualService
+  metadata: {name: reviews, namespace: mesh}
+  spec:
+    hosts: [reviews]
+    http:
+      - name: jason
+        match: [{headers: {end-user: {exact: jason}}}]
+        route: [{destination: {host: reviews, subset: v3}}]
+      - name: delay
+        match: [{uri: {prefix: /fault-delay}}]
+        fault: {delay: {fixedDelay: 1s, percentage: {value: 100}}}
+        route: [{destination: {host: reviews, subset: v1}}]
+      - name: abort
+        match: [{uri: {prefix: /fault-abort}}]
+        fault: {abort: {httpStatus: 500, percentage: {value: 50}}}
+        route: [{destination: {host: reviews, subset: v1}}]
+      - name: timeout
+        match: [{uri: {prefix: /timeout}}]
+        rewrite: {uri: /delay/2000}
+        timeout: 0.3s
+        route: [{destination: {host: reviews, subset: v1}}]
+      - name: retry
+        match: [{uri: {prefix: /retry}}]
+        retries: {attempts: 3, retryOn: 5xx}
+        route: [{destination: {host: reviews, subset: retry}}]
+      - name: noretry
+        match: [{uri: {prefix: /noretry}}]
+        retries: {attempts: 0}
+        route: [{destination: {host: reviews, subset: retry}}]
+      - name: mirror
+        match: [{uri: {prefix: /mirror}}]
+        route: [{destination: {host: reviews, subset: v1}}]
+        mirror: {host: reviews, subset: v3}
+        mirrorPercentage: {value: 100}
+      - name: slow
+        match: [{uri: {prefix: /slow}}]
+        rewrite: {uri: /delay/200}
+        route: [{destination: {host: reviews, subset: guarded}}]
+      - name: canary
+        headers:
+          request: {set: {x-route: canary}}
+          response: {add: {x-mesh: waypoint}}
+        route:
+          - {destination: {host: reviews, subset: v1}, weight: 80}
+          - {destination: {host: reviews, subset: v2}, weight: 20}
+";
+
+struct Rig {
+    tb: Testbed,
+    ca: TempDir,
+    agents: Vec<Agent>,
+    waypoint_config: std::path::PathBuf,
+    waypoint: Option<Background>,
+    apps: Vec<(PodId, Background)>,
+    _probes: Vec<ProbeServer>,
+}
+
+/// The config of `node` (the waypoint reads node 1's): `bound` says whether the Service and the
+/// ratings pod carry their `istio.io/use-waypoint` labels.
+fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> String {
+    let bind = if bound {
+        "istio.io/use-waypoint: waypoint"
+    } else {
+        "bound: \"no\""
+    };
+    let mut y = format!(
+        "node: {{name: node{node}, uplinks: [{}]}}\nca: {{dir: {}}}\nnamespaces:\n  - name: mesh\n    labels: {{istio.io/dataplane-mode: ambient}}\n  - name: plain\n",
+        tb.node(node).uplink,
+        ca.display()
+    );
+    y += &format!(
+        "services:\n  - {{name: reviews, namespace: mesh, vips: [{REVIEWS_VIP}, \"{REVIEWS_VIP6}\"], labels: {{{bind}}}, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: grpc, port: 9081, targetPort: 8080}}, {{name: tcp-probe, port: 7000, targetPort: 9090}}]}}\n  - {{name: ratings, namespace: mesh, vips: [10.96.0.11], selector: {{app: ratings}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\nworkloads:\n"
+    );
+    let roles: [(PodId, &str, &str, String); 8] = [
+        ((1, 1), "mesh", "sa-client", "app: productpage".into()),
+        (
+            (1, 2),
+            "mesh",
+            "waypoint",
+            "gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none"
+                .into(),
+        ),
+        (
+            (1, 3),
+            "mesh",
+            "sa-reviews",
+            "app: reviews, version: v-broken, pool: retry".into(),
+        ),
+        (
+            (1, 4),
+            "mesh",
+            "sa-reviews",
+            "app: reviews, version: v3".into(),
+        ),
+        (
+            (2, 1),
+            "mesh",
+            "sa-reviews",
+            "app: reviews, version: v1, pool: retry".into(),
+        ),
+        (
+            (2, 2),
+            "mesh",
+            "sa-reviews",
+            "app: reviews, version: v2".into(),
+        ),
+        (
+            (2, 3),
+            "mesh",
+            "sa-ratings",
+            format!("app: ratings, {bind}"),
+        ),
+        ((2, 4), "plain", "default", "app: outsider".into()),
+    ];
+    for ((n, i), ns, sa, labels) in roles {
+        let pod = tb.pod(n, i);
+        y += &format!(
+            "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{n}, ips: [{}, \"{}\"], hostInterface: {}, labels: {{{labels}}}}}\n",
+            pod.name(),
+            pod.ipv4,
+            pod.ipv6,
+            pod.host_veth,
+        );
+    }
+    y + "policies:\n" + GATEWAY + DESTINATION_RULE + objects
+}
+
+impl Rig {
+    fn start() -> Self {
+        let tb = Testbed::build(SPEC).unwrap();
+        let ca = TempDir::with_ca(&tb.info().run);
+        let agents = [(1, &ENROLLED_NODE1[..]), (2, &ENROLLED_NODE2[..])]
+            .into_iter()
+            .map(|(n, enrolled)| {
+                let yaml = config(&tb, n, ca.path(), true, "");
+                Agent::start_with_config(&tb, n, "mesh", &pods(enrolled), Some(ca.path()), &yaml)
+                    .unwrap()
+            })
+            .collect();
+        let waypoint_config =
+            std::env::temp_dir().join(format!("mesh-e2e-{}-waypoint.yaml", tb.info().run));
+        std::fs::write(&waypoint_config, config(&tb, 1, ca.path(), true, ALL_TO_V1)).unwrap();
+        let probe = binaries::mtb_probe().unwrap();
+        let probe = probe.to_str().unwrap();
+        let apps = [
+            ((1, 3), "reviews-broken", true),
+            ((1, 4), "reviews-v3", false),
+            ((2, 1), "reviews-v1", false),
+            ((2, 2), "reviews-v2", false),
+            ((2, 3), "ratings", false),
+        ]
+        .into_iter()
+        .map(|((n, i), name, fail)| {
+            let mut args = vec!["http-app", "8080", name];
+            if fail {
+                args.push("fail");
+            }
+            let mut p = tb.pod(n, i).place.spawn(probe, &args).unwrap();
+            p.wait_listening(8080, Duration::from_secs(10)).unwrap();
+            ((n, i), p)
+        })
+        .collect();
+        let probes = [(2, 1), (2, 2), (1, 3), (1, 4)]
+            .into_iter()
+            .map(|(n, i)| ProbeServer::start(&tb.pod(n, i).place, &[9090]).unwrap())
+            .collect();
+        let mut rig = Rig {
+            tb,
+            ca,
+            agents,
+            waypoint_config,
+            waypoint: None,
+            apps,
+            _probes: probes,
+        };
+        rig.start_waypoint();
+        rig
+    }
+
+    fn start_waypoint(&mut self) {
+        let bin = binaries::mesh_agent().unwrap();
+        let mut p = self
+            .tb
+            .pod(1, 2)
+            .place
+            .spawn(
+                bin.to_str().unwrap(),
+                &[
+                    "waypoint",
+                    "--config",
+                    self.waypoint_config.to_str().unwrap(),
+                    "--gateway",
+                    "mesh/waypoint",
+                    "--reload-interval-ms",
+                    "100",
+                ],
+            )
+            .unwrap();
+        if let Err(e) = p.wait_listening(15008, Duration::from_secs(20)) {
+            let out = p.kill().unwrap();
+            panic!("{e:#}\nwaypoint: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.waypoint = Some(p);
+    }
+
+    /// New routing objects for the waypoint; waits until it serves them (`probe` answers
+    /// `want`).
+    fn set_routes(&self, objects: &str, check: impl Fn() -> bool) {
+        std::fs::write(
+            &self.waypoint_config,
+            config(&self.tb, 1, self.ca.path(), true, objects),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "the waypoint did not take the new routes"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pod(&self, n: usize, i: usize) -> &Pod {
+        self.tb.pod(n, i)
+    }
+
+    /// Stops everything; returns the waypoint's log and each app's stdout.
+    fn finish(mut self) -> (String, Vec<(PodId, String)>) {
+        let wp = self
+            .waypoint
+            .take()
+            .map(|w| {
+                String::from_utf8_lossy(&w.terminate(Duration::from_secs(5)).unwrap().stderr)
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        let apps = std::mem::take(&mut self.apps)
+            .into_iter()
+            .map(|(id, p)| {
+                let out = p.terminate(Duration::from_secs(5)).unwrap();
+                (id, String::from_utf8_lossy(&out.stdout).into_owned())
+            })
+            .collect();
+        for a in &mut self.agents {
+            a.stop().unwrap();
+        }
+        let _ = std::fs::remove_file(&self.waypoint_config);
+        drop(self._probes);
+        drop(self.ca);
+        self.tb.teardown_verified().unwrap();
+        (wp, apps)
+    }
+}
+
+/// One curl answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+    secs: f64,
+}
+
+/// `curl` from `pod` with extra arguments; never fails the test itself.
+fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Answer {
+    let mut args = vec!["-sS", "-i", "-m", "8", "-w", "\n%{http_code} %{time_total}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out: Output = pod.place.output("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (rest, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut tail = tail.split_whitespace();
+    let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let secs = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    Answer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+        secs,
+    }
+}
+
+fn reviews(path: &str) -> String {
+    format!("http://{REVIEWS_VIP}:9080{path}")
+}
+
+/// Which app answered (`<name> saw ...`).
+fn served_by(a: &Answer) -> &str {
+    a.body.split_whitespace().next().unwrap_or("")
+}
+
+/// The waypoint's request counter for `labels`.
+fn waypoint_requests(tb: &Testbed, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = http_get(
+        &tb.pod(1, 2).place,
+        "127.0.0.1:15020".parse().unwrap(),
+        "GET",
+        "/metrics",
+    )
+    .unwrap();
+    assert!(status.contains("200"), "waypoint /metrics: {status}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    support::metrics::sum(&scrape, "istio_requests", labels)
+}
+
+/// A gRPC-shaped call over h2c from inside `pod`: the status and the `grpc-status` trailer.
+fn grpc_call(pod: &Pod, dst: SocketAddr) -> (u16, Option<String>, Option<String>) {
+    pod.place
+        .in_netns(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let tcp = tokio::net::TcpStream::connect(dst).await.unwrap();
+                    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+                    tokio::spawn(conn);
+                    let req = http::Request::post("http://reviews:9081/reviews.Reviews/Get")
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(())
+                        .unwrap();
+                    let (resp, mut send) = client.send_request(req, false).unwrap();
+                    send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\0"), true)
+                        .unwrap();
+                    let resp = resp.await.unwrap();
+                    let status = resp.status().as_u16();
+                    let served = resp
+                        .headers()
+                        .get("x-served-by")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let mut body = resp.into_body();
+                    while let Some(d) = body.data().await {
+                        let _ = d.unwrap();
+                    }
+                    let trailers = body.trailers().await.unwrap();
+                    let grpc = trailers
+                        .and_then(|t| t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()));
+                    (status, grpc, served)
+                })
+        })
+        .unwrap()
+}
+
+/// A WebSocket-style upgrade through the VIP, then an echo.
+fn websocket_echo(pod: &Pod, dst: SocketAddr) -> (String, String) {
+    pod.place
+        .in_netns(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                s,
+                "GET /chat HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            s.write_all(b"ping-through-the-waypoint").unwrap();
+            let mut echo = [0u8; 25];
+            s.read_exact(&mut echo).unwrap();
+            (
+                String::from_utf8_lossy(&head).into_owned(),
+                String::from_utf8_lossy(&echo).into_owned(),
+            )
+        })
+        .unwrap()
+}
+
+#[test]
+fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() {
+    if !can_run("waypoint", &["ip", "curl", "h2load", "tcpdump"]) {
+        return;
+    }
+    let mut rig = Rig::start();
+    let client_pod = rig.pod(1, 1).clone();
+    let client = &client_pod;
+    let waypoint_ip = rig.pod(1, 2).ipv4;
+    // Sniffers: the LAN between the nodes and the waypoint pod's own link.
+    let sniff_fabric = rig
+        .tb
+        .info()
+        .fabric
+        .spawn(
+            "tcpdump",
+            &["-i", "br0", "-n", "-l", "-A", "-s", "0", "tcp"],
+        )
+        .unwrap();
+    let sniff_waypoint = rig
+        .pod(1, 2)
+        .place
+        .spawn(
+            "tcpdump",
+            &["-i", "any", "-n", "-l", "-A", "-s", "0", "tcp"],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 1. All to v1, over IPv4 and IPv6; the server sees the waypoint as its client.
+    for _ in 0..10 {
+        let a = curl(client, &reviews("/"), &[]);
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(served_by(&a), "reviews-v1", "{a:?}");
+        assert!(a.body.contains(&format!("saw {waypoint_ip}")), "{a:?}");
+    }
+    let a = curl(client, &format!("http://[{REVIEWS_VIP6}]:9080/"), &[]);
+    assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+
+    // 2. The feature set (a config change while serving).
+    rig.set_routes(FEATURES, || {
+        curl(client, &reviews("/"), &["-H", "end-user: jason"])
+            .body
+            .starts_with("reviews-v3")
+    });
+    // 80/20 canary over 100 requests (binomial: 80 ± 4; the bounds are ±3.5 σ).
+    let mut v1 = 0;
+    for _ in 0..100 {
+        let a = curl(client, &reviews("/"), &[]);
+        assert_eq!(a.status, 200, "{a:?}");
+        match served_by(&a) {
+            "reviews-v1" => v1 += 1,
+            "reviews-v2" => {}
+            other => panic!("canary answered by {other}: {a:?}"),
+        }
+        assert!(
+            a.body.contains("x-route: canary"),
+            "request header set: {a:?}"
+        );
+        assert!(
+            a.head.to_ascii_lowercase().contains("x-mesh: waypoint"),
+            "{a:?}"
+        );
+    }
+    assert!((66..=94).contains(&v1), "v1 got {v1} of 100 (want ~80)");
+    // Header route.
+    for _ in 0..5 {
+        let a = curl(client, &reviews("/"), &["-H", "end-user: jason"]);
+        assert_eq!((a.status, served_by(&a)), (200, "reviews-v3"), "{a:?}");
+    }
+    // Injected delay.
+    let a = curl(client, &reviews("/fault-delay"), &[]);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.secs >= 1.0, "delayed {:.3} s", a.secs);
+    // Injected abort to half.
+    let aborted = (0..40)
+        .filter(|_| {
+            let a = curl(client, &reviews("/fault-abort"), &[]);
+            assert!(a.status == 200 || a.status == 500, "{a:?}");
+            a.status == 500
+        })
+        .count();
+    assert!(
+        (8..=32).contains(&aborted),
+        "{aborted} of 40 aborted (want ~20)"
+    );
+    // Timeout: the upstream takes 2 s, the route allows 0.3 s.
+    let a = curl(client, &reviews("/timeout"), &[]);
+    assert_eq!(a.status, 504, "{a:?}");
+    assert!(a.secs < 1.5, "timed out after {:.3} s", a.secs);
+    // Retries: the subset holds a broken pod and v1; without retries some fail.
+    let failed_without = (0..10)
+        .filter(|_| curl(client, &reviews("/noretry"), &[]).status == 503)
+        .count();
+    assert!(
+        failed_without >= 3,
+        "the broken pod answered only {failed_without} of 10"
+    );
+    for _ in 0..20 {
+        let a = curl(client, &reviews("/retry"), &[]);
+        assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+    }
+    // Mirror: v1 answers, v3 gets a copy (checked in its log at the end).
+    for _ in 0..3 {
+        let a = curl(client, &reviews("/mirror"), &[]);
+        assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+    }
+    // Circuit breaker: one connection, one pending request; 8 concurrent clients overflow.
+    let out = client
+        .place
+        .output(
+            "h2load",
+            &["-n", "64", "-c", "8", "-m", "1", &reviews("/slow")],
+        )
+        .unwrap();
+    let h2load = String::from_utf8_lossy(&out.stdout).into_owned();
+    let codes = h2load
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_else(|| panic!("h2load: {h2load}"));
+    let count = |what: &str| -> u64 {
+        codes
+            .split(',')
+            .find(|p| p.contains(what))
+            .and_then(|p| {
+                p.split_whitespace()
+                    .rev()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    assert!(count("2xx") > 0 && count("5xx") > 0, "{codes}");
+
+    // 3. HTTP/2: h2c through curl, and a gRPC call with its trailers.
+    let a = curl(
+        client,
+        &reviews("/"),
+        &["--http2-prior-knowledge", "-H", "end-user: jason"],
+    );
+    assert_eq!((a.status, served_by(&a)), (200, "reviews-v3"), "{a:?}");
+    let (status, grpc, served) = grpc_call(client, format!("{REVIEWS_VIP}:9081").parse().unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(grpc.as_deref(), Some("0"), "grpc-status trailer");
+    assert!(served.is_some_and(|s| s.starts_with("reviews-")));
+
+    // 4. WebSocket upgrade passed through.
+    let (head, echo) = websocket_echo(client, format!("{REVIEWS_VIP}:9080").parse().unwrap());
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echo, "ping-through-the-waypoint");
+
+    // 5. A TCP port is carried as L4 through the waypoint.
+    let hello = client
+        .place
+        .in_netns(|| {
+            let mut p = Probe::connect_here(
+                format!("{REVIEWS_VIP}:7000").parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            let hello = p.hello().unwrap();
+            p.finish(1 << 20).unwrap();
+            hello
+        })
+        .unwrap();
+    let peer: SocketAddr = hello["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        peer.ip(),
+        IpAddr::V4(waypoint_ip),
+        "the TCP server sees the waypoint"
+    );
+
+    // 6. A pod bound to the waypoint itself (workload-addressed).
+    let ratings = rig.pod(2, 3).ipv4;
+    let a = curl(client, &format!("http://{ratings}:8080/"), &[]);
+    assert_eq!((a.status, served_by(&a)), (200, "ratings"), "{a:?}");
+    assert!(a.body.contains(&format!("saw {waypoint_ip}")), "{a:?}");
+    let a = curl(client, "http://10.96.0.11:9080/", &[]);
+    assert_eq!((a.status, served_by(&a)), (200, "ratings"), "{a:?}");
+
+    // 7. The waypoint's telemetry.
+    let principal = "spiffe://cluster.local/ns/mesh/sa/sa-client";
+    let svc = "reviews.mesh.svc.cluster.local";
+    let ok = waypoint_requests(
+        &rig.tb,
+        &[
+            ("reporter", "waypoint"),
+            ("destination_service", svc),
+            ("source_principal", principal),
+            ("response_code", "200"),
+        ],
+    );
+    assert!(ok >= 100.0, "istio_requests_total 200s: {ok}");
+    for flag in ["FI", "UT", "UO", "DI"] {
+        let n = waypoint_requests(&rig.tb, &[("response_flags", flag)]);
+        assert!(n > 0.0, "no request counted with flag {flag}");
+    }
+
+    // 8. No plaintext on the LAN or on the waypoint's link.
+    std::thread::sleep(Duration::from_millis(300));
+    for (what, s) in [("fabric", sniff_fabric), ("waypoint link", sniff_waypoint)] {
+        let text = String::from_utf8_lossy(&s.kill().unwrap().stdout).into_owned();
+        for secret in ["x-route", "reviews-v1 saw", "end-user", "ping-through"] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} in plaintext on the {what}"
+            );
+        }
+    }
+
+    // 9. The destination's policy sees the waypoint's identity: allowing only the client
+    //    (not the waypoint) at reviews v1 refuses the waypoint's connection there.
+    let only_client = "
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: only-client, namespace: mesh}
+  spec:
+    selector: {matchLabels: {version: v1}}
+    action: ALLOW
+    rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/sa-client]}}]}]
+";
+    rig.agents[1]
+        .rewrite_config(&config(&rig.tb, 2, rig.ca.path(), true, only_client))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = curl(client, &reviews("/mirror"), &[]);
+        if a.status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v1 still serves the waypoint: {a:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    rig.agents[1]
+        .rewrite_config(&config(&rig.tb, 2, rig.ca.path(), true, ""))
+        .unwrap();
+
+    // 10. Bypass refusal: node 1's agent without the bindings sends straight to the pods; node
+    //     2's agent refuses what should have come through the waypoint.
+    rig.agents[0]
+        .rewrite_config(&config(&rig.tb, 1, rig.ca.path(), false, ""))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = support::metrics::sum(
+        &support::metrics::scrape(&rig.tb, 2),
+        "mesh_policy_decisions",
+        &[("reason", "waypoint_bypassed")],
+    );
+    let a = curl(client, &format!("http://{ratings}:8080/"), &[]);
+    assert_ne!(
+        a.status, 200,
+        "a bound pod reached around its waypoint: {a:?}"
+    );
+    // The VIP's endpoints on node 2 refuse (the source agent then tries its next endpoint);
+    // those on node 1 belong to the misconfigured agent itself, which no other node can
+    // protect.
+    for _ in 0..8 {
+        let a = curl(client, &reviews("/"), &[]);
+        assert!(
+            !matches!(served_by(&a), "reviews-v1" | "reviews-v2"),
+            "node 2's pods served around the waypoint: {a:?}"
+        );
+    }
+    let outsider = curl(rig.pod(2, 4), &format!("http://{ratings}:8080/"), &[]);
+    assert_ne!(
+        outsider.status, 200,
+        "plaintext reached a waypoint-bound pod: {outsider:?}"
+    );
+    let after = support::metrics::sum(
+        &support::metrics::scrape(&rig.tb, 2),
+        "mesh_policy_decisions",
+        &[("reason", "waypoint_bypassed")],
+    );
+    assert!(
+        after >= before + 3.0,
+        "bypass refusals counted: {before} -> {after}"
+    );
+    rig.agents[0]
+        .rewrite_config(&config(&rig.tb, 1, rig.ca.path(), true, ""))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 11. A config change does not drop a request in flight.
+    let slow = {
+        let place = client.place.clone();
+        std::thread::spawn(move || {
+            let out = place
+                .output(
+                    "curl",
+                    &[
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-m",
+                        "8",
+                        &reviews("/delay/1500"),
+                    ],
+                )
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    rig.set_routes(ALL_TO_V1, || {
+        served_by(&curl(client, &reviews("/"), &["-H", "end-user: jason"])) == "reviews-v1"
+    });
+    assert_eq!(
+        slow.join().unwrap(),
+        "200",
+        "the in-flight request survived the reload"
+    );
+
+    // 12. The waypoint gone: clients get errors, nothing reaches the pods around it.
+    let log = rig.waypoint.take().unwrap().kill().unwrap();
+    let wp_log = String::from_utf8_lossy(&log.stderr).into_owned();
+    let a = curl(client, &reviews("/after-kill"), &[]);
+    assert_ne!(a.status, 200, "served without the waypoint: {a:?}");
+    let a = curl(client, &format!("http://{ratings}:8080/after-kill"), &[]);
+    assert_ne!(a.status, 200, "served without the waypoint: {a:?}");
+
+    let (_, apps) = rig.finish();
+    let log_of = |id: PodId| {
+        apps.iter()
+            .find(|(p, _)| *p == id)
+            .map(|(_, l)| l.clone())
+            .unwrap()
+    };
+    let v3 = log_of((1, 4));
+    let mirrored = v3
+        .lines()
+        .filter(|l| l.contains("GET /mirror") && l.contains("-shadow"))
+        .count();
+    assert!(mirrored >= 3, "the mirror's log:\n{v3}");
+    for (_, l) in &apps {
+        assert!(
+            !l.contains("/after-kill"),
+            "a request bypassed the dead waypoint: {l}"
+        );
+    }
+    assert!(wp_log.contains("waypoint serving"), "{wp_log}");
+}
