@@ -6,7 +6,9 @@
 //! the `mesh` path (enrolled), so slow drifts of the machine hit both alike. Figures: iperf3
 //! throughput with 1 and 16 streams, 1 KiB request/response latency (HDR histogram), new
 //! connections per second at concurrency 1 and 8, agent CPU per 1,000 req/s at a fixed rate,
-//! and the agents' RSS idle and under load (from /proc).
+//! and the agents' RSS idle and under load (from /proc). A third scenario, `l7` (see `l7.rs`),
+//! adds a `waypoint` path: HTTP through a `mesh-agent waypoint`.
+mod l7;
 mod report;
 mod sampler;
 
@@ -62,8 +64,8 @@ pub struct BenchArgs {
     /// `build: dev`; such figures are not comparable with release runs.
     #[arg(long)]
     dev_build: bool,
-    /// Only these scenarios (cross_node, same_node).
-    #[arg(long = "scenario", value_parser = ["cross_node", "same_node"])]
+    /// Only these scenarios (cross_node, same_node, l7).
+    #[arg(long = "scenario", value_parser = ["cross_node", "same_node", "l7"])]
     scenarios: Vec<String>,
 }
 
@@ -256,6 +258,13 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         p.wait_listening(RR_PORT, Duration::from_secs(10))?;
         servers.push(p);
     }
+    let run_l7 = args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == l7::NAME);
+    let mut waypoint_pid = None;
+    if run_l7 {
+        let started = l7::start(tb, bin, &agents[0].config)?;
+        waypoint_pid = started.last().map(Background::pid);
+        servers.extend(started);
+    }
     let mut rig = Rig {
         tb,
         probe,
@@ -269,7 +278,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         .iter()
         .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == s.name))
         .collect();
-    let outcome = measure(&rig, &scenarios, &ca, args.quick);
+    let outcome = measure(&rig, &scenarios, waypoint_pid, &ca, args.quick);
     for a in rig.agents.drain(..) {
         let node = a.node;
         let log = a.stop()?;
@@ -282,7 +291,13 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
 }
 
 /// The warm-up and every trial.
-fn measure(rig: &Rig<'_>, scenarios: &[&Scenario], ca: &Path, quick: bool) -> Result<Results> {
+fn measure(
+    rig: &Rig<'_>,
+    scenarios: &[&Scenario],
+    waypoint: Option<u32>,
+    ca: &Path,
+    quick: bool,
+) -> Result<Results> {
     // Warm-up on the mesh path: certificates issued, pools and caches as in steady state.
     rig.set_path(BenchPath::Mesh, ca)?;
     for s in scenarios {
@@ -296,6 +311,15 @@ fn measure(rig: &Rig<'_>, scenarios: &[&Scenario], ca: &Path, quick: bool) -> Re
             println!("• trial {trial}/{trials}, {} path", path.name());
             for s in scenarios {
                 rig.scenario(s, path, &mut results)?;
+            }
+            if let Some(pid) = waypoint {
+                match path {
+                    BenchPath::Plain => rig.l7("plain", pid, &mut results)?,
+                    BenchPath::Mesh => {
+                        rig.l7("mesh", pid, &mut results)?;
+                        rig.l7("waypoint", pid, &mut results)?;
+                    }
+                }
             }
         }
     }
@@ -606,10 +630,21 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bo
         ca.display()
     );
     for p in tb.pods() {
-        let label = if enrolled.contains(&(p.node, p.index)) {
-            ", labels: {istio.io/dataplane-mode: ambient}"
+        let labels: Vec<&str> = [
+            if enrolled.contains(&(p.node, p.index)) {
+                "istio.io/dataplane-mode: ambient"
+            } else {
+                ""
+            },
+            l7::labels((p.node, p.index)),
+        ]
+        .into_iter()
+        .filter(|l| !l.is_empty())
+        .collect();
+        let label = if labels.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(", labels: {{{}}}", labels.join(", "))
         };
         let cgroup = if splice {
             format!(", cgroup: {}", p.place.cgroup.display())
@@ -626,5 +661,5 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bo
             p.host_veth,
         );
     }
-    y
+    y + &l7::config_tail()
 }

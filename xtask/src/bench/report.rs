@@ -25,10 +25,11 @@ pub struct Results {
 pub fn unit(test: &str) -> &'static str {
     match test {
         "throughput_1" | "throughput_16" => "gbit_s",
-        "rr_1kib" | "rr_1kib_scraped" => "us",
+        "rr_1kib" | "rr_1kib_scraped" | "http_rr_1kib" => "us",
+        "http_rps_c16" => "req_s",
         "scrapes_per_s" => "scrapes_s",
         "connrate_c1" | "connrate_c8" => "conn_s",
-        "cpu_per_1k_rps" => "cores",
+        "cpu_per_1k_rps" | "http_cpu_per_1k_rps" => "cores",
         _ => "mib",
     }
 }
@@ -155,6 +156,7 @@ impl Results {
                 "us" => format!("{x:.0} µs"),
                 "conn_s" => format!("{x:.0} conn/s"),
                 "scrapes_s" => format!("{x:.0} scrapes/s"),
+                "req_s" => format!("{x:.0} req/s"),
                 "cores" => format!("{x:.4} cores"),
                 _ => format!("{x:.1} MiB"),
             },
@@ -268,6 +270,7 @@ impl Results {
             fmt(m, "cores"),
             m.map_or("—", |x| if x <= 0.03 { "yes" } else { "**no**" }),
         );
+        out += &self.l7_rows(&fmt);
         for scenario in ["cross_node", "same_node"] {
             let (plain, scraped) = (
                 (
@@ -294,7 +297,7 @@ impl Results {
                 out += &format!("- {s} {t} {p}: {why}\n");
             }
         }
-        out += "\nAll figures (median, min–max over trials):\n\n| scenario | test | plain | mesh |\n|---|---|---|---|\n";
+        out += "\nAll figures (median, min–max over trials):\n\n| scenario | test | plain | mesh | waypoint |\n|---|---|---|---|---|\n";
         let mut keys: Vec<(&String, &'static str)> =
             self.trials.keys().map(|(s, t, _)| (s, *t)).collect();
         keys.dedup();
@@ -314,14 +317,64 @@ impl Results {
                             lo,
                             hi
                         );
-                        if t == "rr_1kib" {
+                        if t == "rr_1kib" || t == "http_rr_1kib" {
                             c += &format!(", p99 {}", fmt(self.percentile(s, t, path, true), "us"));
                         }
                         c
                     })
             };
-            out += &format!("| {s} | {t} | {} | {} |\n", cell("plain"), cell("mesh"));
+            out += &format!(
+                "| {s} | {t} | {} | {} | {} |\n",
+                cell("plain"),
+                cell("mesh"),
+                cell("waypoint")
+            );
         }
+        out
+    }
+}
+
+impl Results {
+    /// The L7 targets (issue #16): the waypoint against the L4 mesh on the same run.
+    fn l7_rows(&self, fmt: &dyn Fn(Option<f64>, &str) -> String) -> String {
+        let mut out = String::new();
+        let (mesh, waypoint) = (
+            self.percentile("l7", "http_rr_1kib", "mesh", false),
+            self.percentile("l7", "http_rr_1kib", "waypoint", false),
+        );
+        if mesh.is_none() && waypoint.is_none() {
+            return out;
+        }
+        let added = mesh.zip(waypoint).map(|(m, w)| w - m);
+        out += &format!(
+            "| L7: waypoint p50 − L4 mesh p50, HTTP/1.1 1 KiB at 1,000 req/s, cross-node | ≤ 150 µs | {} | {} | {} | {} |\n",
+            fmt(self.percentile("l7", "http_rr_1kib", "plain", false), "us"),
+            fmt(mesh, "us"),
+            added.map_or("—".into(), |d| format!(
+                "+{d:.0} µs (waypoint {})",
+                fmt(waypoint, "us")
+            )),
+            added.map_or("—", |d| if d <= 150.0 { "yes" } else { "**no**" }),
+        );
+        let cpu = self.median("l7", "http_cpu_per_1k_rps", "waypoint");
+        out += &format!(
+            "| L7: waypoint CPU per 1,000 req/s (the waypoint process alone) | ≤ 0.05 cores | — | {} (both agents) | {} | {} |\n",
+            fmt(self.median("l7", "http_cpu_per_1k_rps", "mesh"), "cores"),
+            fmt(cpu, "cores"),
+            cpu.map_or("—", |x| if x <= 0.05 { "yes" } else { "**no**" }),
+        );
+        let rss = self.median("l7", "rss_load", "waypoint");
+        out += &format!(
+            "| L7: waypoint RSS under load (16 connections) | ≤ 20 MiB | — | — | {} | {} |\n",
+            fmt(rss, "mib"),
+            rss.map_or("—", |x| if x <= 20.0 { "yes" } else { "**no**" }),
+        );
+        out += &format!(
+            "| L7: HTTP/1.1 requests/s, 16 connections (plain / L4 mesh / waypoint) | — | {} | {} | {} | — |\n",
+            fmt(self.median("l7", "http_rps_c16", "plain"), "req_s"),
+            fmt(self.median("l7", "http_rps_c16", "mesh"), "req_s"),
+            fmt(self.median("l7", "http_rps_c16", "waypoint"), "req_s"),
+        );
         out
     }
 }

@@ -47,20 +47,12 @@ impl AgentProcess {
     }
 
     pub fn rss_mib(&self) -> f64 {
-        rss_kib(self.process.pid()).unwrap_or(0) as f64 / 1024.0
+        rss_mib_of(self.process.pid())
     }
 
     /// User + system CPU time so far, seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid()))
-            .context("agent /proc stat")?;
-        // Fields after the command name (which may contain spaces) start at `state`.
-        let rest = stat.rsplit_once(')').context("stat format")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Ok(ticks as f64 / hz)
+        cpu_seconds_of(self.process.pid())
     }
 
     /// How many enrolled pods have their tc link pinned (the capture reconciled).
@@ -84,6 +76,24 @@ impl AgentProcess {
     }
 }
 
+/// User + system CPU time of process `pid` so far, seconds.
+pub fn cpu_seconds_of(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).context("process /proc stat")?;
+    // Fields after the command name (which may contain spaces) start at `state`.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// Resident memory of process `pid`, MiB (0 when it is gone).
+pub fn rss_mib_of(pid: u32) -> f64 {
+    rss_kib(pid).unwrap_or(0) as f64 / 1024.0
+}
+
 /// Samples the agents' RSS every 100 ms in the background; `stop` returns the largest value of
 /// the largest agent, MiB.
 pub struct RssSampler {
@@ -94,7 +104,11 @@ pub struct RssSampler {
 
 impl RssSampler {
     pub fn start(agents: &[AgentProcess]) -> Self {
-        let pids: Vec<u32> = agents.iter().map(|a| a.process.pid()).collect();
+        Self::start_pids(agents.iter().map(|a| a.process.pid()).collect())
+    }
+
+    /// Samples these processes.
+    pub fn start_pids(pids: Vec<u32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let max_kib = Arc::new(AtomicU64::new(0));
         let thread = {
