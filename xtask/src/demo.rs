@@ -5,7 +5,8 @@
 //! mode, sends real traffic (curl and iperf3), checks on the fabric link that cross-node mesh
 //! bytes are TLS (a sniffer finds no plaintext marker, while it does find the marker of a non-mesh
 //! flow), prints each agent's key metrics and one access-log line per connection with
-//! identities and bytes, and tears it all down.
+//! identities and bytes; then the L7 act (`demo_l7.rs`): a waypoint in front of a three-version
+//! service, one traffic-management feature per step; and tears it all down.
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -27,10 +28,10 @@ pub fn run() -> Result<()> {
     let bin = workspace_root().join("target/debug");
     let (agent, probe) = (bin.join("mesh-agent"), bin.join("mtb-probe"));
 
-    step("testbed: 2 nodes, 3 pods each (pods 1-2 enrolled, pod 3 not)");
+    step("testbed: 2 nodes, 6 pods each (pods 1-2 enrolled, pod 3 not; pods 4-6 for the L7 act)");
     let tb = Testbed::build(TestbedSpec {
         nodes: 2,
-        pods_per_node: 3,
+        pods_per_node: 6,
     })?;
     let ca = std::env::temp_dir().join(format!("mesh-demo-ca-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&ca);
@@ -155,24 +156,35 @@ fn demo(tb: &Testbed, agent: &Path, probe: &Path, ca: &Path) -> Result<()> {
         }
     }
 
+    crate::demo_l7::run(tb, agent, probe, ca, &config_yaml(tb, 1, ca))?;
+
     step("flows, as the agents' access logs recorded them");
     println!(
         "  (iperf3's data connection ends in a reset: its server closes it with the last bytes"
     );
     println!("   still in flight; the reset crossed the mesh like the data did)");
     drop(servers);
+    let mut l7 = 0;
     for (i, a) in agents.into_iter().enumerate() {
         let out = a.terminate(Duration::from_secs(10))?;
         for line in String::from_utf8_lossy(&out.stderr).lines() {
             if let Some(f) = flow_line(i + 1, line) {
-                println!("  {f}");
+                // The L7 act's connections (to the VIP, from the waypoint) are summed up.
+                if f.contains(crate::demo_l7::VIP) || f.contains("/sa/waypoint") {
+                    l7 += 1;
+                } else {
+                    println!("  {f}");
+                }
             }
         }
     }
+    println!(
+        "  … and {l7} connections of the L7 act (clients → waypoint, waypoint → reviews pods)"
+    );
     Ok(())
 }
 
-fn step(what: &str) {
+pub fn step(what: &str) {
     println!("\n==> {what}");
 }
 
@@ -260,13 +272,14 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path) -> String {
         ca.display()
     );
     for p in tb.pods() {
-        let (ns, sa) = match p.index {
-            1 => ("demo", "client"),
-            2 => ("demo", "server"),
-            _ => ("plain", "default"),
+        let (ns, sa, labels) = match (p.index, crate::demo_l7::role((p.node, p.index))) {
+            (_, Some((name, labels))) => ("demo", name, labels),
+            (1, None) => ("demo", "client", ""),
+            (2, None) => ("demo", "server", ""),
+            _ => ("plain", "default", ""),
         };
         y += &format!(
-            "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}, cgroup: {}}}\n",
+            "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}, cgroup: {}, labels: {{{labels}}}}}\n",
             p.name(),
             p.node,
             p.ipv4,
@@ -275,5 +288,5 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path) -> String {
             p.place.cgroup.display()
         );
     }
-    y
+    y + &crate::demo_l7::config_tail()
 }

@@ -3,6 +3,7 @@ mod bench;
 mod cluster;
 mod cmd;
 mod demo;
+mod demo_l7;
 mod setup;
 mod testbed;
 

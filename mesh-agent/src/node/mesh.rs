@@ -484,8 +484,7 @@ async fn via_waypoint(
         WaypointRoute::Missing { .. } => {
             return refuse(tcp, "bound to a waypoint that does not exist");
         }
-        WaypointRoute::Via { pods, next, .. } if pods.is_empty() => {
-            let _ = next;
+        WaypointRoute::Via { pods, .. } if pods.is_empty() => {
             return refuse(tcp, "the waypoint has no pods");
         }
         WaypointRoute::Via { pods, next, .. } => (pods, next),
@@ -493,11 +492,20 @@ async fn via_waypoint(
     let Some(source) = ctx.lookup(client.ip()) else {
         return refuse(tcp, "client is not a known workload");
     };
+    // The waypoint's addresses of the client's family (the outer connection leaves from the
+    // client's address).
+    let pods: Vec<&(IpAddr, SpiffeId)> = pods
+        .iter()
+        .filter(|(ip, _)| ip.is_ipv4() == client.ip().is_ipv4())
+        .collect();
+    if pods.is_empty() {
+        return refuse(tcp, "the waypoint has no address of the client's family");
+    }
     let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let host = service.map(|s| s.hostname.clone());
     let mut last_error = String::new();
     for i in 0..pods.len() {
-        let (ip, identity) = &pods[(start + i) % pods.len()];
+        let (ip, identity) = pods[(start + i) % pods.len()];
         let hbone = SocketAddr::new(*ip, PORT_INBOUND_HBONE);
         let telemetry = ctx
             .telemetry
