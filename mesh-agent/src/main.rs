@@ -195,15 +195,17 @@ struct NodeArgs {
 struct WaypointArgs {
     /// Local-mode configuration file (the node agents' schema: services, workloads, and the
     /// Gateway, VirtualService, DestinationRule and HTTPRoute objects under `policies:`);
-    /// reloaded when it changes.
+    /// reloaded when it changes. Without it the waypoint runs in Kubernetes mode.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// The Gateway (class mesh-waypoint) this waypoint is, `namespace/name`.
     #[arg(long)]
     gateway: String,
     /// This pod's name in the config; default: the first pod labelled
     /// `gateway.networking.k8s.io/gateway-name=<gateway name>` in the Gateway's namespace.
-    #[arg(long)]
+    #[arg(long, env = "POD_NAME")]
     pod: Option<String>,
     #[arg(long, default_value_t = 15008)]
     hbone_port: u16,
@@ -232,8 +234,32 @@ fn main() -> anyhow::Result<()> {
                 .gateway
                 .split_once('/')
                 .context("--gateway must be namespace/name")?;
+            let source = match args.config {
+                Some(path) => mesh_agent::waypoint::WaypointSource::File(path),
+                None => mesh_agent::waypoint::WaypointSource::Kube(node::source::KubeSource {
+                    kubeconfig: args.kube.kubeconfig,
+                    settings: mesh_agent::discovery::kube::SnapshotSettings {
+                        node_name: mesh_agent::waypoint::NO_NODE.to_owned(),
+                        trust_domain: args.kube.trust_domain,
+                        root_namespace: args.kube.root_namespace,
+                        uplinks: Vec::new(),
+                        ca: args
+                            .kube
+                            .ca_dir
+                            .map(|dir| mesh_agent::discovery::CaSection {
+                                dir,
+                                cert_ttl_seconds: 86_400,
+                            }),
+                    },
+                }),
+            };
             let opts = mesh_agent::waypoint::WaypointOptions {
-                config: args.config,
+                source,
+                ca_service: args.kube.ca_address.map(|address| node::CaServiceOptions {
+                    address,
+                    root: args.kube.ca_root,
+                    token: args.kube.ca_token,
+                }),
                 gateway: mesh_agent::l7::binding::WaypointRef {
                     name: name.to_owned(),
                     namespace: namespace.to_owned(),

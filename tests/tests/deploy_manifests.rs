@@ -20,7 +20,14 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 /// The kustomizations a user applies.
-const KUSTOMIZATIONS: [&str; 5] = ["base", "crds", "overlays/kind", "overlays/minikube", "demo"];
+const KUSTOMIZATIONS: [&str; 6] = [
+    "base",
+    "crds",
+    "overlays/kind",
+    "overlays/minikube",
+    "demo",
+    "waypoint",
+];
 
 fn kubectl_available(test: &str) -> bool {
     mesh_testbed::privilege::has_tools(
@@ -98,6 +105,27 @@ fn check_object(obj: &Value) -> Result<(), String> {
                 (Ok(_), true) => Ok(()),
                 (Ok(_), false) => Err(format!("compiles with notes: {:?}", entry.notes)),
                 (Err(e), _) => Err(format!("the agent refuses it: {e}")),
+            }
+        }
+        ("gateway.networking.k8s.io/v1", "Gateway") => {
+            let raw: mesh_agent::policy::RawObject =
+                serde_json::from_value(obj.clone()).map_err(|e| e.to_string())?;
+            let (w, errors) = mesh_agent::l7::binding::Waypoints::build(&[raw]);
+            match errors.first() {
+                Some(e) => Err(format!("the agent refuses it: {e}")),
+                None if w
+                    .get(&mesh_agent::l7::binding::WaypointRef {
+                        name: obj["metadata"]["name"].as_str().unwrap_or_default().into(),
+                        namespace: obj["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .into(),
+                    })
+                    .is_none() =>
+                {
+                    Err("not a waypoint".into())
+                }
+                None => Ok(()),
             }
         }
         _ => Err(format!("no check for {api} {kind}: add one")),
@@ -403,6 +431,11 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
         mesh_agent::discovery::kube::ISTIO_KINDS
             .iter()
             .map(|(_, plural)| ("security.istio.io", *plural)),
+    )
+    .chain(
+        mesh_agent::discovery::kube::ROUTING_KINDS
+            .iter()
+            .map(|(group, _, _, plural)| (*group, *plural)),
     ) {
         for verb in ["list", "watch"] {
             assert!(
@@ -463,6 +496,60 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
     let m = find(&objs, "Service", "mesh-agent-metrics");
     assert_eq!(m["metadata"]["annotations"]["prometheus.io/port"], metrics);
     assert_eq!(m["spec"]["ports"][0]["port"].to_string(), metrics);
+}
+
+/// The hand-written waypoint: its pods carry the labels that make them the Gateway's (and keep
+/// node agents from capturing them), its flags are the binary's, its RBAC covers the watches.
+#[test]
+fn the_waypoint_manifest_matches_the_binary() {
+    if !kubectl_available("waypoint manifest") {
+        return;
+    }
+    let objs = render("waypoint");
+    let gateway = find(&objs, "Gateway", "waypoint");
+    let deployment: Deployment = typed(find(&objs, "Deployment", "waypoint"));
+    let template = deployment.spec.unwrap().template;
+    let labels = template.metadata.unwrap().labels.unwrap();
+    assert_eq!(
+        labels
+            .get(mesh_agent::l7::binding::GATEWAY_NAME_LABEL)
+            .map(String::as_str),
+        gateway["metadata"]["name"].as_str()
+    );
+    assert_eq!(
+        labels.get("istio.io/dataplane-mode").map(String::as_str),
+        Some("none")
+    );
+    let spec = template.spec.unwrap();
+    let c = &spec.containers[0];
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "waypoint");
+    assert_flags_exist(&args[1..], &help(&["waypoint"]), "waypoint");
+    assert!(args.iter().any(|a| a
+        == &format!(
+            "--gateway={}/{}",
+            gateway["metadata"]["namespace"].as_str().unwrap(),
+            gateway["metadata"]["name"].as_str().unwrap()
+        )));
+    assert!(container_ports(c).is_superset(&[15008, 15020, 15021].into_iter().collect()));
+    let rules = typed::<ClusterRole>(find(&objs, "ClusterRole", "mesh-waypoint"))
+        .rules
+        .unwrap();
+    for (group, _, _, plural) in mesh_agent::discovery::kube::ROUTING_KINDS {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.api_groups.iter().flatten().any(|g| g == group)
+                    && r.resources.iter().flatten().any(|x| x == plural)
+                    && r.verbs.iter().any(|v| v == "watch")),
+            "watch {group}/{plural}"
+        );
+    }
+    assert!(
+        rules
+            .iter()
+            .all(|r| r.verbs.iter().all(|v| v == "list" || v == "watch"))
+    );
 }
 
 #[test]

@@ -419,8 +419,9 @@ impl Prefetch {
     }
 }
 
-/// The identity side of the `mesh` handler: the mesh CA over gRPC, or a CA from files.
-fn mesh_identity(
+/// The identity side of the `mesh` handler (and of a waypoint): the mesh CA over gRPC, or a CA
+/// from files.
+pub fn mesh_identity(
     config: &LocalConfig,
     service: Option<&CaServiceOptions>,
 ) -> anyhow::Result<(Arc<dyn CertificateIssuer>, Arc<CertManager>)> {

@@ -27,7 +27,7 @@ use crate::{
         limits::{ServerCounters, ServerLimits},
         server::{ConnectionLayer, serve_connection},
     },
-    identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId},
+    identity::SpiffeId,
     l7::{
         binding::WaypointRef,
         proxy::{Engine, Routing},
@@ -38,11 +38,21 @@ use crate::{
 use state::WaypointState;
 use upstream::HboneUpstream;
 
+/// Where a waypoint's configuration comes from.
+#[derive(Clone, Debug)]
+pub enum WaypointSource {
+    /// The local config file (the node agents' schema), reloaded when it changes.
+    File(PathBuf),
+    /// The Kubernetes API (the node agents' watches; every pod is a remote workload).
+    Kube(crate::node::source::KubeSource),
+}
+
 /// How to run a waypoint.
 #[derive(Clone, Debug)]
 pub struct WaypointOptions {
-    /// The local config file (the same schema as the node agents').
-    pub config: PathBuf,
+    pub source: WaypointSource,
+    /// The mesh CA (Kubernetes mode); without it the config's `ca: {dir}` signs.
+    pub ca_service: Option<crate::node::CaServiceOptions>,
     /// The Gateway this process is (`namespace/name`).
     pub gateway: WaypointRef,
     /// This pod's name in the config (its identity and address); default: the first pod
@@ -53,6 +63,57 @@ pub struct WaypointOptions {
     pub readiness_port: u16,
     pub reload_interval: Duration,
 }
+
+/// The configuration feed: a file or the API.
+enum Feed {
+    File(Box<ConfigFile>, PathBuf),
+    Kube(Box<crate::node::source::Source>),
+}
+
+impl Feed {
+    async fn start(opts: &WaypointOptions) -> anyhow::Result<Self> {
+        Ok(match &opts.source {
+            WaypointSource::File(path) => Self::File(
+                Box::new(ConfigFile::new(
+                    path,
+                    opts.reload_interval,
+                    Duration::from_millis(200),
+                )),
+                path.clone(),
+            ),
+            WaypointSource::Kube(k) => {
+                Self::Kube(Box::new(crate::node::source::Source::kube(k).await?))
+            }
+        })
+    }
+
+    async fn initial(&mut self) -> anyhow::Result<LocalConfig> {
+        match self {
+            Self::File(file, path) => {
+                let text = file
+                    .read_initial()
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(LocalConfig::parse_file(path, &text)?)
+            }
+            Self::Kube(source) => source.initial().await,
+        }
+    }
+
+    /// The next configuration; `Err` for one refused (the previous one stays).
+    async fn next(&mut self) -> Result<LocalConfig, String> {
+        match self {
+            Self::File(file, path) => {
+                let text = file.next().await;
+                LocalConfig::parse_file(path, &text).map_err(|e| e.to_string())
+            }
+            Self::Kube(source) => source.next().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The node name a waypoint gives the Kubernetes snapshot: not a valid node name, so no pod is
+/// "local" (a waypoint captures nothing; it needs every pod as a remote workload).
+pub const NO_NODE: &str = "_waypoint_";
 
 /// Shared by every connection.
 pub struct Waypoint {
@@ -96,15 +157,8 @@ fn own_pod<'a>(
 
 /// Runs the waypoint until the process is stopped.
 pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
-    let mut file = ConfigFile::new(
-        &opts.config,
-        opts.reload_interval,
-        Duration::from_millis(200),
-    );
-    let text = file
-        .read_initial()
-        .with_context(|| format!("reading {}", opts.config.display()))?;
-    let config = LocalConfig::parse_file(&opts.config, &text)?;
+    let mut feed = Feed::start(&opts).await?;
+    let config = feed.initial().await?;
     let pod = own_pod(&config, &opts)?;
     let me: SpiffeId = config.identity_of(pod);
     let (service, version) = pod.canonical_names();
@@ -114,17 +168,9 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
         pod.namespace,
         pod.name
     );
-    let ca = config.ca.as_ref().context(
-        "the waypoint needs a CA: add `ca: {dir: ...}` to the config (`mesh-agent ca init --out DIR`)",
-    )?;
-    let local = LocalCa::from_dir(&ca.dir, &config.node.trust_domain)
-        .with_context(|| format!("loading the CA from {}", ca.dir.display()))?;
-    let issuer: Arc<dyn CertificateIssuer> = Arc::new(LocalIssuer::new(Arc::new(local)));
+    let (issuer, certs) = crate::node::mesh_identity(&config, opts.ca_service.as_ref())
+        .context("the waypoint's identity")?;
     let roots = issuer.roots();
-    let certs = CertManager::new(
-        Arc::clone(&issuer),
-        Duration::from_secs(ca.cert_ttl_seconds),
-    );
     let own = certs
         .get(&me)
         .await
@@ -215,8 +261,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
     };
     let reload = async move {
         loop {
-            let text = file.next().await;
-            match LocalConfig::parse_file(&opts.config, &text) {
+            match feed.next().await {
                 Ok(config) => {
                     let next = WaypointState::build(&config, &opts.gateway);
                     report(&next, &opts.gateway);

@@ -1,6 +1,7 @@
 //! Kubernetes mode: watchers (kube-rs reflectors) for Namespaces, Pods, Services,
-//! EndpointSlices and Istio's security objects, turned into the same [`LocalConfig`] the local
-//! mode reads from a file, published whenever something changed.
+//! EndpointSlices, Istio's security objects and the routing objects waypoints use (Gateways,
+//! VirtualServices, DestinationRules, HTTPRoutes), turned into the same [`LocalConfig`] the
+//! local mode reads from a file, published whenever something changed.
 //!
 //! - A snapshot is published only once every watcher has listed (no half-known cluster), and
 //!   for the Istio kinds only once listed or known to be absent (no CRD installed): a policy
@@ -43,6 +44,25 @@ pub const ISTIO_KINDS: [(&str, &str); 3] = [
     ("AuthorizationPolicy", "authorizationpolicies"),
     ("PeerAuthentication", "peerauthentications"),
     ("RequestAuthentication", "requestauthentications"),
+];
+
+/// The routing kinds read beside them (group, version, kind, plural): waypoint bindings need
+/// the Gateways, waypoints the routes. Each may be absent (CRD not installed).
+pub const ROUTING_KINDS: [(&str, &str, &str, &str); 4] = [
+    ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    (
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+        "virtualservices",
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+        "destinationrules",
+    ),
 ];
 
 /// Snapshots are built at most this often (a burst of pod events makes one snapshot).
@@ -163,12 +183,16 @@ impl KubeDiscovery {
         let services = core_store!(Service, "services");
         let slices = core_store!(EndpointSlice, "endpointslices");
         let mut policy_stores = Vec::new();
-        for (kind, plural) in ISTIO_KINDS {
-            let gvk = GroupVersionKind::gvk("security.istio.io", "v1", kind);
+        let kinds = ISTIO_KINDS
+            .iter()
+            .map(|(kind, plural)| ("security.istio.io", "v1", *kind, *plural))
+            .chain(ROUTING_KINDS);
+        for (group, version, kind, plural) in kinds {
+            let gvk = GroupVersionKind::gvk(group, version, kind);
             let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
             let reader = writer.as_reader();
-            let feed = Feed::new(&format!("{kind}.security.istio.io"));
+            let feed = Feed::new(&format!("{kind}.{group}"));
             feeds.push(Arc::clone(&feed));
             drive(
                 Api::<DynamicObject>::all_with(client.clone(), &ar),
