@@ -331,3 +331,60 @@ async fn missing_istio_crds_mean_no_policies_but_a_failing_list_means_no_state()
         "published state while the API was failing"
     );
 }
+
+/// Waypoints in Kubernetes mode: the Gateway and the routes come from the API like the
+/// policies, a `istio.io/use-waypoint` label on the Service binds it to the Gateway, and the
+/// Gateway's deletion leaves the binding pointing at nothing — refused, never bypassed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoints_and_routes_come_from_the_api() {
+    use mesh_agent::l7::{
+        binding::{Binding, WaypointRef, Waypoints},
+        route::RouteTable,
+    };
+    let api = FakeApi::start();
+    for obj in fixture() {
+        api.apply(obj);
+    }
+    let gateway = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "demo"},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}});
+    api.apply(gateway.clone());
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"hosts": ["web"], "http": [{"timeout": "1s", "route": [{"destination": {"host": "web"}}]}]}}));
+    let mut service = fixture()
+        .into_iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "web")
+        .unwrap();
+    service["metadata"]["labels"]["istio.io/use-waypoint"] = json!("waypoint");
+    api.apply(service);
+    let mut d = start(client(&api).await);
+    let c = until(&mut d, "the routing objects and the bound Service", |c| {
+        c.policies.iter().any(|p| p.kind == "VirtualService")
+            && c.services
+                .iter()
+                .any(|s| s.labels.contains_key("istio.io/use-waypoint"))
+    })
+    .await;
+    let (routes, errors) = RouteTable::build(&c.policies);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(routes.len(), 1);
+    let web = c.services.iter().find(|s| s.name == "web").unwrap();
+    let (waypoints, errors) = Waypoints::of_config(&c);
+    assert!(errors.is_empty(), "{errors:?}");
+    let wp = WaypointRef {
+        name: "waypoint".into(),
+        namespace: "demo".into(),
+    };
+    assert_eq!(waypoints.of_service(&c, web), Binding::Waypoint(wp.clone()));
+
+    api.delete(&gateway);
+    let c = until(&mut d, "the Gateway gone", |c| {
+        !c.policies.iter().any(|p| p.kind == "Gateway")
+    })
+    .await;
+    let web = c.services.iter().find(|s| s.name == "web").unwrap();
+    let (waypoints, _) = Waypoints::of_config(&c);
+    assert_eq!(waypoints.of_service(&c, web), Binding::Missing(wp));
+}
