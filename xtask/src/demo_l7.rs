@@ -121,6 +121,27 @@ fn count(v: &[(String, usize)], key: &str) -> usize {
     v.iter().find(|(k, _)| k == key).map_or(0, |(_, c)| *c)
 }
 
+/// Starts `mesh-agent waypoint` for `gateway` (`namespace/name`) in `pod` with `config`, and
+/// waits until it serves HBONE (the demo and the benchmark run it the same way).
+pub fn spawn_waypoint(pod: &Pod, agent: &Path, config: &Path, gateway: &str) -> Result<Background> {
+    let mut waypoint = pod.place.spawn(
+        agent.to_str().context("path")?,
+        &[
+            "waypoint",
+            "--config",
+            config.to_str().context("path")?,
+            "--gateway",
+            gateway,
+            "--reload-interval-ms",
+            "100",
+        ],
+    )?;
+    waypoint
+        .wait_listening(15008, Duration::from_secs(20))
+        .context("the waypoint")?;
+    Ok(waypoint)
+}
+
 /// Runs the act; `node1_config` is node 1's agent config (the waypoint starts from it).
 pub fn run(
     tb: &Testbed,
@@ -153,21 +174,7 @@ pub fn run(
         "all to v1",
         "        - route: [{destination: {host: reviews, subset: v1}}]\n",
     )?;
-    let mut waypoint = tb.pod(1, 4).place.spawn(
-        agent.to_str().context("path")?,
-        &[
-            "waypoint",
-            "--config",
-            act.config.to_str().context("path")?,
-            "--gateway",
-            "demo/waypoint",
-            "--reload-interval-ms",
-            "100",
-        ],
-    )?;
-    waypoint
-        .wait_listening(15008, Duration::from_secs(20))
-        .context("the waypoint")?;
+    let waypoint = spawn_waypoint(tb.pod(1, 4), agent, &act.config, "demo/waypoint")?;
     println!(
         "  waypoint up in node1-pod4 (HBONE 15008); Service reviews carries istio.io/use-waypoint=waypoint"
     );

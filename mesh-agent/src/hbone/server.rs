@@ -289,6 +289,34 @@ impl Drop for StreamPresence {
     }
 }
 
+/// Ends a stream with `status` and no body.
+pub fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+/// The address a CONNECT stream asks for (IPv4 as IPv4); anything else — another method, an
+/// authority that is not `ip:port` — is answered 400 here, as ztunnel does.
+pub fn connect_authority(
+    req: &Request<h2::RecvStream>,
+    respond: &mut h2::server::SendResponse<Bytes>,
+) -> Option<SocketAddr> {
+    let dst = (req.method() == Method::CONNECT)
+        .then(|| req.uri().authority())
+        .flatten()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    match dst {
+        Some(d) => Some(SocketAddr::new(d.ip().to_canonical(), d.port())),
+        None => {
+            reply(respond, StatusCode::BAD_REQUEST);
+            None
+        }
+    }
+}
+
 async fn stream(
     ctx: Arc<ServerContext>,
     req: Request<h2::RecvStream>,
@@ -297,29 +325,12 @@ async fn stream(
     peer: &SpiffeId,
     (outer_peer, outer_local): (SocketAddr, SocketAddr),
 ) {
-    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
-        let resp = Response::builder()
-            .status(status)
-            .body(())
-            .expect("static response");
-        respond.send_response(resp, true).map(drop)
-    };
-    if req.method() != Method::CONNECT {
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
-        return;
-    }
-    let Some(dst) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+    let Some(dst) = connect_authority(&req, &mut respond) else {
         return;
     };
-    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if dst.ip() != target.ip {
         info!(peer = %peer, %dst, pod_ip = %target.ip, "HBONE: authority is not the dialled pod");
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+        reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     }
     // The client address: the outer connection's source (the source agent connects from the
@@ -331,7 +342,7 @@ async fn stream(
     let mut admission = match ctx.authorizer.admit(peer, client, dst, fwd.host.as_deref()) {
         Ok(a) => a,
         Err(d) => {
-            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+            reply(&mut respond, StatusCode::UNAUTHORIZED);
             telemetry.set_policy(d.policy.as_deref(), d.reason.as_str());
             telemetry.fail(ResponseFlags::Denied, "denied by policy");
             return;
@@ -346,7 +357,7 @@ async fn stream(
         .acquire(peer, client.ip(), ctx.limits.max_upstreams_per_peer)
     else {
         refuse_peer_limit(&ctx, peer, client.ip());
-        let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         telemetry.fail(
             ResponseFlags::ConnectFailed,
             "too many connections from this peer",
@@ -362,12 +373,12 @@ async fn stream(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(peer = %peer, %dst, error = %e, "HBONE: upstream connect failed");
-            let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
             return;
         }
         Err(_) => {
-            let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             telemetry.fail(ResponseFlags::ConnectFailed, "upstream connect timed out");
             return;
         }

@@ -18,7 +18,11 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::metrics::Meter;
+use super::sockets::reset;
+use crate::{
+    hbone::relay::reset_tcp_on_close,
+    metrics::{ConnectionTelemetry, Meter, Outcome},
+};
 
 /// Copy-mode buffer of a direction.
 const COPY_BUFFER: usize = 32 << 10;
@@ -233,6 +237,54 @@ impl Pipe {
             write,
             capacity: usize::try_from(size).unwrap_or(64 << 10).max(4096),
         })
+    }
+}
+
+/// Relays both ways until both sides are done (half-closes propagate; bulk transfers move by
+/// splice(2), see this module); a reset on either side resets both, and so does `stop` (a
+/// policy change revoked the connection). `meter` counts the bytes as they move.
+pub(super) async fn splice_tcp(
+    inbound: TcpStream,
+    upstream: TcpStream,
+    meter: &dyn Meter,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Moved, String> {
+    let _ = inbound.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // Until both directions are done, any close is a reset (the agent's death included): an
+    // application never mistakes a truncated transfer for a clean end.
+    for s in [&inbound, &upstream] {
+        reset_tcp_on_close(s, true);
+    }
+    let moved = tokio::select! {
+        r = relay(&inbound, &upstream, meter) => r,
+        () = stop => Err(std::io::Error::other("revoked by a policy change")),
+    };
+    match moved {
+        Ok(m) => {
+            for s in [&inbound, &upstream] {
+                reset_tcp_on_close(s, false);
+            }
+            Ok(m)
+        }
+        Err(e) => {
+            reset(inbound);
+            reset(upstream);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Closes a connection's telemetry after [`splice_tcp`].
+pub(super) fn closed(
+    telemetry: impl IntoIterator<Item = ConnectionTelemetry>,
+    result: &Result<Moved, String>,
+) {
+    for t in telemetry {
+        match result {
+            Ok(_) => t.close(Outcome::Closed),
+            Err(why) => t.close(Outcome::Reset(why)),
+        }
     }
 }
 

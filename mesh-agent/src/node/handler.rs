@@ -23,12 +23,12 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use super::direct::{closed, splice_tcp};
 use super::sockets::reset;
 use super::sockets::{Upstream, canonical, connect_direct};
 use crate::{
     capture::{CaptureView, FlowTable, PodCapture},
-    hbone::relay::reset_tcp_on_close,
-    metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
+    metrics::ResponseFlags,
 };
 
 /// How captured connections are handled.
@@ -134,13 +134,14 @@ pub async fn handle(
             };
             match kind {
                 FlowKind::InboundHbone => {
-                    super::mesh::inbound_hbone(mesh, stream, original_dst, setup).await
+                    super::inbound::inbound_hbone(mesh, stream, original_dst, setup).await
                 }
                 FlowKind::InboundPlaintext => {
-                    super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
+                    super::inbound::inbound_plaintext(&ctx, stream, client, original_dst, setup)
+                        .await
                 }
                 FlowKind::Outbound => {
-                    super::mesh::outbound(mesh, stream, client, original_dst, pod).await
+                    super::outbound::outbound(mesh, stream, client, original_dst, pod).await
                 }
             }
         }
@@ -151,7 +152,7 @@ pub async fn handle(
         }
         // Plaintext to an enrolled pod obeys its policy here too (never plaintext to STRICT).
         (HandlerMode::Passthrough, FlowKind::InboundPlaintext) => {
-            super::mesh::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
+            super::inbound::inbound_plaintext(&ctx, stream, client, original_dst, setup).await
         }
         (HandlerMode::Passthrough, FlowKind::Outbound) => {
             relay(&ctx, stream, client, original_dst).await
@@ -245,54 +246,6 @@ async fn relay(
         Err(e) => {
             telemetry.fail(ResponseFlags::ConnectFailed, &e.to_string());
             reset(inbound);
-        }
-    }
-}
-
-/// Relays both ways until both sides are done (half-closes propagate; bulk transfers move by
-/// splice(2), see [`super::direct`]); a reset on either side resets both, and so does `stop` (a
-/// policy change revoked the connection). `meter` counts the bytes as they move.
-pub(super) async fn splice_tcp(
-    inbound: TcpStream,
-    upstream: TcpStream,
-    meter: &dyn Meter,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<super::direct::Moved, String> {
-    let _ = inbound.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    // Until both directions are done, any close is a reset (the agent's death included): an
-    // application never mistakes a truncated transfer for a clean end.
-    for s in [&inbound, &upstream] {
-        reset_tcp_on_close(s, true);
-    }
-    let moved = tokio::select! {
-        r = super::direct::relay(&inbound, &upstream, meter) => r,
-        () = stop => Err(std::io::Error::other("revoked by a policy change")),
-    };
-    match moved {
-        Ok(m) => {
-            for s in [&inbound, &upstream] {
-                reset_tcp_on_close(s, false);
-            }
-            Ok(m)
-        }
-        Err(e) => {
-            reset(inbound);
-            reset(upstream);
-            Err(e.to_string())
-        }
-    }
-}
-
-/// Closes a connection's telemetry after [`splice_tcp`].
-pub(super) fn closed(
-    telemetry: impl IntoIterator<Item = ConnectionTelemetry>,
-    result: &Result<super::direct::Moved, String>,
-) {
-    for t in telemetry {
-        match result {
-            Ok(_) => t.close(Outcome::Closed),
-            Err(why) => t.close(Outcome::Reset(why)),
         }
     }
 }

@@ -9,9 +9,12 @@ pub mod admission;
 pub mod config_file;
 mod direct;
 pub mod handler;
+mod inbound;
 pub mod mesh;
+mod outbound;
 mod sockets;
 pub mod source;
+pub mod state;
 pub mod telemetry;
 
 use std::{

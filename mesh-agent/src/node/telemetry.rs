@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use super::mesh::{CLUSTER_NAME, MeshState, MeshWorkload};
+use super::state::{CLUSTER_NAME, MeshState, MeshWorkload};
 use crate::{
     identity::SpiffeId,
     metrics::{

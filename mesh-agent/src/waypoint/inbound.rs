@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::info;
@@ -22,7 +22,11 @@ use super::{
     upstream::{ClientAddr, ServedBy},
 };
 use crate::{
-    hbone::{forwarded, stream_io::StreamIo},
+    hbone::{
+        forwarded,
+        server::{connect_authority, reply},
+        stream_io::StreamIo,
+    },
     identity::SpiffeId,
     l7::{
         protocol::{self, Detected},
@@ -45,30 +49,13 @@ pub async fn stream(
     peer: Arc<SpiffeId>,
     (outer_peer, _outer_local): (SocketAddr, SocketAddr),
 ) {
-    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
-        let resp = Response::builder()
-            .status(status)
-            .body(())
-            .expect("static response");
-        respond.send_response(resp, true).map(drop)
-    };
-    if req.method() != Method::CONNECT {
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
-        return;
-    }
-    let Some(authority) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+    let Some(authority) = connect_authority(&req, &mut respond) else {
         return;
     };
-    let authority = SocketAddr::new(authority.ip().to_canonical(), authority.port());
     let state = wp.state();
     let Some(addressed) = state.addressed(authority) else {
         info!(%peer, %authority, "waypoint: not a service or pod bound to this waypoint (400)");
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+        reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     };
     // The client: the outer connection's source address (the client's agent connects from

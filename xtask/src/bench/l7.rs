@@ -53,21 +53,12 @@ pub fn start(tb: &Testbed, bin: &Path, node1_config: &Path) -> Result<Vec<Backgr
         &["http-app", &APP_PORT.to_string(), "l7"],
     )?;
     app.wait_listening(APP_PORT, Duration::from_secs(10))?;
-    let mut waypoint = tb.pod(WAYPOINT.0, WAYPOINT.1).place.spawn(
-        bin.join("mesh-agent").to_str().context("path")?,
-        &[
-            "waypoint",
-            "--config",
-            node1_config.to_str().context("path")?,
-            "--gateway",
-            "bench/waypoint",
-            "--reload-interval-ms",
-            "100",
-        ],
+    let waypoint = crate::demo_l7::spawn_waypoint(
+        tb.pod(WAYPOINT.0, WAYPOINT.1),
+        &bin.join("mesh-agent"),
+        node1_config,
+        "bench/waypoint",
     )?;
-    waypoint
-        .wait_listening(15008, Duration::from_secs(20))
-        .context("the waypoint")?;
     Ok(vec![app, waypoint])
 }
 

@@ -1,0 +1,380 @@
+//! Outbound: a connection captured from a pod of this node, to its end — through a waypoint
+//! when its destination is bound to one, over HBONE to a remote enrolled pod, directly (no
+//! TLS) to an enrolled pod of this node (whose inbound policy we enforce), or passed through
+//! to anything outside the mesh.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use mesh_common::capture::PORT_INBOUND_HBONE;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::{
+    direct::{closed, splice_tcp},
+    mesh::{MeshContext, MeshWorkload, WaypointRoute},
+    sockets::{Upstream, connect_direct},
+};
+use crate::{
+    hbone::{
+        client::{HboneError, StreamRequest},
+        relay,
+    },
+    identity::SpiffeId,
+    metrics::{ConnectionTelemetry, Meter, Outcome, ResponseFlags},
+    policy::{ConnectionAttrs, InboundKind},
+};
+
+/// What to do with an outbound connection from `client` to `original_dst`.
+pub enum Route {
+    /// HBONE to a remote enrolled pod.
+    Hbone {
+        source: SpiffeId,
+        destination: Box<MeshWorkload>,
+    },
+    /// Same node, both enrolled: direct, transparent, no TLS.
+    SameNode,
+    /// Not a mesh destination: plaintext pass-through.
+    Passthrough,
+}
+
+/// Where a connection to `original_dst` goes: for a service VIP, its endpoints (target port) in
+/// round-robin order; otherwise the destination itself.
+pub fn destinations(
+    ctx: &MeshContext,
+    original_dst: SocketAddr,
+) -> Result<Vec<SocketAddr>, &'static str> {
+    match ctx.service(original_dst) {
+        Some(svc) => {
+            let c = svc.candidates();
+            if c.is_empty() {
+                return Err("service has no endpoints");
+            }
+            Ok(c.into_iter()
+                .map(|ip| SocketAddr::new(ip, svc.target_port))
+                .collect())
+        }
+        None => Ok(vec![original_dst]),
+    }
+}
+
+/// Classifies an outbound connection.
+pub fn route(
+    ctx: &MeshContext,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> Result<Route, &'static str> {
+    let source = ctx
+        .lookup(client.ip())
+        .ok_or("client is not a known workload")?;
+    match ctx.lookup(original_dst.ip()) {
+        Some(dst) if dst.enrolled && dst.node == ctx.local_node() => Ok(Route::SameNode),
+        Some(dst) if dst.enrolled => Ok(Route::Hbone {
+            source: source.identity,
+            destination: Box::new(dst),
+        }),
+        _ => Ok(Route::Passthrough),
+    }
+}
+
+/// An outbound connection from `client` (the attributed pod `pod`) to `original_dst`, to its end.
+/// A service VIP tries its endpoints in round-robin order until one answers.
+pub async fn outbound(
+    ctx: &MeshContext,
+    tcp: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    pod: &str,
+) {
+    let service_target = ctx.service(original_dst);
+    let service = service_target
+        .as_ref()
+        .map(|s| super::telemetry::service_info(&s.key));
+    if let Some(route) = ctx.waypoint_for(client, original_dst, service_target.as_deref()) {
+        via_waypoint(
+            ctx,
+            tcp,
+            client,
+            original_dst,
+            &route,
+            service.as_ref(),
+            pod,
+        )
+        .await;
+        return;
+    }
+    let candidates = match destinations(ctx, original_dst) {
+        Ok(c) => c,
+        Err(reason) => {
+            info!(%client, %original_dst, pod, reason, "no destination");
+            ctx.telemetry
+                .outbound(client, original_dst, service.as_ref(), None)
+                .fail(ResponseFlags::ConnectFailed, reason);
+            super::sockets::reset(tcp);
+            return;
+        }
+    };
+    let mut last_error = String::new();
+    for dst in candidates {
+        // An endpoint bound to a waypoint itself (`waypoint-for: workload|all`) is reached
+        // through it, also when the client addressed its Service.
+        if service.is_some()
+            && let Some(route) = ctx.waypoint_for(client, dst, None)
+        {
+            via_waypoint(ctx, tcp, client, dst, &route, service.as_ref(), pod).await;
+            return;
+        }
+        match route(ctx, client, dst) {
+            Ok(Route::Hbone {
+                source,
+                destination,
+            }) => {
+                let hbone = SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE);
+                let telemetry = ctx
+                    .telemetry
+                    .outbound(client, dst, service.as_ref(), Some(hbone));
+                let host = service.as_ref().map(|s| s.hostname.clone());
+                match open_hbone(
+                    ctx,
+                    client,
+                    (hbone, dst),
+                    &source,
+                    &destination.identity,
+                    host,
+                )
+                .await
+                {
+                    Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
+                    Err((flags, e)) => {
+                        telemetry.fail(flags, &e);
+                        last_error = e;
+                    }
+                }
+            }
+            Ok(Route::SameNode) => {
+                // We are the destination's agent too: its inbound policy is ours to enforce,
+                // for the source identity the capture attributed.
+                let source = ctx.lookup(client.ip()).map(|w| w.identity);
+                let attrs = ConnectionAttrs {
+                    source,
+                    source_ip: client.ip(),
+                    destination_ip: dst.ip(),
+                    destination_port: dst.port(),
+                    service_host: None,
+                };
+                let [mut src_t, mut dst_t] = ctx.telemetry.same_node(client, dst);
+                let mut admission = match ctx.enforcer.admit(attrs, InboundKind::SameNode) {
+                    Ok(a) => a,
+                    Err(d) => {
+                        for t in [src_t, dst_t] {
+                            let mut t = t;
+                            t.set_policy(d.policy.as_deref(), d.reason.as_str());
+                            t.fail(ResponseFlags::Denied, "denied by policy");
+                        }
+                        super::sockets::reset(tcp);
+                        return;
+                    }
+                };
+                for t in [&mut src_t, &mut dst_t] {
+                    t.set_policy(
+                        admission.decision.policy.as_deref(),
+                        admission.decision.reason.as_str(),
+                    );
+                }
+                match connect_direct(client, dst, Upstream::Dialled).await {
+                    Ok(upstream) => {
+                        src_t.opened();
+                        dst_t.opened();
+                        let both = BothReporters(&src_t, &dst_t);
+                        let result = splice_tcp(tcp, upstream, &both, admission.revoked()).await;
+                        closed([src_t, dst_t], &result);
+                        return;
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        for t in [src_t, dst_t] {
+                            t.fail(ResponseFlags::ConnectFailed, &last_error);
+                        }
+                    }
+                }
+            }
+            Ok(Route::Passthrough) => {
+                let mut telemetry = ctx.telemetry.outbound(client, dst, service.as_ref(), None);
+                let how = if service.is_some() {
+                    Upstream::ServiceEndpoint
+                } else {
+                    Upstream::Dialled
+                };
+                match connect_direct(client, dst, how).await {
+                    Ok(upstream) => {
+                        telemetry.opened();
+                        let result =
+                            splice_tcp(tcp, upstream, &telemetry, std::future::pending()).await;
+                        closed([telemetry], &result);
+                        return;
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        telemetry.fail(ResponseFlags::ConnectFailed, &last_error);
+                    }
+                }
+            }
+            Err(reason) => {
+                warn!(%client, %original_dst, reason, "refusing captured connection");
+                super::sockets::reset(tcp);
+                return;
+            }
+        }
+    }
+    info!(%client, %original_dst, pod, error = last_error, "every destination failed");
+    super::sockets::reset(tcp);
+}
+
+/// A connection to a waypoint-bound destination: HBONE to one of the waypoint's pods with the
+/// original destination as authority and the client's identity; refused (RST) when the
+/// waypoint is missing or none of its pods answers — never sent around it.
+async fn via_waypoint(
+    ctx: &MeshContext,
+    tcp: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    route: &WaypointRoute,
+    service: Option<&crate::metrics::ServiceInfo>,
+    pod: &str,
+) {
+    let refuse = |tcp, why: &str| {
+        info!(%client, %original_dst, pod, waypoint = route.name(), reason = why, "refusing a waypoint-bound connection");
+        ctx.telemetry
+            .outbound(client, original_dst, service, None)
+            .fail(ResponseFlags::ConnectFailed, why);
+        super::sockets::reset(tcp);
+    };
+    let (pods, next) = match route {
+        WaypointRoute::Missing { .. } => {
+            return refuse(tcp, "bound to a waypoint that does not exist");
+        }
+        WaypointRoute::Via { pods, .. } if pods.is_empty() => {
+            return refuse(tcp, "the waypoint has no pods");
+        }
+        WaypointRoute::Via { pods, next, .. } => (pods, next),
+    };
+    let Some(source) = ctx.lookup(client.ip()) else {
+        return refuse(tcp, "client is not a known workload");
+    };
+    // The waypoint's addresses of the client's family (the outer connection leaves from the
+    // client's address).
+    let pods: Vec<&(IpAddr, SpiffeId)> = pods
+        .iter()
+        .filter(|(ip, _)| ip.is_ipv4() == client.ip().is_ipv4())
+        .collect();
+    if pods.is_empty() {
+        return refuse(tcp, "the waypoint has no address of the client's family");
+    }
+    let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let host = service.map(|s| s.hostname.clone());
+    let mut last_error = String::new();
+    for i in 0..pods.len() {
+        let (ip, identity) = pods[(start + i) % pods.len()];
+        let hbone = SocketAddr::new(*ip, PORT_INBOUND_HBONE);
+        let telemetry = ctx
+            .telemetry
+            .outbound(client, original_dst, service, Some(hbone));
+        match open_hbone(
+            ctx,
+            client,
+            (hbone, original_dst),
+            &source.identity,
+            identity,
+            host.clone(),
+        )
+        .await
+        {
+            Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
+            Err((flags, e)) => {
+                telemetry.fail(flags, &e);
+                last_error = e;
+            }
+        }
+    }
+    info!(%client, %original_dst, pod, waypoint = route.name(), error = last_error,
+        "no waypoint pod answered: refused, not bypassed");
+    super::sockets::reset(tcp);
+}
+
+/// Carries a captured connection over an open HBONE stream to its end.
+async fn relay_hbone(
+    tcp: TcpStream,
+    stream: crate::hbone::client::PooledStream,
+    mut telemetry: ConnectionTelemetry,
+) {
+    telemetry.opened();
+    let _ = tcp.set_nodelay(true);
+    let end = relay::relay(
+        tcp,
+        stream.send,
+        stream.recv,
+        (&telemetry, relay::TcpSide::Client),
+    )
+    .await;
+    drop(stream.slot);
+    match &end {
+        relay::RelayEnd::Closed(_) => telemetry.close(Outcome::Closed),
+        relay::RelayEnd::Reset(_, why) => telemetry.close(Outcome::Reset(why)),
+    }
+}
+
+/// A same-node connection's bytes count for both of this agent's reports.
+struct BothReporters<'a>(&'a ConnectionTelemetry, &'a ConnectionTelemetry);
+
+impl Meter for BothReporters<'_> {
+    fn request(&self, n: u64) {
+        self.0.request(n);
+        self.1.request(n);
+    }
+
+    fn response(&self, n: u64) {
+        self.0.response(n);
+        self.1.response(n);
+    }
+}
+
+/// Opens the HBONE stream; an error says why in Istio's response flags too (401: denied by the
+/// destination's policy, anything else: the connection could not be made).
+async fn open_hbone(
+    ctx: &MeshContext,
+    client: SocketAddr,
+    (hbone_addr, authority): (SocketAddr, SocketAddr),
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    service_host: Option<String>,
+) -> Result<crate::hbone::client::PooledStream, (ResponseFlags, String)> {
+    let cert = ctx.certs.get(source).await.map_err(|e| {
+        (
+            ResponseFlags::ConnectFailed,
+            format!("certificate of {source}: {e}"),
+        )
+    })?;
+    let req = StreamRequest {
+        client,
+        source: source.clone(),
+        source_cert: Arc::clone(&cert.key),
+        destination: destination.clone(),
+        hbone_addr,
+        authority,
+        baggage: ctx
+            .lookup(client.ip())
+            .map(|w| w.baggage)
+            .unwrap_or_default(),
+        service_host,
+    };
+    ctx.pool.open(&req).await.map_err(|e| {
+        let flags = match &e {
+            HboneError::Status { status, .. } if *status == http::StatusCode::UNAUTHORIZED => {
+                ResponseFlags::Denied
+            }
+            _ => ResponseFlags::ConnectFailed,
+        };
+        (flags, e.to_string())
+    })
+}

@@ -1,0 +1,166 @@
+//! What the mesh handler knows of the mesh, rebuilt from each config: workloads by address
+//! (identity, node, enrolment, the waypoint a pod is bound to), services by VIP and port (target
+//! port, endpoints, the waypoint a service is bound to). A leaf: the flows and telemetry read
+//! it, it calls nothing of them.
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use tracing::warn;
+
+use crate::{
+    discovery::LocalConfig,
+    identity::SpiffeId,
+    l7::binding::{Binding, Waypoints},
+};
+
+/// A workload as the mesh handler needs it.
+#[derive(Clone, Debug)]
+pub struct MeshWorkload {
+    pub key: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+    pub node: String,
+    pub enrolled: bool,
+    /// Istio's canonical service and revision (from its labels), for telemetry.
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    /// W3C baggage describing it (HBONE headers).
+    pub baggage: String,
+    /// The waypoint traffic addressed to its own IP goes through (pod bound with
+    /// `waypoint-for: workload` or `all`).
+    pub waypoint: Option<Arc<WaypointRoute>>,
+}
+
+/// Where a waypoint-bound destination's traffic goes.
+#[derive(Debug)]
+pub enum WaypointRoute {
+    /// The waypoint's pods: address and identity.
+    Via {
+        waypoint: String,
+        pods: Vec<(IpAddr, SpiffeId)>,
+        next: std::sync::atomic::AtomicUsize,
+    },
+    /// Bound to a waypoint that does not exist (or was rejected): refused, never bypassed.
+    Missing { waypoint: String },
+}
+
+impl WaypointRoute {
+    fn from_binding(config: &LocalConfig, binding: Binding) -> Option<Arc<Self>> {
+        Some(Arc::new(match binding {
+            Binding::Direct => return None,
+            Binding::Missing(r) => Self::Missing {
+                waypoint: format!("{}/{}", r.namespace, r.name),
+            },
+            Binding::Waypoint(r) => Self::Via {
+                waypoint: format!("{}/{}", r.namespace, r.name),
+                pods: Waypoints::pods(config, &r)
+                    .into_iter()
+                    .flat_map(|p| p.ips.iter().map(move |ip| (*ip, config.identity_of(p))))
+                    .collect(),
+                next: Default::default(),
+            },
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Via { waypoint, .. } | Self::Missing { waypoint } => waypoint,
+        }
+    }
+}
+
+/// The cluster name in baggage and telemetry (Istio's default cluster ID).
+pub const CLUSTER_NAME: &str = "Kubernetes";
+
+/// A service port: where its traffic goes.
+#[derive(Debug)]
+pub struct ServiceTarget {
+    pub key: String,
+    /// The waypoint the service is bound to, if any.
+    pub waypoint: Option<Arc<WaypointRoute>>,
+    pub target_port: u16,
+    /// Endpoint addresses of the VIP's family.
+    pub endpoints: Vec<IpAddr>,
+    /// Round-robin position.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ServiceTarget {
+    /// Endpoints in the order to try them: starting one further each call, so load spreads.
+    pub fn candidates(&self) -> Vec<IpAddr> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        (0..n).map(|i| self.endpoints[(start + i) % n]).collect()
+    }
+}
+
+/// Workloads of the whole mesh by address, services by (VIP, port), and which node we are.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    pub node: String,
+    pub by_ip: HashMap<IpAddr, MeshWorkload>,
+    pub services: HashMap<(IpAddr, u16), Arc<ServiceTarget>>,
+}
+
+impl MeshState {
+    pub fn from_config(config: &LocalConfig) -> Self {
+        let (waypoints, errors) = Waypoints::of_config(config);
+        for e in &errors {
+            warn!(error = %e, "waypoint rejected: traffic bound to it is refused");
+        }
+        let mut by_ip = HashMap::new();
+        for w in config.workloads.iter().filter(|w| !w.host_network) {
+            let (service, version) = w.canonical_names();
+            let mw = MeshWorkload {
+                key: format!("{}/{}", w.namespace, w.name),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                identity: config.identity_of(w),
+                node: w.node.clone(),
+                enrolled: config.is_enrolled(w),
+                baggage: format!(
+                    "k8s.cluster.name={CLUSTER_NAME},k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
+                    w.namespace, w.name
+                ),
+                canonical_service: service,
+                canonical_revision: version,
+                waypoint: WaypointRoute::from_binding(config, waypoints.of_workload(config, w)),
+            };
+            for ip in &w.ips {
+                by_ip.insert(*ip, mw.clone());
+            }
+        }
+        let mut services = HashMap::new();
+        for svc in &config.services {
+            let endpoints = config.endpoint_ips(svc);
+            let waypoint = WaypointRoute::from_binding(config, waypoints.of_service(config, svc));
+            for vip in &svc.vips {
+                let family: Vec<IpAddr> = endpoints
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
+                    .copied()
+                    .collect();
+                for p in &svc.ports {
+                    services.insert(
+                        (*vip, p.port),
+                        Arc::new(ServiceTarget {
+                            key: format!("{}/{}", svc.namespace, svc.name),
+                            waypoint: waypoint.clone(),
+                            target_port: p.target_port.unwrap_or(p.port),
+                            endpoints: family.clone(),
+                            next: Default::default(),
+                        }),
+                    );
+                }
+            }
+        }
+        Self {
+            node: config.node.name.clone(),
+            by_ip,
+            services,
+        }
+    }
+}
