@@ -10,7 +10,7 @@ use mesh_testbed::{
     Place, Testbed, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, TempDir, pods};
+use support::{Agent, TempDir, pods, sniffer::Sniffer};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -69,15 +69,7 @@ fn pods_talk_through_hbone_across_nodes_and_directly_on_one_node() {
         .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
         .collect();
     // A sniffer on the LAN between the nodes, printing payloads as text.
-    let sniffer = tb
-        .info()
-        .fabric
-        .spawn(
-            "tcpdump",
-            &["-i", "br0", "-n", "-l", "-A", "-s", "0", "tcp"],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let sniffer = Sniffer::start(&tb.info().fabric, "br0");
     let p = |n, i| tb.pod(n, i);
     let before = (a1.counters(), a2.counters());
     for v6 in [false, true] {
@@ -109,8 +101,7 @@ fn pods_talk_through_hbone_across_nodes_and_directly_on_one_node() {
             "PLAIN-CONTROL",
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let wire = String::from_utf8_lossy(&sniffer.kill().unwrap().stdout).into_owned();
+    let wire = sniffer.stop();
     assert!(
         wire.contains("PLAIN-CONTROL"),
         "the sniffer saw nothing at all"

@@ -13,19 +13,22 @@
 mod support;
 
 use std::{
-    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Output,
     time::{Duration, Instant},
 };
 
 use mesh_testbed::{
     Background, Pod, Testbed, TestbedSpec, binaries, can_run,
-    http::http_get,
+    http::{Answer, http_get},
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, PodId, TempDir, pods};
+use support::{
+    Agent, PodId, TempDir,
+    http::{grpc_call, websocket_echo},
+    pods,
+    sniffer::Sniffer,
+};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -334,42 +337,13 @@ impl Rig {
     }
 }
 
-/// One curl answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-    secs: f64,
-}
-
-/// `curl` from `pod` with extra arguments; never fails the test itself.
+/// curl from `pod` (see [`mesh_testbed::http::curl`]).
 fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Answer {
-    let mut args = vec!["-sS", "-i", "-m", "8", "-w", "\n%{http_code} %{time_total}"];
-    args.extend_from_slice(extra);
-    args.push(url);
-    let out: Output = pod.place.output("curl", &args).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (rest, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let mut tail = tail.split_whitespace();
-    let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let secs = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    Answer {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-        secs,
-    }
+    mesh_testbed::http::curl(pod, url, extra).unwrap()
 }
 
 fn reviews(path: &str) -> String {
     format!("http://{REVIEWS_VIP}:9080{path}")
-}
-
-/// Which app answered (`<name> saw ...`).
-fn served_by(a: &Answer) -> &str {
-    a.body.split_whitespace().next().unwrap_or("")
 }
 
 /// The waypoint's request counter for `labels`.
@@ -386,73 +360,6 @@ fn waypoint_requests(tb: &Testbed, labels: &[(&str, &str)]) -> f64 {
     support::metrics::sum(&scrape, "istio_requests", labels)
 }
 
-/// A gRPC-shaped call over h2c from inside `pod`: the status and the `grpc-status` trailer.
-fn grpc_call(pod: &Pod, dst: SocketAddr) -> (u16, Option<String>, Option<String>) {
-    pod.place
-        .in_netns(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let tcp = tokio::net::TcpStream::connect(dst).await.unwrap();
-                    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
-                    tokio::spawn(conn);
-                    let req = http::Request::post("http://reviews:9081/reviews.Reviews/Get")
-                        .header("content-type", "application/grpc")
-                        .header("te", "trailers")
-                        .body(())
-                        .unwrap();
-                    let (resp, mut send) = client.send_request(req, false).unwrap();
-                    send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\0"), true)
-                        .unwrap();
-                    let resp = resp.await.unwrap();
-                    let status = resp.status().as_u16();
-                    let served = resp
-                        .headers()
-                        .get("x-served-by")
-                        .map(|v| v.to_str().unwrap().to_owned());
-                    let mut body = resp.into_body();
-                    while let Some(d) = body.data().await {
-                        let _ = d.unwrap();
-                    }
-                    let trailers = body.trailers().await.unwrap();
-                    let grpc = trailers
-                        .and_then(|t| t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()));
-                    (status, grpc, served)
-                })
-        })
-        .unwrap()
-}
-
-/// A WebSocket-style upgrade through the VIP, then an echo.
-fn websocket_echo(pod: &Pod, dst: SocketAddr) -> (String, String) {
-    pod.place
-        .in_netns(move || {
-            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(
-                s,
-                "GET /chat HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            )
-            .unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
-            }
-            s.write_all(b"ping-through-the-waypoint").unwrap();
-            let mut echo = [0u8; 25];
-            s.read_exact(&mut echo).unwrap();
-            (
-                String::from_utf8_lossy(&head).into_owned(),
-                String::from_utf8_lossy(&echo).into_owned(),
-            )
-        })
-        .unwrap()
-}
-
 #[test]
 fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() {
     if !can_run("waypoint", &["ip", "curl", "h2load", "tcpdump"]) {
@@ -463,34 +370,18 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     let client = &client_pod;
     let waypoint_ip = rig.pod(1, 2).ipv4;
     // Sniffers: the LAN between the nodes and the waypoint pod's own link.
-    let sniff_fabric = rig
-        .tb
-        .info()
-        .fabric
-        .spawn(
-            "tcpdump",
-            &["-i", "br0", "-n", "-l", "-A", "-s", "0", "tcp"],
-        )
-        .unwrap();
-    let sniff_waypoint = rig
-        .pod(1, 2)
-        .place
-        .spawn(
-            "tcpdump",
-            &["-i", "any", "-n", "-l", "-A", "-s", "0", "tcp"],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let sniff_fabric = Sniffer::start(&rig.tb.info().fabric, "br0");
+    let sniff_waypoint = Sniffer::start(&rig.pod(1, 2).place, "any");
 
     // 1. All to v1, over IPv4 and IPv6; the server sees the waypoint as its client.
     for _ in 0..10 {
         let a = curl(client, &reviews("/"), &[]);
         assert_eq!(a.status, 200, "{a:?}");
-        assert_eq!(served_by(&a), "reviews-v1", "{a:?}");
+        assert_eq!(a.served_by(), "reviews-v1", "{a:?}");
         assert!(a.body.contains(&format!("saw {waypoint_ip}")), "{a:?}");
     }
     let a = curl(client, &format!("http://[{REVIEWS_VIP6}]:9080/"), &[]);
-    assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+    assert_eq!((a.status, a.served_by()), (200, "reviews-v1"), "{a:?}");
 
     // 2. The feature set (a config change while serving).
     rig.set_routes(FEATURES, || {
@@ -503,7 +394,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     for _ in 0..100 {
         let a = curl(client, &reviews("/"), &[]);
         assert_eq!(a.status, 200, "{a:?}");
-        match served_by(&a) {
+        match a.served_by() {
             "reviews-v1" => v1 += 1,
             "reviews-v2" => {}
             other => panic!("canary answered by {other}: {a:?}"),
@@ -521,7 +412,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     // Header route.
     for _ in 0..5 {
         let a = curl(client, &reviews("/"), &["-H", "end-user: jason"]);
-        assert_eq!((a.status, served_by(&a)), (200, "reviews-v3"), "{a:?}");
+        assert_eq!((a.status, a.served_by()), (200, "reviews-v3"), "{a:?}");
     }
     // Injected delay.
     let a = curl(client, &reviews("/fault-delay"), &[]);
@@ -553,12 +444,12 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     );
     for _ in 0..20 {
         let a = curl(client, &reviews("/retry"), &[]);
-        assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+        assert_eq!((a.status, a.served_by()), (200, "reviews-v1"), "{a:?}");
     }
     // Mirror: v1 answers, v3 gets a copy (checked in its log at the end).
     for _ in 0..3 {
         let a = curl(client, &reviews("/mirror"), &[]);
-        assert_eq!((a.status, served_by(&a)), (200, "reviews-v1"), "{a:?}");
+        assert_eq!((a.status, a.served_by()), (200, "reviews-v1"), "{a:?}");
     }
     // Circuit breaker: one connection, one pending request; 8 concurrent clients overflow.
     let out = client
@@ -593,14 +484,23 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         &reviews("/"),
         &["--http2-prior-knowledge", "-H", "end-user: jason"],
     );
-    assert_eq!((a.status, served_by(&a)), (200, "reviews-v3"), "{a:?}");
-    let (status, grpc, served) = grpc_call(client, format!("{REVIEWS_VIP}:9081").parse().unwrap());
-    assert_eq!(status, 200);
-    assert_eq!(grpc.as_deref(), Some("0"), "grpc-status trailer");
-    assert!(served.is_some_and(|s| s.starts_with("reviews-")));
+    assert_eq!((a.status, a.served_by()), (200, "reviews-v3"), "{a:?}");
+    let vip_grpc = format!("{REVIEWS_VIP}:9081").parse().unwrap();
+    let g = grpc_call(client, vip_grpc, "reviews:9081", "/reviews.Reviews/Get");
+    assert_eq!(g.status, 200, "{g:?}");
+    assert_eq!(
+        g.grpc_status.as_deref(),
+        Some("0"),
+        "grpc-status trailer: {g:?}"
+    );
+    assert!(g.served_by.is_some_and(|s| s.starts_with("reviews-")));
 
     // 4. WebSocket upgrade passed through.
-    let (head, echo) = websocket_echo(client, format!("{REVIEWS_VIP}:9080").parse().unwrap());
+    let (head, echo) = websocket_echo(
+        client,
+        format!("{REVIEWS_VIP}:9080").parse().unwrap(),
+        "reviews",
+    );
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(echo, "ping-through-the-waypoint");
 
@@ -628,10 +528,10 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     // 6. A pod bound to the waypoint itself (workload-addressed).
     let ratings = rig.pod(2, 3).ipv4;
     let a = curl(client, &format!("http://{ratings}:8080/"), &[]);
-    assert_eq!((a.status, served_by(&a)), (200, "ratings"), "{a:?}");
+    assert_eq!((a.status, a.served_by()), (200, "ratings"), "{a:?}");
     assert!(a.body.contains(&format!("saw {waypoint_ip}")), "{a:?}");
     let a = curl(client, "http://10.96.0.11:9080/", &[]);
-    assert_eq!((a.status, served_by(&a)), (200, "ratings"), "{a:?}");
+    assert_eq!((a.status, a.served_by()), (200, "ratings"), "{a:?}");
 
     // 7. The waypoint's telemetry.
     let principal = "spiffe://cluster.local/ns/mesh/sa/sa-client";
@@ -652,9 +552,8 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     }
 
     // 8. No plaintext on the LAN or on the waypoint's link.
-    std::thread::sleep(Duration::from_millis(300));
     for (what, s) in [("fabric", sniff_fabric), ("waypoint link", sniff_waypoint)] {
-        let text = String::from_utf8_lossy(&s.kill().unwrap().stdout).into_owned();
+        let text = s.stop();
         for secret in ["x-route", "reviews-v1 saw", "end-user", "ping-through"] {
             assert!(
                 !text.contains(secret),
@@ -715,7 +614,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     for _ in 0..8 {
         let a = curl(client, &reviews("/"), &[]);
         assert!(
-            !matches!(served_by(&a), "reviews-v1" | "reviews-v2"),
+            !matches!(a.served_by(), "reviews-v1" | "reviews-v2"),
             "node 2's pods served around the waypoint: {a:?}"
         );
     }
@@ -762,7 +661,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     };
     std::thread::sleep(Duration::from_millis(300));
     rig.set_routes(ALL_TO_V1, || {
-        served_by(&curl(client, &reviews("/"), &["-H", "end-user: jason"])) == "reviews-v1"
+        curl(client, &reviews("/"), &["-H", "end-user: jason"]).served_by() == "reviews-v1"
     });
     assert_eq!(
         slow.join().unwrap(),

@@ -7,7 +7,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
-use mesh_testbed::{Background, Pod, Testbed};
+use mesh_testbed::{Background, Pod, Testbed, http::curl};
 
 use crate::demo::step;
 
@@ -78,18 +78,8 @@ impl Act<'_> {
 
     /// `curl` through the VIP: (status, who answered, seconds).
     fn curl(&self, path: &str, extra: &[&str]) -> Result<(u16, String, f64)> {
-        let url = format!("http://{VIP}:9080{path}");
-        let mut args = vec!["-s", "-m", "10", "-w", "\n%{http_code} %{time_total}"];
-        args.extend_from_slice(extra);
-        args.push(&url);
-        let out = self.client.place.output("curl", &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
-        let mut tail = tail.split_whitespace();
-        let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let secs = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        let who = body.split_whitespace().next().unwrap_or("").to_owned();
-        Ok((status, who, secs))
+        let a = curl(self.client, &format!("http://{VIP}:9080{path}"), extra)?;
+        Ok((a.status, a.served_by().to_owned(), a.secs))
     }
 
     /// `n` requests: how many each answer (`<who> <status>`) got.

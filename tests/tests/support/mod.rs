@@ -13,7 +13,9 @@ use anyhow::{Context as _, Result, bail};
 use mesh_agent::{capture::PinnedMaps, ebpf::CounterSnapshot};
 use mesh_testbed::{Background, Pod, Testbed, binaries};
 
+pub mod http;
 pub mod metrics;
+pub mod sniffer;
 
 /// A pod by (node, index), 1-based like the testbed.
 pub type PodId = (usize, usize);
