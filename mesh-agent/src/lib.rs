@@ -7,6 +7,7 @@ pub mod admin;
 pub mod ca;
 pub mod capture;
 pub mod cli;
+pub mod controller;
 pub mod discovery;
 pub mod ebpf;
 pub mod hbone;

@@ -101,6 +101,17 @@ enum CaCommand {
         /// A kubeconfig file; default: in cluster.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Run the controllers too: waypoint provisioning for Gateways of class mesh-waypoint /
+        /// istio-waypoint, and the root ConfigMap in every namespace (`--controllers=false`
+        /// when something else does that).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        controllers: bool,
+        /// The image of provisioned waypoints; default: this pod's own image (POD_NAME).
+        #[arg(long, env = "WAYPOINT_IMAGE")]
+        waypoint_image: Option<String>,
+        /// This pod's name, to find its own image.
+        #[arg(long, env = "POD_NAME")]
+        pod_name: Option<String>,
     },
     /// Write a fresh self-signed ECDSA P-256 root (ca-cert.pem, ca-key.pem, root-cert.pem) to a
     /// directory; never overwrites. The layout is Istio's `cacerts`, which can be used instead.
@@ -288,6 +299,9 @@ fn main() -> anyhow::Result<()> {
                     max_ttl_seconds,
                     dns_names,
                     kubeconfig,
+                    controllers,
+                    waypoint_image,
+                    pod_name,
                 },
         } => {
             let node_agent = node_agent
@@ -313,6 +327,23 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await?;
                 mesh_agent::ca::root::publish(&client, &names, &ca).await?;
+                if controllers {
+                    let waypoints = mesh_agent::controller::waypoint_template(
+                        &client,
+                        &namespace,
+                        listen.port(),
+                        &trust_domain,
+                        waypoint_image,
+                        pod_name.as_deref(),
+                    )
+                    .await;
+                    let settings = mesh_agent::controller::ControllerSettings {
+                        ca_namespace: namespace.clone(),
+                        waypoints,
+                        roots_pem: ca.roots_pem(),
+                    };
+                    tokio::spawn(mesh_agent::controller::run(client.clone(), settings));
+                }
                 mesh_agent::ca::CaService::new(
                     client,
                     std::sync::Arc::new(ca),

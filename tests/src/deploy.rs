@@ -229,3 +229,26 @@ pub fn lint_dockerfile(text: &str) -> Vec<String> {
     }
     problems
 }
+
+/// `mesh-agent <args> --help`, to check manifests against the binary's real flags.
+pub fn help(args: &[&str]) -> String {
+    let bin = crate::binaries::mesh_agent().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?} --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every `--flag` in `args` is one the subcommand has (`help` from [`help`]).
+pub fn assert_flags_exist(args: &[String], help: &str, who: &str) {
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{who}: {flag} is not a flag of the binary"
+        );
+    }
+}

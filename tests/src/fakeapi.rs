@@ -10,8 +10,11 @@
 //!   clients must re-list.
 //! - [`FakeApi::fail_with`] makes every request answer with an HTTP error (an API outage);
 //!   [`FakeApi::not_served`] makes a resource 404 (a CRD that is not installed).
-//! - `PATCH` (merge patch) on an object updates it and emits `MODIFIED`; every request is
+//! - `PATCH` (merge patch) on an object updates it and emits `MODIFIED`; a server-side apply
+//!   patch (`application/apply-patch+yaml`) also creates a missing object (approximated as a
+//!   merge); `.../status` patches the object itself; `DELETE` removes it. Every request is
 //!   recorded for assertions.
+//! - `labelSelector` (`k=v`, `k!=v`, `k`, comma-separated) filters lists and watches.
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers from a table of tokens.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -350,7 +353,11 @@ impl Drop for FakeApi {
 
 /// Splits `/api/v1/...` or `/apis/<g>/<v>/...` into (namespace, resource, name).
 fn parse_path(path: &str) -> Option<(Option<String>, String, Option<String>)> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // The status subresource is patched on the object itself.
+    if parts.len() >= 2 && parts.last() == Some(&"status") {
+        parts.pop();
+    }
     let rest = match parts.as_slice() {
         ["api", "v1", rest @ ..] => rest,
         ["apis", _group, _version, rest @ ..] => rest,
@@ -358,7 +365,7 @@ fn parse_path(path: &str) -> Option<(Option<String>, String, Option<String>)> {
     };
     match rest {
         [resource] => Some((None, (*resource).to_owned(), None)),
-        ["namespaces", name] => Some((None, "namespaces".into(), Some((*name).to_owned()))),
+        [resource, name] => Some((None, (*resource).to_owned(), Some((*name).to_owned()))),
         ["namespaces", ns, resource] => {
             Some((Some((*ns).to_owned()), (*resource).to_owned(), None))
         }
@@ -377,12 +384,42 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
+/// `%2F` and friends (and `+` as a space), as a query string carries a label selector.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn handle(
     state: Arc<Mutex<State>>,
     live: broadcast::Sender<Live>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
     let method = req.method().as_str().to_owned();
+    let server_side_apply = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let body = req
@@ -462,18 +499,41 @@ async fn handle(
         }
         ("PATCH", Some(name)) => {
             let key = (ns.unwrap_or_default(), name.clone());
-            let Some(mut obj) = st.objects.get(&resource).and_then(|m| m.get(&key)).cloned() else {
+            let patch: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let (mut obj, kind) = match st.objects.get(&resource).and_then(|m| m.get(&key)).cloned()
+            {
+                Some(obj) => (obj, "MODIFIED"),
+                None if server_side_apply => {
+                    let mut obj = json!({});
+                    if !key.0.is_empty() {
+                        obj["metadata"]["namespace"] = json!(key.0);
+                    }
+                    (obj, "ADDED")
+                }
+                None => {
+                    return reply(
+                        404,
+                        &status(404, "NotFound", &format!("{resource} {name:?} not found")),
+                    );
+                }
+            };
+            merge(&mut obj, &patch);
+            let obj = st.record_event(&resource, kind, obj);
+            let _ = live.send(Live::Event(resource, json!({"type": kind, "object": obj})));
+            reply(if kind == "ADDED" { 201 } else { 200 }, &obj)
+        }
+        ("DELETE", Some(name)) => {
+            let key = (ns.unwrap_or_default(), name.clone());
+            let Some(obj) = st.objects.get(&resource).and_then(|m| m.get(&key)).cloned() else {
                 return reply(
                     404,
                     &status(404, "NotFound", &format!("{resource} {name:?} not found")),
                 );
             };
-            let patch: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-            merge(&mut obj, &patch);
-            let obj = st.record_event(&resource, "MODIFIED", obj);
+            let obj = st.record_event(&resource, "DELETED", obj);
             let _ = live.send(Live::Event(
                 resource,
-                json!({"type": "MODIFIED", "object": obj}),
+                json!({"type": "DELETED", "object": obj}),
             ));
             reply(200, &obj)
         }
@@ -495,12 +555,15 @@ async fn handle(
             reply(if exists { 200 } else { 201 }, &obj)
         }
         ("GET", None) => {
+            let selector = percent_decode(query_param(&query, "labelSelector").unwrap_or(""));
+            let selector = selector.as_str();
             let items: Vec<Value> = st
                 .objects
                 .get(&resource)
                 .map(|m| {
                     m.iter()
                         .filter(|((o_ns, _), _)| ns.as_ref().is_none_or(|n| n == o_ns))
+                        .filter(|(_, o)| selected(o, selector))
                         .map(|(_, o)| o.clone())
                         .collect()
                 })
@@ -529,12 +592,18 @@ async fn handle(
                         && ns
                             .as_ref()
                             .is_none_or(|n| o["metadata"]["namespace"] == json!(n))
+                        && selected(o, selector)
                 })
                 .map(|(_, _, t, o)| json!({"type": t, "object": o}))
                 .collect();
             let rx = live.subscribe();
             drop(st);
-            stream_response(replay, Some((rx, resource, ns)))
+            let filter = Filter {
+                resource,
+                namespace: ns,
+                selector: selector.to_owned(),
+            };
+            stream_response(replay, Some((rx, filter)))
         }
         _ => reply(
             405,
@@ -544,9 +613,37 @@ async fn handle(
 }
 
 /// A watch response: `first` events, then live ones for `resource` until expiry.
+/// What one watch streams: events of `resource` in `namespace` (all when None) whose object
+/// matches `selector`.
+struct Filter {
+    resource: String,
+    namespace: Option<String>,
+    selector: String,
+}
+
+/// The `labelSelector` subset controllers use: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-joined.
+fn selected(obj: &Value, selector: &str) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                labels[k.trim()].as_str() != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once('=') {
+                labels[k.trim()].as_str() == Some(v.trim_start_matches('=').trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                labels[k].is_null()
+            } else {
+                !labels[term].is_null()
+            }
+        })
+}
+
 fn stream_response(
     first: Vec<Value>,
-    live: Option<(broadcast::Receiver<Live>, String, Option<String>)>,
+    live: Option<(broadcast::Receiver<Live>, Filter)>,
 ) -> Response<Body> {
     let stream = async_stream(first, live);
     Response::builder()
@@ -558,23 +655,24 @@ fn stream_response(
 
 fn async_stream(
     first: Vec<Value>,
-    live: Option<(broadcast::Receiver<Live>, String, Option<String>)>,
+    live: Option<(broadcast::Receiver<Live>, Filter)>,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
     let line = |v: &Value| Ok(Frame::data(Bytes::from(format!("{v}\n"))));
     let head = futures::stream::iter(first.iter().map(line).collect::<Vec<_>>());
     let tail = futures::stream::unfold(live, move |state| async move {
-        let (mut rx, resource, ns) = state?;
+        let (mut rx, f) = state?;
         loop {
             match rx.recv().await {
                 Ok(Live::Event(r, ev))
-                    if r == resource
-                        && ns
+                    if r == f.resource
+                        && f.namespace
                             .as_ref()
-                            .is_none_or(|n| ev["object"]["metadata"]["namespace"] == json!(n)) =>
+                            .is_none_or(|n| ev["object"]["metadata"]["namespace"] == json!(n))
+                        && selected(&ev["object"], &f.selector) =>
                 {
                     let frame: Result<Frame<Bytes>, Infallible> =
                         Ok(Frame::data(Bytes::from(format!("{ev}\n"))));
-                    return Some((frame, Some((rx, resource, ns))));
+                    return Some((frame, Some((rx, f))));
                 }
                 Ok(Live::Event(..)) => continue,
                 Ok(Live::Expire) => {

@@ -20,9 +20,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 /// The kustomizations a user applies.
-const KUSTOMIZATIONS: [&str; 6] = [
+const KUSTOMIZATIONS: [&str; 7] = [
     "base",
     "crds",
+    "crds/gateway-api",
     "overlays/kind",
     "overlays/minikube",
     "demo",
@@ -162,24 +163,6 @@ fn help_default(help: &str, flag: &str) -> String {
     v[..v.find(']').unwrap()].to_owned()
 }
 
-fn help(args: &[&str]) -> String {
-    let bin = binaries::mesh_agent().unwrap();
-    let out = Command::new(bin).args(args).arg("--help").output().unwrap();
-    assert!(out.status.success(), "{args:?} --help failed");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Every `--flag` in `args` is one the subcommand has.
-fn assert_flags_exist(args: &[String], help: &str, who: &str) {
-    for a in args.iter().filter(|a| a.starts_with("--")) {
-        let flag = a.split('=').next().unwrap();
-        assert!(
-            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
-            "{who}: {flag} is not a flag of the binary"
-        );
-    }
-}
-
 fn container_ports(c: &Container) -> BTreeSet<u16> {
     c.ports
         .iter()
@@ -232,7 +215,7 @@ fn the_daemonset_matches_what_the_agent_uses() {
         .iter()
         .find(|c| c.name == "mesh-agent")
         .unwrap();
-    let node_help = help(&["node"]);
+    let node_help = deploy::help(&["node"]);
 
     // Host networking: the agent attaches to the host's pod interfaces and listens there.
     assert_eq!(spec.host_network, Some(true));
@@ -262,7 +245,7 @@ fn the_daemonset_matches_what_the_agent_uses() {
 
     // Arguments are real flags; the node name comes from the downward API.
     assert_eq!(agent.args.as_ref().unwrap()[0], "node");
-    assert_flags_exist(agent.args.as_ref().unwrap(), &node_help, "DaemonSet");
+    deploy::assert_flags_exist(agent.args.as_ref().unwrap(), &node_help, "DaemonSet");
     let env = agent.env.as_ref().unwrap();
     let node_name = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     assert_eq!(
@@ -358,7 +341,7 @@ fn the_daemonset_matches_what_the_agent_uses() {
     assert!(agent.resources.as_ref().unwrap().requests.is_some());
 
     // The service account is the one the CA lets ask for other identities.
-    let ca_help = help(&["ca", "serve"]);
+    let ca_help = deploy::help(&["ca", "serve"]);
     assert_eq!(
         help_default(&ca_help, "node-agent"),
         format!(
@@ -375,14 +358,14 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
         return;
     }
     let objs = render("overlays/minikube");
-    let ca_help = help(&["ca", "serve"]);
+    let ca_help = deploy::help(&["ca", "serve"]);
 
     // The CA: its real flags, its listen port exposed by the Service, non-root.
     let spec = pod_spec(find(&objs, "Deployment", "mesh-ca"));
     let ca = &spec.containers[0];
     let args = ca.args.as_ref().unwrap();
     assert_eq!(&args[..2], ["ca", "serve"]);
-    assert_flags_exist(args, &ca_help, "CA Deployment");
+    deploy::assert_flags_exist(args, &ca_help, "CA Deployment");
     let listen = args
         .iter()
         .find_map(|a| a.strip_prefix("--listen="))
@@ -491,7 +474,7 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
     }));
 
     // The metrics Service and its scrape annotations point at the agent's metrics port.
-    let node_help = help(&["node"]);
+    let node_help = deploy::help(&["node"]);
     let metrics = help_default(&node_help, "metrics-port");
     let m = find(&objs, "Service", "mesh-agent-metrics");
     assert_eq!(m["metadata"]["annotations"]["prometheus.io/port"], metrics);
@@ -501,48 +484,43 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
 /// The hand-written waypoint: its pods carry the labels that make them the Gateway's (and keep
 /// node agents from capturing them), its flags are the binary's, its RBAC covers the watches.
 #[test]
-fn the_waypoint_manifest_matches_the_binary() {
+fn the_waypoint_manifest_and_the_controllers_rbac_match_the_binary() {
     if !kubectl_available("waypoint manifest") {
         return;
     }
+    // The user writes a Gateway only; the CA's controller makes the rest.
     let objs = render("waypoint");
+    assert_eq!(objs.len(), 1, "only the Gateway");
     let gateway = find(&objs, "Gateway", "waypoint");
-    let deployment: Deployment = typed(find(&objs, "Deployment", "waypoint"));
-    let template = deployment.spec.unwrap().template;
-    let labels = template.metadata.unwrap().labels.unwrap();
-    assert_eq!(
-        labels
-            .get(mesh_agent::l7::binding::GATEWAY_NAME_LABEL)
-            .map(String::as_str),
-        gateway["metadata"]["name"].as_str()
-    );
-    assert_eq!(
-        labels.get("istio.io/dataplane-mode").map(String::as_str),
-        Some("none")
-    );
-    let spec = template.spec.unwrap();
-    let c = &spec.containers[0];
-    let args = c.args.clone().unwrap();
-    assert_eq!(args[0], "waypoint");
-    assert_flags_exist(&args[1..], &help(&["waypoint"]), "waypoint");
-    assert!(args.iter().any(|a| a
-        == &format!(
-            "--gateway={}/{}",
-            gateway["metadata"]["namespace"].as_str().unwrap(),
-            gateway["metadata"]["name"].as_str().unwrap()
-        )));
-    assert!(container_ports(c).is_superset(&[15008, 15020, 15021].into_iter().collect()));
-    let rules = typed::<ClusterRole>(find(&objs, "ClusterRole", "mesh-waypoint"))
+    let class = gateway["spec"]["gatewayClassName"].as_str().unwrap();
+    assert!(mesh_agent::l7::binding::WAYPOINT_CLASSES.contains(&class));
+
+    let base = render("base");
+    let allows = |rules: &[PolicyRule], group: &str, resource: &str, verb: &str, name: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+                && r.resource_names
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n == name))
+        })
+    };
+    // What waypoints may read: every kind they watch, and nothing else.
+    let waypoint_role = mesh_agent::controller::waypoint::WAYPOINT_CLUSTER_ROLE;
+    let rules = typed::<ClusterRole>(find(&base, "ClusterRole", waypoint_role))
         .rules
         .unwrap();
     for (group, _, _, plural) in mesh_agent::discovery::kube::ROUTING_KINDS {
         assert!(
-            rules
-                .iter()
-                .any(|r| r.api_groups.iter().flatten().any(|g| g == group)
-                    && r.resources.iter().flatten().any(|x| x == plural)
-                    && r.verbs.iter().any(|v| v == "watch")),
+            allows(&rules, group, plural, "watch", ""),
             "watch {group}/{plural}"
+        );
+    }
+    for resource in ["namespaces", "services", "pods"] {
+        assert!(
+            allows(&rules, "", resource, "watch", ""),
+            "watch {resource}"
         );
     }
     assert!(
@@ -550,6 +528,94 @@ fn the_waypoint_manifest_matches_the_binary() {
             .iter()
             .all(|r| r.verbs.iter().all(|v| v == "list" || v == "watch"))
     );
+    // What the controller in the CA writes.
+    let ca = typed::<ClusterRole>(find(&base, "ClusterRole", "mesh-ca"))
+        .rules
+        .unwrap();
+    let binding = mesh_agent::controller::waypoint::WAYPOINT_ROLE_BINDING;
+    let class = mesh_agent::controller::waypoint::WAYPOINT_CLASS;
+    let configmap = mesh_agent::controller::root_cert::ROOT_CONFIGMAP;
+    for (group, resource, verbs, name) in [
+        (
+            "gateway.networking.k8s.io",
+            "gateways",
+            &["list", "watch"][..],
+            "",
+        ),
+        (
+            "gateway.networking.k8s.io",
+            "gateways/status",
+            &["patch"],
+            "",
+        ),
+        (
+            "gateway.networking.k8s.io",
+            "gatewayclasses",
+            &["create", "patch"],
+            class,
+        ),
+        (
+            "",
+            "serviceaccounts",
+            &["get", "list", "watch", "create", "patch", "delete"],
+            "",
+        ),
+        (
+            "",
+            "services",
+            &["get", "list", "watch", "create", "patch", "delete"],
+            "",
+        ),
+        (
+            "apps",
+            "deployments",
+            &["get", "list", "watch", "create", "patch", "delete"],
+            "",
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            &["list", "watch", "create", "patch"],
+            binding,
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            &["bind"],
+            waypoint_role,
+        ),
+        ("", "namespaces", &["list", "watch"], ""),
+        (
+            "",
+            "configmaps",
+            &["list", "watch", "create", "patch"],
+            configmap,
+        ),
+    ] {
+        for verb in verbs {
+            assert!(
+                allows(&ca, group, resource, verb, name),
+                "mesh-ca: {verb} {group}/{resource} {name}"
+            );
+        }
+    }
+    // bind only for the waypoints' role: the CA cannot hand out any other.
+    for r in ca.iter().filter(|r| r.verbs.iter().any(|v| v == "bind")) {
+        assert_eq!(
+            r.resource_names.as_deref(),
+            Some(&[waypoint_role.to_owned()][..])
+        );
+    }
+    // Waypoints run the CA pod's own image: it knows its pod name.
+    let spec = pod_spec(find(&base, "Deployment", "mesh-ca"));
+    assert!(
+        spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "POD_NAME")
+    );
+    assert!(deploy::help(&["ca", "serve"]).contains("[env: POD_NAME="));
 }
 
 #[test]
@@ -574,6 +640,35 @@ fn crds_serve_the_versions_the_agent_reads() {
             .map(|v| (v.name.as_str(), v.storage))
             .collect();
         assert_eq!(served, [("v1", true), ("v1beta1", false)], "{kind}");
+    }
+    // The routing kinds: Istio's networking kinds here, Gateway API's in crds/gateway-api.
+    let gateway_api = render("crds/gateway-api");
+    for (group, version, kind, plural) in mesh_agent::discovery::kube::ROUTING_KINDS {
+        let objs = if group == "networking.istio.io" {
+            &objs
+        } else {
+            &gateway_api
+        };
+        let crd: CustomResourceDefinition = typed(find(
+            objs,
+            "CustomResourceDefinition",
+            &format!("{plural}.{group}"),
+        ));
+        assert_eq!(crd.spec.names.kind, kind);
+        assert!(
+            crd.spec
+                .versions
+                .iter()
+                .any(|v| v.name == version && v.served && v.storage),
+            "{kind} {version}"
+        );
+        if kind == "Gateway" {
+            let v = &crd.spec.versions[0];
+            assert!(
+                v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
+                "status"
+            );
+        }
     }
 }
 

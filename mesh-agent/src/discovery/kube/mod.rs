@@ -12,18 +12,15 @@
 //! - Enrolled local pods carry `ambient.istio.io/redirection: enabled` while the agent captures
 //!   them (`annotate.rs`).
 pub mod annotate;
+pub mod feed;
 pub mod host;
 pub mod snapshot;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -31,11 +28,12 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{reflector, watcher},
 };
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::info;
 
+pub use feed::{Feed, drive};
 pub use host::{HostLocator, Located, PodLocator};
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
@@ -70,86 +68,11 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often local pods without a located interface are looked for again.
 const RETRY_LOCATE: Duration = Duration::from_secs(1);
 
-/// One watcher's state, for readiness and logs.
-struct Feed {
-    name: String,
-    listed: AtomicBool,
-    /// The resource is not served (an Istio CRD that is not installed).
-    absent: AtomicBool,
-}
-
-impl Feed {
-    fn new(name: &str) -> Arc<Self> {
-        Arc::new(Self {
-            name: name.to_owned(),
-            listed: AtomicBool::new(false),
-            absent: AtomicBool::new(false),
-        })
-    }
-
-    fn usable(&self) -> bool {
-        self.listed.load(Ordering::Acquire) || self.absent.load(Ordering::Acquire)
-    }
-}
-
 /// The running watchers.
 pub struct KubeDiscovery {
     /// The latest snapshot (None until every watcher has listed).
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub client: Client,
-}
-
-/// Drives one watcher into a reflector store, waking `changed` on every event.
-fn drive<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    feed: Arc<Feed>,
-    changed: Arc<Notify>,
-    optional: bool,
-) where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + serde::de::DeserializeOwned
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer);
-        futures::pin_mut!(stream);
-        let mut last_error_log = None::<Instant>;
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(watcher::Event::InitDone) => {
-                    if !feed.listed.swap(true, Ordering::AcqRel) {
-                        info!(resource = %feed.name, "listed");
-                    }
-                    feed.absent.store(false, Ordering::Release);
-                    changed.notify_one();
-                }
-                Ok(_) => changed.notify_one(),
-                Err(e) => {
-                    let not_served = matches!(
-                        &e,
-                        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.is_not_found()
-                    );
-                    if optional && not_served && !feed.absent.swap(true, Ordering::AcqRel) {
-                        info!(resource = %feed.name, "not served by this cluster (CRD not installed); treated as empty");
-                        changed.notify_one();
-                    }
-                    // The watcher retries with backoff; say so now and then, not per retry.
-                    if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                        warn!(resource = %feed.name, error = %e, "watch failed; retrying, the last known state stays in force");
-                        last_error_log = Some(Instant::now());
-                    }
-                }
-            }
-        }
-    });
 }
 
 impl KubeDiscovery {
@@ -170,6 +93,7 @@ impl KubeDiscovery {
                 feeds.push(Arc::clone(&feed));
                 drive(
                     Api::<$ty>::all(client.clone()),
+                    watcher::Config::default(),
                     writer,
                     feed,
                     Arc::clone(&changed),
@@ -196,6 +120,7 @@ impl KubeDiscovery {
             feeds.push(Arc::clone(&feed));
             drive(
                 Api::<DynamicObject>::all_with(client.clone(), &ar),
+                watcher::Config::default(),
                 writer,
                 feed,
                 Arc::clone(&changed),
