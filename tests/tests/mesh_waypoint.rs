@@ -124,9 +124,23 @@ const FEATURES: &str = "
         headers:
           request: {set: {x-route: canary}}
           response: {add: {x-mesh: waypoint}}
+        corsPolicy: {allowOrigins: [{exact: 'https://app.example'}], allowMethods: [GET]}
         route:
           - {destination: {host: reviews, subset: v1}, weight: 80}
           - {destination: {host: reviews, subset: v2}, weight: 20}
+    tcp:
+      - route: [{destination: {host: reviews, subset: v3}}]
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: GRPCRoute
+  metadata: {name: reviews-grpc, namespace: mesh}
+  spec:
+    parentRefs: [{group: '', kind: Service, name: reviews, port: 9081}]
+    rules:
+      - matches: [{method: {service: reviews.Reviews, method: Get}}]
+        filters:
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {set: [{name: x-grpc-route, value: get}]}
+        backendRefs: [{name: reviews, port: 9081}]
 ";
 
 struct Rig {
@@ -494,6 +508,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         "grpc-status trailer: {g:?}"
     );
     assert!(g.served_by.is_some_and(|s| s.starts_with("reviews-")));
+    assert_eq!(g.headers["x-grpc-route"], "get", "the GRPCRoute applied");
 
     // 4. WebSocket upgrade passed through.
     let (head, echo) = websocket_echo(
@@ -504,26 +519,52 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(echo, "ping-through-the-waypoint");
 
-    // 5. A TCP port is carried as L4 through the waypoint.
-    let hello = client
-        .place
-        .in_netns(|| {
-            let mut p = Probe::connect_here(
-                format!("{REVIEWS_VIP}:7000").parse().unwrap(),
-                Duration::from_secs(5),
-            )
+    // 5. A TCP port is carried as L4 through the waypoint, where its tcp[] route sends it
+    //    (v3, every time).
+    for _ in 0..3 {
+        let hello = client
+            .place
+            .in_netns(|| {
+                let mut p = Probe::connect_here(
+                    format!("{REVIEWS_VIP}:7000").parse().unwrap(),
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                let hello = p.hello().unwrap();
+                p.finish(1 << 20).unwrap();
+                hello
+            })
             .unwrap();
-            let hello = p.hello().unwrap();
-            p.finish(1 << 20).unwrap();
-            hello
-        })
-        .unwrap();
-    let peer: SocketAddr = hello["peer"].as_str().unwrap().parse().unwrap();
-    assert_eq!(
-        peer.ip(),
-        IpAddr::V4(waypoint_ip),
-        "the TCP server sees the waypoint"
+        let peer: SocketAddr = hello["peer"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V4(waypoint_ip),
+            "the TCP server sees the waypoint"
+        );
+        let local: SocketAddr = hello["local"].as_str().unwrap().parse().unwrap();
+        assert_eq!(local.ip(), IpAddr::V4(rig.pod(1, 4).ipv4), "tcp[] → v3");
+    }
+    // A CORS preflight from an allowed origin is answered by the waypoint itself.
+    let a = curl(
+        client,
+        &reviews("/"),
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Origin: https://app.example",
+            "-H",
+            "Access-Control-Request-Method: GET",
+        ],
     );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(
+        a.head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{a:?}"
+    );
+    assert!(a.body.is_empty(), "not forwarded to the app: {a:?}");
 
     // 6. A pod bound to the waypoint itself (workload-addressed).
     let ratings = rig.pod(2, 3).ipv4;

@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::route::{
-    Decision, RequestView, RouteTable,
+    ConnectionView, Decision, RequestView, RouteTable,
     destination::{DestinationRules, ResolvedPolicy},
     model::{Abort, AttemptOutcome, RuleAction},
 };
@@ -41,6 +41,9 @@ struct Request {
     /// A list value: the header repeated.
     headers: BTreeMap<String, serde_yaml::Value>,
     source_labels: Option<BTreeMap<String, String>>,
+    source_namespace: Option<String>,
+    /// The address the client addressed (`tcp` cases; default the VIP 10.96.0.10).
+    destination: Option<std::net::IpAddr>,
 }
 
 impl Default for Request {
@@ -54,6 +57,8 @@ impl Default for Request {
             port: 9080,
             headers: BTreeMap::new(),
             source_labels: None,
+            source_namespace: None,
+            destination: None,
         }
     }
 }
@@ -61,7 +66,9 @@ impl Default for Request {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Expect {
-    /// A rule's name (`#<index>` when unnamed), `default`, `noRoute` or `rejected`.
+    /// A rule's name (`#<index>` when unnamed), `default`, `noRoute` or `rejected`; `tcp`: the
+    /// request is a TCP connection (`tcp[]` routes; `target`/`shares` name the destination,
+    /// `service` when no rule takes it).
     rule: String,
     /// With `rejected`: text the error must contain (the field, the reason).
     error: Option<String>,
@@ -280,6 +287,46 @@ fn header_text(h: &HeaderMap) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A `tcp` case: where `tcp_route` sends the connection.
+fn run_tcp(req: &Request, e: &Expect, table: &RouteTable) -> Result<(), String> {
+    let view = ConnectionView {
+        port: req.port,
+        destination: req
+            .destination
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10))),
+        source_labels: req.source_labels.as_ref(),
+        source_namespace: req.source_namespace.as_deref(),
+    };
+    let pick = |roll: u64| {
+        table
+            .tcp_route(&req.host, &view, roll)
+            .map_or_else(|| "service".to_owned(), |t| target_text(&t.target))
+    };
+    if let Some(want) = &e.target {
+        let got = pick(e.roll);
+        if got != *want {
+            return Err(format!("tcp target: want {want}, got {got}"));
+        }
+    }
+    if let Some(shares) = &e.shares {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for _ in 0..DRAWS {
+            *counts.entry(pick(rng.u64(..))).or_default() += 1;
+        }
+        for (t, want) in shares {
+            let got = f64::from(counts.remove(t).unwrap_or(0)) * 100.0 / f64::from(DRAWS);
+            if (got - want).abs() > TOLERANCE {
+                return Err(format!("tcp share of {t}: want {want}%, got {got:.2}%"));
+            }
+        }
+        if !counts.is_empty() {
+            return Err(format!("unexpected tcp targets: {counts:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Checks one case; `Err` says what differs.
 fn run(case: &Case) -> Result<(), String> {
     let objects: Vec<RawObject> = case
@@ -319,6 +366,9 @@ fn run(case: &Case) -> Result<(), String> {
         ));
     }
     let req = &case.request;
+    if e.rule == "tcp" {
+        return run_tcp(req, e, &table);
+    }
     let headers = headers_of(req);
     let view = RequestView {
         method: &req.method,
@@ -328,7 +378,7 @@ fn run(case: &Case) -> Result<(), String> {
         headers: &headers,
         port: req.port,
         source_labels: req.source_labels.as_ref(),
-        source_namespace: None,
+        source_namespace: req.source_namespace.as_deref(),
     };
     let decision = table.route(&req.host, &view, e.roll);
     let (rule, matched, target) = match (&decision, e.rule.as_str()) {

@@ -4,6 +4,7 @@
 //! live beside it.
 pub mod api;
 pub mod binding;
+pub mod cors;
 pub mod protocol;
 pub mod proxy;
 pub mod resilience;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 
+use super::cors::{self, CorsStep};
 use super::resilience::Breakers;
 use super::route::{
     Decision, RequestView, RouteTable,
@@ -265,6 +266,18 @@ impl Engine {
             } => (rule, matched, target),
         };
         outcome.rule = Some(rule.name.clone());
+        // CORS runs before faults and routing, as Envoy's filter chain orders them.
+        let cors_headers = match rule.cors.as_ref() {
+            Some(c) => match cors::evaluate(c, &head.method, &head.headers) {
+                CorsStep::Answer(headers) => {
+                    let mut resp = Response::new(empty());
+                    *resp.headers_mut() = headers;
+                    return (resp, outcome);
+                }
+                CorsStep::Forward(headers) => headers,
+            },
+            None => HeaderMap::new(),
+        };
         if let Some(fault) = &rule.fault {
             let (delay, abort) = fault.sample(rng);
             if let Some(d) = delay {
@@ -418,6 +431,7 @@ impl Engine {
         for edit in rule.header_edits(Some(target), true) {
             edit.apply(response.headers_mut());
         }
+        response.headers_mut().extend(cors_headers);
         (response, outcome)
     }
 

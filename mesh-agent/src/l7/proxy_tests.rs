@@ -443,3 +443,51 @@ async fn a_tripped_circuit_breaker_answers_503_uo() {
     );
     assert_eq!(fake.seen().len(), 2);
 }
+
+#[tokio::test]
+async fn cors_preflights_are_answered_here_and_responses_carry_the_origin() {
+    let fake = Fake::with(&[]);
+    let e = engine(
+        &vs(
+            "[{route: [{destination: {host: reviews, subset: v1}}], corsPolicy: {allowOrigins: [{exact: 'https://app.example'}], allowMethods: [GET, POST], exposeHeaders: [x-trace]}, fault: {abort: {httpStatus: 500, percentage: {value: 0}}}}]",
+        ),
+        &fake,
+    );
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/reviews")
+            .header(header::HOST, "reviews:9080")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let (status, _, _, headers) = run(&e, preflight("https://app.example")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(headers["access-control-allow-methods"], "GET,POST");
+    assert!(
+        fake.seen().is_empty(),
+        "an allowed preflight is not forwarded"
+    );
+    // Another origin's preflight goes to the service (unmatchedPreflights: FORWARD).
+    let (_, _, _, headers) = run(&e, preflight("https://evil.example")).await;
+    assert!(!headers.contains_key("access-control-allow-origin"));
+    assert_eq!(fake.seen().len(), 1);
+    // A real request from the allowed origin: forwarded, the answer names the origin.
+    let mut req = get("/reviews");
+    req.headers_mut()
+        .insert(header::ORIGIN, "https://app.example".parse().unwrap());
+    let (status, _, _, headers) = run(&e, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(headers["access-control-expose-headers"], "x-trace");
+    assert_eq!(fake.seen().len(), 2);
+}

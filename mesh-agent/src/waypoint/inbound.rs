@@ -31,6 +31,7 @@ use crate::{
     l7::{
         protocol::{self, Detected},
         proxy::{Body, Destination, Outcome, Source},
+        route::matching::ConnectionView,
     },
     metrics::requests::RequestLabels,
 };
@@ -274,36 +275,60 @@ impl Connection {
         self.wp.metrics.record(&labels, millis);
     }
 
-    /// Opaque TCP: to one endpoint of the service (round robin; `tcp[]` routes are not read
-    /// yet), or to the addressed pod.
+    /// Opaque TCP: to the destination of the first matching `tcp[]` route (by weight, then the
+    /// DestinationRule's balancer), else to one endpoint of the service (round robin), or to
+    /// the addressed pod.
     async fn relay_tcp(self, mut io: Prefixed<StreamIo>) {
-        let (ep, port, host) = match &self.addressed {
-            Addressed::Workload(ep) => (ep.clone(), self.authority.port(), None),
+        let upstream = match &self.addressed {
+            Addressed::Workload(ep) => {
+                self.wp
+                    .upstream
+                    .tunnel(ep, self.authority.port(), None)
+                    .await
+            }
             Addressed::Service(svc, port) => {
-                let n = svc.endpoints.len();
-                if n == 0 {
-                    info!(service = %svc.host, "waypoint: TCP to a service without endpoints");
-                    return;
+                let view = ConnectionView {
+                    port: port.port,
+                    destination: self.authority.ip(),
+                    source_labels: self.source.as_ref().map(|s| &s.labels),
+                    source_namespace: self.source.as_ref().map(|s| s.namespace.as_str()),
+                };
+                let routing = self.wp.engine.routing();
+                let roll = fastrand::u64(..);
+                match routing.routes.tcp_route(&svc.host, &view, roll) {
+                    Some(route) => {
+                        let port = route.target.port.unwrap_or(port.port);
+                        self.wp.upstream.tunnel_to(&route.target, port).await
+                    }
+                    None => {
+                        let n = svc.endpoints.len();
+                        if n == 0 {
+                            info!(service = %svc.host, "waypoint: TCP to a service without endpoints");
+                            return;
+                        }
+                        let i = self
+                            .wp
+                            .tcp_next
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            % n;
+                        let target_port = port.target_port.unwrap_or(port.port);
+                        self.wp
+                            .upstream
+                            .tunnel(&svc.endpoints[i], target_port, Some(&svc.host))
+                            .await
+                    }
                 }
-                let i = self
-                    .wp
-                    .tcp_next
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % n;
-                (
-                    svc.endpoints[i].clone(),
-                    port.target_port.unwrap_or(port.port),
-                    Some(svc.host.clone()),
-                )
             }
         };
-        match self.wp.upstream.tunnel(&ep, port, host.as_deref()).await {
+        match upstream {
             Ok(mut up) => {
                 if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut up).await {
                     tracing::debug!(error = %e, "waypoint: TCP relay ended");
                 }
             }
-            Err(e) => info!(pod = %ep.key, error = %e, "waypoint: TCP upstream failed"),
+            Err(e) => {
+                info!(authority = %self.authority, error = %e, "waypoint: TCP upstream failed")
+            }
         }
     }
 }

@@ -90,12 +90,6 @@ impl WaypointState {
         errors.extend(e.iter().map(ToString::to_string));
         let (destinations, e) = DestinationRules::build(&config.policies);
         errors.extend(e.iter().map(ToString::to_string));
-        for o in config.policies.iter().filter(|o| o.kind == "GRPCRoute") {
-            errors.push(format!(
-                "GRPCRoute {}/{}: not served yet (use an HTTPRoute with the gRPC paths, or a VirtualService)",
-                o.metadata.namespace, o.metadata.name
-            ));
-        }
         let mut pods = HashMap::new();
         let mut bound_pods = std::collections::HashSet::new();
         for w in config.workloads.iter().filter(|w| !w.host_network) {

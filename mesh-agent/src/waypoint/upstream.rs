@@ -134,13 +134,23 @@ impl HboneUpstream {
         Ok(StreamIo::new(stream.send, stream.recv).holding(stream.slot))
     }
 
+    /// A TCP tunnel to one endpoint of `target` (a `tcp[]` route's destination) on service port
+    /// `port`: the subset's endpoints, the DestinationRule's load balancer (a consistent hash
+    /// has no request to hash, so it balances as its fallback does).
+    pub async fn tunnel_to(&self, target: &Target, port: u16) -> Result<StreamIo, UpstreamError> {
+        let state = self.state();
+        let mut rng = fastrand::Rng::new();
+        let (ep, target_port, _, _) = self.choose(&state, target, port, None, &mut rng)?;
+        self.tunnel(&ep, target_port, Some(&target.host)).await
+    }
+
     /// The endpoint for a request to `target` on service port `port`, and the port to reach it on.
     fn choose(
         &self,
         state: &WaypointState,
         target: &Target,
         port: u16,
-        request: &Request<Body>,
+        request: Option<&Request<Body>>,
         rng: &mut fastrand::Rng,
     ) -> Result<(Endpoint, u16, Option<Protocol>, Arc<Balancer>), UpstreamError> {
         // A pod-addressed request: that pod, on the port asked for.
@@ -187,7 +197,7 @@ impl HboneUpstream {
             .unwrap_or_default();
         let lb = policy.load_balancer().clone();
         let hash = match &lb {
-            LoadBalancer::ConsistentHash(key) => hash_of(key, request),
+            LoadBalancer::ConsistentHash(key) => request.and_then(|r| hash_of(key, r)),
             _ => None,
         };
         let outliers = self.outliers(&target.host);
@@ -300,7 +310,7 @@ impl HboneUpstream {
         let state = self.state();
         let mut rng = fastrand::Rng::new();
         let (ep, target_port, protocol, balancer) =
-            self.choose(&state, target, port, &request, &mut rng)?;
+            self.choose(&state, target, port, Some(&request), &mut rng)?;
         let addr = SocketAddr::new(ep.ip, target_port);
         let _in_flight = balancer.start(addr);
         // HTTP/2 upstream for ports declared HTTP/2 or gRPC, HTTP/1.1 for ports declared

@@ -15,6 +15,7 @@ pub struct GrpcAnswer {
     pub status: u16,
     pub grpc_status: Option<String>,
     pub served_by: Option<String>,
+    pub headers: http::HeaderMap,
 }
 
 /// A unary gRPC-shaped call over h2c from inside `pod` to `dst`, naming `authority` and `path`.
@@ -40,8 +41,8 @@ pub fn grpc_call(pod: &Pod, dst: SocketAddr, authority: &str, path: &str) -> Grp
                         .unwrap();
                     let resp = resp.await.unwrap();
                     let status = resp.status().as_u16();
-                    let served_by = resp
-                        .headers()
+                    let headers = resp.headers().clone();
+                    let served_by = headers
                         .get("x-served-by")
                         .map(|v| v.to_str().unwrap().to_owned());
                     let mut body = resp.into_body();
@@ -55,6 +56,7 @@ pub fn grpc_call(pod: &Pod, dst: SocketAddr, authority: &str, path: &str) -> Grp
                         status,
                         grpc_status,
                         served_by,
+                        headers,
                     }
                 })
         })

@@ -46,9 +46,10 @@ pub const ISTIO_KINDS: [(&str, &str); 3] = [
 
 /// The routing kinds read beside them (group, version, kind, plural): waypoint bindings need
 /// the Gateways, waypoints the routes. Each may be absent (CRD not installed).
-pub const ROUTING_KINDS: [(&str, &str, &str, &str); 4] = [
+pub const ROUTING_KINDS: [(&str, &str, &str, &str); 5] = [
     ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
     (
         "networking.istio.io",
         "v1",

@@ -1,5 +1,6 @@
-//! Gateway API HTTPRoutes attached to Services (GAMMA) → one [`VirtualService`] per service,
-//! as Istio converts them: every rule-match becomes its own rule, ordered by the Gateway API's
+//! Gateway API HTTPRoutes and GRPCRoutes attached to Services (GAMMA) → one [`VirtualService`]
+//! per service, as Istio converts them (a GRPCRoute's method match is the path gRPC sends,
+//! `/<service>/<method>`): every rule-match becomes its own rule, ordered by the Gateway API's
 //! precedence (exact path, longest prefix, method, most headers, most query parameters, then
 //! the oldest route, `namespace/name`, rule order) instead of list order.
 use std::collections::BTreeMap;
@@ -37,7 +38,10 @@ struct Candidate {
 pub fn http_routes(objects: &[RawObject]) -> (Vec<VirtualService>, Vec<ConfigError>) {
     let mut errors = Vec::new();
     let mut candidates = Vec::new();
-    for obj in objects.iter().filter(|o| o.kind == "HTTPRoute") {
+    for obj in objects
+        .iter()
+        .filter(|o| o.kind == "HTTPRoute" || o.kind == "GRPCRoute")
+    {
         match route(obj) {
             Ok(mut c) => candidates.append(&mut c),
             Err(e) => errors.push(e),
@@ -64,7 +68,11 @@ pub fn http_routes(objects: &[RawObject]) -> (Vec<VirtualService>, Vec<ConfigErr
 fn route(obj: &RawObject) -> Result<Vec<Candidate>, ConfigError> {
     let ctx = ObjectContext { obj };
     ctx.check_version(&GATEWAY_API_VERSIONS)?;
-    let spec: api::HttpRouteSpec = ctx.spec()?;
+    let spec: api::HttpRouteSpec = if obj.kind == "GRPCRoute" {
+        grpc_as_http(ctx.spec()?).map_err(|(f, m)| ctx.err(format!("spec{f}"), m))?
+    } else {
+        ctx.spec()?
+    };
     let ns = obj.metadata.namespace.as_str();
     let mut parents = Vec::new();
     for (i, p) in spec.parent_refs.iter().enumerate() {
@@ -137,6 +145,117 @@ fn route(obj: &RawObject) -> Result<Vec<Candidate>, ConfigError> {
         }
     }
     Ok(out)
+}
+
+/// A GRPCRoute as the HTTPRoute it means: method matches become path matches, and only the
+/// filters GRPCRoute has are accepted.
+fn grpc_as_http(spec: api::GrpcRouteSpec) -> Result<api::HttpRouteSpec, FieldError> {
+    let mut rules = Vec::with_capacity(spec.rules.len());
+    for (ri, r) in spec.rules.into_iter().enumerate() {
+        let here = format!(".rules[{ri}]");
+        for (fi, f) in r.filters.iter().enumerate() {
+            if !matches!(
+                f.kind.as_str(),
+                "RequestHeaderModifier" | "ResponseHeaderModifier" | "RequestMirror"
+            ) {
+                return Err((
+                    format!("{here}.filters[{fi}].type"),
+                    format!(
+                        "{:?}: a GRPCRoute has RequestHeaderModifier, ResponseHeaderModifier and RequestMirror",
+                        f.kind
+                    ),
+                ));
+            }
+        }
+        let matches = r
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(mi, m)| grpc_match(m).map_err(|(f, e)| (format!("{here}.matches[{mi}]{f}"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.push(api::HttpRouteRule {
+            name: r.name,
+            matches,
+            filters: r.filters,
+            backend_refs: r.backend_refs,
+            timeouts: None,
+            retry: None,
+            session_persistence: r.session_persistence,
+        });
+    }
+    Ok(api::HttpRouteSpec {
+        parent_refs: spec.parent_refs,
+        hostnames: spec.hostnames,
+        rules,
+    })
+}
+
+/// One GRPCRoute match as an HTTPRoute match on the path `/<service>/<method>`.
+fn grpc_match(m: &api::GrpcRouteMatch) -> Result<api::HttpRouteMatch, FieldError> {
+    let path = match &m.method {
+        None => None,
+        Some(method) => {
+            let service = method.service.as_deref().filter(|s| !s.is_empty());
+            let name = method.method.as_deref().filter(|s| !s.is_empty());
+            if service.is_none() && name.is_none() {
+                return Err((".method".into(), "service or method is required".into()));
+            }
+            let (kind, value) = match method.kind.as_deref().unwrap_or("Exact") {
+                "Exact" => {
+                    for (field, v) in [("service", service), ("method", name)] {
+                        if let Some(v) = v
+                            && (v.contains('/') || v.contains(char::is_whitespace))
+                        {
+                            return Err((
+                                format!(".method.{field}"),
+                                format!("{v:?} is not a gRPC {field} name"),
+                            ));
+                        }
+                    }
+                    match (service, name) {
+                        (Some(s), Some(n)) => ("Exact", format!("/{s}/{n}")),
+                        (Some(s), None) => ("PathPrefix", format!("/{s}/")),
+                        (None, Some(n)) => {
+                            ("RegularExpression", format!("/[^/]+/{}", regex::escape(n)))
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    }
+                }
+                "RegularExpression" => {
+                    for (field, v) in [("service", service), ("method", name)] {
+                        if let Some(v) = v {
+                            regex::Regex::new(v)
+                                .map_err(|e| (format!(".method.{field}"), e.to_string()))?;
+                        }
+                    }
+                    (
+                        "RegularExpression",
+                        format!(
+                            "/{}/{}",
+                            service.unwrap_or("[^/]+"),
+                            name.unwrap_or("[^/]+")
+                        ),
+                    )
+                }
+                other => {
+                    return Err((
+                        ".method.type".into(),
+                        format!("{other:?}: Exact or RegularExpression"),
+                    ));
+                }
+            };
+            Some(api::HttpPathMatch {
+                kind: Some(kind.into()),
+                value: Some(value),
+            })
+        }
+    };
+    Ok(api::HttpRouteMatch {
+        path,
+        headers: m.headers.clone(),
+        query_params: Vec::new(),
+        method: None,
+    })
 }
 
 /// The prefix a `PathPrefix` match matched (empty for any other match).

@@ -23,6 +23,17 @@ pub struct RequestView<'a> {
     pub source_namespace: Option<&'a str>,
 }
 
+/// What a `tcp[]` match may look at: the connection, not its bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionView<'a> {
+    /// The destination port the client addressed (the service port).
+    pub port: u16,
+    /// The address the client addressed (the VIP).
+    pub destination: std::net::IpAddr,
+    pub source_labels: Option<&'a BTreeMap<String, String>>,
+    pub source_namespace: Option<&'a str>,
+}
+
 impl RequestView<'_> {
     /// The path without its query string (what uri matches see, as in Envoy).
     pub fn path(&self) -> &str {

@@ -12,7 +12,7 @@ mod retries_faults;
 
 use std::sync::Arc;
 
-pub use matching::{RequestMatch, RequestView};
+pub use matching::{ConnectionView, RequestMatch, RequestView};
 use model::{HttpRule, RouteTarget, RuleAction, VirtualService};
 
 use super::api::ConfigError;
@@ -95,8 +95,18 @@ impl RouteTable {
         if let Some(vs) = self.gateway.iter().find(attached) {
             return Some(vs);
         }
+        self.most_specific(host, |vs| !vs.http.is_empty())
+    }
+
+    /// Among the VirtualServices `having` something, the one whose host pattern matches `host`
+    /// most specifically (the oldest among equals).
+    fn most_specific(
+        &self,
+        host: &str,
+        having: impl Fn(&VirtualService) -> bool,
+    ) -> Option<&VirtualService> {
         let mut best: Option<(&VirtualService, usize)> = None;
-        for vs in self.services.iter().filter(|vs| !vs.http.is_empty()) {
+        for vs in self.services.iter().filter(|vs| having(vs)) {
             let Some(spec) = vs
                 .hosts
                 .iter()
@@ -136,6 +146,23 @@ impl RouteTable {
             matched,
             target,
         }
+    }
+
+    /// The destination of a TCP connection to `host`: the first `tcp[]` rule that matches, of
+    /// the most specific VirtualService with `tcp` rules, picks by weight (`roll` as in
+    /// [`Self::route`]). `None`: no VirtualService routes TCP for `host` (or none of its rules
+    /// matches), so the connection goes to the service itself.
+    pub fn tcp_route(
+        &self,
+        host: &str,
+        connection: &matching::ConnectionView<'_>,
+        roll: u64,
+    ) -> Option<&RouteTarget> {
+        self.most_specific(host, |vs| !vs.tcp.is_empty())?
+            .tcp
+            .iter()
+            .find(|r| r.matches(connection))
+            .and_then(|r| r.route.pick(roll))
     }
 
     /// Route lists held (VirtualServices plus one per HTTPRoute-attached service).

@@ -523,3 +523,22 @@ pub struct TcpRule {
     pub source_namespace: Option<String>,
     pub route: WeightedDestinations,
 }
+
+impl TcpRule {
+    /// Every condition holds (an absent one holds): Istio's L4 match.
+    pub fn matches(&self, c: &super::matching::ConnectionView<'_>) -> bool {
+        self.port.is_none_or(|p| p == c.port)
+            && (self.destination_subnets.is_empty()
+                || self
+                    .destination_subnets
+                    .iter()
+                    .any(|n| n.contains(&c.destination)))
+            && (self.source_labels.is_empty()
+                || c.source_labels
+                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))))
+            && self
+                .source_namespace
+                .as_deref()
+                .is_none_or(|ns| c.source_namespace == Some(ns))
+    }
+}
