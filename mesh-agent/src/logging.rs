@@ -300,7 +300,12 @@ pub fn init(filter: &str, format: LogFormat) -> (LogControl, FlushGuard) {
     let (writer, guard) = BatchedStderr::start();
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    // Colours only for a terminal: log files and collectors get plain `key=value` text (and
+    // the formatting is cheaper: the access log is written per request by waypoints).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(fmt).init(),

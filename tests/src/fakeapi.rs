@@ -249,6 +249,21 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
+    /// Writes `dir/kubeconfig` pointing at this server (no credentials), for processes under
+    /// test (`--kubeconfig`).
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let server = self.url();
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n"
+            ),
+        )
+        .expect("writing the kubeconfig");
+        path
+    }
+
     /// Creates or replaces an object (ADDED or MODIFIED), as a controller would.
     pub fn apply(&self, obj: Value) -> Value {
         let resource = resource_of(&obj);

@@ -40,18 +40,6 @@ impl Drop for Ca {
     }
 }
 
-fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 }
@@ -89,7 +77,7 @@ fn start_ca(api: &FakeApi, work: &Path) -> Ca {
         .local_addr()
         .unwrap()
         .port();
-    let kc = kubeconfig(work, &api.url());
+    let kc = api.write_kubeconfig(work);
     let log = work.join("ca.log");
     let child = Command::new(binaries::mesh_agent().unwrap())
         .args(["ca", "serve", "--listen", &format!("127.0.0.1:{port}")])

@@ -49,18 +49,6 @@ fn pod(p: &Pod) -> Value {
     })
 }
 
-fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 fn enrolled_ifindexes(maps: &PinnedMaps) -> BTreeSet<u32> {
     maps.pods()
         .map(|v| v.into_iter().map(|(i, _)| i).collect())
@@ -109,7 +97,7 @@ fn run(tb: &Testbed, work: &Path) {
         api.apply(pod(p));
     }
     let bin = binaries::mesh_agent().unwrap();
-    let kc = kubeconfig(work, &api.url());
+    let kc = api.write_kubeconfig(work);
     let (ca, ca_address) = start_ca(tb, &api, &bin, &kc, work);
     // The agents start while the CA is down (it published its root first, as in a cluster).
     let first_ca_run = ca.terminate(Duration::from_secs(10)).unwrap();

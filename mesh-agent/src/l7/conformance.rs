@@ -309,22 +309,35 @@ fn run_tcp(req: &Request, e: &Expect, table: &RouteTable) -> Result<(), String> 
         }
     }
     if let Some(shares) = &e.shares {
-        let mut rng = fastrand::Rng::with_seed(7);
-        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-        for _ in 0..DRAWS {
-            *counts.entry(pick(rng.u64(..))).or_default() += 1;
-        }
-        for (t, want) in shares {
-            let got = f64::from(counts.remove(t).unwrap_or(0)) * 100.0 / f64::from(DRAWS);
-            if (got - want).abs() > TOLERANCE {
-                return Err(format!("tcp share of {t}: want {want}%, got {got:.2}%"));
-            }
-        }
-        if !counts.is_empty() {
-            return Err(format!("unexpected tcp targets: {counts:?}"));
-        }
+        check_shares(shares, |roll| Some(pick(roll)))?;
     }
     Ok(())
+}
+
+/// `pick` over [`DRAWS`] seeded rolls gives each target its share (± [`TOLERANCE`] points)
+/// and nothing else.
+fn check_shares(
+    shares: &BTreeMap<String, f64>,
+    mut pick: impl FnMut(u64) -> Option<String>,
+) -> Result<(), String> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..DRAWS {
+        if let Some(t) = pick(rng.u64(..)) {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    for (t, want) in shares {
+        let got = f64::from(counts.remove(t).unwrap_or(0)) * 100.0 / f64::from(DRAWS);
+        if (got - want).abs() > TOLERANCE {
+            return Err(format!("share of {t}: want {want}%, got {got:.2}%"));
+        }
+    }
+    if counts.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unexpected targets: {counts:?}"))
+    }
 }
 
 /// Checks one case; `Err` says what differs.
@@ -411,22 +424,7 @@ fn run(case: &Case) -> Result<(), String> {
         let RuleAction::Route(w) = &rule.action else {
             return Err("shares of a rule that does not route".into());
         };
-        let mut rng = fastrand::Rng::with_seed(7);
-        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-        for _ in 0..DRAWS {
-            if let Some(t) = w.pick(rng.u64(..)) {
-                *counts.entry(target_text(&t.target)).or_default() += 1;
-            }
-        }
-        for (t, want) in shares {
-            let got = f64::from(counts.remove(t).unwrap_or(0)) * 100.0 / f64::from(DRAWS);
-            if (got - want).abs() > TOLERANCE {
-                return Err(format!("share of {t}: want {want}%, got {got:.2}%"));
-            }
-        }
-        if !counts.is_empty() {
-            return Err(format!("unexpected targets: {counts:?}"));
-        }
+        check_shares(shares, |roll| w.pick(roll).map(|t| target_text(&t.target)))?;
     }
     if e.path.is_some() || e.authority.is_some() {
         let (path, authority) = match &rule.rewrite {
