@@ -143,6 +143,21 @@ const FEATURES: &str = "
         backendRefs: [{name: reviews, port: 9081}]
 ";
 
+/// A route attached to the waypoint's Gateway for `reviews`: everything to v2, marked.
+const ATTACHED_TO_WAYPOINT: &str = "
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: via-waypoint, namespace: mesh}
+  spec:
+    parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+    hostnames: [reviews]
+    rules:
+      - filters:
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {set: [{name: x-attached, value: waypoint}]}
+        backendRefs: [{name: reviews-v2, port: 9080}]
+";
+
 struct Rig {
     tb: Testbed,
     ca: TempDir,
@@ -167,7 +182,7 @@ fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> S
         ca.display()
     );
     y += &format!(
-        "services:\n  - {{name: reviews, namespace: mesh, vips: [{REVIEWS_VIP}, \"{REVIEWS_VIP6}\"], labels: {{{bind}}}, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: grpc, port: 9081, targetPort: 8080}}, {{name: tcp-probe, port: 7000, targetPort: 9090}}]}}\n  - {{name: ratings, namespace: mesh, vips: [10.96.0.11], selector: {{app: ratings}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\nworkloads:\n"
+        "services:\n  - {{name: reviews, namespace: mesh, vips: [{REVIEWS_VIP}, \"{REVIEWS_VIP6}\"], labels: {{{bind}}}, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: grpc, port: 9081, targetPort: 8080}}, {{name: tcp-probe, port: 7000, targetPort: 9090}}]}}\n  - {{name: ratings, namespace: mesh, vips: [10.96.0.11], selector: {{app: ratings}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n  - {{name: reviews-v2, namespace: mesh, vips: [10.96.0.12], selector: {{app: reviews, version: v2}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\nworkloads:\n"
     );
     let roles: [(PodId, &str, &str, String); 8] = [
         ((1, 1), "mesh", "sa-client", "app: productpage".into()),
@@ -678,7 +693,18 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    // 11. A config change does not drop a request in flight.
+    // 11. An HTTPRoute attached to the waypoint itself applies to the bound Service it names
+    //     (`hostnames`), as a Service-attached one would.
+    rig.set_routes(ATTACHED_TO_WAYPOINT, || {
+        curl(client, &reviews("/"), &[])
+            .head
+            .to_ascii_lowercase()
+            .contains("x-attached: waypoint")
+    });
+    let a = curl(client, &reviews("/"), &[]);
+    assert_eq!((a.status, a.served_by()), (200, "reviews-v2"), "{a:?}");
+
+    // 12. A config change does not drop a request in flight.
     let slow = {
         let place = client.place.clone();
         std::thread::spawn(move || {

@@ -5,6 +5,7 @@
 //! identity ([`upstream`]). Config (services, pods, Gateways, VirtualServices,
 //! DestinationRules, HTTPRoutes) comes from the local config file and is reloaded when it
 //! changes; requests in flight finish with the config they started with.
+pub mod attach;
 pub mod inbound;
 pub mod state;
 pub mod upstream;

@@ -8,6 +8,7 @@ use std::{
     sync::Arc,
 };
 
+use super::attach;
 use crate::{
     discovery::{LocalConfig, ServicePort},
     identity::SpiffeId,
@@ -86,7 +87,15 @@ impl WaypointState {
                 me.namespace, me.name
             ));
         }
-        let (routes, e) = RouteTable::build(&config.policies);
+        // Routes attached to this waypoint's Gateway apply to the Services bound to it.
+        let bound_services: Vec<attach::BoundService> = config
+            .services
+            .iter()
+            .filter(|s| waypoints.of_service(config, s) == Binding::Waypoint(me.clone()))
+            .map(|s| (s.name.clone(), s.namespace.clone()))
+            .collect();
+        let policies = attach::attach(&config.policies, me, &bound_services);
+        let (routes, e) = RouteTable::build(&policies);
         errors.extend(e.iter().map(ToString::to_string));
         let (destinations, e) = DestinationRules::build(&config.policies);
         errors.extend(e.iter().map(ToString::to_string));

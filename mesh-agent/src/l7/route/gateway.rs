@@ -89,16 +89,24 @@ fn route(obj: &RawObject) -> Result<Vec<Candidate>, ConfigError> {
                     .transpose()?;
                 parents.push((qualify(&p.name, p.namespace.as_deref().unwrap_or(ns)), port));
             }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                // A Gateway's own routes: an ingress's are not the mesh's, and a waypoint
+                // rewrites the ones attached to it into its Services before compiling
+                // (`waypoint::attach`).
+            }
             _ => {
                 return Err(ctx.err(
                     format!("spec.parentRefs[{i}]"),
-                    format!("{group}/{kind}: only Service parents are served so far (waypoint-wide routes are not)"),
+                    format!("{group}/{kind}: a parent is a Service or a Gateway"),
                 ));
             }
         }
     }
-    if parents.is_empty() {
-        return Err(ctx.err("spec.parentRefs", "a Service parent is required"));
+    if spec.parent_refs.is_empty() {
+        return Err(ctx.err(
+            "spec.parentRefs",
+            "a parent (Service or waypoint Gateway) is required",
+        ));
     }
     let created = obj.metadata.creation_timestamp.clone().unwrap_or_default();
     let key = format!("{ns}/{}", obj.metadata.name);
