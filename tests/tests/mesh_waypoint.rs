@@ -170,6 +170,25 @@ struct Rig {
 
 /// The config of `node` (the waypoint reads node 1's): `bound` says whether the Service and the
 /// ratings pod carry their `istio.io/use-waypoint` labels.
+/// L7 authorization at the waypoint (Istio's ambient tutorial's shape).
+const VIEWER: &str = "
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: viewer, namespace: mesh}
+  spec:
+    targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/mesh/sa/sa-client]}}]
+        to: [{operation: {methods: [GET]}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: no-admin, namespace: mesh}
+  spec:
+    targetRefs: [{kind: Service, name: reviews}]
+    action: DENY
+    rules: [{to: [{operation: {paths: [/admin*]}}]}]
+";
+
 fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> String {
     let bind = if bound {
         "istio.io/use-waypoint: waypoint"
@@ -704,7 +723,23 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     let a = curl(client, &reviews("/"), &[]);
     assert_eq!((a.status, a.served_by()), (200, "reviews-v2"), "{a:?}");
 
-    // 12. A config change does not drop a request in flight.
+    // 12. AuthorizationPolicy attached to the waypoint, checked per request: GET from the
+    //     client only; /admin denied even behind a dot segment.
+    let viewer = format!("{ALL_TO_V1}{VIEWER}");
+    rig.set_routes(&viewer, || {
+        curl(client, &reviews("/"), &["-X", "POST"]).status == 403
+    });
+    let a = curl(client, &reviews("/"), &["-X", "POST"]);
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (403, "RBAC: access denied"),
+        "{a:?}"
+    );
+    assert_eq!(curl(client, &reviews("/"), &[]).status, 200);
+    let a = curl(client, &reviews("/x/../admin"), &["--path-as-is"]);
+    assert_eq!(a.status, 403, "{a:?}");
+
+    // 13. A config change does not drop a request in flight.
     let slow = {
         let place = client.place.clone();
         std::thread::spawn(move || {
@@ -736,7 +771,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         "the in-flight request survived the reload"
     );
 
-    // 12. The waypoint gone: clients get errors, nothing reaches the pods around it.
+    // 14. The waypoint gone: clients get errors, nothing reaches the pods around it.
     let log = rig.waypoint.take().unwrap().kill().unwrap();
     let wp_log = String::from_utf8_lossy(&log.stderr).into_owned();
     let a = curl(client, &reviews("/after-kill"), &[]);
@@ -764,4 +799,8 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         );
     }
     assert!(wp_log.contains("waypoint serving"), "{wp_log}");
+    assert!(
+        wp_log.contains("rbac_access_denied_matched_policy[mesh/no-admin]"),
+        "the denial's access log: {wp_log}"
+    );
 }

@@ -571,6 +571,7 @@ impl LocalConfig {
                     ips: w.ips.clone(),
                     services: services
                         .iter()
+                        .filter(|s| waypoints.of_service(self, s) == Binding::Direct)
                         .map(|s| (s.namespace.clone(), s.name.clone()))
                         .collect(),
                     waypoints: gates,
@@ -747,6 +748,27 @@ workloads:
             e.contains("policies[1].metadata.name") && e.contains("listed twice"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn policies_attached_to_a_waypoint_bound_service_are_the_waypoints() {
+        // Two Services select pod `a`; `bound` uses a waypoint. A DENY-all attached to each:
+        // the node enforces the unbound one's only (Istio: the waypoint enforces the other).
+        let deny = |svc: &str| {
+            format!(
+                "  - {{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: deny-{svc}, namespace: x}}, spec: {{targetRefs: [{{kind: Service, name: {svc}}}], action: DENY, rules: [{{}}]}}}}\n"
+            )
+        };
+        let c = LocalConfig::parse(&format!(
+            "node: {{name: n1}}\nnamespaces: [{{name: x, labels: {{istio.io/dataplane-mode: ambient}}}}]\nworkloads:\n  - {{name: a, namespace: x, node: n1, ips: [10.0.0.1], hostInterface: v, labels: {{app: a}}}}\nservices:\n  - {{name: bound, namespace: x, vips: [10.96.0.1], selector: {{app: a}}, labels: {{istio.io/use-waypoint: wp}}, ports: [{{port: 80}}]}}\n  - {{name: plain, namespace: x, vips: [10.96.0.2], selector: {{app: a}}, ports: [{{port: 80}}]}}\npolicies:\n  - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {{name: wp, namespace: x}}, spec: {{gatewayClassName: mesh-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}}}\n{}{}",
+            deny("bound"),
+            deny("plain")
+        ))
+        .unwrap();
+        let set = c.compile_policies();
+        let w = set.workload("10.0.0.1".parse().unwrap()).unwrap();
+        let denies: Vec<&str> = w.deny.iter().map(|p| &*p.name).collect();
+        assert_eq!(denies, ["x/deny-plain"]);
     }
 
     #[test]

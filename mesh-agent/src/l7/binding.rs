@@ -51,6 +51,8 @@ pub struct Waypoint {
     pub name: String,
     pub namespace: String,
     pub traffic: TrafficType,
+    /// `spec.gatewayClassName` (policies may attach to the class).
+    pub class: String,
 }
 
 /// The waypoint a binding names.
@@ -236,6 +238,7 @@ fn waypoint(obj: &RawObject) -> Result<Option<Waypoint>, ConfigError> {
         name: obj.metadata.name.clone(),
         namespace: obj.metadata.namespace.clone(),
         traffic,
+        class: class.to_owned(),
     }))
 }
 

@@ -3,6 +3,7 @@
 //! arrived (HBONE for a waypoint, TLS or TCP listeners for a gateway); the proxies that feed it
 //! live beside it.
 pub mod api;
+pub mod authz;
 pub mod binding;
 pub mod cors;
 pub mod protocol;

@@ -1,10 +1,11 @@
-//! Istio objects -> compiled L4 policies, with Istio's validation (errors name the object and the
-//! field) and Istio ambient's treatment of L7 attributes:
+//! Istio objects -> compiled policies, with Istio's validation (errors name the object and the
+//! field). The L7 attributes are kept for waypoints (`model::RequestMatch`); node agents treat
+//! them as Istio ambient's ztunnel does:
 //!
-//! - an ALLOW rule that needs L7 attributes never allows (there is no waypoint to check them),
-//!   so the policy can only be stricter than its author meant;
-//! - a DENY (or AUDIT) rule's L7 attributes are dropped, so it denies every connection its L4
-//!   parts match — again stricter.
+//! - an ALLOW rule that needs L7 attributes never allows at a node agent, so the policy can
+//!   only be stricter than its author meant;
+//! - a DENY (or AUDIT) rule's L7 attributes are dropped there, so it denies every connection
+//!   its L4 parts match — again stricter.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
@@ -14,7 +15,7 @@ use super::{
         AuthorizationPolicySpec, MutualTls, Operation, PeerAuthenticationSpec,
         PolicyTargetReference, RawObject, Source, WorkloadSelector,
     },
-    model::{Action, CompiledPolicy, Match, MtlsMode, Rule, StringMatch},
+    model::{Action, CompiledPolicy, Match, MtlsMode, RequestMatch, Rule, StringMatch},
 };
 
 /// Why a policy object was rejected: the object, the field, and what is wrong with it.
@@ -42,7 +43,8 @@ pub enum Scope {
         namespace: String,
         labels: BTreeMap<String, String>,
     },
-    /// `targetRefs` naming Services: the workloads behind them.
+    /// `targetRefs` naming Services: the workloads behind them (node agents enforce it for
+    /// Services not bound to a waypoint; a waypoint enforces it for those bound to it).
     Services {
         namespace: String,
         names: Vec<String>,
@@ -59,7 +61,8 @@ pub struct WorkloadInfo {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
-    /// `(namespace, name)` of the Services that select it.
+    /// `(namespace, name)` of the Services that select it and are not bound to a waypoint
+    /// (policies attached to a bound Service are the waypoint's to enforce, as in Istio).
     pub services: Vec<(String, String)>,
     /// Waypoints its traffic must come through (Istio ambient: all traffic into a
     /// waypoint-bound resource passes its waypoint).
@@ -256,7 +259,7 @@ fn authorization_scope(
             ("" | "core", "Service") => services.push(r.name.clone()),
             ("gateway.networking.k8s.io", "Gateway" | "GatewayClass")
             | ("networking.istio.io", "ServiceEntry") => notes.push(format!(
-                "{at} ({} {}) attaches to waypoints, which node agents do not run; it is not enforced here",
+                "{at} ({} {}) attaches to waypoints: the waypoint enforces it, node agents do not",
                 r.kind, r.name
             )),
             (g, k) => {
@@ -276,6 +279,13 @@ fn authorization_scope(
         namespace: ns.to_owned(),
         names: services,
     })
+}
+
+/// What a policy's `targetRef`/`targetRefs` name, read leniently: a waypoint picks the
+/// policies attached to it, to its class or to the Services bound to it.
+pub fn target_refs(obj: &RawObject) -> Vec<PolicyTargetReference> {
+    let s: ScopeOnly = serde_yaml::from_value(obj.spec.clone()).unwrap_or_default();
+    s.target_ref.into_iter().chain(s.target_refs).collect()
 }
 
 /// Compiles one AuthorizationPolicy object.
@@ -371,9 +381,8 @@ fn compile_rules(
         }
         for (j, c) in r.when.iter().enumerate() {
             let at = format!("{at}.when[{j}]");
-            if let Some(m) = condition_match(ctx, &at, c, &mut l7)? {
-                rule.clauses.push(vec![m]);
-            }
+            rule.clauses
+                .push(vec![condition_match(ctx, &at, c, &mut l7)?]);
         }
         if !l7.is_empty() {
             *l7_rules += 1;
@@ -382,13 +391,13 @@ fn compile_rules(
             rules.push(rule);
         } else if action == Action::Allow {
             notes.push(format!(
-                "{at} uses L7 attributes ({}) and there is no waypoint: the rule never allows",
+                "{at} uses L7 attributes ({}): node agents never allow by it (a waypoint checks it whole)",
                 l7.join(", ")
             ));
             unenforceable.push(rule);
         } else {
             notes.push(format!(
-                "{at}: L7 attributes ({}) cannot be checked without a waypoint and are ignored: the rule {}s every connection its L4 parts match",
+                "{at}: L7 attributes ({}) are ignored by node agents: there the rule {}s every connection its L4 parts match (a waypoint checks it whole)",
                 l7.join(", "),
                 action.as_str().to_lowercase()
             ));
@@ -476,6 +485,7 @@ fn source_match(
     if *s == Source::default() {
         return Err(ctx.err(at, "must not be empty"));
     }
+    let mut request = RequestMatch::default();
     for (field, v) in [
         ("requestPrincipals", &s.request_principals),
         ("notRequestPrincipals", &s.not_request_principals),
@@ -484,6 +494,11 @@ fn source_match(
             strings(ctx, at, field, v)?;
             l7.push(format!("{at}.{field}"));
         }
+    }
+    // No JWT is validated (RequestAuthentication is not implemented): no request has a
+    // principal, so a positive list never matches and a negative one always passes.
+    if !s.request_principals.is_empty() {
+        request.never.push(format!("{at}.requestPrincipals"));
     }
     Ok(Match {
         principals: strings(ctx, at, "principals", &s.principals)?,
@@ -501,6 +516,7 @@ fn source_match(
         not_source_ips: nets(ctx, at, "notIpBlocks", &s.not_ip_blocks)?,
         remote_ips: nets(ctx, at, "remoteIpBlocks", &s.remote_ip_blocks)?,
         not_remote_ips: nets(ctx, at, "notRemoteIpBlocks", &s.not_remote_ip_blocks)?,
+        request,
         ..Match::default()
     })
 }
@@ -523,13 +539,34 @@ fn operation_match(
         ("notPaths", &op.not_paths),
     ] {
         if !v.is_empty() {
-            strings(ctx, at, field, v)?;
             l7.push(format!("{at}.{field}"));
         }
     }
+    let hosts = |field: &str, v: &[String]| {
+        let lower: Vec<String> = v.iter().map(|h| h.to_ascii_lowercase()).collect();
+        strings(ctx, at, field, &lower)
+    };
+    let paths = |field: &str, v: &[String]| {
+        if let Some((i, p)) = v.iter().enumerate().find(|(_, p)| p.contains('{')) {
+            return Err(ctx.err(
+                format!("{at}.{field}[{i}]"),
+                format!("{p:?}: path templates ({{*}}, {{**}}) are not supported"),
+            ));
+        }
+        strings(ctx, at, field, v)
+    };
     Ok(Match {
         destination_ports: ports(ctx, at, "ports", &op.ports)?,
         not_destination_ports: ports(ctx, at, "notPorts", &op.not_ports)?,
+        request: RequestMatch {
+            hosts: hosts("hosts", &op.hosts)?,
+            not_hosts: hosts("notHosts", &op.not_hosts)?,
+            methods: strings(ctx, at, "methods", &op.methods)?,
+            not_methods: strings(ctx, at, "notMethods", &op.not_methods)?,
+            paths: paths("paths", &op.paths)?,
+            not_paths: paths("notPaths", &op.not_paths)?,
+            ..RequestMatch::default()
+        },
         ..Match::default()
     })
 }
@@ -547,13 +584,13 @@ fn is_l7_key(key: &str) -> bool {
         || key.starts_with("experimental.envoy.filters.")
 }
 
-/// A `when` condition; `None` for an L7 key (recorded in `l7`).
+/// A `when` condition (an L7 key is recorded in `l7` too).
 fn condition_match(
     ctx: &Ctx<'_>,
     at: &str,
     c: &super::crd::Condition,
     l7: &mut Vec<String>,
-) -> Result<Option<Match>, PolicyError> {
+) -> Result<Match, PolicyError> {
     if c.key.is_empty() {
         return Err(ctx.err(format!("{at}.key"), "must not be empty"));
     }
@@ -594,13 +631,33 @@ fn condition_match(
         },
         k if is_l7_key(k) => {
             l7.push(format!("{at} ({k})"));
-            return Ok(None);
+            let values = strings(ctx, at, "values", v)?;
+            let not_values = strings(ctx, at, "notValues", nv)?;
+            let mut request = RequestMatch::default();
+            match k
+                .strip_prefix("request.headers[")
+                .and_then(|h| h.strip_suffix(']'))
+            {
+                Some(name) if !name.is_empty() => {
+                    request
+                        .headers
+                        .push((name.to_ascii_lowercase(), values, not_values));
+                }
+                Some(_) => return Err(ctx.err(format!("{at}.key"), "empty header name")),
+                // Attributes no request has here: see RequestMatch::never.
+                None if !values.is_empty() => request.never.push(format!("{at} ({k})")),
+                None => {}
+            }
+            Match {
+                request,
+                ..Match::default()
+            }
         }
         k => {
             return Err(ctx.err(format!("{at}.key"), format!("unknown attribute {k:?}")));
         }
     };
-    Ok(Some(m))
+    Ok(m)
 }
 
 /// Compiles one PeerAuthentication object.

@@ -11,7 +11,7 @@ use super::{
         compile_authorization, compile_peer_authentication,
     },
     crd::RawObject,
-    model::{Action, CompiledPolicy, ConnectionAttrs, MtlsMode, Subject},
+    model::{Action, CompiledPolicy, ConnectionAttrs, MtlsMode, RequestView, Subject},
 };
 
 /// Why a decision came out the way it did (a metric label: a small fixed set).
@@ -25,7 +25,8 @@ pub enum Reason {
     DenyMatched,
     /// ALLOW policies select the workload and none matched.
     NoAllowMatched,
-    /// Only an ALLOW rule that needs L7 attributes would have matched; there is no waypoint.
+    /// Only an ALLOW rule that needs L7 attributes would have matched (checked at L4: a node
+    /// agent, or opaque TCP through a waypoint).
     L7Unenforceable,
     /// Plaintext to a workload (port) whose PeerAuthentication is STRICT.
     MtlsStrict,
@@ -224,36 +225,62 @@ impl PolicySet {
         if attrs.source.is_none() && wp.mtls.mode_for(attrs.destination_port) == MtlsMode::Strict {
             return Decision::new(false, Reason::MtlsStrict, wp.mtls.policy.as_ref());
         }
-        if let Some(bad) = wp.invalid.first() {
-            return Decision::new(false, Reason::InvalidPolicy, Some(bad));
-        }
-        let s = Subject::new(attrs);
-        let audited: Vec<Arc<str>> = wp
-            .audit
-            .iter()
-            .filter(|p| p.matches(&s))
-            .map(|p| Arc::clone(&p.name))
-            .collect();
-        let mut d = decide(wp, &s);
-        d.audited = audited;
-        d
+        let policies = Attached {
+            allow: &wp.allow,
+            deny: &wp.deny,
+            audit: &wp.audit,
+            invalid: &wp.invalid,
+        };
+        policies.decide(attrs, None)
     }
 }
 
-fn decide(wp: &WorkloadPolicies, s: &Subject<'_>) -> Decision {
-    if let Some(p) = wp.deny.iter().find(|p| p.matches(s)) {
-        return Decision::new(false, Reason::DenyMatched, Some(&p.name));
+/// The policies that apply to one destination, by action.
+pub struct Attached<'a> {
+    pub allow: &'a [Arc<CompiledPolicy>],
+    pub deny: &'a [Arc<CompiledPolicy>],
+    pub audit: &'a [Arc<CompiledPolicy>],
+    /// Rejected policies that would apply: their destinations fail closed.
+    pub invalid: &'a [Arc<str>],
+}
+
+impl Attached<'_> {
+    /// Istio's order: a rejected policy denies, then DENY, then ALLOW (when any ALLOW policy
+    /// applies, one must match). With `request` (a waypoint) rules are checked whole;
+    /// without, at L4 as a node agent checks them.
+    pub fn decide(&self, attrs: &ConnectionAttrs, request: Option<&RequestView<'_>>) -> Decision {
+        if let Some(bad) = self.invalid.first() {
+            return Decision::new(false, Reason::InvalidPolicy, Some(bad));
+        }
+        let s = Subject::new(attrs);
+        let audited: Vec<Arc<str>> = self
+            .audit
+            .iter()
+            .filter(|p| p.matches_in(&s, request))
+            .map(|p| Arc::clone(&p.name))
+            .collect();
+        let mut d = self.decide_subject(&s, request);
+        d.audited = audited;
+        d
     }
-    if wp.allow.is_empty() {
-        return Decision::new(true, Reason::NoAllowPolicy, None);
+
+    fn decide_subject(&self, s: &Subject<'_>, request: Option<&RequestView<'_>>) -> Decision {
+        if let Some(p) = self.deny.iter().find(|p| p.matches_in(s, request)) {
+            return Decision::new(false, Reason::DenyMatched, Some(&p.name));
+        }
+        if self.allow.is_empty() {
+            return Decision::new(true, Reason::NoAllowPolicy, None);
+        }
+        if let Some(p) = self.allow.iter().find(|p| p.matches_in(s, request)) {
+            return Decision::new(true, Reason::AllowMatched, Some(&p.name));
+        }
+        if request.is_none()
+            && let Some(p) = self.allow.iter().find(|p| p.l7_would_apply(s))
+        {
+            return Decision::new(false, Reason::L7Unenforceable, Some(&p.name));
+        }
+        Decision::new(false, Reason::NoAllowMatched, None)
     }
-    if let Some(p) = wp.allow.iter().find(|p| p.matches(s)) {
-        return Decision::new(true, Reason::AllowMatched, Some(&p.name));
-    }
-    if let Some(p) = wp.allow.iter().find(|p| p.l7_would_apply(s)) {
-        return Decision::new(false, Reason::L7Unenforceable, Some(&p.name));
-    }
-    Decision::new(false, Reason::NoAllowMatched, None)
 }
 
 fn for_workload(

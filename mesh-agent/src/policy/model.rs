@@ -1,7 +1,8 @@
-//! The compiled, L4-only form of authorization policies (the shape ztunnel evaluates): a policy
-//! is a list of rules (OR); a rule is a list of clauses (AND: one for `from`, one for `to`, one per
-//! `when`); a clause is a list of matches (OR); a match ANDs its fields; a field ORs its values and
-//! its `not` variant excludes every value it lists.
+//! The compiled form of authorization policies (the shape ztunnel and Envoy's RBAC evaluate): a
+//! policy is a list of rules (OR); a rule is a list of clauses (AND: one for `from`, one for
+//! `to`, one per `when`); a clause is a list of matches (OR); a match ANDs its fields; a field ORs
+//! its values and its `not` variant excludes every value it lists. Node agents check the L4
+//! fields; a waypoint also checks a match's [`RequestMatch`].
 use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
@@ -114,6 +115,98 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// The HTTP parts (empty for an L4-only match).
+    pub request: RequestMatch,
+}
+
+/// The parts of a match only a proxy that reads the request can check (a waypoint).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestMatch {
+    /// Lower case: hosts match case-insensitively, as in Istio.
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    pub methods: Vec<StringMatch>,
+    pub not_methods: Vec<StringMatch>,
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    /// `when: request.headers[name]`: the name (lower case), values and notValues.
+    pub headers: Vec<(String, Vec<StringMatch>, Vec<StringMatch>)>,
+    /// Fields that need a value no request has here (`requestPrincipals`, `request.auth.*`: no
+    /// JWT is validated; `connection.sni`): absent values match nothing, so a match listing one
+    /// never holds, while their `not` forms always do (and are not recorded).
+    pub never: Vec<String>,
+}
+
+/// A request as authorization sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Without the query, dot segments removed (Istio's default BASE normalisation).
+    pub path: &'a str,
+    /// The authority (`Host`), as sent.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl RequestMatch {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Every field holds for `r`.
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        let sm = |m: &StringMatch, v: &str| m.matches(v);
+        let host = r.host.to_ascii_lowercase();
+        self.never.is_empty()
+            && positive(&self.hosts, Some(host.as_str()), sm)
+            && negative(&self.not_hosts, Some(host.as_str()), sm)
+            && positive(&self.methods, Some(r.method), sm)
+            && negative(&self.not_methods, Some(r.method), sm)
+            && positive(&self.paths, Some(r.path), sm)
+            && negative(&self.not_paths, Some(r.path), sm)
+            && self.headers.iter().all(|(name, values, not_values)| {
+                // Repeated headers are seen joined with commas, as Envoy does.
+                let joined = r
+                    .headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let value = r
+                    .headers
+                    .contains_key(name.as_str())
+                    .then_some(joined.as_str());
+                positive(values, value, sm) && negative(not_values, value, sm)
+            })
+    }
+}
+
+/// RFC 3986 §5.2.4: `.` and `..` segments removed, so `/public/../admin` is checked as `/admin`.
+pub fn normalize_path(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." && out.len() > 1 {
+                    out.pop();
+                }
+                // A trailing dot segment leaves the directory: `/a/b/..` is `/a/`.
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let joined = out.join("/");
+    if joined.starts_with('/') {
+        joined
+    } else {
+        format!("/{joined}")
+    }
 }
 
 /// A positive list holds when it is empty or some value matches; a value that is absent (no
@@ -150,6 +243,11 @@ impl Match {
             && positive(&self.destination_ports, Some(a.destination_port), port)
             && negative(&self.not_destination_ports, Some(a.destination_port), port)
     }
+
+    /// The L4 fields and, when there is a request, the HTTP ones.
+    fn matches_in(&self, s: &Subject<'_>, request: Option<&RequestView<'_>>) -> bool {
+        self.matches(s) && request.is_none_or(|r| self.request.matches(r))
+    }
 }
 
 /// Clauses that must all hold, each an OR of matches.
@@ -160,9 +258,13 @@ pub struct Rule {
 
 impl Rule {
     pub(super) fn matches(&self, s: &Subject<'_>) -> bool {
+        self.matches_in(s, None)
+    }
+
+    fn matches_in(&self, s: &Subject<'_>, request: Option<&RequestView<'_>>) -> bool {
         self.clauses
             .iter()
-            .all(|clause| clause.iter().any(|m| m.matches(s)))
+            .all(|clause| clause.iter().any(|m| m.matches_in(s, request)))
     }
 }
 
@@ -192,14 +294,28 @@ pub struct CompiledPolicy {
     pub name: Arc<str>,
     pub action: Action,
     pub rules: Vec<Rule>,
-    /// ALLOW rules that need L7 attributes: they never allow here (there is no waypoint), but
-    /// their L4 parts are kept so a denial can say that an L7 rule would have been consulted.
+    /// ALLOW rules that need L7 attributes: a node agent never allows by them (a waypoint
+    /// checks them whole); their L4 parts tell a denial that an L7 rule would have been
+    /// consulted.
     pub unenforceable: Vec<Rule>,
 }
 
 impl CompiledPolicy {
     pub(super) fn matches(&self, s: &Subject<'_>) -> bool {
         self.rules.iter().any(|r| r.matches(s))
+    }
+
+    /// With a request (at a waypoint) every rule is checked whole; without one (opaque TCP),
+    /// as a node agent does: L4 parts only, ALLOW rules that need the request never match.
+    pub(super) fn matches_in(&self, s: &Subject<'_>, request: Option<&RequestView<'_>>) -> bool {
+        match request {
+            None => self.matches(s),
+            Some(_) => self
+                .rules
+                .iter()
+                .chain(&self.unenforceable)
+                .any(|r| r.matches_in(s, request)),
+        }
     }
 
     pub(super) fn l7_would_apply(&self, s: &Subject<'_>) -> bool {

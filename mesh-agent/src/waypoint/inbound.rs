@@ -29,11 +29,13 @@ use crate::{
     },
     identity::SpiffeId,
     l7::{
+        authz,
         protocol::{self, Detected},
         proxy::{Body, Destination, Outcome, Source},
         route::matching::ConnectionView,
     },
     metrics::requests::RequestLabels,
+    policy::{ConnectionAttrs, RequestView, model::normalize_path},
 };
 
 /// How long the waypoint waits for a client's first bytes on a port that declares no protocol
@@ -189,9 +191,15 @@ impl Connection {
             .headers()
             .contains_key(http::header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        let mut rng = fastrand::Rng::new();
-        let engine = Arc::clone(&self.wp.engine);
-        let (mut resp, outcome) = engine.handle_from(&dst, &source, req, &mut rng).await;
+        let denied = self.authorize(Some(&req));
+        let (mut resp, outcome) = match &denied {
+            Some(_) => (authz::denied(protocol == "grpc"), Outcome::default()),
+            None => {
+                let mut rng = fastrand::Rng::new();
+                let engine = Arc::clone(&self.wp.engine);
+                engine.handle_from(&dst, &source, req, &mut rng).await
+            }
+        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client) = client_upgrade
         {
@@ -226,10 +234,50 @@ impl Connection {
             flags = %outcome.flags(),
             route = outcome.rule.as_deref().unwrap_or("-"),
             attempts = outcome.attempts,
+            details = denied.as_deref().unwrap_or("-"),
             duration_ms = format_args!("{millis:.1}"),
             "request"
         );
         resp
+    }
+
+    /// The waypoint's AuthorizationPolicies for this request (`None`: opaque TCP): `None` when
+    /// allowed, else Envoy's response detail naming the policy that denied.
+    fn authorize(&self, request: Option<&Request<hyper::body::Incoming>>) -> Option<String> {
+        let state = self.wp.state();
+        if state.authz.is_empty() {
+            return None;
+        }
+        let service = match &self.addressed {
+            Addressed::Service(svc, _) => Some((svc.namespace.as_str(), svc.name.as_str())),
+            Addressed::Workload(_) => None,
+        };
+        let attrs = ConnectionAttrs {
+            source: Some((*self.peer).clone()),
+            source_ip: self.client.ip(),
+            destination_ip: self.authority.ip(),
+            destination_port: self.authority.port(),
+            service_host: None,
+        };
+        let path = request.map(|r| normalize_path(r.uri().path()));
+        let view = request.zip(path.as_deref()).map(|(r, path)| RequestView {
+            method: r.method().as_str(),
+            path,
+            host: r
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| r.headers().get(http::header::HOST)?.to_str().ok())
+                .unwrap_or(""),
+            headers: r.headers(),
+        });
+        let decision = state.authz.decide(service, &attrs, view.as_ref());
+        (!decision.allowed).then(|| {
+            format!(
+                "rbac_access_denied_matched_policy[{}]",
+                decision.policy.as_deref().unwrap_or("none")
+            )
+        })
     }
 
     fn record(
@@ -279,6 +327,18 @@ impl Connection {
     /// DestinationRule's balancer), else to one endpoint of the service (round robin), or to
     /// the addressed pod.
     async fn relay_tcp(self, mut io: Prefixed<StreamIo>) {
+        if let Some(details) = self.authorize(None) {
+            info!(
+                target: "access",
+                reporter = "waypoint",
+                src.addr = %self.client,
+                src.identity = %self.peer,
+                authority = %self.authority,
+                details,
+                "connection denied"
+            );
+            return;
+        }
         let upstream = match &self.addressed {
             Addressed::Workload(ep) => {
                 self.wp

@@ -13,6 +13,7 @@ use crate::{
     discovery::{LocalConfig, ServicePort},
     identity::SpiffeId,
     l7::{
+        authz::WaypointAuthz,
         binding::{Binding, WaypointRef, Waypoints},
         protocol::Protocol,
         route::{RouteTable, compile::qualify, destination::DestinationRules},
@@ -71,6 +72,8 @@ pub struct WaypointState {
     bound_pods: std::collections::HashSet<IpAddr>,
     pub routes: Arc<RouteTable>,
     pub destinations: Arc<DestinationRules>,
+    /// AuthorizationPolicies attached to this waypoint or to the Services bound to it.
+    pub authz: WaypointAuthz,
     /// Objects rejected, with the field that is wrong (logged at each change).
     pub errors: Vec<String>,
 }
@@ -81,7 +84,8 @@ impl WaypointState {
         let mut errors = Vec::new();
         let (waypoints, e) = Waypoints::of_config(config);
         errors.extend(e.iter().map(ToString::to_string));
-        if waypoints.get(me).is_none() {
+        let myself = waypoints.get(me).cloned();
+        if myself.is_none() {
             errors.push(format!(
                 "Gateway {}/{}: not in the config as a waypoint (gatewayClassName mesh-waypoint, an HBONE listener on 15008): this waypoint serves nothing",
                 me.namespace, me.name
@@ -99,6 +103,19 @@ impl WaypointState {
         errors.extend(e.iter().map(ToString::to_string));
         let (destinations, e) = DestinationRules::build(&config.policies);
         errors.extend(e.iter().map(ToString::to_string));
+        let authz = match &myself {
+            Some(w) => {
+                let bound: Vec<(String, String)> = bound_services
+                    .iter()
+                    .map(|(name, ns)| (ns.clone(), name.clone()))
+                    .collect();
+                let (authz, e) =
+                    WaypointAuthz::build(&config.policies, w, &bound, &config.mesh.root_namespace);
+                errors.extend(e);
+                authz
+            }
+            None => WaypointAuthz::default(),
+        };
         let mut pods = HashMap::new();
         let mut bound_pods = std::collections::HashSet::new();
         for w in config.workloads.iter().filter(|w| !w.host_network) {
@@ -161,6 +178,7 @@ impl WaypointState {
             bound_pods,
             routes: Arc::new(routes),
             destinations: Arc::new(destinations),
+            authz,
             errors,
         }
     }
