@@ -33,6 +33,10 @@ pub struct LocalConfig {
     /// selects, the rest still apply.
     #[serde(default)]
     pub policies: Vec<crate::policy::RawObject>,
+    /// Which workloads each Service selects, indexed on first use: a config is not changed
+    /// once built.
+    #[serde(skip)]
+    pub selection: super::selection::WorkloadIndex,
 }
 
 /// The parts of Istio's meshConfig we read.
@@ -475,19 +479,7 @@ impl LocalConfig {
     /// without a selector selects nothing, as in Kubernetes).
     /// With explicit `endpoints`, the workloads at those addresses.
     pub fn endpoints_of<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.iter().filter(move |w| {
-            if w.host_network {
-                return false;
-            }
-            match &svc.endpoints {
-                Some(ips) => w.ips.iter().any(|ip| ips.contains(ip)),
-                None => {
-                    !svc.selector.is_empty()
-                        && w.namespace == svc.namespace
-                        && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                }
-            }
-        })
+        self.selection.selected(&self.workloads, svc).into_iter()
     }
 
     /// A service's endpoint addresses: the explicit ones, or its selected workloads'.

@@ -3,6 +3,7 @@
 
 pub mod kube;
 pub mod local;
+pub mod selection;
 
 pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload};
 

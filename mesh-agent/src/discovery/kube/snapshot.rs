@@ -355,6 +355,7 @@ pub fn build(
                 ..MeshSection::default()
             },
             policies,
+            selection: Default::default(),
         },
         skipped,
     }
