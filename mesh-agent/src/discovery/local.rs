@@ -493,6 +493,11 @@ impl LocalConfig {
         }
     }
 
+    /// The namespace called `name`, if the config lists it.
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.selection.namespace(&self.namespaces, name)
+    }
+
     /// Whether `w` is in the mesh, with Istio's rules: host-network pods never; pod label
     /// `istio.io/dataplane-mode=none` opts out; otherwise the pod's or its namespace's label
     /// `istio.io/dataplane-mode=ambient` enrols.
@@ -504,9 +509,7 @@ impl LocalConfig {
             Some(DATAPLANE_MODE_NONE) => false,
             Some(DATAPLANE_MODE_AMBIENT) => true,
             _ => self
-                .namespaces
-                .iter()
-                .find(|ns| ns.name == w.namespace)
+                .namespace(&w.namespace)
                 .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
                 .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
         }

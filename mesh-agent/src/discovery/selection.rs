@@ -11,12 +11,17 @@ use std::{
     sync::OnceLock,
 };
 
-use super::local::{Service, Workload};
+use super::local::{Namespace, Service, Workload};
 
-/// Built on first use from a config's workloads (a config never changes once built); cloning
-/// or comparing a config ignores it.
+/// Built on first use from a config's workloads and namespaces (a config never changes once
+/// built); cloning or comparing a config ignores it.
 #[derive(Debug, Default)]
-pub struct WorkloadIndex(OnceLock<Box<Inner>>);
+pub struct WorkloadIndex {
+    workloads: OnceLock<Box<Inner>>,
+    /// Namespace name → position (enrolment and waypoint bindings read namespace labels once
+    /// per workload).
+    namespaces: OnceLock<HashMap<String, u32>>,
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -76,11 +81,26 @@ impl Inner {
 }
 
 impl WorkloadIndex {
+    /// The namespace called `name` among `all` (the config's).
+    pub fn namespace<'a>(&self, all: &'a [Namespace], name: &str) -> Option<&'a Namespace> {
+        let index = self.namespaces.get_or_init(|| {
+            let mut m = HashMap::with_capacity(all.len());
+            for (i, ns) in all.iter().enumerate() {
+                m.entry(ns.name.clone())
+                    .or_insert(u32::try_from(i).expect("fewer than 2^32 namespaces"));
+            }
+            m
+        });
+        index.get(name).map(|&i| &all[i as usize])
+    }
+
     /// The workloads `svc` selects, in config order: those at its explicit `endpoints`, else
     /// those of its namespace whose labels include its selector (none without a selector, as in
     /// Kubernetes). Host-network pods are never endpoints here.
     pub fn selected<'a>(&self, workloads: &'a [Workload], svc: &Service) -> Vec<&'a Workload> {
-        let inner = self.0.get_or_init(|| Box::new(Inner::build(workloads)));
+        let inner = self
+            .workloads
+            .get_or_init(|| Box::new(Inner::build(workloads)));
         let mut picked: Vec<u32> = match &svc.endpoints {
             Some(ips) => ips
                 .iter()

@@ -183,11 +183,7 @@ impl Waypoints {
 
 fn namespace_labels<'a>(config: &'a LocalConfig, namespace: &str) -> &'a BTreeMap<String, String> {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
-    config
-        .namespaces
-        .iter()
-        .find(|n| n.name == namespace)
-        .map_or(&EMPTY, |n| &n.labels)
+    config.namespace(namespace).map_or(&EMPTY, |n| &n.labels)
 }
 
 fn waypoint(obj: &RawObject) -> Result<Option<Waypoint>, ConfigError> {
