@@ -11,6 +11,7 @@
 mod l7;
 mod report;
 mod sampler;
+mod scale;
 
 use std::{
     collections::BTreeSet,
@@ -64,8 +65,9 @@ pub struct BenchArgs {
     /// `build: dev`; such figures are not comparable with release runs.
     #[arg(long)]
     dev_build: bool,
-    /// Only these scenarios (cross_node, same_node, l7).
-    #[arg(long = "scenario", value_parser = ["cross_node", "same_node", "l7"])]
+    /// Only these scenarios (cross_node, same_node, l7; or scale alone: one agent, configs of
+    /// 10k-200k workloads, not run by default).
+    #[arg(long = "scenario", value_parser = ["cross_node", "same_node", "l7", "scale"])]
     scenarios: Vec<String>,
 }
 
@@ -124,24 +126,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let header = machine_header(&args)?;
     println!("• machine: {header}");
-    let tb = Testbed::build(TestbedSpec {
-        nodes: 2,
-        pods_per_node: 3,
-    })?;
     let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
+    let scale = args.scenarios.iter().any(|n| n == scale::NAME);
+    ensure!(
+        !scale || args.scenarios.len() == 1,
+        "--scenario scale runs alone (one agent, no traffic)"
+    );
     let outcome = std::fs::create_dir_all(&work)
         .context("work directory")
-        .and_then(|()| bench(&tb, &bin, &work, &args));
+        .and_then(|()| {
+            if scale {
+                return scale::run(&bin, &work, args.quick);
+            }
+            let tb = Testbed::build(TestbedSpec {
+                nodes: 2,
+                pods_per_node: 3,
+            })?;
+            let outcome = bench(&tb, &bin, &work, &args);
+            tb.teardown_verified().context("tearing the testbed down")?;
+            outcome
+        });
     let _ = std::fs::remove_dir_all(&work);
-    tb.teardown_verified().context("tearing the testbed down")?;
     let results = outcome?;
     let doc = json!({
         "header": header,
         "records": results.records(),
         "failures": results.failure_records(),
     });
-    let markdown = results.markdown(&header);
+    let markdown = if scale {
+        scale::markdown(&results)
+    } else {
+        results.markdown(&header)
+    };
     println!("\n{markdown}");
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&doc)? + "\n")

@@ -30,6 +30,8 @@ pub fn unit(test: &str) -> &'static str {
         "scrapes_per_s" => "scrapes_s",
         "connrate_c1" | "connrate_c8" => "conn_s",
         "cpu_per_1k_rps" | "http_cpu_per_1k_rps" => "cores",
+        "ready_s" => "s",
+        "bytes_per_workload" => "bytes",
         _ => "mib",
     }
 }
