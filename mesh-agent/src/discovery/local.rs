@@ -275,13 +275,8 @@ impl LocalConfig {
     /// Whether replacing `current` by `self` may go ahead: a reload that leaves no workload of
     /// this node enrolled while some are must say so (`mesh.allowUnenrollAll`). The first
     /// configuration may enrol nothing (there is nothing to un-enrol).
-    pub fn check_reload(&self, current: &LocalConfig, path: &Path) -> Result<(), ConfigError> {
-        let enrolled: Vec<String> = current
-            .local_pods()
-            .filter(|w| current.is_enrolled(w))
-            .map(|w| format!("{}/{}", w.namespace, w.name))
-            .collect();
-        if enrolled.is_empty()
+    pub fn check_reload(&self, enrolled_now: &[String], path: &Path) -> Result<(), ConfigError> {
+        if enrolled_now.is_empty()
             || self.mesh.allow_unenroll_all
             || self.local_pods().any(|w| self.is_enrolled(w))
         {
@@ -289,8 +284,17 @@ impl LocalConfig {
         }
         Err(ConfigError::UnenrolsAll {
             path: path.display().to_string(),
-            enrolled: enrolled.join(", "),
+            enrolled: enrolled_now.join(", "),
         })
+    }
+
+    /// This node's enrolled pods, `namespace/name`: all a reload check needs of the config in
+    /// force (so the file source does not keep a second copy of a large config).
+    pub fn enrolled_local(&self) -> Vec<String> {
+        self.local_pods()
+            .filter(|w| self.is_enrolled(w))
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect()
     }
 
     /// Validates a configuration built elsewhere (Kubernetes mode) with the file's rules.
@@ -772,7 +776,9 @@ workloads:
         let current = LocalConfig::parse(GOOD).unwrap();
         // What a file truncated after its workloads looks like.
         let empty = LocalConfig::parse("node: {name: n1, uplinks: [eth0]}\n").unwrap();
-        let e = empty.check_reload(&current, path).unwrap_err();
+        let e = empty
+            .check_reload(&current.enrolled_local(), path)
+            .unwrap_err();
         assert_eq!(e.reason(), "unenrolls_all");
         let msg = e.to_string();
         assert!(
@@ -791,16 +797,18 @@ workloads:
                 .count(),
             1
         );
-        one_left.check_reload(&current, path).unwrap();
+        one_left
+            .check_reload(&current.enrolled_local(), path)
+            .unwrap();
         // Said explicitly, it goes ahead.
         let meant = LocalConfig::parse(
             "node: {name: n1, uplinks: [eth0]}\nmesh: {allowUnenrollAll: true}\n",
         )
         .unwrap();
         assert!(meant.mesh.allow_unenroll_all);
-        meant.check_reload(&current, path).unwrap();
+        meant.check_reload(&current.enrolled_local(), path).unwrap();
         // Nothing enrolled before: nothing to protect (the first configuration too).
-        empty.check_reload(&empty, path).unwrap();
+        empty.check_reload(&empty.enrolled_local(), path).unwrap();
         // The flag is validated like the other fields.
         let e = LocalConfig::parse("node: {name: n1}\nmesh: {allowUnenrollAll: maybe}\n")
             .unwrap_err()

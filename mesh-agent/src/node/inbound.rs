@@ -46,7 +46,7 @@ pub async fn inbound_hbone(
         ip: local.ip(),
         identity: pod.identity.clone(),
         cert: Arc::clone(&cert.key),
-        baggage: pod.baggage.clone(),
+        baggage: pod.baggage(),
     };
     server::serve(Arc::clone(&ctx.server), tcp, target, handshake).await;
 }

@@ -37,7 +37,7 @@ pub struct MeshContext {
 }
 
 impl MeshContext {
-    pub(super) fn lookup(&self, ip: IpAddr) -> Option<MeshWorkload> {
+    pub(super) fn lookup(&self, ip: IpAddr) -> Option<Arc<MeshWorkload>> {
         self.state
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -61,7 +61,7 @@ impl MeshContext {
     ) -> Option<Arc<WaypointRoute>> {
         let route = match service {
             Some(s) => s.waypoint.clone(),
-            None => self.lookup(dst.ip()).and_then(|w| w.waypoint),
+            None => self.lookup(dst.ip()).and_then(|w| w.waypoint.clone()),
         }?;
         match &*route {
             WaypointRoute::Via { pods, .. } if pods.iter().any(|(ip, _)| *ip == client.ip()) => {

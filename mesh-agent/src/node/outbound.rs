@@ -31,7 +31,7 @@ pub enum Route {
     /// HBONE to a remote enrolled pod.
     Hbone {
         source: SpiffeId,
-        destination: Box<MeshWorkload>,
+        destination: Arc<MeshWorkload>,
     },
     /// Same node, both enrolled: direct, transparent, no TLS.
     SameNode,
@@ -71,8 +71,8 @@ pub fn route(
     match ctx.lookup(original_dst.ip()) {
         Some(dst) if dst.enrolled && dst.node == ctx.local_node() => Ok(Route::SameNode),
         Some(dst) if dst.enrolled => Ok(Route::Hbone {
-            source: source.identity,
-            destination: Box::new(dst),
+            source: source.identity.clone(),
+            destination: dst,
         }),
         _ => Ok(Route::Passthrough),
     }
@@ -155,7 +155,7 @@ pub async fn outbound(
             Ok(Route::SameNode) => {
                 // We are the destination's agent too: its inbound policy is ours to enforce,
                 // for the source identity the capture attributed.
-                let source = ctx.lookup(client.ip()).map(|w| w.identity);
+                let source = ctx.lookup(client.ip()).map(|w| w.identity.clone());
                 let attrs = ConnectionAttrs {
                     source,
                     source_ip: client.ip(),
@@ -364,7 +364,7 @@ async fn open_hbone(
         authority,
         baggage: ctx
             .lookup(client.ip())
-            .map(|w| w.baggage)
+            .map(|w| w.baggage())
             .unwrap_or_default(),
         service_host,
     };

@@ -29,8 +29,9 @@ pub struct KubeSource {
 pub enum Source {
     File {
         file: Box<ConfigFile>,
-        /// The configuration in force (the last one handed out), for the un-enrol-all check.
-        current: Option<LocalConfig>,
+        /// The enrolled pods of the configuration in force (the last one handed out), for the
+        /// un-enrol-all check.
+        current: Option<Vec<String>>,
     },
     Kube {
         discovery: KubeDiscovery,
@@ -101,7 +102,7 @@ impl Source {
                     source,
                 })?;
                 let config = LocalConfig::parse_file(file.path(), &text)?;
-                *current = Some(config.clone());
+                *current = Some(config.enrolled_local());
                 Ok(config)
             }
             Self::Kube { .. } => {
@@ -121,7 +122,7 @@ impl Source {
                 if let Some(current) = current {
                     new.check_reload(current, file.path())?;
                 }
-                *current = Some(new.clone());
+                *current = Some(new.enrolled_local());
                 Ok(new)
             }
             Self::Kube {

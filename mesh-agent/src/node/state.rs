@@ -24,8 +24,6 @@ pub struct MeshWorkload {
     /// Istio's canonical service and revision (from its labels), for telemetry.
     pub canonical_service: String,
     pub canonical_revision: String,
-    /// W3C baggage describing it (HBONE headers).
-    pub baggage: String,
     /// The waypoint traffic addressed to its own IP goes through (pod bound with
     /// `waypoint-for: workload` or `all`).
     pub waypoint: Option<Arc<WaypointRoute>>,
@@ -42,6 +40,17 @@ pub enum WaypointRoute {
     },
     /// Bound to a waypoint that does not exist (or was rejected): refused, never bypassed.
     Missing { waypoint: String },
+}
+
+impl MeshWorkload {
+    /// W3C baggage describing it (HBONE headers), built when a connection needs it rather than
+    /// kept for every workload of the cluster.
+    pub fn baggage(&self) -> String {
+        format!(
+            "k8s.cluster.name={CLUSTER_NAME},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+            self.namespace, self.name, self.canonical_service, self.canonical_revision
+        )
+    }
 }
 
 impl WaypointRoute {
@@ -101,7 +110,8 @@ impl ServiceTarget {
 #[derive(Debug, Default)]
 pub struct MeshState {
     pub node: String,
-    pub by_ip: HashMap<IpAddr, MeshWorkload>,
+    /// Shared by a dual-stack pod's addresses; lookups hand out the `Arc`.
+    pub by_ip: HashMap<IpAddr, Arc<MeshWorkload>>,
     pub services: HashMap<(IpAddr, u16), Arc<ServiceTarget>>,
 }
 
@@ -121,16 +131,13 @@ impl MeshState {
                 identity: config.identity_of(w),
                 node: w.node.clone(),
                 enrolled: config.is_enrolled(w),
-                baggage: format!(
-                    "k8s.cluster.name={CLUSTER_NAME},k8s.namespace.name={},k8s.pod.name={},service.name={service},service.version={version}",
-                    w.namespace, w.name
-                ),
                 canonical_service: service,
                 canonical_revision: version,
                 waypoint: WaypointRoute::from_binding(config, waypoints.of_workload(config, w)),
             };
+            let mw = Arc::new(mw);
             for ip in &w.ips {
-                by_ip.insert(*ip, mw.clone());
+                by_ip.insert(*ip, Arc::clone(&mw));
             }
         }
         let mut services = HashMap::new();

@@ -58,7 +58,7 @@ impl Telemetry {
         Arc::new(Self { metrics, state })
     }
 
-    fn lookup(&self, addr: SocketAddr) -> Option<MeshWorkload> {
+    fn lookup(&self, addr: SocketAddr) -> Option<Arc<MeshWorkload>> {
         self.state
             .read()
             .unwrap_or_else(|e| e.into_inner())
