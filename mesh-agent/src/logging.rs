@@ -79,12 +79,10 @@ fn writer_loop(shared: &Shared, out: &mut dyn Write) {
     loop {
         let closed = {
             let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if p.buf.is_empty() && !p.closed {
-                p = shared
-                    .wake
-                    .wait_timeout(p, FLUSH_INTERVAL)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            // Idle, it sleeps until a first line (or the exit) wakes it: no wake-ups when
+            // nothing is logged.
+            while p.buf.is_empty() && !p.closed {
+                p = shared.wake.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             std::mem::swap(&mut batch, &mut p.buf);
             p.closed
