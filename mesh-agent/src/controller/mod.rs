@@ -39,7 +39,7 @@ use self::waypoint::{
     WaypointTemplate,
 };
 use crate::{
-    discovery::kube::{Feed, drive},
+    discovery::kube::{Feed, drive, keep},
     l7::binding::GATEWAY_NAME_LABEL,
 };
 
@@ -180,6 +180,7 @@ pub async fn run(client: Client, settings: ControllerSettings) {
             Arc::clone(&feed),
             Arc::clone(&changed),
             optional,
+            keep,
         );
         (reader, feed)
     };
@@ -202,6 +203,7 @@ pub async fn run(client: Client, settings: ControllerSettings) {
         namespace_feed,
         Arc::clone(&changed),
         false,
+        keep,
     );
     let stores = Stores {
         gateways,

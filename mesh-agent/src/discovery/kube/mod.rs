@@ -33,7 +33,7 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use tracing::info;
 
-pub use feed::{Feed, drive};
+pub use feed::{Feed, drive, keep, slim_pod};
 pub use host::{HostLocator, Located, PodLocator};
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
@@ -88,7 +88,10 @@ impl KubeDiscovery {
         let mut feeds = Vec::new();
 
         macro_rules! core_store {
-            ($ty:ty, $name:expr) => {{
+            ($ty:ty, $name:expr) => {
+                core_store!($ty, $name, keep)
+            };
+            ($ty:ty, $name:expr, $slim:expr) => {{
                 let (reader, writer) = reflector::store::<$ty>();
                 let feed = Feed::new($name);
                 feeds.push(Arc::clone(&feed));
@@ -99,12 +102,13 @@ impl KubeDiscovery {
                     feed,
                     Arc::clone(&changed),
                     false,
+                    $slim,
                 );
                 reader
             }};
         }
         let namespaces = core_store!(Namespace, "namespaces");
-        let pods = core_store!(Pod, "pods");
+        let pods = core_store!(Pod, "pods", slim_pod);
         let services = core_store!(Service, "services");
         let slices = core_store!(EndpointSlice, "endpointslices");
         let mut policy_stores = Vec::new();
@@ -126,6 +130,7 @@ impl KubeDiscovery {
                 feed,
                 Arc::clone(&changed),
                 true,
+                keep,
             );
             policy_stores.push(reader);
         }
