@@ -222,12 +222,7 @@ struct Rig<'a> {
 
 fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
     let (agent, probe) = (bin.join("mesh-agent"), bin.join("mtb-probe"));
-    let ca = work.join("ca");
-    cmd::run(
-        std::process::Command::new(&agent)
-            .args(["ca", "init", "--out"])
-            .arg(&ca),
-    )?;
+    let ca = throwaway_ca(&agent, work)?;
     let mut agents = Vec::new();
     for node in 1..=2 {
         let config = work.join(format!("node{node}.yaml"));
@@ -622,6 +617,17 @@ fn scrape_loop(stop: &std::sync::atomic::AtomicBool) -> std::io::Result<u64> {
         n += 1;
     }
     Ok(n)
+}
+
+/// A throwaway mesh CA in `work/ca` (the agents sign their workloads' certificates with it).
+fn throwaway_ca(agent: &Path, work: &Path) -> Result<PathBuf> {
+    let ca = work.join("ca");
+    cmd::run(
+        std::process::Command::new(agent)
+            .args(["ca", "init", "--out"])
+            .arg(&ca),
+    )?;
+    Ok(ca)
 }
 
 fn value(v: f64) -> Trial {

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, path::Path, time::Duration, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use mesh_testbed::{Testbed, TestbedSpec, http::http_get};
 
-use super::{report::Results, sampler::rss_mib_of, value};
+use super::{report::Results, sampler::rss_mib_of, throwaway_ca, value};
 use crate::cmd;
 
 pub const NAME: &str = "scale";
@@ -86,12 +86,7 @@ pub fn run(bin: &Path, work: &Path, quick: bool) -> Result<Results> {
 
 fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results> {
     let agent = bin.join("mesh-agent");
-    let ca = work.join("ca");
-    cmd::run(
-        std::process::Command::new(&agent)
-            .args(["ca", "init", "--out"])
-            .arg(&ca),
-    )?;
+    let ca = throwaway_ca(&agent, work)?;
     let pod = tb.pod(1, 1);
     let local_pod = format!(
         "  - {{name: {}, namespace: ns0, serviceAccount: local, node: node1, ips: [{}], hostInterface: {}}}\n",
