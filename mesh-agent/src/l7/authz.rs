@@ -10,11 +10,12 @@ use std::{
     sync::Arc,
 };
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty, Full};
+use http::{Response, StatusCode};
 
-use super::{binding::Waypoint, proxy::Body};
+use super::{
+    binding::Waypoint,
+    proxy::{Body, grpc_local, local},
+};
 use crate::policy::{
     Action, Attached, CompiledPolicy, ConnectionAttrs, Decision, RawObject, RequestView,
     compile::{KIND_AUTHORIZATION, compile_authorization, target_refs},
@@ -173,25 +174,10 @@ impl WaypointAuthz {
 pub fn denied(grpc: bool) -> Response<Body> {
     const TEXT: &str = "RBAC: access denied";
     if grpc {
-        let mut r = Response::new(Empty::new().map_err(|e| match e {}).boxed());
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert("grpc-status", HeaderValue::from(7u32));
-        h.insert("grpc-message", HeaderValue::from_static(TEXT));
-        return r;
+        grpc_local(7, TEXT)
+    } else {
+        local(StatusCode::FORBIDDEN, TEXT)
     }
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(TEXT.as_bytes()))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
-    *r.status_mut() = StatusCode::FORBIDDEN;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Conformance table: AuthorizationPolicy at a waypoint, each case with Istio's answer (ambient
 //! waypoints, Envoy RBAC semantics).
+use http::HeaderValue;
+
 use super::*;
 use crate::{identity::SpiffeId, l7::binding::TrafficType, policy::model::normalize_path};
 

@@ -128,7 +128,7 @@ fn empty() -> Body {
 }
 
 /// A local answer (no upstream), with Envoy's plain-text body.
-fn local(status: StatusCode, text: &str) -> Response<Body> {
+pub fn local(status: StatusCode, text: &str) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(text.to_owned())));
     *r.status_mut() = status;
     r.headers_mut()
@@ -596,21 +596,22 @@ fn grpc_status(h: &HeaderMap) -> Option<u32> {
 fn aborted(a: &Abort) -> Response<Body> {
     match a {
         Abort::Http(status) => local(*status, "fault filter abort"),
-        Abort::Grpc(code) => {
-            let mut r = Response::new(empty());
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            h.insert("grpc-status", HeaderValue::from(*code));
-            h.insert(
-                "grpc-message",
-                HeaderValue::from_static("fault filter abort"),
-            );
-            r
-        }
+        Abort::Grpc(code) => grpc_local(*code, "fault filter abort"),
     }
+}
+
+/// A local gRPC answer: trailers-only (HTTP 200, `grpc-status` and `grpc-message` in the
+/// head), as Envoy answers gRPC requests it does not forward.
+pub fn grpc_local(code: u32, message: &'static str) -> Response<Body> {
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    r
 }
 
 /// The mirror's authority: `-shadow` after the host (before any port), as Envoy does.
