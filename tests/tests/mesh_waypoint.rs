@@ -39,124 +39,9 @@ const REVIEWS_VIP6: &str = "fd00:96::10";
 const ENROLLED_NODE1: [PodId; 3] = [(1, 1), (1, 3), (1, 4)];
 const ENROLLED_NODE2: [PodId; 3] = [(2, 1), (2, 2), (2, 3)];
 
-const GATEWAY: &str = "
-- apiVersion: gateway.networking.k8s.io/v1
-  kind: Gateway
-  metadata: {name: waypoint, namespace: mesh, labels: {istio.io/waypoint-for: all}}
-  spec:
-    gatewayClassName: mesh-waypoint
-    listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-";
-
-const DESTINATION_RULE: &str = "
-- apiVersion: networking.istio.io/v1
-  kind: DestinationRule
-  metadata: {name: reviews, namespace: mesh}
-  spec:
-    host: reviews
-    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
-    subsets:
-      - {name: v1, labels: {version: v1}}
-      - {name: v2, labels: {version: v2}}
-      - {name: v3, labels: {version: v3}}
-      - {name: retry, labels: {pool: retry}}
-      - name: guarded
-        labels: {version: v1}
-        trafficPolicy:
-          connectionPool:
-            tcp: {maxConnections: 1}
-            http: {http1MaxPendingRequests: 1, http2MaxRequests: 1}
-";
-
-/// All of `reviews` to v1 (the tutorial's first step).
-const ALL_TO_V1: &str = "
-- apiVersion: networking.istio.io/v1
-  kind: VirtualService
-  metadata: {name: reviews, namespace: mesh}
-  spec:
-    hosts: [reviews]
-    http:
-      - route: [{destination: {host: reviews, subset: v1}}]
-";
-
-/// Every feature the test asserts, one rule each, then the 80/20 canary.
-const FEATURES: &str = "
-- apiVersion: networking.istio.io/v1
-  kind: VirtualService
-  metadata: {name: reviews, namespace: mesh}
-  spec:
-    hosts: [reviews]
-    http:
-      - name: jason
-        match: [{headers: {end-user: {exact: jason}}}]
-        route: [{destination: {host: reviews, subset: v3}}]
-      - name: delay
-        match: [{uri: {prefix: /fault-delay}}]
-        fault: {delay: {fixedDelay: 1s, percentage: {value: 100}}}
-        route: [{destination: {host: reviews, subset: v1}}]
-      - name: abort
-        match: [{uri: {prefix: /fault-abort}}]
-        fault: {abort: {httpStatus: 500, percentage: {value: 50}}}
-        route: [{destination: {host: reviews, subset: v1}}]
-      - name: timeout
-        match: [{uri: {prefix: /timeout}}]
-        rewrite: {uri: /delay/2000}
-        timeout: 0.3s
-        route: [{destination: {host: reviews, subset: v1}}]
-      - name: retry
-        match: [{uri: {prefix: /retry}}]
-        retries: {attempts: 3, retryOn: 5xx}
-        route: [{destination: {host: reviews, subset: retry}}]
-      - name: noretry
-        match: [{uri: {prefix: /noretry}}]
-        retries: {attempts: 0}
-        route: [{destination: {host: reviews, subset: retry}}]
-      - name: mirror
-        match: [{uri: {prefix: /mirror}}]
-        route: [{destination: {host: reviews, subset: v1}}]
-        mirror: {host: reviews, subset: v3}
-        mirrorPercentage: {value: 100}
-      - name: slow
-        match: [{uri: {prefix: /slow}}]
-        rewrite: {uri: /delay/200}
-        route: [{destination: {host: reviews, subset: guarded}}]
-      - name: canary
-        headers:
-          request: {set: {x-route: canary}}
-          response: {add: {x-mesh: waypoint}}
-        corsPolicy: {allowOrigins: [{exact: 'https://app.example'}], allowMethods: [GET]}
-        route:
-          - {destination: {host: reviews, subset: v1}, weight: 80}
-          - {destination: {host: reviews, subset: v2}, weight: 20}
-    tcp:
-      - route: [{destination: {host: reviews, subset: v3}}]
-- apiVersion: gateway.networking.k8s.io/v1
-  kind: GRPCRoute
-  metadata: {name: reviews-grpc, namespace: mesh}
-  spec:
-    parentRefs: [{group: '', kind: Service, name: reviews, port: 9081}]
-    rules:
-      - matches: [{method: {service: reviews.Reviews, method: Get}}]
-        filters:
-          - type: ResponseHeaderModifier
-            responseHeaderModifier: {set: [{name: x-grpc-route, value: get}]}
-        backendRefs: [{name: reviews, port: 9081}]
-";
-
-/// A route attached to the waypoint's Gateway for `reviews`: everything to v2, marked.
-const ATTACHED_TO_WAYPOINT: &str = "
-- apiVersion: gateway.networking.k8s.io/v1
-  kind: HTTPRoute
-  metadata: {name: via-waypoint, namespace: mesh}
-  spec:
-    parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
-    hostnames: [reviews]
-    rules:
-      - filters:
-          - type: ResponseHeaderModifier
-            responseHeaderModifier: {set: [{name: x-attached, value: waypoint}]}
-        backendRefs: [{name: reviews-v2, port: 9080}]
-";
+#[path = "mesh_waypoint/objects.rs"]
+mod objects;
+use objects::*;
 
 struct Rig {
     tb: Testbed,
@@ -170,25 +55,6 @@ struct Rig {
 
 /// The config of `node` (the waypoint reads node 1's): `bound` says whether the Service and the
 /// ratings pod carry their `istio.io/use-waypoint` labels.
-/// L7 authorization at the waypoint (Istio's ambient tutorial's shape).
-const VIEWER: &str = "
-- apiVersion: security.istio.io/v1
-  kind: AuthorizationPolicy
-  metadata: {name: viewer, namespace: mesh}
-  spec:
-    targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
-    rules:
-      - from: [{source: {principals: [cluster.local/ns/mesh/sa/sa-client]}}]
-        to: [{operation: {methods: [GET]}}]
-- apiVersion: security.istio.io/v1
-  kind: AuthorizationPolicy
-  metadata: {name: no-admin, namespace: mesh}
-  spec:
-    targetRefs: [{kind: Service, name: reviews}]
-    action: DENY
-    rules: [{to: [{operation: {paths: [/admin*]}}]}]
-";
-
 fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> String {
     let bind = if bound {
         "istio.io/use-waypoint: waypoint"
