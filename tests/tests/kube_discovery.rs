@@ -11,7 +11,7 @@ use std::{
 };
 
 use mesh_agent::discovery::{
-    LocalConfig,
+    ConfigUpdate, LocalConfig,
     kube::{KubeDiscovery, Located, PodLocator, SnapshotSettings, annotate::Annotator},
 };
 use mesh_testbed::fakeapi::FakeApi;
@@ -76,21 +76,18 @@ async fn until(
 ) -> Arc<LocalConfig> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(s) = d.snapshots.borrow().clone()
-            && ok(&s.config)
+        if let Some(c) = d.current()
+            && ok(&c)
         {
-            return Arc::new(s.config.clone());
+            return Arc::new(c);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
             "timed out waiting for: {what}; last: {:#?}",
-            d.snapshots
-                .borrow()
-                .as_ref()
-                .map(|s| (&s.config.workloads, &s.skipped))
+            d.current().map(|c| c.workloads)
         );
-        let _ = tokio::time::timeout(left, d.snapshots.changed()).await;
+        let _ = tokio::time::timeout(left, d.changed()).await;
     }
 }
 
@@ -272,7 +269,7 @@ async fn the_agent_state_follows_the_api_through_expiry_and_outages() {
     let before = until(&mut d, "current", |_| true).await;
     api.fail_with(Some(503));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = d.snapshots.borrow().as_ref().unwrap().config.clone();
+    let during = d.current().unwrap();
     assert_eq!(during, *before, "an unreachable API changes nothing");
     api.fail_with(None);
     legacy_ns["metadata"]["labels"]
@@ -327,7 +324,7 @@ async fn missing_istio_crds_mean_no_policies_but_a_failing_list_means_no_state()
     let d = start(client(&failing).await);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        d.snapshots.borrow().is_none(),
+        d.current().is_none(),
         "published state while the API was failing"
     );
 }
@@ -387,4 +384,100 @@ async fn waypoints_and_routes_come_from_the_api() {
     let web = c.services.iter().find(|s| s.name == "web").unwrap();
     let (waypoints, _) = Waypoints::of_config(&c);
     assert_eq!(waypoints.of_service(&c, web), Binding::Missing(wp));
+}
+
+/// Sorted, so that two configurations built in different orders compare.
+fn contents(c: &LocalConfig) -> Vec<String> {
+    let mut out: Vec<String> = c
+        .workloads
+        .iter()
+        .map(|w| format!("{w:?}"))
+        .chain(c.services.iter().map(|s| {
+            let mut s = s.clone();
+            if let Some(e) = s.endpoints.as_mut() {
+                e.sort();
+            }
+            format!("{s:?}")
+        }))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits for the next update the agent would take.
+async fn next_update(d: &mut KubeDiscovery) -> ConfigUpdate {
+    tokio::time::timeout(Duration::from_secs(15), d.next_update())
+        .await
+        .expect("no update")
+        .0
+}
+
+/// Issue #19: other nodes' pods and the Services' endpoints change by delta (what changed, not
+/// the whole cluster), and what the deltas add up to equals a fresh agent's full build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_pod_and_endpoint_churn_arrives_as_deltas_equal_to_a_full_build() {
+    let api = FakeApi::start();
+    for obj in fixture() {
+        api.apply(obj);
+    }
+    let mut d = start(client(&api).await);
+    assert!(matches!(next_update(&mut d).await, ConfigUpdate::Full(_)));
+
+    // A new pod on another node, then one relabelled, then one gone.
+    let mut pod = api.get("pods", "demo", "web-7d9f8c6b5-p4t6z").unwrap();
+    pod["metadata"]["name"] = json!("web-7d9f8c6b5-zz9zz");
+    pod["metadata"]["uid"] = json!("uid-zz9zz");
+    pod["status"]["podIP"] = json!("10.244.2.33");
+    pod["status"]["podIPs"] = json!([{"ip": "10.244.2.33"}]);
+    api.apply(pod.clone());
+    match next_update(&mut d).await {
+        ConfigUpdate::Delta(delta) => {
+            let keys: Vec<_> = delta.workloads.keys().collect();
+            assert_eq!(
+                keys,
+                [&("demo".to_owned(), "web-7d9f8c6b5-zz9zz".to_owned())]
+            );
+            assert!(delta.services.is_empty());
+        }
+        other => panic!("a remote pod's arrival made {other:?}"),
+    }
+    let mut relabelled = api.get("pods", "demo", "web-7d9f8c6b5-p4t6z").unwrap();
+    relabelled["metadata"]["labels"]["version"] = json!("v2");
+    api.apply(relabelled);
+    assert!(matches!(next_update(&mut d).await, ConfigUpdate::Delta(_)));
+    api.delete(&pod);
+    match next_update(&mut d).await {
+        ConfigUpdate::Delta(delta) => assert_eq!(delta.new_workloads().count(), 0, "{delta:?}"),
+        other => panic!("a remote pod's deletion made {other:?}"),
+    }
+
+    // An endpoint joins the Service through its EndpointSlice.
+    let mut slice = api.get("endpointslices", "demo", "web-k7x2q").unwrap();
+    slice["endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"addresses": ["10.244.2.40"], "conditions": {"ready": true}}));
+    api.apply(slice);
+    match next_update(&mut d).await {
+        ConfigUpdate::Delta(delta) => {
+            let keys: Vec<_> = delta.services.keys().collect();
+            assert_eq!(keys, [&("demo".to_owned(), "web".to_owned())]);
+        }
+        other => panic!("an endpoint change made {other:?}"),
+    }
+
+    // A change to this node's pod is not a delta (its interface is looked up again).
+    let mut local = api.get("pods", "demo", "web-7d9f8c6b5-x2x4k").unwrap();
+    local["metadata"]["labels"]["version"] = json!("v3");
+    api.apply(local);
+    assert!(matches!(next_update(&mut d).await, ConfigUpdate::Full(_)));
+
+    // Everything together equals what a freshly started agent builds whole.
+    let by_deltas = until(&mut d, "current", |_| true).await;
+    let mut fresh = start(client(&api).await);
+    let whole = until(&mut fresh, "a fresh full build", |c| {
+        !c.workloads.is_empty()
+    })
+    .await;
+    assert_eq!(contents(&by_deltas), contents(&whole));
 }

@@ -345,27 +345,9 @@ impl LocalConfig {
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}] ({}/{}).{f}", w.namespace, w.name);
-            if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(invalid(
-                    at("name"),
-                    "name and namespace must not be empty".into(),
-                ));
-            }
+            self.check_workload(w, &at)?;
             if !seen_wl.insert((&w.namespace, &w.name)) {
                 return Err(invalid(at("name"), "workload is listed twice".into()));
-            }
-            if w.ips.is_empty() && !w.host_network {
-                return Err(invalid(
-                    at("ips"),
-                    "a pod needs at least one address".into(),
-                ));
-            }
-            let v4 = w.ips.iter().filter(|ip| ip.is_ipv4()).count();
-            if v4 > 1 || w.ips.len() - v4 > 1 {
-                return Err(invalid(
-                    at("ips"),
-                    "at most one IPv4 and one IPv6 address per pod".into(),
-                ));
             }
             if !w.host_network {
                 for ip in &w.ips {
@@ -383,36 +365,6 @@ impl LocalConfig {
                 return Err(invalid(
                     at("hostInterface"),
                     format!("{iface} is also the interface of {other}"),
-                ));
-            }
-            if w.node == self.node.name && !w.host_network && w.host_interface.is_none() {
-                return Err(invalid(
-                    at("hostInterface"),
-                    "required for pods on this node (the host side of the pod's interface)".into(),
-                ));
-            }
-            if crate::identity::SpiffeId::new(
-                &self.node.trust_domain,
-                &w.namespace,
-                &w.service_account,
-            )
-            .is_err()
-            {
-                return Err(invalid(
-                    at("serviceAccount"),
-                    format!(
-                        "{:?} cannot be part of a SPIFFE identity",
-                        w.service_account
-                    ),
-                ));
-            }
-            if let Some(mode) = w.labels.get(DATAPLANE_MODE_LABEL)
-                && mode != DATAPLANE_MODE_AMBIENT
-                && mode != DATAPLANE_MODE_NONE
-            {
-                return Err(invalid(
-                    at(&format!("labels.{DATAPLANE_MODE_LABEL}")),
-                    format!("{mode:?} is not one of \"ambient\", \"none\""),
                 ));
             }
         }
@@ -441,18 +393,7 @@ impl LocalConfig {
         let mut seen_vip_ports = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
             let at = |f: &str| format!("services[{i}] ({}/{}).{f}", svc.namespace, svc.name);
-            if svc.vips.is_empty() {
-                return Err(invalid(
-                    at("vips"),
-                    "a service needs at least one virtual IP".into(),
-                ));
-            }
-            if svc.ports.is_empty() {
-                return Err(invalid(
-                    at("ports"),
-                    "a service needs at least one port".into(),
-                ));
-            }
+            self.check_service(svc, &at)?;
             for vip in &svc.vips {
                 if let Some(owner) = ip_owner.get(vip) {
                     return Err(invalid(
@@ -461,9 +402,6 @@ impl LocalConfig {
                     ));
                 }
                 for p in &svc.ports {
-                    if p.port == 0 || p.target_port == Some(0) {
-                        return Err(invalid(at("ports"), "ports must be 1-65535".into()));
-                    }
                     let key = (*vip, p.port);
                     if let Some(other) =
                         seen_vip_ports.insert(key, format!("{}/{}", svc.namespace, svc.name))
@@ -479,11 +417,94 @@ impl LocalConfig {
         Ok(())
     }
 
+    /// The rules one workload must meet on its own (those between entries are the callers').
+    pub(super) fn check_workload(
+        &self,
+        w: &Workload,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: "<config>".to_owned(),
+            field: at(field),
+            message,
+        };
+        if w.name.is_empty() || w.namespace.is_empty() {
+            return Err(invalid(
+                "name",
+                "name and namespace must not be empty".into(),
+            ));
+        }
+        if w.ips.is_empty() && !w.host_network {
+            return Err(invalid("ips", "a pod needs at least one address".into()));
+        }
+        let v4 = w.ips.iter().filter(|ip| ip.is_ipv4()).count();
+        if v4 > 1 || w.ips.len() - v4 > 1 {
+            return Err(invalid(
+                "ips",
+                "at most one IPv4 and one IPv6 address per pod".into(),
+            ));
+        }
+        if w.node == self.node.name && !w.host_network && w.host_interface.is_none() {
+            return Err(invalid(
+                "hostInterface",
+                "required for pods on this node (the host side of the pod's interface)".into(),
+            ));
+        }
+        if crate::identity::SpiffeId::new(&self.node.trust_domain, &w.namespace, &w.service_account)
+            .is_err()
+        {
+            return Err(invalid(
+                "serviceAccount",
+                format!(
+                    "{:?} cannot be part of a SPIFFE identity",
+                    w.service_account
+                ),
+            ));
+        }
+        if let Some(mode) = w.labels.get(DATAPLANE_MODE_LABEL)
+            && mode != DATAPLANE_MODE_AMBIENT
+            && mode != DATAPLANE_MODE_NONE
+        {
+            return Err(invalid(
+                &format!("labels.{DATAPLANE_MODE_LABEL}"),
+                format!("{mode:?} is not one of \"ambient\", \"none\""),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rules one Service must meet on its own.
+    pub(super) fn check_service(
+        &self,
+        svc: &Service,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            path: "<config>".to_owned(),
+            field: at(field),
+            message: message.to_owned(),
+        };
+        if svc.vips.is_empty() {
+            return Err(invalid("vips", "a service needs at least one virtual IP"));
+        }
+        if svc.ports.is_empty() {
+            return Err(invalid("ports", "a service needs at least one port"));
+        }
+        if svc
+            .ports
+            .iter()
+            .any(|p| p.port == 0 || p.target_port == Some(0))
+        {
+            return Err(invalid("ports", "ports must be 1-65535"));
+        }
+        Ok(())
+    }
+
     /// The workloads a service selects (same namespace, labels include the selector; a service
     /// without a selector selects nothing, as in Kubernetes).
     /// With explicit `endpoints`, the workloads at those addresses.
     pub fn endpoints_of<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.selection.selected(&self.workloads, svc).into_iter()
+        self.selection.selected(self, svc).into_iter()
     }
 
     /// A service's endpoint addresses: the explicit ones, or its selected workloads'.

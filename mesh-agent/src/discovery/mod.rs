@@ -1,10 +1,13 @@
 //! Where the agent learns about the world. Local mode reads one YAML file ([`local`]);
 //! Kubernetes mode ([`kube`]) watches the API server and builds the same [`LocalConfig`].
+//! Either hands over changes to workloads and Services as a [`delta::ConfigDelta`].
 
+pub mod delta;
 pub mod kube;
 pub mod local;
 pub mod selection;
 
+pub use delta::{ConfigDelta, ConfigUpdate};
 pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload};
 
 /// Istio's enrolment label (namespace or pod).

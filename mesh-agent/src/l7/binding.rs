@@ -56,14 +56,14 @@ pub struct Waypoint {
 }
 
 /// The waypoint a binding names.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WaypointRef {
     pub name: String,
     pub namespace: String,
 }
 
 /// Where traffic to one destination goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Binding {
     /// Straight to the destination (no waypoint, opted out, or the waypoint does not take this
     /// kind of traffic).
@@ -170,14 +170,8 @@ impl Waypoints {
     /// the Deployment it creates).
     pub fn pods<'a>(config: &'a LocalConfig, r: &WaypointRef) -> Vec<&'a Workload> {
         config
-            .workloads
-            .iter()
-            .filter(|w| {
-                !w.host_network
-                    && w.namespace == r.namespace
-                    && w.labels.get(GATEWAY_NAME_LABEL) == Some(&r.name)
-            })
-            .collect()
+            .selection
+            .labelled(config, &r.namespace, GATEWAY_NAME_LABEL, &r.name)
     }
 }
 

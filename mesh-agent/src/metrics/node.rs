@@ -16,6 +16,7 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::ConstGauge,
+        histogram::Histogram,
     },
     registry::Registry,
 };
@@ -35,7 +36,7 @@ const OCCUPANCY_LIMIT: u64 = 8192;
 const OCCUPANCY_TTL: Duration = Duration::from_secs(10);
 
 /// Counters the control loop bumps.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ControlCounters {
     /// Config loads by outcome (`applied`, `rejected`).
     pub config_reloads: Family<OutcomeLabels, Counter>,
@@ -46,6 +47,33 @@ pub struct ControlCounters {
     /// TIME_WAIT sockets of pods that left the mesh, destroyed so the pods' new connections
     /// are not dropped by the node.
     pub time_wait_destroyed: Counter,
+    /// Time to apply a configuration change, by kind (`delta`: workloads and Services changed
+    /// in place; `full`: everything rebuilt).
+    pub apply_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for ControlCounters {
+    fn default() -> Self {
+        Self {
+            config_reloads: Family::default(),
+            config_rejections: Family::default(),
+            reconcile_errors: Counter::default(),
+            time_wait_destroyed: Counter::default(),
+            apply_seconds: Family::new_with_constructor(apply_histogram),
+        }
+    }
+}
+
+fn apply_histogram() -> Histogram {
+    Histogram::new([
+        0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5, 5.0,
+    ])
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +109,11 @@ impl ControlCounters {
             c.config_rejections.clone(),
         );
         registry.register(
+            "mesh_config_apply_seconds",
+            "Time to apply a configuration change, by kind (delta: in place; full: rebuilt)",
+            c.apply_seconds.clone(),
+        );
+        registry.register(
             "mesh_capture_reconcile_errors",
             "Items a capture reconciliation could not apply (interfaces, attachments, map entries)",
             c.reconcile_errors.clone(),
@@ -93,6 +126,14 @@ impl ControlCounters {
         self.config_reloads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// A change applied in `elapsed`.
+    pub fn applied(&self, kind: &'static str, elapsed: Duration) {
+        self.config(true);
+        self.apply_seconds
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// A refused configuration: `rejected` in `mesh_config_reloads` and its reason.

@@ -16,6 +16,7 @@ mod sockets;
 pub mod source;
 pub mod state;
 pub mod telemetry;
+mod update;
 
 use std::{
     path::{Path, PathBuf},
@@ -228,7 +229,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     }
     readiness.capture(reconcile_problem(&first));
     let certs = identity.as_ref().map(|(_, c)| Arc::clone(c));
-    let prefetch = Prefetch::new(certs.clone(), Arc::clone(&readiness));
+    let prefetch = update::Prefetch::new(certs.clone(), Arc::clone(&readiness));
     prefetch.start(&config);
     let admin = Arc::new(AdminState {
         handler: handler::mode_name(opts.handler),
@@ -246,6 +247,15 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         .context("starting the admin, metrics and readiness endpoints")?;
     source.applied(&admin.config.read().unwrap_or_else(|e| e.into_inner()));
     info!(handler = ?opts.handler, config = %source.describe(), bpffs = %layout.root.display(), "node agent ready");
+    let updater = update::Updater {
+        mesh_state,
+        enforcer,
+        agent_cgroup,
+        metrics: Arc::clone(&metrics),
+        readiness: Arc::clone(&readiness),
+        prefetch,
+        admin: Arc::clone(&admin),
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -268,36 +278,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 }
             }
             next = source.next() => {
-                match next {
-                    Ok(new) => {
-                        metrics.control.config(true);
-                        *mesh_state.write().unwrap_or_else(|e| e.into_inner()) =
-                            mesh::MeshState::from_config(&new);
-                        let policies = new.compile_policies();
-                        policies.log();
-                        let closed = enforcer.replace(policies);
-                        if closed > 0 {
-                            info!(closed, "policy change closed live connections it now denies");
-                        }
-                        let report =
-                            controller.reconcile(&desired_capture(&new, agent_cgroup.as_deref()));
-                        metrics.control.reconcile_errors.inc_by(report.errors.len() as u64);
-                        metrics
-                            .control
-                            .time_wait_destroyed
-                            .inc_by(report.time_wait_destroyed as u64);
-                        readiness.capture(reconcile_problem(&report));
-                        log_state(&controller, &new, report.errors.len());
-                        prefetch.start(&new);
-                        source.applied(&new);
-                        *admin.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-                    }
+                if let Err(e) = next.and_then(|update| updater.apply(&mut controller, &source, update)) {
                     // Keep serving the last good configuration.
-                    Err(e) => {
-                        metrics.control.config_rejected(e.reason());
-                        error!(source = %source.describe(), reason = e.reason(), error = %e,
-                            "configuration rejected; keeping the previous one");
-                    }
+                    metrics.control.config_rejected(e.reason());
+                    error!(source = %source.describe(), reason = e.reason(), error = %e,
+                        "configuration rejected; keeping the previous one");
                 }
             }
         }
@@ -361,64 +346,6 @@ fn reconcile_problem(report: &capture::ReconcileReport) -> Option<String> {
         [] => None,
         [one] => Some(one.clone()),
         [first, rest @ ..] => Some(format!("{first} (and {} more)", rest.len())),
-    }
-}
-
-/// Fetches the certificates of every enrolled workload of this node in the background and
-/// tells readiness when they are all held; while some are missing (CA down, a refusal) it
-/// tries again (1 s doubling to 30 s), so readiness recovers without a configuration change.
-/// Each configuration starts a new round; an older round stops.
-struct Prefetch {
-    certs: Option<Arc<CertManager>>,
-    readiness: Arc<Readiness>,
-    round: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Prefetch {
-    fn new(certs: Option<Arc<CertManager>>, readiness: Arc<Readiness>) -> Self {
-        Self {
-            certs,
-            readiness,
-            round: Arc::default(),
-        }
-    }
-
-    fn start(&self, config: &LocalConfig) {
-        use std::sync::atomic::Ordering;
-        let Some(certs) = self.certs.clone() else {
-            self.readiness.certificates(None);
-            return;
-        };
-        let mut identities: Vec<_> = config
-            .local_pods()
-            .filter(|w| config.is_enrolled(w))
-            .map(|w| config.identity_of(w))
-            .collect();
-        identities.sort();
-        identities.dedup();
-        let round = self.round.fetch_add(1, Ordering::AcqRel) + 1;
-        let (rounds, readiness) = (Arc::clone(&self.round), Arc::clone(&self.readiness));
-        tokio::spawn(async move {
-            let mut wait = Duration::from_secs(1);
-            loop {
-                let mut problems = Vec::new();
-                for id in &identities {
-                    if let Err(e) = certs.get(id).await {
-                        problems.push(format!("{id}: {e}"));
-                    }
-                }
-                if rounds.load(Ordering::Acquire) != round {
-                    return;
-                }
-                if problems.is_empty() {
-                    readiness.certificates(None);
-                    return;
-                }
-                readiness.certificates(Some(problems.join("; ")));
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
-        });
     }
 }
 

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::config_file::ConfigFile;
 use crate::discovery::{
-    LocalConfig,
+    ConfigUpdate, LocalConfig,
     kube::{HostLocator, KubeDiscovery, SnapshotSettings, annotate::Annotator, host},
     local::ConfigError,
 };
@@ -107,14 +107,23 @@ impl Source {
             }
             Self::Kube { .. } => {
                 info!("waiting for the Kubernetes API (every watcher's first list)");
-                self.next().await.map_err(anyhow::Error::msg)
+                loop {
+                    // The first publication is whole; anything else before it is not (and
+                    // cannot happen: a delta needs a published configuration).
+                    if let ConfigUpdate::Full(config) =
+                        self.next().await.map_err(anyhow::Error::msg)?
+                    {
+                        return Ok(*config);
+                    }
+                }
             }
         }
     }
 
-    /// The next configuration, when it changes; `Err` for one that is refused (the caller
-    /// keeps the previous one). Cancel-safe.
-    pub async fn next(&mut self) -> Result<LocalConfig, ConfigError> {
+    /// The next change: a whole configuration (a file; a cluster after a re-list or a change
+    /// beyond pods and Services) or a delta (a cluster's pods and Services), each returned
+    /// once; `Err` for one that is refused (the caller keeps the previous one). Cancel-safe.
+    pub async fn next(&mut self) -> Result<ConfigUpdate, ConfigError> {
         match self {
             Self::File { file, current } => {
                 let text = file.next().await;
@@ -123,38 +132,35 @@ impl Source {
                     new.check_reload(current, file.path())?;
                 }
                 *current = Some(new.enrolled_local());
-                Ok(new)
+                Ok(ConfigUpdate::Full(Box::new(new)))
             }
             Self::Kube {
                 discovery, skipped, ..
-            } => loop {
-                // Only a snapshot not returned before: the publisher sends one only when the
-                // configuration differs, and each is applied once.
-                if discovery.snapshots.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                let current = discovery.snapshots.borrow_and_update().clone();
-                if let Some(snap) = current {
-                    if snap.skipped != *skipped {
-                        for s in snap.skipped.iter().filter(|s| !skipped.contains(s)) {
-                            warn!(detail = %s, "left out of the configuration");
-                        }
-                        *skipped = snap.skipped.clone();
+            } => {
+                let (update, now_skipped) = discovery.next_update().await;
+                if now_skipped != *skipped {
+                    for s in now_skipped.iter().filter(|s| !skipped.contains(s)) {
+                        warn!(detail = %s, "left out of the configuration");
                     }
-                    let config = snap.config.clone();
-                    // Check it like a file: an inconsistent cluster must not reach the data path.
-                    LocalConfig::parse_checked(config)?;
-                    return Ok(snap.config.clone());
+                    *skipped = now_skipped;
                 }
-            },
+                match update {
+                    // Checked like a file: an inconsistent cluster must not reach the data
+                    // path (a delta is checked where it is applied).
+                    ConfigUpdate::Full(config) => {
+                        LocalConfig::parse_checked(*config).map(|c| ConfigUpdate::Full(Box::new(c)))
+                    }
+                    delta => Ok(delta),
+                }
+            }
         }
     }
 
     /// After a configuration was applied (Kubernetes: annotate the pods now captured).
     pub fn applied(&self, config: &LocalConfig) {
         if let Self::Kube { annotator, .. } = self {
-            let (annotator, config) = (Arc::clone(annotator), config.clone());
-            tokio::spawn(async move { annotator.sync(&config).await });
+            let (annotator, want) = (Arc::clone(annotator), Annotator::wanted(config));
+            tokio::spawn(async move { annotator.sync_pods(want).await });
         }
     }
 
@@ -190,9 +196,13 @@ mod tests {
     }
 
     async fn next(source: &mut Source) -> Result<LocalConfig, ConfigError> {
-        tokio::time::timeout(Duration::from_secs(2), source.next())
+        match tokio::time::timeout(Duration::from_secs(2), source.next())
             .await
-            .expect("no reload")
+            .expect("no reload")?
+        {
+            ConfigUpdate::Full(c) => Ok(*c),
+            ConfigUpdate::Delta(d) => panic!("a file gives whole configurations: {d:?}"),
+        }
     }
 
     #[tokio::test]

@@ -1,15 +1,19 @@
-//! What the mesh handler knows of the mesh, rebuilt from each config: workloads by address
+//! What the mesh handler knows of the mesh, built from a config and updated by difference: workloads by address
 //! (identity, node, enrolment, the waypoint a pod is bound to), services by VIP and port (target
 //! port, endpoints, the waypoint a service is bound to). A leaf: the flows and telemetry read
 //! it, it calls nothing of them.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use tracing::warn;
 
 use crate::{
-    discovery::LocalConfig,
+    discovery::{ConfigDelta, LocalConfig, Service, Workload, delta::Replaced, selection},
     identity::SpiffeId,
-    l7::binding::{Binding, Waypoints},
+    l7::binding::{Binding, GATEWAY_NAME_LABEL, Waypoints},
 };
 
 /// A workload as the mesh handler needs it.
@@ -54,8 +58,8 @@ impl MeshWorkload {
 }
 
 impl WaypointRoute {
-    fn from_binding(config: &LocalConfig, binding: Binding) -> Option<Arc<Self>> {
-        Some(Arc::new(match binding {
+    fn of_waypoint(config: &LocalConfig, binding: Binding) -> Option<Self> {
+        Some(match binding {
             Binding::Direct => return None,
             Binding::Missing(r) => Self::Missing {
                 waypoint: format!("{}/{}", r.namespace, r.name),
@@ -68,7 +72,7 @@ impl WaypointRoute {
                     .collect(),
                 next: Default::default(),
             },
-        }))
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -113,6 +117,9 @@ pub struct MeshState {
     /// Shared by a dual-stack pod's addresses; lookups hand out the `Arc`.
     pub by_ip: HashMap<IpAddr, Arc<MeshWorkload>>,
     pub services: HashMap<(IpAddr, u16), Arc<ServiceTarget>>,
+    /// The config's waypoints, and the route to each, shared by everything bound to it.
+    waypoints: Waypoints,
+    routes: HashMap<Binding, Option<Arc<WaypointRoute>>>,
 }
 
 impl MeshState {
@@ -121,53 +128,139 @@ impl MeshState {
         for e in &errors {
             warn!(error = %e, "waypoint rejected: traffic bound to it is refused");
         }
-        let mut by_ip = HashMap::new();
-        for w in config.workloads.iter().filter(|w| !w.host_network) {
-            let (service, version) = w.canonical_names();
-            let mw = MeshWorkload {
-                key: format!("{}/{}", w.namespace, w.name),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                identity: config.identity_of(w),
-                node: w.node.clone(),
-                enrolled: config.is_enrolled(w),
-                canonical_service: service,
-                canonical_revision: version,
-                waypoint: WaypointRoute::from_binding(config, waypoints.of_workload(config, w)),
-            };
-            let mw = Arc::new(mw);
-            for ip in &w.ips {
-                by_ip.insert(*ip, Arc::clone(&mw));
+        let mut state = Self {
+            node: config.node.name.clone(),
+            by_ip: HashMap::with_capacity(config.workloads.len()),
+            services: HashMap::with_capacity(config.services.len()),
+            waypoints,
+            routes: HashMap::new(),
+        };
+        for w in &config.workloads {
+            state.add_workload(config, w);
+        }
+        for svc in &config.services {
+            state.add_service(config, svc);
+        }
+        state
+    }
+
+    /// Updates the state after `delta` was applied to `config` (`replaced`: what it replaced).
+    /// False when the change reaches beyond its own entries (a waypoint's pods, which every
+    /// destination bound to that waypoint routes to): the caller rebuilds instead.
+    pub fn apply(
+        &mut self,
+        config: &LocalConfig,
+        delta: &ConfigDelta,
+        replaced: &Replaced,
+    ) -> bool {
+        let waypoint_pod = |w: &Workload| w.labels.contains_key(GATEWAY_NAME_LABEL);
+        if delta
+            .new_workloads()
+            .chain(&replaced.workloads)
+            .any(waypoint_pod)
+        {
+            return false;
+        }
+        for old in replaced.workloads.iter().filter(|w| !w.host_network) {
+            for ip in &old.ips {
+                self.by_ip.remove(ip);
             }
         }
-        let mut services = HashMap::new();
-        for svc in &config.services {
-            let endpoints = config.endpoint_ips(svc);
-            let waypoint = WaypointRoute::from_binding(config, waypoints.of_service(config, svc));
-            for vip in &svc.vips {
-                let family: Vec<IpAddr> = endpoints
-                    .iter()
-                    .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
-                    .copied()
-                    .collect();
-                for p in &svc.ports {
-                    services.insert(
-                        (*vip, p.port),
-                        Arc::new(ServiceTarget {
-                            key: format!("{}/{}", svc.namespace, svc.name),
-                            waypoint: waypoint.clone(),
-                            target_port: p.target_port.unwrap_or(p.port),
-                            endpoints: family.clone(),
-                            next: Default::default(),
-                        }),
-                    );
+        for w in delta.new_workloads() {
+            self.add_workload(config, w);
+        }
+        // Services whose endpoints may have changed: those changed, and those selecting a
+        // changed workload before or after.
+        let mut affected: HashSet<usize> = HashSet::new();
+        for w in delta.new_workloads().chain(&replaced.workloads) {
+            affected.extend(
+                config
+                    .selection
+                    .services_in(config, &w.namespace)
+                    .into_iter()
+                    .filter(|&i| {
+                        let s = &config.services[i];
+                        s.endpoints.is_none() && selection::selects(s, w)
+                    }),
+            );
+        }
+        for old in &replaced.services {
+            for vip in &old.vips {
+                for p in &old.ports {
+                    self.services.remove(&(*vip, p.port));
                 }
             }
         }
-        Self {
-            node: config.node.name.clone(),
-            by_ip,
-            services,
+        affected.extend(
+            delta
+                .new_services()
+                .filter_map(|s| config.selection.service(config, &s.namespace, &s.name)),
+        );
+        for i in affected {
+            self.add_service(config, &config.services[i]);
+        }
+        true
+    }
+
+    fn route(&mut self, config: &LocalConfig, binding: Binding) -> Option<Arc<WaypointRoute>> {
+        if binding == Binding::Direct {
+            return None;
+        }
+        self.routes
+            .entry(binding.clone())
+            .or_insert_with(|| WaypointRoute::of_waypoint(config, binding).map(Arc::new))
+            .clone()
+    }
+
+    fn add_workload(&mut self, config: &LocalConfig, w: &Workload) {
+        if w.host_network {
+            return;
+        }
+        let (service, version) = w.canonical_names();
+        let binding = self.waypoints.of_workload(config, w);
+        let mw = Arc::new(MeshWorkload {
+            key: format!("{}/{}", w.namespace, w.name),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            identity: config.identity_of(w),
+            node: w.node.clone(),
+            enrolled: config.is_enrolled(w),
+            canonical_service: service,
+            canonical_revision: version,
+            waypoint: self.route(config, binding),
+        });
+        for ip in &w.ips {
+            self.by_ip.insert(*ip, Arc::clone(&mw));
+        }
+    }
+
+    /// (Re)places `svc`'s entries.
+    fn add_service(&mut self, config: &LocalConfig, svc: &Service) {
+        let endpoints = config.endpoint_ips(svc);
+        let binding = self.waypoints.of_service(config, svc);
+        let waypoint = self.route(config, binding);
+        for vip in &svc.vips {
+            let family: Vec<IpAddr> = endpoints
+                .iter()
+                .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect();
+            for p in &svc.ports {
+                self.services.insert(
+                    (*vip, p.port),
+                    Arc::new(ServiceTarget {
+                        key: format!("{}/{}", svc.namespace, svc.name),
+                        waypoint: waypoint.clone(),
+                        target_port: p.target_port.unwrap_or(p.port),
+                        endpoints: family.clone(),
+                        next: Default::default(),
+                    }),
+                );
+            }
         }
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::{
-    discovery::LocalConfig,
+    discovery::{ConfigUpdate, LocalConfig},
     hbone::{
         client::Pool,
         limits::{ServerCounters, ServerLimits},
@@ -68,7 +68,8 @@ pub struct WaypointOptions {
 /// The configuration feed: a file or the API.
 enum Feed {
     File(Box<ConfigFile>, PathBuf),
-    Kube(Box<crate::node::source::Source>),
+    /// The watches, and the configuration their deltas apply to.
+    Kube(Box<crate::node::source::Source>, Option<Box<LocalConfig>>),
 }
 
 impl Feed {
@@ -83,7 +84,7 @@ impl Feed {
                 path.clone(),
             ),
             WaypointSource::Kube(k) => {
-                Self::Kube(Box::new(crate::node::source::Source::kube(k).await?))
+                Self::Kube(Box::new(crate::node::source::Source::kube(k).await?), None)
             }
         })
     }
@@ -96,7 +97,11 @@ impl Feed {
                     .with_context(|| format!("reading {}", path.display()))?;
                 Ok(LocalConfig::parse_file(path, &text)?)
             }
-            Self::Kube(source) => source.initial().await,
+            Self::Kube(source, current) => {
+                let config = source.initial().await?;
+                *current = Some(Box::new(config.clone()));
+                Ok(config)
+            }
         }
     }
 
@@ -107,7 +112,25 @@ impl Feed {
                 let text = file.next().await;
                 LocalConfig::parse_file(path, &text).map_err(|e| e.to_string())
             }
-            Self::Kube(source) => source.next().await.map_err(|e| e.to_string()),
+            // The waypoint's state is rebuilt from the whole configuration either way (a delta
+            // is applied to the copy kept here first).
+            Self::Kube(source, current) => {
+                match (source.next().await.map_err(|e| e.to_string())?, current) {
+                    (ConfigUpdate::Full(config), current) => {
+                        let config = *config;
+                        *current = Some(Box::new(config.clone()));
+                        Ok(config)
+                    }
+                    (ConfigUpdate::Delta(delta), Some(current)) => {
+                        current.check_delta(&delta).map_err(|e| e.to_string())?;
+                        current.apply(&delta);
+                        Ok((**current).clone())
+                    }
+                    (ConfigUpdate::Delta(_), None) => {
+                        Err("a change arrived before any configuration".into())
+                    }
+                }
+            }
         }
     }
 }

@@ -50,11 +50,20 @@ impl Annotator {
 
     /// Annotates newly enrolled local pods and un-annotates those that left.
     pub async fn sync(&self, config: &LocalConfig) {
-        let want: BTreeSet<(String, String)> = config
+        self.sync_pods(Self::wanted(config)).await;
+    }
+
+    /// The pods `config` captures: this node's enrolled pods, `(namespace, name)`.
+    pub fn wanted(config: &LocalConfig) -> BTreeSet<(String, String)> {
+        config
             .local_pods()
             .filter(|w| config.is_enrolled(w))
             .map(|w| (w.namespace.clone(), w.name.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// Annotates the pods of `want` not annotated yet and un-annotates the others.
+    pub async fn sync_pods(&self, want: BTreeSet<(String, String)>) {
         let mut annotated = self.annotated.lock().await;
         if self.closed.load(Ordering::Acquire) {
             return;

@@ -1,7 +1,9 @@
 //! Kubernetes mode: watchers (kube-rs reflectors) for Namespaces, Pods, Services,
 //! EndpointSlices, Istio's security objects and the routing objects waypoints use (Gateways,
 //! VirtualServices, DestinationRules, HTTPRoutes), turned into the same [`LocalConfig`] the
-//! local mode reads from a file, published whenever something changed.
+//! local mode reads from a file, published whenever something changed: whole after a list or a
+//! change beyond pods and Services, otherwise as a delta of the pods and Services that changed
+//! (`incremental.rs`), so that a large cluster's pod churn costs in proportion to it.
 //!
 //! - A snapshot is published only once every watcher has listed (no half-known cluster), and
 //!   for the Istio kinds only once listed or known to be absent (no CRD installed): a policy
@@ -14,6 +16,7 @@
 pub mod annotate;
 pub mod feed;
 pub mod host;
+pub mod incremental;
 pub mod snapshot;
 
 use std::{
@@ -33,9 +36,13 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use tracing::info;
 
-pub use feed::{Feed, drive, keep, slim_pod};
+pub use feed::{Feed, KeyBy, drive, keep, slim_pod};
 pub use host::{HostLocator, Located, PodLocator};
+pub use incremental::Published;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
+
+use crate::discovery::{ConfigUpdate, LocalConfig};
+use feed::Changes;
 
 /// Istio's security kinds the agent reads (`security.istio.io/v1`).
 pub const ISTIO_KINDS: [(&str, &str); 3] = [
@@ -71,8 +78,9 @@ const RETRY_LOCATE: Duration = Duration::from_secs(1);
 
 /// The running watchers.
 pub struct KubeDiscovery {
-    /// The latest snapshot (None until every watcher has listed).
-    pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// What was published (nothing until every watcher has listed).
+    published: Arc<Published>,
+    versions: watch::Receiver<u64>,
     pub client: Client,
 }
 
@@ -89,11 +97,11 @@ impl KubeDiscovery {
 
         macro_rules! core_store {
             ($ty:ty, $name:expr) => {
-                core_store!($ty, $name, keep)
+                core_store!($ty, $name, keep, Feed::tracking($name, KeyBy::Name))
             };
-            ($ty:ty, $name:expr, $slim:expr) => {{
+            ($ty:ty, $name:expr, $slim:expr, $feed:expr) => {{
                 let (reader, writer) = reflector::store::<$ty>();
-                let feed = Feed::new($name);
+                let feed = $feed;
                 feeds.push(Arc::clone(&feed));
                 drive(
                     Api::<$ty>::all(client.clone()),
@@ -108,9 +116,20 @@ impl KubeDiscovery {
             }};
         }
         let namespaces = core_store!(Namespace, "namespaces");
-        let pods = core_store!(Pod, "pods", slim_pod);
-        let services = core_store!(Service, "services");
-        let slices = core_store!(EndpointSlice, "endpointslices");
+        // Pods, Services and EndpointSlices churn: their changes are tracked, so a round can be
+        // a delta. Anything else changing makes a full build.
+        let pod_feed = Feed::tracking("pods", KeyBy::Name);
+        let service_feed = Feed::tracking("services", KeyBy::Name);
+        let slice_feed =
+            Feed::tracking("endpointslices", KeyBy::Label("kubernetes.io/service-name"));
+        let pods = core_store!(Pod, "pods", slim_pod, Arc::clone(&pod_feed));
+        let services = core_store!(Service, "services", keep, Arc::clone(&service_feed));
+        let slices = core_store!(
+            EndpointSlice,
+            "endpointslices",
+            keep,
+            Arc::clone(&slice_feed)
+        );
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()
@@ -121,7 +140,7 @@ impl KubeDiscovery {
             let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
             let reader = writer.as_reader();
-            let feed = Feed::new(&format!("{kind}.{group}"));
+            let feed = Feed::tracking(&format!("{kind}.{group}"), KeyBy::Name);
             feeds.push(Arc::clone(&feed));
             drive(
                 Api::<DynamicObject>::all_with(client.clone(), &ar),
@@ -135,24 +154,68 @@ impl KubeDiscovery {
             policy_stores.push(reader);
         }
 
-        let (tx, rx) = watch::channel::<Option<Arc<Snapshot>>>(None);
+        let published = Arc::new(Published::new());
+        let versions = published.subscribe();
+        let out = Arc::clone(&published);
         tokio::spawn(async move {
             let mut waiting_logged = Instant::now();
             // Local pods whose interface was not found yet are looked for again on a timer
             // (their routes appear without any API event).
             let mut retry = false;
+            // Changes seen but not yet published (a round waiting for a first list keeps them).
+            let (mut pod_changes, mut service_changes) = (Changes::default(), Changes::default());
             loop {
                 tokio::select! {
                     () = changed.notified() => {}
                     () = tokio::time::sleep(RETRY_LOCATE), if retry => {}
                 }
                 tokio::time::sleep(DEBOUNCE).await;
+                // Everything else than pods, Services and slices: any change means a full build.
+                let mut other = false;
+                for f in &feeds {
+                    let c = f.take_changes();
+                    if Arc::ptr_eq(f, &pod_feed) {
+                        pod_changes.merge(c);
+                    } else if Arc::ptr_eq(f, &service_feed) || Arc::ptr_eq(f, &slice_feed) {
+                        service_changes.merge(c);
+                    } else {
+                        other |= !c.is_empty();
+                    }
+                }
                 if let Some(f) = feeds.iter().find(|f| !f.usable()) {
                     if waiting_logged.elapsed() > Duration::from_secs(10) {
                         info!(resource = %f.name, "waiting for the first list before publishing state");
                         waiting_logged = Instant::now();
                     }
                     continue;
+                }
+                let (pods_changed, services_changed) = (
+                    std::mem::take(&mut pod_changes),
+                    std::mem::take(&mut service_changes),
+                );
+                if !other && !retry {
+                    let stores = incremental::Stores {
+                        pods: &pods,
+                        services: &services,
+                        slices: &slices,
+                    };
+                    let delta = out.with_config(|c| {
+                        c.and_then(|c| {
+                            incremental::delta(
+                                &settings,
+                                c,
+                                &stores,
+                                &pods_changed,
+                                &services_changed,
+                                &*locator,
+                            )
+                        })
+                    });
+                    if let Some(delta) = delta
+                        && out.delta(delta)
+                    {
+                        continue;
+                    }
                 }
                 let objects = Objects {
                     namespaces: namespaces.state().iter().map(|o| (**o).clone()).collect(),
@@ -167,18 +230,35 @@ impl KubeDiscovery {
                 };
                 let snap = snapshot::build(&settings, &objects, &*locator, &interfaces());
                 retry = snap.skipped.iter().any(|s| s.contains("no host interface"));
-                let same = tx
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|old| old.config == snap.config);
-                if !same {
-                    let _ = tx.send(Some(Arc::new(snap)));
-                }
+                out.full(snap.config, snap.skipped);
             }
         });
         Self {
-            snapshots: rx,
+            published,
+            versions,
             client,
         }
+    }
+
+    /// The next update not yet taken (waits for one), and what the configuration left out.
+    pub async fn next_update(&mut self) -> (ConfigUpdate, Vec<String>) {
+        loop {
+            if let Some(taken) = self.published.take() {
+                return taken;
+            }
+            if self.versions.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// A copy of the configuration published last (None before the first).
+    pub fn current(&self) -> Option<LocalConfig> {
+        self.published.current()
+    }
+
+    /// Waits for the next publication.
+    pub async fn changed(&mut self) {
+        let _ = self.versions.changed().await;
     }
 }

@@ -93,6 +93,169 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
     out
 }
 
+/// The Service an EndpointSlice belongs to, `(namespace, name)`.
+pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
+    Some((
+        s.metadata.namespace.clone()?,
+        s.metadata
+            .labels
+            .as_ref()?
+            .get("kubernetes.io/service-name")?
+            .clone(),
+    ))
+}
+
+/// A pod as a workload (None: not running, unscheduled or without an address yet), and what
+/// to report about it. Address conflicts between pods are the caller's business.
+pub fn workload_of(
+    settings: &SnapshotSettings,
+    p: &Pod,
+    locator: &dyn PodLocator,
+) -> (Option<Workload>, Option<String>) {
+    let Some(spec) = p
+        .spec
+        .as_ref()
+        .filter(|s| alive(p) && s.node_name.is_some())
+    else {
+        return (None, None);
+    };
+    let host_network = spec.host_network.unwrap_or(false);
+    let ips = if host_network { Vec::new() } else { pod_ips(p) };
+    if ips.is_empty() && !host_network {
+        return (None, None); // not started yet: no address, nothing to capture or reach
+    }
+    let node = spec.node_name.clone().unwrap_or_default();
+    let (mut host_interface, mut cgroup) = (None, None);
+    if node == settings.node_name && !host_network {
+        let uid = p.metadata.uid.as_deref().unwrap_or("");
+        match locator.locate(uid, &ips) {
+            Some(found) => {
+                host_interface = Some(found.interface);
+                cgroup = found.cgroup;
+            }
+            None => {
+                let note = format!(
+                    "pod {}: no host interface found for {ips:?} yet",
+                    pod_key(p)
+                );
+                return (None, Some(note));
+            }
+        }
+    }
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let mut labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
+    let mut note = None;
+    // A label value the model rejects would reject the whole snapshot: treat as unset.
+    if let Some(v) = labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
+        && v != crate::discovery::DATAPLANE_MODE_AMBIENT
+        && v != crate::discovery::DATAPLANE_MODE_NONE
+    {
+        note = Some(format!(
+            "pod {}: unknown dataplane mode {v:?} ignored",
+            pod_key(p)
+        ));
+        labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
+    }
+    let w = Workload {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        service_account,
+        node,
+        ips,
+        labels,
+        host_network,
+        host_interface,
+        cgroup,
+    };
+    (Some(w), note)
+}
+
+/// A Service with its EndpointSlices (None: headless, ExternalName, no usable TCP port);
+/// VIPs that are a pod's address (`is_pod_ip`) are left out.
+pub fn service_of(
+    svc: &K8sService,
+    slices: &[&EndpointSlice],
+    is_pod_ip: impl Fn(IpAddr) -> bool,
+    skipped: &mut Vec<String>,
+) -> Option<Service> {
+    let (Some(name), Some(namespace), Some(spec)) = (
+        svc.metadata.name.clone(),
+        svc.metadata.namespace.clone(),
+        svc.spec.as_ref(),
+    ) else {
+        return None;
+    };
+    let vips: Vec<IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .filter(|ip| !is_pod_ip(*ip))
+        .collect();
+    if vips.is_empty() {
+        return None; // headless or ExternalName: nothing to capture by VIP
+    }
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let target = match &p.target_port {
+            None => Some(port),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            // A named target port is the number the endpoints publish under the service
+            // port's name.
+            Some(IntOrString::String(_)) => slices
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .find(|ep| ep.name == p.name)
+                .and_then(|ep| ep.port)
+                .and_then(|n| u16::try_from(n).ok()),
+        };
+        match target {
+            Some(t) if t != 0 && port != 0 => ports.push(ServicePort {
+                port,
+                target_port: Some(t),
+                protocol: crate::l7::protocol::declared(
+                    p.app_protocol.as_deref(),
+                    p.name.as_deref(),
+                ),
+            }),
+            _ => skipped.push(format!(
+                "service {namespace}/{name}: port {port} has no usable target port"
+            )),
+        }
+    }
+    if ports.is_empty() {
+        return None;
+    }
+    let ready: BTreeSet<IpAddr> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+        .collect();
+    Some(Service {
+        name,
+        namespace,
+        vips,
+        ports,
+        selector: spec.selector.clone().unwrap_or_default(),
+        endpoints: Some(ready.into_iter().collect()),
+        labels: svc.metadata.labels.clone().unwrap_or_default(),
+    })
+}
+
 /// Builds the snapshot. `interfaces` lists the node's interfaces (for automatic uplinks).
 pub fn build(
     settings: &SnapshotSettings,
@@ -129,161 +292,40 @@ pub fn build(
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::new();
     for p in pods {
-        let spec = p.spec.as_ref().expect("filtered above");
-        let host_network = spec.host_network.unwrap_or(false);
-        let ips = if host_network { Vec::new() } else { pod_ips(p) };
-        if ips.is_empty() && !host_network {
-            continue; // not started yet: no address, nothing to capture or reach
-        }
-        if let Some(other) = ips.iter().find_map(|ip| owner.get(ip)) {
+        let (w, note) = workload_of(settings, p, locator);
+        skipped.extend(note);
+        let Some(w) = w else { continue };
+        if let Some(other) = w.ips.iter().find_map(|ip| owner.get(ip)) {
             skipped.push(format!("pod {}: its address is also {other}'s", pod_key(p)));
             continue;
         }
-        let node = spec.node_name.clone().unwrap_or_default();
-        let (mut host_interface, mut cgroup) = (None, None);
-        if node == settings.node_name && !host_network {
-            let uid = p.metadata.uid.as_deref().unwrap_or("");
-            match locator.locate(uid, &ips) {
-                Some(found) => {
-                    host_interface = Some(found.interface);
-                    cgroup = found.cgroup;
-                }
-                None => {
-                    skipped.push(format!(
-                        "pod {}: no host interface found for {ips:?} yet",
-                        pod_key(p)
-                    ));
-                    continue;
-                }
-            }
-        }
-        let service_account = spec
-            .service_account_name
-            .clone()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_owned());
-        let mut labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
-        // A label value the model rejects would reject the whole snapshot: treat as unset.
-        if let Some(v) = labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
-            && v != crate::discovery::DATAPLANE_MODE_AMBIENT
-            && v != crate::discovery::DATAPLANE_MODE_NONE
-        {
-            skipped.push(format!(
-                "pod {}: unknown dataplane mode {v:?} ignored",
-                pod_key(p)
-            ));
-            labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
-        }
-        for ip in &ips {
+        for ip in &w.ips {
             owner.insert(*ip, pod_key(p));
         }
-        workloads.push(Workload {
-            name: p.metadata.name.clone().unwrap_or_default(),
-            namespace: p.metadata.namespace.clone().unwrap_or_default(),
-            service_account,
-            node,
-            ips,
-            labels,
-            host_network,
-            host_interface,
-            cgroup,
-        });
+        workloads.push(w);
     }
     workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     // Services and their endpoints.
     let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
     for s in &objects.slices {
-        let (Some(ns), Some(svc)) = (
-            s.metadata.namespace.clone(),
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-                .cloned(),
-        ) else {
-            continue;
-        };
-        slices_by_service.entry((ns, svc)).or_default().push(s);
+        if let Some(key) = slice_service(s) {
+            slices_by_service.entry(key).or_default().push(s);
+        }
     }
     let mut services = Vec::new();
     for svc in &objects.services {
-        let (Some(name), Some(namespace), Some(spec)) = (
-            svc.metadata.name.clone(),
-            svc.metadata.namespace.clone(),
-            svc.spec.as_ref(),
-        ) else {
-            continue;
-        };
-        let vips: Vec<IpAddr> = spec
-            .cluster_ips
-            .clone()
-            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .filter(|ip| !owner.contains_key(ip))
-            .collect();
-        if vips.is_empty() {
-            continue; // headless or ExternalName: nothing to capture by VIP
-        }
-        let slices = slices_by_service
-            .get(&(namespace.clone(), name.clone()))
-            .cloned()
-            .unwrap_or_default();
-        let mut ports = Vec::new();
-        for p in spec.ports.iter().flatten() {
-            if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                continue;
-            }
-            let Ok(port) = u16::try_from(p.port) else {
-                continue;
-            };
-            use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-            let target = match &p.target_port {
-                None => Some(port),
-                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                // A named target port is the number the endpoints publish under the service
-                // port's name.
-                Some(IntOrString::String(_)) => slices
-                    .iter()
-                    .flat_map(|s| s.ports.iter().flatten())
-                    .find(|ep| ep.name == p.name)
-                    .and_then(|ep| ep.port)
-                    .and_then(|n| u16::try_from(n).ok()),
-            };
-            match target {
-                Some(t) if t != 0 && port != 0 => ports.push(ServicePort {
-                    port,
-                    target_port: Some(t),
-                    protocol: crate::l7::protocol::declared(
-                        p.app_protocol.as_deref(),
-                        p.name.as_deref(),
-                    ),
-                }),
-                _ => skipped.push(format!(
-                    "service {namespace}/{name}: port {port} has no usable target port"
-                )),
-            }
-        }
-        if ports.is_empty() {
-            continue;
-        }
-        let ready: BTreeSet<IpAddr> = slices
-            .iter()
-            .flat_map(|s| s.endpoints.iter())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-            .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
-            .collect();
-        services.push(Service {
-            name,
-            namespace,
-            vips,
-            ports,
-            selector: spec.selector.clone().unwrap_or_default(),
-            endpoints: Some(ready.into_iter().collect()),
-            labels: svc.metadata.labels.clone().unwrap_or_default(),
-        });
+        let key = (
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        let slices = slices_by_service.get(&key).map_or(&[][..], Vec::as_slice);
+        services.extend(service_of(
+            svc,
+            slices,
+            |ip| owner.contains_key(&ip),
+            &mut skipped,
+        ));
     }
     // Two Services never share a VIP in a cluster; keep the first of a duplicate anyway.
     let mut seen = BTreeSet::new();

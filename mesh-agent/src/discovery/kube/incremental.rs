@@ -1,0 +1,227 @@
+//! Kubernetes mode by difference: what the watchers changed since the last round, as a
+//! [`ConfigDelta`] of the pods and Services concerned (issue #19), and the mailbox that hands
+//! full configurations and deltas to the agent. A round needs a full build instead when
+//! anything but pods, Services and EndpointSlices changed, a watcher listed again, a pod of
+//! this node changed (its interface is looked up then), or a change would conflict with the
+//! rest (two pods on one address, a VIP shared): the full build's rules settle those.
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service as K8sService},
+    discovery::v1::EndpointSlice,
+};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::watch;
+
+use super::{
+    feed::Changes,
+    host::PodLocator,
+    snapshot::{SnapshotSettings, service_of, slice_service, workload_of},
+};
+use crate::discovery::{ConfigDelta, ConfigUpdate, LocalConfig, delta::Key};
+
+/// The stores a delta is read from.
+pub struct Stores<'a> {
+    pub pods: &'a Store<Pod>,
+    pub services: &'a Store<K8sService>,
+    pub slices: &'a Store<EndpointSlice>,
+}
+
+/// The delta that brings `published` up to date with `pods` and `services` changed (Services
+/// named by themselves or by their EndpointSlices); `None` when only a full build can.
+pub fn delta(
+    settings: &SnapshotSettings,
+    published: &LocalConfig,
+    stores: &Stores,
+    pods: &Changes,
+    services: &Changes,
+    locator: &dyn PodLocator,
+) -> Option<ConfigDelta> {
+    if pods.all || services.all {
+        return None;
+    }
+    let mut delta = ConfigDelta::default();
+    for (ns, name) in &pods.keys {
+        let pod = stores.pods.get(&ObjectRef::new(name).within(ns));
+        let new = match pod {
+            Some(p) => {
+                let (w, note) = workload_of(settings, &p, locator);
+                if note.is_some() {
+                    return None;
+                }
+                w
+            }
+            None => None,
+        };
+        let old = published
+            .selection
+            .workload(published, ns, name)
+            .map(|i| &published.workloads[i]);
+        let local = |w: Option<&crate::discovery::Workload>| {
+            w.is_some_and(|w| w.node == settings.node_name)
+        };
+        if local(old) || local(new.as_ref()) {
+            return None;
+        }
+        if old != new.as_ref() {
+            delta.workloads.insert((ns.clone(), name.clone()), new);
+        }
+    }
+    if !services.keys.is_empty() {
+        let mut slices: HashMap<&Key, Vec<std::sync::Arc<EndpointSlice>>> = HashMap::new();
+        for s in stores.slices.state() {
+            if let Some(key) = slice_service(&s)
+                && let Some(k) = services.keys.get(&key)
+            {
+                slices.entry(k).or_default().push(s);
+            }
+        }
+        let new_ips: HashSet<std::net::IpAddr> = delta
+            .new_workloads()
+            .flat_map(|w| w.ips.iter().copied())
+            .collect();
+        for key in &services.keys {
+            let svc = stores.services.get(&ObjectRef::new(&key.1).within(&key.0));
+            let mut notes = Vec::new();
+            let new = svc.and_then(|svc| {
+                let of_service: Vec<&EndpointSlice> = slices
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| &**s)
+                    .collect();
+                let is_pod_ip = |ip| {
+                    new_ips.contains(&ip) || published.selection.ip_owner(published, ip).is_some()
+                };
+                service_of(&svc, &of_service, is_pod_ip, &mut notes)
+            });
+            if !notes.is_empty() {
+                return None;
+            }
+            // A VIP another Service has: the full build keeps one of them.
+            if let Some(s) = &new
+                && s.vips.iter().any(|vip| {
+                    published
+                        .selection
+                        .vip_owners(published, *vip)
+                        .into_iter()
+                        .any(|i| {
+                            let o = &published.services[i];
+                            (&o.namespace, &o.name) != (&key.0, &key.1)
+                        })
+                })
+            {
+                return None;
+            }
+            let old = published
+                .selection
+                .service(published, &key.0, &key.1)
+                .map(|i| &published.services[i]);
+            if old != new.as_ref() {
+                delta.services.insert(key.clone(), new);
+            }
+        }
+    }
+    Some(delta)
+}
+
+/// What was published last and what the agent has not taken yet.
+#[derive(Default)]
+struct Mailbox {
+    /// The configuration as published (deltas applied to it as they are published).
+    config: Option<LocalConfig>,
+    skipped: Vec<String>,
+    /// Not yet taken: a full configuration (later deltas applied to it), or deltas merged.
+    pending: Option<ConfigUpdate>,
+}
+
+/// Hands configurations from the discovery task to the agent: never blocks the discovery on
+/// the agent, never loses a change (deltas not yet taken are merged).
+pub struct Published {
+    mailbox: std::sync::Mutex<Mailbox>,
+    /// Bumped on every publication (waiters watch it).
+    version: watch::Sender<u64>,
+}
+
+impl Published {
+    pub fn new() -> Self {
+        Self {
+            mailbox: Default::default(),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mailbox> {
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Publishes a full configuration, unless it is the one published.
+    pub fn full(&self, config: LocalConfig, skipped: Vec<String>) {
+        let mut m = self.lock();
+        if m.config.as_ref() == Some(&config) && m.skipped == skipped {
+            return;
+        }
+        m.pending = Some(ConfigUpdate::Full(Box::new(config.clone())));
+        m.config = Some(config);
+        m.skipped = skipped;
+        drop(m);
+        self.bump();
+    }
+
+    /// Runs `f` on the published configuration (None before the first).
+    pub fn with_config<T>(&self, f: impl FnOnce(Option<&LocalConfig>) -> T) -> T {
+        f(self.lock().config.as_ref())
+    }
+
+    /// Publishes `delta` on top of the published configuration; false (nothing published)
+    /// when it does not apply there.
+    pub fn delta(&self, delta: ConfigDelta) -> bool {
+        if delta.is_empty() {
+            return true;
+        }
+        let mut m = self.lock();
+        let Some(config) = m.config.as_mut() else {
+            return false;
+        };
+        if config.check_delta(&delta).is_err() {
+            return false;
+        }
+        config.apply(&delta);
+        match &mut m.pending {
+            Some(ConfigUpdate::Full(c)) => {
+                c.apply(&delta);
+            }
+            Some(ConfigUpdate::Delta(d)) => d.merge(delta),
+            None => m.pending = Some(ConfigUpdate::Delta(delta)),
+        }
+        drop(m);
+        self.bump();
+        true
+    }
+
+    /// The update not taken yet, and what the published configuration left out.
+    pub fn take(&self) -> Option<(ConfigUpdate, Vec<String>)> {
+        let mut m = self.lock();
+        let update = m.pending.take()?;
+        Some((update, m.skipped.clone()))
+    }
+
+    /// A copy of the published configuration (tests, diagnostics).
+    pub fn current(&self) -> Option<LocalConfig> {
+        self.lock().config.clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        Self::new()
+    }
+}
