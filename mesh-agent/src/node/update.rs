@@ -39,27 +39,42 @@ impl Updater {
         source: &Source,
         update: ConfigUpdate,
     ) -> Result<(), ConfigError> {
-        let started = Instant::now();
-        let (kind, workloads, services) = match update {
+        let mut diffed = Duration::ZERO;
+        let update = match update {
+            // A whole configuration (a file) that differs only in workloads and Services is
+            // applied as its difference.
             ConfigUpdate::Full(new) => {
+                let started = Instant::now();
                 let delta = {
                     let current = self.admin.config.read().unwrap_or_else(|e| e.into_inner());
                     ConfigDelta::between(&current, &new)
                 };
+                diffed = started.elapsed();
                 match delta {
-                    Some(delta) => self.delta(controller, source, &delta)?,
-                    None => self.full(controller, source, *new),
+                    Some(delta) => {
+                        // Freeing a large configuration takes a while: not on this path.
+                        std::thread::spawn(move || drop(new));
+                        ConfigUpdate::Delta(delta)
+                    }
+                    None => ConfigUpdate::Full(new),
                 }
             }
+            delta => delta,
+        };
+        let started = Instant::now();
+        let (kind, workloads, services) = match update {
+            ConfigUpdate::Full(new) => self.full(controller, source, *new),
             ConfigUpdate::Delta(delta) => self.delta(controller, source, &delta)?,
         };
         let elapsed = started.elapsed();
         self.metrics.control.applied(kind, elapsed);
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         info!(
             kind,
             workloads,
             services,
-            apply_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            diff_us = us(diffed),
+            apply_us = us(elapsed),
             "configuration applied"
         );
         Ok(())

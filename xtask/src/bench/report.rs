@@ -31,6 +31,7 @@ pub fn unit(test: &str) -> &'static str {
         "connrate_c1" | "connrate_c8" => "conn_s",
         "cpu_per_1k_rps" | "http_cpu_per_1k_rps" => "cores",
         "ready_s" => "s",
+        "update_ms" | "update_service_ms" | "update_file_ms" => "ms",
         "bytes_per_workload" => "bytes",
         _ => "mib",
     }
@@ -84,7 +85,7 @@ impl Results {
             .map(|(_, v)| median(&v.iter().map(|t| t.value).collect::<Vec<_>>()))
     }
 
-    fn percentile(&self, scenario: &str, test: &str, path: &str, p99: bool) -> Option<f64> {
+    pub fn percentile(&self, scenario: &str, test: &str, path: &str, p99: bool) -> Option<f64> {
         self.trials
             .iter()
             .find(|((s, t, p), _)| s == scenario && *t == test && *p == path)

@@ -25,8 +25,15 @@ const SIZES: [(usize, &str); 5] = [
     (200_000, "n200k"),
 ];
 
-/// The config of node `node1` with `n` remote workloads.
-pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str) -> String {
+/// What the changes made so far altered: pods relabelled (`version`), Services re-targeted.
+#[derive(Default)]
+pub struct Changed {
+    versions: std::collections::HashMap<usize, String>,
+    target_ports: std::collections::HashMap<usize, u16>,
+}
+
+/// The config of node `node1` with `n` remote workloads, as `changed` left them.
+pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str, changed: &Changed) -> String {
     let mut y = format!(
         "node: {{name: node1, uplinks: [{uplink}]}}\nmesh: {{allowUnenrollAll: true}}\nca: {{dir: {}}}\nnamespaces:\n",
         ca.display()
@@ -42,14 +49,18 @@ pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str) -> String {
     for i in 0..n {
         let app = i / 10;
         let ip = 0x0a80_0000u32 + u32::try_from(i).expect("small");
+        let version = changed
+            .versions
+            .get(&i)
+            .cloned()
+            .unwrap_or_else(|| format!("v{}", i % 3));
         let _ = writeln!(
             y,
-            "  - {{name: p{i}, namespace: ns{}, serviceAccount: sa{}, node: node{}, ips: [{}], labels: {{app: a{app}, version: v{}}}}}",
+            "  - {{name: p{i}, namespace: ns{}, serviceAccount: sa{}, node: node{}, ips: [{}], labels: {{app: a{app}, version: {version}}}}}",
             app % NAMESPACES,
             app % 50,
             2 + i % 500,
             std::net::Ipv4Addr::from(ip),
-            i % 3
         );
     }
     y += "services:\n";
@@ -57,9 +68,10 @@ pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str) -> String {
         let vip = 0x0ac8_0000u32 + u32::try_from(s).expect("small");
         let _ = writeln!(
             y,
-            "  - {{name: s{s}, namespace: ns{}, vips: [{}], selector: {{app: a{s}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}",
+            "  - {{name: s{s}, namespace: ns{}, vips: [{}], selector: {{app: a{s}}}, ports: [{{name: http, port: 80, targetPort: {}}}]}}",
             s % NAMESPACES,
-            std::net::Ipv4Addr::from(vip)
+            std::net::Ipv4Addr::from(vip),
+            changed.target_ports.get(&s).copied().unwrap_or(8080)
         );
     }
     y += "policies:\n";
@@ -99,17 +111,48 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
         .filter(|(n, _)| !quick || *n <= 50_000)
         .collect();
     let trials = if quick { 1 } else { 3 };
+    let changes = if quick { CHANGES_QUICK } else { CHANGES };
     let mut results = Results::default();
     for (n, path) in sizes {
         let file = work.join(format!("scale-{path}.yaml"));
-        std::fs::write(&file, config(n, &tb.node(1).uplink, &ca, &local_pod))?;
+        let write = |changed: &Changed| -> Result<()> {
+            // Whole or not at all: the agent never reads a half-written file.
+            let tmp = file.with_extension("tmp");
+            std::fs::write(
+                &tmp,
+                config(n, &tb.node(1).uplink, &ca, &local_pod, changed),
+            )?;
+            std::fs::rename(&tmp, &file)?;
+            Ok(())
+        };
+        write(&Changed::default())?;
         for trial in 1..=trials {
             let bpffs = tb.bpffs_dir().join(format!("scale-{path}-{trial}"));
-            let (ready, rss) = start_once(tb, &agent, &file, &bpffs)
+            // Changes on the first trial only (each one rewrites the whole file).
+            let churn = if trial == 1 && n > 0 { changes } else { 0 };
+            let outcome = start_once(tb, &agent, &file, &bpffs, n, churn, &write)
                 .with_context(|| format!("{n} workloads, trial {trial}"))?;
-            println!("  scale      {path:<6} ready {ready:.2} s, RSS {rss:.1} MiB");
-            results.add(NAME, "ready_s", path, value(ready));
-            results.add(NAME, "rss_ready", path, value(rss));
+            println!(
+                "  scale      {path:<6} ready {:.2} s, RSS {:.1} MiB",
+                outcome.ready, outcome.rss
+            );
+            results.add(NAME, "ready_s", path, value(outcome.ready));
+            results.add(NAME, "rss_ready", path, value(outcome.rss));
+            for (test, ms) in [
+                ("update_ms", &outcome.pod_apply_ms),
+                ("update_service_ms", &outcome.service_apply_ms),
+                ("update_file_ms", &outcome.file_ms),
+            ] {
+                if let Some(t) = percentiles(ms) {
+                    println!(
+                        "  scale      {path:<6} {test} p50 {:.3} ms, p99 {:.3} ms over {}",
+                        t.p50.unwrap_or(f64::NAN),
+                        t.p99.unwrap_or(f64::NAN),
+                        ms.len()
+                    );
+                    results.add(NAME, test, path, t);
+                }
+            }
         }
         let _ = std::fs::remove_file(&file);
     }
@@ -123,8 +166,85 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
     Ok(results)
 }
 
-/// Starts the agent on `file`; seconds until ready, and its RSS (MiB) then.
-fn start_once(tb: &Testbed, agent: &Path, file: &Path, bpffs: &Path) -> Result<(f64, f64)> {
+/// Changes per size (alternately one pod relabelled and one Service re-targeted).
+const CHANGES: usize = 100;
+const CHANGES_QUICK: usize = 10;
+
+/// One agent run.
+struct Outcome {
+    ready: f64,
+    rss: f64,
+    /// The agent's own time to apply each change (`apply_us` of its log), by kind of change.
+    pod_apply_ms: Vec<f64>,
+    service_apply_ms: Vec<f64>,
+    /// From the file's replacement to the change applied (read, parse, diff, apply; the
+    /// metrics endpoint is polled every millisecond).
+    file_ms: Vec<f64>,
+}
+
+/// The median as the value, with p50 and p99 (None without samples).
+fn percentiles(ms: &[f64]) -> Option<super::report::Trial> {
+    if ms.is_empty() {
+        return None;
+    }
+    let mut v = ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some(super::report::Trial {
+        value: at(0.5),
+        p50: Some(at(0.5)),
+        p99: Some(at(0.99)),
+    })
+}
+
+/// `mesh_config_reloads{outcome="applied"}` of the agent in `place`.
+fn applied_count(place: &mesh_testbed::place::Place) -> Option<u64> {
+    let (_, body) = http_get(
+        place,
+        "127.0.0.1:15020".parse().expect("literal"),
+        "GET",
+        "/metrics",
+    )
+    .ok()?;
+    body.lines()
+        .find(|l| l.starts_with("mesh_config_reloads_total{outcome=\"applied\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `apply_us` of each "configuration applied" line of a log, with its kind.
+fn applied_lines(log: &str) -> Vec<(String, f64)> {
+    log.lines()
+        .filter(|l| l.contains("configuration applied"))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                let at = l.find(&format!("{name}="))? + name.len() + 1;
+                let rest = &l[at..];
+                Some(
+                    rest[..rest.find(' ').unwrap_or(rest.len())]
+                        .trim_matches('"')
+                        .to_owned(),
+                )
+            };
+            Some((
+                field("kind")?,
+                field("apply_us")?.parse::<f64>().ok()? / 1000.0,
+            ))
+        })
+        .collect()
+}
+
+/// Starts the agent on `file`; the time until ready and its RSS then; then `changes` changes
+/// written by `write`, each waited for.
+fn start_once(
+    tb: &Testbed,
+    agent: &Path,
+    file: &Path,
+    bpffs: &Path,
+    n: usize,
+    changes: usize,
+    write: &dyn Fn(&Changed) -> Result<()>,
+) -> Result<Outcome> {
     let place = &tb.node(1).place;
     let started = Instant::now();
     let p = place.spawn(
@@ -157,19 +277,69 @@ fn start_once(tb: &Testbed, agent: &Path, file: &Path, bpffs: &Path) -> Result<(
         std::thread::sleep(Duration::from_millis(20));
     };
     let rss = rss_mib_of(p.pid());
-    p.terminate(Duration::from_secs(10))?;
+    let mut changed = Changed::default();
+    let mut file_ms = Vec::new();
+    let mut kinds = Vec::new();
+    let mut applied = applied_count(place).context("reading the agent's metrics")?;
+    for i in 0..changes {
+        // Spread over the cluster: a different pod or Service each time.
+        let pick = (i * 7919) % n;
+        if i % 2 == 0 {
+            changed.versions.insert(pick, format!("c{i}"));
+        } else {
+            changed
+                .target_ports
+                .insert(pick / 10, 9000 + u16::try_from(i).expect("small"));
+        }
+        kinds.push(i % 2 == 0);
+        let t0 = Instant::now();
+        write(&changed)?;
+        loop {
+            if applied_count(place).is_some_and(|c| c > applied) {
+                applied += 1;
+                break;
+            }
+            if t0.elapsed() > READY_TIMEOUT {
+                bail!("change {i} not applied after {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        file_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let out = p.terminate(Duration::from_secs(10))?;
     cmd::run(
         std::process::Command::new(agent)
             .args(["node", "--uninstall", "--bpffs-dir"])
             .arg(bpffs),
     )?;
-    Ok((ready, rss))
+    let log = String::from_utf8_lossy(&out.stderr);
+    // The first line is the start (if logged); the changes' lines follow in order.
+    let lines = applied_lines(&log);
+    let lines = &lines[lines.len().saturating_sub(changes)..];
+    if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
+        bail!("a one-entry change was applied as {kind:?}, not as a delta");
+    }
+    let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
+    for ((_, ms), pod) in lines.iter().zip(&kinds) {
+        if *pod {
+            pod_apply_ms.push(*ms);
+        } else {
+            service_apply_ms.push(*ms);
+        }
+    }
+    Ok(Outcome {
+        ready,
+        rss,
+        pod_apply_ms,
+        service_apply_ms,
+        file_ms,
+    })
 }
 
 /// The scenario's table: one row per size.
 pub fn markdown(results: &Results) -> String {
     let mut out = String::from(
-        "\n| workloads / services | ready | RSS when ready | bytes per workload |\n|---|---|---|---|\n",
+        "\n| workloads / services | ready | RSS when ready | bytes per workload | pod change applied p50 / p99 | Service change p50 / p99 | file written → applied p50 / p99 |\n|---|---|---|---|---|---|---|\n",
     );
     for (n, path) in SIZES {
         let Some(ready) = results.median(NAME, "ready_s", path) else {
@@ -179,10 +349,20 @@ pub fn markdown(results: &Results) -> String {
         let per = results
             .median(NAME, "bytes_per_workload", path)
             .map_or("—".to_owned(), |b| format!("{b:.0} B"));
+        let pct = |test: &str| match (
+            results.percentile(NAME, test, path, false),
+            results.percentile(NAME, test, path, true),
+        ) {
+            (Some(p50), Some(p99)) => format!("{p50:.2} / {p99:.2} ms"),
+            _ => "—".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "| {n} / {} | {ready:.2} s | {rss:.1} MiB | {per} |",
-            n / 10
+            "| {n} / {} | {ready:.2} s | {rss:.1} MiB | {per} | {} | {} | {} |",
+            n / 10,
+            pct("update_ms"),
+            pct("update_service_ms"),
+            pct("update_file_ms"),
         );
     }
     out
@@ -194,10 +374,28 @@ mod tests {
 
     #[test]
     fn the_generated_config_has_what_it_says() {
-        let y = config(30, "eth9", Path::new("/ca"), "");
+        let y = config(30, "eth9", Path::new("/ca"), "", &Changed::default());
         assert_eq!(y.matches("name: p").count(), 30);
         assert_eq!(y.matches("selector: {app: a").count(), 3);
         assert_eq!(y.matches("kind: AuthorizationPolicy").count(), NAMESPACES);
         assert!(y.contains("uplinks: [eth9]"));
+        let mut changed = Changed::default();
+        changed.versions.insert(7, "c0".into());
+        changed.target_ports.insert(1, 9001);
+        let y = config(30, "eth9", Path::new("/ca"), "", &changed);
+        assert!(y.contains("name: p7, ") && y.contains("version: c0}"));
+        assert!(y.contains("name: s1, ") && y.contains("targetPort: 9001}"));
+        assert_eq!(y.matches("targetPort: 8080").count(), 2);
+    }
+
+    #[test]
+    fn the_agents_apply_lines_are_read() {
+        let log = "2026-12-02T13:00:00Z  INFO mesh_agent::node::update: configuration applied kind=\"delta\" workloads=1 services=0 apply_us=412\n\
+                   2026-12-02T13:00:01Z  INFO mesh_agent::node: something else apply_us=9\n\
+                   2026-12-02T13:00:02Z  INFO mesh_agent::node::update: configuration applied kind=\"full\" workloads=3 services=1 apply_us=15000\n";
+        assert_eq!(
+            applied_lines(log),
+            [("delta".to_owned(), 0.412), ("full".to_owned(), 15.0)]
+        );
     }
 }
