@@ -466,10 +466,25 @@ async fn remote_pod_and_endpoint_churn_arrives_as_deltas_equal_to_a_full_build()
         other => panic!("an endpoint change made {other:?}"),
     }
 
-    // A change to this node's pod is not a delta (its interface is looked up again).
+    // A change to this node's pod too, its interface looked up again.
     let mut local = api.get("pods", "demo", "web-7d9f8c6b5-x2x4k").unwrap();
     local["metadata"]["labels"]["version"] = json!("v3");
     api.apply(local);
+    match next_update(&mut d).await {
+        ConfigUpdate::Delta(delta) => {
+            let w = delta.new_workloads().next().unwrap();
+            assert_eq!(w.host_interface.as_deref(), Some("veth1f3a9c2e"));
+        }
+        other => panic!("a local pod's relabelling made {other:?}"),
+    }
+    // A local pod whose interface is not there yet waits in a full build (and is looked for
+    // again).
+    let mut new_local = api.get("pods", "demo", "sleep-5c7d8f9b6-q8w2e").unwrap();
+    new_local["metadata"]["name"] = json!("sleep-5c7d8f9b6-new01");
+    new_local["metadata"]["uid"] = json!("uid-new01");
+    new_local["status"]["podIP"] = json!("10.244.1.99");
+    new_local["status"]["podIPs"] = json!([{"ip": "10.244.1.99"}]);
+    api.apply(new_local);
     assert!(matches!(next_update(&mut d).await, ConfigUpdate::Full(_)));
 
     // Everything together equals what a freshly started agent builds whole.

@@ -12,6 +12,7 @@ mod l7;
 mod report;
 mod sampler;
 mod scale;
+mod scale_kube;
 
 use std::{
     collections::BTreeSet,

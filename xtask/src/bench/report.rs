@@ -30,8 +30,8 @@ pub fn unit(test: &str) -> &'static str {
         "scrapes_per_s" => "scrapes_s",
         "connrate_c1" | "connrate_c8" => "conn_s",
         "cpu_per_1k_rps" | "http_cpu_per_1k_rps" => "cores",
-        "ready_s" => "s",
-        "update_ms" | "update_service_ms" | "update_file_ms" => "ms",
+        "ready_s" | "ready_after_list_s" => "s",
+        "update_ms" | "update_service_ms" | "update_file_ms" | "update_api_ms" => "ms",
         "bytes_per_workload" => "bytes",
         _ => "mib",
     }

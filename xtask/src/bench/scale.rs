@@ -156,8 +156,10 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
         }
         let _ = std::fs::remove_file(&file);
     }
+    super::scale_kube::run(tb, &agent, &ca, work, quick, changes, &mut results)?;
     let base = results.median(NAME, "rss_ready", "n0").unwrap_or(0.0);
-    for (n, path) in SIZES.into_iter().filter(|(n, _)| *n > 0) {
+    let all = SIZES.into_iter().chain(super::scale_kube::SIZES);
+    for (n, path) in all.filter(|(n, _)| *n > 0) {
         if let Some(rss) = results.median(NAME, "rss_ready", path) {
             let per = (rss - base) * 1024.0 * 1024.0 / n as f64;
             results.add(NAME, "bytes_per_workload", path, value(per));
@@ -183,7 +185,7 @@ struct Outcome {
 }
 
 /// The median as the value, with p50 and p99 (None without samples).
-fn percentiles(ms: &[f64]) -> Option<super::report::Trial> {
+pub fn percentiles(ms: &[f64]) -> Option<super::report::Trial> {
     if ms.is_empty() {
         return None;
     }
@@ -198,7 +200,7 @@ fn percentiles(ms: &[f64]) -> Option<super::report::Trial> {
 }
 
 /// `mesh_config_reloads{outcome="applied"}` of the agent in `place`.
-fn applied_count(place: &mesh_testbed::place::Place) -> Option<u64> {
+pub fn applied_count(place: &mesh_testbed::place::Place) -> Option<u64> {
     let (_, body) = http_get(
         place,
         "127.0.0.1:15020".parse().expect("literal"),
@@ -213,7 +215,7 @@ fn applied_count(place: &mesh_testbed::place::Place) -> Option<u64> {
 }
 
 /// The `apply_us` of each "configuration applied" line of a log, with its kind.
-fn applied_lines(log: &str) -> Vec<(String, f64)> {
+pub fn applied_lines(log: &str) -> Vec<(String, f64)> {
     log.lines()
         .filter(|l| l.contains("configuration applied"))
         .filter_map(|l| {
@@ -339,11 +341,15 @@ fn start_once(
 /// The scenario's table: one row per size.
 pub fn markdown(results: &Results) -> String {
     let mut out = String::from(
-        "\n| workloads / services | ready | RSS when ready | bytes per workload | pod change applied p50 / p99 | Service change p50 / p99 | file written → applied p50 / p99 |\n|---|---|---|---|---|---|---|\n",
+        "\n| mode, workloads / services | ready | RSS when ready | bytes per workload | pod change applied p50 / p99 | Service change p50 / p99 | file or API write → applied p50 / p99 |\n|---|---|---|---|---|---|---|\n",
     );
-    for (n, path) in SIZES {
+    for (n, path) in SIZES.into_iter().chain(super::scale_kube::SIZES) {
         let Some(ready) = results.median(NAME, "ready_s", path) else {
             continue;
+        };
+        let ready = match results.median(NAME, "ready_after_list_s", path) {
+            Some(after) => format!("{ready:.2} s ({after:.2} s after the list)"),
+            None => format!("{ready:.2} s"),
         };
         let rss = results.median(NAME, "rss_ready", path).unwrap_or(f64::NAN);
         let per = results
@@ -358,11 +364,20 @@ pub fn markdown(results: &Results) -> String {
         };
         let _ = writeln!(
             out,
-            "| {n} / {} | {ready:.2} s | {rss:.1} MiB | {per} | {} | {} | {} |",
+            "| {} {n} / {} | {ready} | {rss:.1} MiB | {per} | {} | {} | {} |",
+            if path.starts_with("kube") {
+                "Kubernetes"
+            } else {
+                "file"
+            },
             n / 10,
             pct("update_ms"),
             pct("update_service_ms"),
-            pct("update_file_ms"),
+            pct(if path.starts_with("kube") {
+                "update_api_ms"
+            } else {
+                "update_file_ms"
+            }),
         );
     }
     out

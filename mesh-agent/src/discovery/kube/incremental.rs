@@ -2,8 +2,8 @@
 //! [`ConfigDelta`] of the pods and Services concerned (issue #19), and the mailbox that hands
 //! full configurations and deltas to the agent. A round needs a full build instead when
 //! anything but pods, Services and EndpointSlices changed, a watcher listed again, a pod of
-//! this node changed (its interface is looked up then), or a change would conflict with the
-//! rest (two pods on one address, a VIP shared): the full build's rules settle those.
+//! this node has no interface yet or changes the automatic uplinks, or a change would conflict
+//! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
 use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::{
@@ -28,7 +28,7 @@ pub struct Stores<'a> {
 }
 
 /// The delta that brings `published` up to date with `pods` and `services` changed (Services
-/// named by themselves or by their EndpointSlices); `None` when only a full build can.
+/// named by themselves or by their EndpointSlices); `Err(why)` when only a full build can.
 pub fn delta(
     settings: &SnapshotSettings,
     published: &LocalConfig,
@@ -36,9 +36,10 @@ pub fn delta(
     pods: &Changes,
     services: &Changes,
     locator: &dyn PodLocator,
-) -> Option<ConfigDelta> {
+    interfaces: &dyn Fn() -> Vec<String>,
+) -> Result<ConfigDelta, &'static str> {
     if pods.all || services.all {
-        return None;
+        return Err("listed again");
     }
     let mut delta = ConfigDelta::default();
     for (ns, name) in &pods.keys {
@@ -47,7 +48,7 @@ pub fn delta(
             Some(p) => {
                 let (w, note) = workload_of(settings, &p, locator);
                 if note.is_some() {
-                    return None;
+                    return Err("a pod to report");
                 }
                 w
             }
@@ -57,14 +58,26 @@ pub fn delta(
             .selection
             .workload(published, ns, name)
             .map(|i| &published.workloads[i]);
-        let local = |w: Option<&crate::discovery::Workload>| {
-            w.is_some_and(|w| w.node == settings.node_name)
-        };
-        if local(old) || local(new.as_ref()) {
-            return None;
-        }
         if old != new.as_ref() {
             delta.workloads.insert((ns.clone(), name.clone()), new);
+        }
+    }
+    if settings.uplinks.is_empty() && touches_node(published, &delta, &settings.node_name) {
+        // Automatic uplinks are the node's interfaces but its pods': as the full build
+        // finds them, or a full build.
+        let changed: HashSet<&Key> = delta.workloads.keys().collect();
+        let pod_interfaces: HashSet<&str> = published
+            .local_pods()
+            .filter(|w| !changed.contains(&(w.namespace.clone(), w.name.clone())))
+            .chain(delta.new_workloads())
+            .filter_map(|w| w.host_interface.as_deref())
+            .collect();
+        let uplinks: Vec<String> = interfaces()
+            .into_iter()
+            .filter(|i| i != "lo" && !pod_interfaces.contains(i.as_str()))
+            .collect();
+        if uplinks != published.node.uplinks {
+            return Err("the node's uplinks change");
         }
     }
     if !services.keys.is_empty() {
@@ -96,7 +109,7 @@ pub fn delta(
                 service_of(&svc, &of_service, is_pod_ip, &mut notes)
             });
             if !notes.is_empty() {
-                return None;
+                return Err("a Service to report");
             }
             // A VIP another Service has: the full build keeps one of them.
             if let Some(s) = &new
@@ -111,7 +124,7 @@ pub fn delta(
                         })
                 })
             {
-                return None;
+                return Err("a shared VIP");
             }
             let old = published
                 .selection
@@ -122,7 +135,18 @@ pub fn delta(
             }
         }
     }
-    Some(delta)
+    Ok(delta)
+}
+
+/// Whether `delta` adds, changes or removes a pod of `node`.
+fn touches_node(published: &LocalConfig, delta: &ConfigDelta, node: &str) -> bool {
+    delta.workloads.iter().any(|((ns, name), new)| {
+        new.as_ref().is_some_and(|w| w.node == node)
+            || published
+                .selection
+                .workload(published, ns, name)
+                .is_some_and(|i| published.workloads[i].node == node)
+    })
 }
 
 /// What was published last and what the agent has not taken yet.
@@ -177,18 +201,18 @@ impl Published {
         f(self.lock().config.as_ref())
     }
 
-    /// Publishes `delta` on top of the published configuration; false (nothing published)
-    /// when it does not apply there.
-    pub fn delta(&self, delta: ConfigDelta) -> bool {
+    /// Publishes `delta` on top of the published configuration; `Err(why)` (nothing
+    /// published) when it does not apply there.
+    pub fn delta(&self, delta: ConfigDelta) -> Result<(), &'static str> {
         if delta.is_empty() {
-            return true;
+            return Ok(());
         }
         let mut m = self.lock();
         let Some(config) = m.config.as_mut() else {
-            return false;
+            return Err("nothing published yet");
         };
         if config.check_delta(&delta).is_err() {
-            return false;
+            return Err("a conflict the full build settles");
         }
         config.apply(&delta);
         match &mut m.pending {
@@ -200,7 +224,7 @@ impl Published {
         }
         drop(m);
         self.bump();
-        true
+        Ok(())
     }
 
     /// The update not taken yet, and what the published configuration left out.

@@ -193,30 +193,34 @@ impl KubeDiscovery {
                     std::mem::take(&mut pod_changes),
                     std::mem::take(&mut service_changes),
                 );
-                if !other && !retry {
+                let why = if other {
+                    "a change beyond pods and Services"
+                } else if retry {
+                    "looking for pod interfaces again"
+                } else {
                     let stores = incremental::Stores {
                         pods: &pods,
                         services: &services,
                         slices: &slices,
                     };
                     let delta = out.with_config(|c| {
-                        c.and_then(|c| {
-                            incremental::delta(
-                                &settings,
-                                c,
-                                &stores,
-                                &pods_changed,
-                                &services_changed,
-                                &*locator,
-                            )
-                        })
+                        let c = c.ok_or("first configuration")?;
+                        incremental::delta(
+                            &settings,
+                            c,
+                            &stores,
+                            &pods_changed,
+                            &services_changed,
+                            &*locator,
+                            &*interfaces,
+                        )
                     });
-                    if let Some(delta) = delta
-                        && out.delta(delta)
-                    {
-                        continue;
+                    match delta.and_then(|d| out.delta(d)) {
+                        Ok(()) => continue,
+                        Err(why) => why,
                     }
-                }
+                };
+                let started = Instant::now();
                 let objects = Objects {
                     namespaces: namespaces.state().iter().map(|o| (**o).clone()).collect(),
                     pods: pods.state().iter().map(|o| (**o).clone()).collect(),
@@ -230,6 +234,12 @@ impl KubeDiscovery {
                 };
                 let snap = snapshot::build(&settings, &objects, &*locator, &interfaces());
                 retry = snap.skipped.iter().any(|s| s.contains("no host interface"));
+                info!(
+                    why,
+                    workloads = snap.config.workloads.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "configuration built whole"
+                );
                 out.full(snap.config, snap.skipped);
             }
         });

@@ -1,0 +1,306 @@
+//! The `scale` scenario in Kubernetes mode (issue #19): the same cluster as the local-mode
+//! sizes (N pods on 500 other nodes, N/10 Services with one EndpointSlice each, 100 namespaces,
+//! one AuthorizationPolicy per namespace, and the testbed's pod on this node), served by the
+//! API server double; the agent lists, then watches. Per size: the time from the agent's start
+//! to ready and from its last watcher's first list to ready, its RSS then, and the time to
+//! apply one pod change and one EndpointSlice change made through the API (the agent's own
+//! apply time, and API write → applied, which includes the 100 ms batching of events).
+use std::{net::Ipv4Addr, path::Path, time::Duration, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use mesh_testbed::{Testbed, fakeapi::FakeApi, http::http_get};
+use serde_json::{Value, json};
+
+use super::{
+    report::Results,
+    sampler::rss_mib_of,
+    scale::{NAME, applied_count, applied_lines, percentiles},
+    value,
+};
+use crate::cmd;
+
+const NAMESPACES: usize = 100;
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// (workloads, record path).
+pub const SIZES: [(usize, &str); 4] = [
+    (10_000, "kube_n10k"),
+    (50_000, "kube_n50k"),
+    (100_000, "kube_n100k"),
+    (200_000, "kube_n200k"),
+];
+
+fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a80_0000u32 + u32::try_from(i).expect("small"))
+}
+
+fn pod(i: usize, version: &str) -> Value {
+    let app = i / 10;
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("p{i}"), "namespace": format!("ns{}", app % NAMESPACES),
+                     "labels": {"app": format!("a{app}"), "version": version}},
+        "spec": {"nodeName": format!("node{}", 2 + i % 500),
+                 "serviceAccountName": format!("sa{}", app % 50), "containers": []},
+        "status": {"phase": "Running", "podIP": pod_ip(i).to_string(),
+                   "podIPs": [{"ip": pod_ip(i).to_string()}]}
+    })
+}
+
+fn slice(s: usize, n: usize, extra: Option<Ipv4Addr>) -> Value {
+    let mut endpoints: Vec<Value> = (s * 10..(s * 10 + 10).min(n))
+        .map(|i| json!({"addresses": [pod_ip(i).to_string()], "conditions": {"ready": true}}))
+        .collect();
+    endpoints.extend(
+        extra.map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})),
+    );
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": format!("s{s}-abcde"), "namespace": format!("ns{}", s % NAMESPACES),
+                     "labels": {"kubernetes.io/service-name": format!("s{s}")}},
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    })
+}
+
+/// Fills `api` with the cluster of `n` remote pods and the testbed's pod on node1.
+fn fill(api: &FakeApi, n: usize, local: (&str, Ipv4Addr)) {
+    for i in 0..NAMESPACES {
+        api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": format!("ns{i}"), "labels": {"istio.io/dataplane-mode": "ambient"}}}));
+        api.apply(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "allow-ns", "namespace": format!("ns{i}")},
+            "spec": {"rules": [{"from": [{"source": {"namespaces": [format!("ns{i}"), format!("ns{}", (i + 1) % NAMESPACES)]}}]}]}
+        }));
+    }
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": local.0, "namespace": "ns0"},
+        "spec": {"nodeName": "node1", "serviceAccountName": "local", "containers": []},
+        "status": {"phase": "Running", "podIP": local.1.to_string(), "podIPs": [{"ip": local.1.to_string()}]}
+    }));
+    for i in 0..n {
+        api.apply(pod(i, &format!("v{}", i % 3)));
+    }
+    for s in 0..n / 10 {
+        let vip = Ipv4Addr::from(0x0ac8_0000u32 + u32::try_from(s).expect("small"));
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % NAMESPACES)},
+            "spec": {"clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()],
+                     "selector": {"app": format!("a{s}")},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+        }));
+        api.apply(slice(s, n, None));
+    }
+}
+
+/// Every size once (each agent run also applies `changes` changes).
+pub fn run(
+    tb: &Testbed,
+    agent: &Path,
+    ca: &Path,
+    work: &Path,
+    quick: bool,
+    changes: usize,
+    results: &mut Results,
+) -> Result<()> {
+    let node1 = tb.node(1);
+    let pod = tb.pod(1, 1);
+    for (n, path) in SIZES.into_iter().filter(|(n, _)| !quick || *n <= 50_000) {
+        // On node1's address: the agent reaches it from its namespace, uncaptured.
+        let listener = node1
+            .place
+            .in_netns(|| std::net::TcpListener::bind((node1.ipv4, 0)))??;
+        let api = FakeApi::start_on(listener);
+        let filled = Instant::now();
+        fill(&api, n, (pod.name(), pod.ipv4));
+        println!(
+            "  scale      {path:<10} API double filled in {:.1} s",
+            filled.elapsed().as_secs_f64()
+        );
+        let kc = api.write_kubeconfig(work);
+        let bpffs = tb.bpffs_dir().join(format!("scale-{path}"));
+        let outcome = once(tb, agent, &kc, ca, &bpffs, &api, n, changes)
+            .with_context(|| format!("{n} workloads in Kubernetes mode"))?;
+        println!(
+            "  scale      {path:<10} ready {:.2} s after start, {:.2} s after the last list, RSS {:.1} MiB",
+            outcome.ready, outcome.after_list, outcome.rss
+        );
+        results.add(NAME, "ready_s", path, value(outcome.ready));
+        results.add(NAME, "ready_after_list_s", path, value(outcome.after_list));
+        results.add(NAME, "rss_ready", path, value(outcome.rss));
+        for (test, ms) in [
+            ("update_ms", &outcome.pod_apply_ms),
+            ("update_service_ms", &outcome.service_apply_ms),
+            ("update_api_ms", &outcome.api_ms),
+        ] {
+            if let Some(t) = percentiles(ms) {
+                println!(
+                    "  scale      {path:<10} {test} p50 {:.3} ms, p99 {:.3} ms over {}",
+                    t.p50.unwrap_or(f64::NAN),
+                    t.p99.unwrap_or(f64::NAN),
+                    ms.len()
+                );
+                results.add(NAME, test, path, t);
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Outcome {
+    ready: f64,
+    after_list: f64,
+    rss: f64,
+    pod_apply_ms: Vec<f64>,
+    service_apply_ms: Vec<f64>,
+    /// API write → applied (the discovery batches events for 100 ms first).
+    api_ms: Vec<f64>,
+}
+
+/// Seconds since midnight of an RFC 3339 timestamp at the start of a log line.
+fn line_time(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?;
+    let clock = t.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn once(
+    tb: &Testbed,
+    agent: &Path,
+    kubeconfig: &Path,
+    ca: &Path,
+    bpffs: &Path,
+    api: &FakeApi,
+    n: usize,
+    changes: usize,
+) -> Result<Outcome> {
+    let place = &tb.node(1).place;
+    let started = Instant::now();
+    let p = place.spawn(
+        agent.to_str().context("path")?,
+        &[
+            "node",
+            "--kubeconfig",
+            kubeconfig.to_str().context("path")?,
+            "--node-name",
+            "node1",
+            "--ca-dir",
+            ca.to_str().context("path")?,
+            "--uplink",
+            &tb.node(1).uplink,
+            "--bpffs-dir",
+            bpffs.to_str().context("path")?,
+        ],
+    )?;
+    let ready = loop {
+        let answer = http_get(
+            place,
+            "127.0.0.1:15021".parse().expect("literal"),
+            "GET",
+            "/healthz/ready",
+        );
+        if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            let out = p.kill()?;
+            bail!(
+                "not ready after {READY_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rss = rss_mib_of(p.pid());
+    let mut applied = applied_count(place).context("reading the agent's metrics")?;
+    let (mut api_ms, mut kinds) = (Vec::new(), Vec::new());
+    for i in 0..changes {
+        let pick = (i * 7919) % n;
+        let t0 = Instant::now();
+        if i % 2 == 0 {
+            api.apply(pod(pick, &format!("c{i}")));
+        } else {
+            // One more endpoint (an address outside the pods'), as a scale-up would add.
+            let extra = Ipv4Addr::new(10, 250, 0, u8::try_from(i % 250).expect("small"));
+            api.apply(slice(pick / 10, n, Some(extra)));
+        }
+        kinds.push(i % 2 == 0);
+        loop {
+            if applied_count(place).is_some_and(|c| c > applied) {
+                applied += 1;
+                break;
+            }
+            if t0.elapsed() > READY_TIMEOUT {
+                bail!("change {i} not applied after {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        api_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let out = p.terminate(Duration::from_secs(10))?;
+    cmd::run(
+        std::process::Command::new(agent)
+            .args(["node", "--uninstall", "--bpffs-dir"])
+            .arg(bpffs),
+    )?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let last_list = log
+        .lines()
+        .filter(|l| l.contains(" listed"))
+        .filter_map(line_time)
+        .fold(f64::NAN, f64::max);
+    let ready_at = log
+        .lines()
+        .find(|l| l.contains("node agent ready"))
+        .and_then(line_time)
+        .context("no `node agent ready` line in the agent's log")?;
+    // Whole builds after the first (reported: each costs in proportion to the cluster).
+    for l in log.lines().filter(|l| l.contains("built whole")).skip(1) {
+        println!("    {}", l.trim());
+    }
+    let lines = applied_lines(&log);
+    let lines = &lines[lines.len().saturating_sub(changes)..];
+    if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
+        bail!("a one-object change was applied as {kind:?}, not as a delta");
+    }
+    let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
+    for ((_, ms), pod) in lines.iter().zip(&kinds) {
+        if *pod {
+            pod_apply_ms.push(*ms);
+        } else {
+            service_apply_ms.push(*ms);
+        }
+    }
+    Ok(Outcome {
+        ready,
+        after_list: ready_at - last_list,
+        rss,
+        pod_apply_ms,
+        service_apply_ms,
+        api_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_times_are_read() {
+        let t = line_time("2026-12-02T13:00:01.250000Z  INFO mesh_agent: listed").unwrap();
+        assert!((t - (13.0 * 3600.0 + 1.25)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_slice_lists_its_services_pods() {
+        let s = slice(2, 25, None);
+        assert_eq!(s["endpoints"].as_array().unwrap().len(), 5);
+        assert_eq!(s["metadata"]["labels"]["kubernetes.io/service-name"], "s2");
+    }
+}
