@@ -89,7 +89,8 @@ pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str, changed: &Chan
 pub fn run(bin: &Path, work: &Path, quick: bool) -> Result<Results> {
     let tb = Testbed::build(TestbedSpec {
         nodes: 1,
-        pods_per_node: 1,
+        // The second pod serves the request/response test during churn (Kubernetes mode).
+        pods_per_node: 2,
     })?;
     let outcome = measure(&tb, bin, work, quick);
     tb.teardown_verified().context("tearing the testbed down")?;
@@ -156,7 +157,16 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
         }
         let _ = std::fs::remove_file(&file);
     }
-    super::scale_kube::run(tb, &agent, &ca, work, quick, changes, &mut results)?;
+    let kube = super::scale_kube::Setup {
+        tb,
+        agent: &agent,
+        probe: &bin.join("mtb-probe"),
+        ca: &ca,
+        work,
+        quick,
+        changes,
+    };
+    kube.run(&mut results)?;
     let base = results.median(NAME, "rss_ready", "n0").unwrap_or(0.0);
     let all = SIZES.into_iter().chain(super::scale_kube::SIZES);
     for (n, path) in all.filter(|(n, _)| *n > 0) {
@@ -283,6 +293,8 @@ fn start_once(
     let mut file_ms = Vec::new();
     let mut kinds = Vec::new();
     let mut applied = applied_count(place).context("reading the agent's metrics")?;
+    // The agent logs one `configuration applied` line per change it counts.
+    let first = usize::try_from(applied).context("count")?;
     for i in 0..changes {
         // Spread over the cluster: a different pod or Service each time.
         let pick = (i * 7919) % n;
@@ -315,9 +327,13 @@ fn start_once(
             .arg(bpffs),
     )?;
     let log = String::from_utf8_lossy(&out.stderr);
-    // The first line is the start (if logged); the changes' lines follow in order.
     let lines = applied_lines(&log);
-    let lines = &lines[lines.len().saturating_sub(changes)..];
+    let lines = lines.get(first..first + changes).with_context(|| {
+        format!(
+            "{} `configuration applied` lines, {first} + {changes} expected",
+            lines.len()
+        )
+    })?;
     if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
         bail!("a one-entry change was applied as {kind:?}, not as a delta");
     }

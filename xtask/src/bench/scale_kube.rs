@@ -4,7 +4,9 @@
 //! API server double; the agent lists, then watches. Per size: the time from the agent's start
 //! to ready and from its last watcher's first list to ready, its RSS then, and the time to
 //! apply one pod change and one EndpointSlice change made through the API (the agent's own
-//! apply time, and API write → applied, which includes the 100 ms batching of events).
+//! apply time, and API write → applied, which includes the 100 ms batching of events); then
+//! the data path's request/response latency (1 KiB, pod to pod on this node through the
+//! agent) quiet and while 100 pod changes per second arrive, 3 trials of each.
 use std::{net::Ipv4Addr, path::Path, time::Duration, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -63,8 +65,8 @@ fn slice(s: usize, n: usize, extra: Option<Ipv4Addr>) -> Value {
     })
 }
 
-/// Fills `api` with the cluster of `n` remote pods and the testbed's pod on node1.
-fn fill(api: &FakeApi, n: usize, local: (&str, Ipv4Addr)) {
+/// Fills `api` with the cluster of `n` remote pods and the testbed's pods on node1.
+fn fill(api: &FakeApi, n: usize, local: &[(&str, Ipv4Addr)]) {
     for i in 0..NAMESPACES {
         api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": format!("ns{i}"), "labels": {"istio.io/dataplane-mode": "ambient"}}}));
@@ -74,12 +76,14 @@ fn fill(api: &FakeApi, n: usize, local: (&str, Ipv4Addr)) {
             "spec": {"rules": [{"from": [{"source": {"namespaces": [format!("ns{i}"), format!("ns{}", (i + 1) % NAMESPACES)]}}]}]}
         }));
     }
-    api.apply(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": local.0, "namespace": "ns0"},
-        "spec": {"nodeName": "node1", "serviceAccountName": "local", "containers": []},
-        "status": {"phase": "Running", "podIP": local.1.to_string(), "podIPs": [{"ip": local.1.to_string()}]}
-    }));
+    for (name, ip) in local {
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns0"},
+            "spec": {"nodeName": "node1", "serviceAccountName": "local", "containers": []},
+            "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+        }));
+    }
     for i in 0..n {
         api.apply(pod(i, &format!("v{}", i % 3)));
     }
@@ -96,34 +100,67 @@ fn fill(api: &FakeApi, n: usize, local: (&str, Ipv4Addr)) {
     }
 }
 
-/// Every size once (each agent run also applies `changes` changes).
-pub fn run(
-    tb: &Testbed,
-    agent: &Path,
-    ca: &Path,
-    work: &Path,
-    quick: bool,
-    changes: usize,
-    results: &mut Results,
-) -> Result<()> {
-    let node1 = tb.node(1);
-    let pod = tb.pod(1, 1);
-    for (n, path) in SIZES.into_iter().filter(|(n, _)| !quick || *n <= 50_000) {
-        // On node1's address: the agent reaches it from its namespace, uncaptured.
-        let listener = node1
-            .place
-            .in_netns(|| std::net::TcpListener::bind((node1.ipv4, 0)))??;
-        let api = FakeApi::start_on(listener);
-        let filled = Instant::now();
-        fill(&api, n, (pod.name(), pod.ipv4));
-        println!(
-            "  scale      {path:<10} API double filled in {:.1} s",
-            filled.elapsed().as_secs_f64()
-        );
-        let kc = api.write_kubeconfig(work);
-        let bpffs = tb.bpffs_dir().join(format!("scale-{path}"));
-        let outcome = once(tb, agent, &kc, ca, &bpffs, &api, n, changes)
-            .with_context(|| format!("{n} workloads in Kubernetes mode"))?;
+/// What the Kubernetes-mode runs need.
+pub struct Setup<'a> {
+    pub tb: &'a Testbed,
+    pub agent: &'a Path,
+    pub probe: &'a Path,
+    pub ca: &'a Path,
+    pub work: &'a Path,
+    pub quick: bool,
+    /// One-object changes timed per size.
+    pub changes: usize,
+}
+
+/// The request/response test's port on the server pod.
+const RR_PORT: u16 = 7001;
+/// Request/response trials (quiet, then during churn) and their length.
+const RR_TRIALS: usize = 3;
+const RR_SECS: u64 = 3;
+/// Pod changes per second during the churn trials.
+const CHURN_PER_S: u64 = 100;
+
+impl Setup<'_> {
+    /// Every size once.
+    pub fn run(&self, results: &mut Results) -> Result<()> {
+        let node1 = self.tb.node(1);
+        let locals: Vec<(&str, Ipv4Addr)> = (1..=2)
+            .map(|i| (self.tb.pod(1, i).name(), self.tb.pod(1, i).ipv4))
+            .collect();
+        let server = self.tb.pod(1, 2);
+        let port = RR_PORT.to_string();
+        let mut echo = server.place.spawn(
+            self.probe.to_str().context("path")?,
+            &["load-server", &port, "7002", "7003"],
+        )?;
+        echo.wait_listening(RR_PORT, Duration::from_secs(10))?;
+        let sizes = SIZES
+            .into_iter()
+            .filter(|(n, _)| !self.quick || *n <= 50_000);
+        for (n, path) in sizes {
+            // On node1's address: the agent reaches it from its namespace, uncaptured.
+            let listener = node1
+                .place
+                .in_netns(|| std::net::TcpListener::bind((node1.ipv4, 0)))??;
+            let api = FakeApi::start_on(listener);
+            let filled = Instant::now();
+            fill(&api, n, &locals);
+            println!(
+                "  scale      {path:<10} API double filled in {:.1} s",
+                filled.elapsed().as_secs_f64()
+            );
+            let kc = api.write_kubeconfig(self.work);
+            let bpffs = self.tb.bpffs_dir().join(format!("scale-{path}"));
+            let outcome = self
+                .once(&kc, &bpffs, &api, n)
+                .with_context(|| format!("{n} workloads in Kubernetes mode"))?;
+            self.record(path, &outcome, results);
+        }
+        let _ = echo.kill();
+        Ok(())
+    }
+
+    fn record(&self, path: &'static str, outcome: &Outcome, results: &mut Results) {
         println!(
             "  scale      {path:<10} ready {:.2} s after start, {:.2} s after the last list, RSS {:.1} MiB",
             outcome.ready, outcome.after_list, outcome.rss
@@ -146,8 +183,65 @@ pub fn run(
                 results.add(NAME, test, path, t);
             }
         }
+        for (test, trials) in [
+            ("rr_1kib", &outcome.rr_quiet),
+            ("rr_1kib_churn", &outcome.rr_churn),
+        ] {
+            for t in trials {
+                results.add(NAME, test, path, *t);
+            }
+            let p50s: Vec<String> = trials.iter().map(|t| format!("{:.0}", t.value)).collect();
+            println!("  scale      {path:<10} {test} p50 {} µs", p50s.join(" / "));
+        }
     }
-    Ok(())
+
+    /// The request/response test from pod 1 to pod 2 of node1.
+    fn rr(&self) -> Result<super::report::Trial> {
+        let dst = std::net::SocketAddr::new(self.tb.pod(1, 2).ipv4.into(), RR_PORT);
+        let out = self.tb.pod(1, 1).place.run(
+            self.probe.to_str().context("path")?,
+            &["rr", &dst.to_string(), &RR_SECS.to_string()],
+        )?;
+        let v: Value =
+            serde_json::from_str(out.trim()).with_context(|| format!("rr said {out:?}"))?;
+        let p50 = v["p50_us"].as_f64().context("p50")?;
+        Ok(super::report::Trial {
+            value: p50,
+            p50: Some(p50),
+            p99: v["p99_us"].as_f64(),
+        })
+    }
+
+    /// The request/response test while pods change at [`CHURN_PER_S`]; the changes made.
+    fn rr_during_churn(
+        &self,
+        api: &FakeApi,
+        n: usize,
+        round: usize,
+    ) -> Result<(super::report::Trial, usize)> {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let churn = scope.spawn(|| {
+                let mut made = 0;
+                let tick = Duration::from_micros(1_000_000 / CHURN_PER_S);
+                let mut next = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    api.apply(pod(
+                        (made * 104_729 + round) % n,
+                        &format!("r{round}-{made}"),
+                    ));
+                    made += 1;
+                    next += tick;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                made
+            });
+            let rr = self.rr();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let made = churn.join().unwrap_or(0);
+            Ok((rr?, made))
+        })
+    }
 }
 
 struct Outcome {
@@ -158,6 +252,8 @@ struct Outcome {
     service_apply_ms: Vec<f64>,
     /// API write → applied (the discovery batches events for 100 ms first).
     api_ms: Vec<f64>,
+    rr_quiet: Vec<super::report::Trial>,
+    rr_churn: Vec<super::report::Trial>,
 }
 
 /// Seconds since midnight of an RFC 3339 timestamp at the start of a log line.
@@ -169,122 +265,135 @@ fn line_time(line: &str) -> Option<f64> {
     Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn once(
-    tb: &Testbed,
-    agent: &Path,
-    kubeconfig: &Path,
-    ca: &Path,
-    bpffs: &Path,
-    api: &FakeApi,
-    n: usize,
-    changes: usize,
-) -> Result<Outcome> {
-    let place = &tb.node(1).place;
-    let started = Instant::now();
-    let p = place.spawn(
-        agent.to_str().context("path")?,
-        &[
-            "node",
-            "--kubeconfig",
-            kubeconfig.to_str().context("path")?,
-            "--node-name",
-            "node1",
-            "--ca-dir",
-            ca.to_str().context("path")?,
-            "--uplink",
-            &tb.node(1).uplink,
-            "--bpffs-dir",
-            bpffs.to_str().context("path")?,
-        ],
-    )?;
-    let ready = loop {
-        let answer = http_get(
-            place,
-            "127.0.0.1:15021".parse().expect("literal"),
-            "GET",
-            "/healthz/ready",
-        );
-        if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
-            break started.elapsed().as_secs_f64();
-        }
-        if started.elapsed() > READY_TIMEOUT {
-            let out = p.kill()?;
-            bail!(
-                "not ready after {READY_TIMEOUT:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+impl Setup<'_> {
+    /// One agent on a cluster of `n` pods: start, changes, request/response.
+    fn once(&self, kubeconfig: &Path, bpffs: &Path, api: &FakeApi, n: usize) -> Result<Outcome> {
+        let (tb, agent, ca, changes) = (self.tb, self.agent, self.ca, self.changes);
+        let place = &tb.node(1).place;
+        let started = Instant::now();
+        let p = place.spawn(
+            agent.to_str().context("path")?,
+            &[
+                "node",
+                "--kubeconfig",
+                kubeconfig.to_str().context("path")?,
+                "--node-name",
+                "node1",
+                "--ca-dir",
+                ca.to_str().context("path")?,
+                "--uplink",
+                &tb.node(1).uplink,
+                "--bpffs-dir",
+                bpffs.to_str().context("path")?,
+            ],
+        )?;
+        let ready = loop {
+            let answer = http_get(
+                place,
+                "127.0.0.1:15021".parse().expect("literal"),
+                "GET",
+                "/healthz/ready",
             );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let rss = rss_mib_of(p.pid());
-    let mut applied = applied_count(place).context("reading the agent's metrics")?;
-    let (mut api_ms, mut kinds) = (Vec::new(), Vec::new());
-    for i in 0..changes {
-        let pick = (i * 7919) % n;
-        let t0 = Instant::now();
-        if i % 2 == 0 {
-            api.apply(pod(pick, &format!("c{i}")));
-        } else {
-            // One more endpoint (an address outside the pods'), as a scale-up would add.
-            let extra = Ipv4Addr::new(10, 250, 0, u8::try_from(i % 250).expect("small"));
-            api.apply(slice(pick / 10, n, Some(extra)));
-        }
-        kinds.push(i % 2 == 0);
-        loop {
-            if applied_count(place).is_some_and(|c| c > applied) {
-                applied += 1;
-                break;
+            if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
+                break started.elapsed().as_secs_f64();
             }
-            if t0.elapsed() > READY_TIMEOUT {
-                bail!("change {i} not applied after {READY_TIMEOUT:?}");
+            if started.elapsed() > READY_TIMEOUT {
+                let out = p.kill()?;
+                bail!(
+                    "not ready after {READY_TIMEOUT:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let rss = rss_mib_of(p.pid());
+        let mut applied = applied_count(place).context("reading the agent's metrics")?;
+        // The agent logs one `configuration applied` line per change it counts.
+        let first = usize::try_from(applied).context("count")?;
+        let (mut api_ms, mut kinds) = (Vec::new(), Vec::new());
+        for i in 0..changes {
+            let pick = (i * 7919) % n;
+            let t0 = Instant::now();
+            if i % 2 == 0 {
+                api.apply(pod(pick, &format!("c{i}")));
+            } else {
+                // One more endpoint (an address outside the pods'), as a scale-up would add.
+                let extra = Ipv4Addr::new(10, 250, 0, u8::try_from(i % 250).expect("small"));
+                api.apply(slice(pick / 10, n, Some(extra)));
+            }
+            kinds.push(i % 2 == 0);
+            loop {
+                if applied_count(place).is_some_and(|c| c > applied) {
+                    applied += 1;
+                    break;
+                }
+                if t0.elapsed() > READY_TIMEOUT {
+                    bail!("change {i} not applied after {READY_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            api_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
-        api_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-    }
-    let out = p.terminate(Duration::from_secs(10))?;
-    cmd::run(
-        std::process::Command::new(agent)
-            .args(["node", "--uninstall", "--bpffs-dir"])
-            .arg(bpffs),
-    )?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    let last_list = log
-        .lines()
-        .filter(|l| l.contains(" listed"))
-        .filter_map(line_time)
-        .fold(f64::NAN, f64::max);
-    let ready_at = log
-        .lines()
-        .find(|l| l.contains("node agent ready"))
-        .and_then(line_time)
-        .context("no `node agent ready` line in the agent's log")?;
-    // Whole builds after the first (reported: each costs in proportion to the cluster).
-    for l in log.lines().filter(|l| l.contains("built whole")).skip(1) {
-        println!("    {}", l.trim());
-    }
-    let lines = applied_lines(&log);
-    let lines = &lines[lines.len().saturating_sub(changes)..];
-    if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
-        bail!("a one-object change was applied as {kind:?}, not as a delta");
-    }
-    let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
-    for ((_, ms), pod) in lines.iter().zip(&kinds) {
-        if *pod {
-            pod_apply_ms.push(*ms);
-        } else {
-            service_apply_ms.push(*ms);
+        let (mut rr_quiet, mut rr_churn) = (Vec::new(), Vec::new());
+        for round in 0..RR_TRIALS {
+            rr_quiet.push(self.rr()?);
+            let (rr, made) = self.rr_during_churn(api, n, round)?;
+            println!(
+                "    churn trial {}: {made} pod changes in {RR_SECS} s",
+                round + 1
+            );
+            rr_churn.push(rr);
         }
+        let out = p.terminate(Duration::from_secs(10))?;
+        cmd::run(
+            std::process::Command::new(agent)
+                .args(["node", "--uninstall", "--bpffs-dir"])
+                .arg(bpffs),
+        )?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let last_list = log
+            .lines()
+            .filter(|l| l.contains(" listed"))
+            .filter_map(line_time)
+            .fold(f64::NAN, f64::max);
+        let ready_at = log
+            .lines()
+            .find(|l| l.contains("node agent ready"))
+            .and_then(line_time)
+            .context("no `node agent ready` line in the agent's log")?;
+        // Whole builds after the first (reported: each costs in proportion to the cluster).
+        for l in log.lines().filter(|l| l.contains("built whole")).skip(1) {
+            println!("    {}", l.trim());
+        }
+        let lines = applied_lines(&log);
+        let lines = lines.get(first..first + changes).with_context(|| {
+            format!(
+                "{} `configuration applied` lines, {first} + {changes} expected",
+                lines.len()
+            )
+        })?;
+        if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
+            bail!("a one-object change was applied as {kind:?}, not as a delta");
+        }
+        let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
+        for ((_, ms), pod) in lines.iter().zip(&kinds) {
+            if *pod {
+                pod_apply_ms.push(*ms);
+            } else {
+                service_apply_ms.push(*ms);
+            }
+        }
+        Ok(Outcome {
+            ready,
+            after_list: ready_at - last_list,
+            rss,
+            pod_apply_ms,
+            service_apply_ms,
+            api_ms,
+            rr_quiet,
+            rr_churn,
+        })
     }
-    Ok(Outcome {
-        ready,
-        after_list: ready_at - last_list,
-        rss,
-        pod_apply_ms,
-        service_apply_ms,
-        api_ms,
-    })
 }
 
 #[cfg(test)]
