@@ -361,8 +361,8 @@ impl Setup<'_> {
             .find(|l| l.contains("node agent ready"))
             .and_then(line_time)
             .context("no `node agent ready` line in the agent's log")?;
-        // Whole builds after the first (reported: each costs in proportion to the cluster).
-        for l in log.lines().filter(|l| l.contains("built whole")).skip(1) {
+        // Whole builds: the first, and any later (each costs in proportion to the cluster).
+        for l in log.lines().filter(|l| l.contains("built whole")) {
             println!("    {}", l.trim());
         }
         let lines = applied_lines(&log);

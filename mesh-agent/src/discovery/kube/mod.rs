@@ -222,15 +222,11 @@ impl KubeDiscovery {
                 };
                 let started = Instant::now();
                 let objects = Objects {
-                    namespaces: namespaces.state().iter().map(|o| (**o).clone()).collect(),
-                    pods: pods.state().iter().map(|o| (**o).clone()).collect(),
-                    services: services.state().iter().map(|o| (**o).clone()).collect(),
-                    slices: slices.state().iter().map(|o| (**o).clone()).collect(),
-                    policies: policy_stores
-                        .iter()
-                        .flat_map(|s| s.state())
-                        .map(|o| (*o).clone())
-                        .collect(),
+                    namespaces: namespaces.state(),
+                    pods: pods.state(),
+                    services: services.state(),
+                    slices: slices.state(),
+                    policies: policy_stores.iter().flat_map(|s| s.state()).collect(),
                 };
                 let snap = snapshot::build(&settings, &objects, &*locator, &interfaces());
                 retry = snap.skipped.iter().any(|s| s.contains("no host interface"));

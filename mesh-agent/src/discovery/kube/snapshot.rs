@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -37,14 +38,15 @@ pub struct SnapshotSettings {
     pub ca: Option<CaSection>,
 }
 
-/// The objects, as the reflector stores hold them.
+/// The objects, as the reflector stores hold them (shared, not copied: a large cluster's
+/// pods would cost a copy per build).
 #[derive(Default)]
 pub struct Objects {
-    pub namespaces: Vec<K8sNamespace>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<K8sService>,
-    pub slices: Vec<EndpointSlice>,
-    pub policies: Vec<DynamicObject>,
+    pub namespaces: Vec<Arc<K8sNamespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<K8sService>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub policies: Vec<Arc<DynamicObject>>,
 }
 
 /// A snapshot and what was left out of it.
@@ -280,6 +282,7 @@ pub fn build(
     let mut pods: Vec<&Pod> = objects
         .pods
         .iter()
+        .map(|p| &**p)
         .filter(|p| alive(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
         .collect();
     pods.sort_by_key(|p| {
