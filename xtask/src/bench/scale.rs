@@ -7,14 +7,18 @@
 use std::{fmt::Write as _, path::Path, time::Duration, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use mesh_testbed::{Testbed, TestbedSpec, http::http_get};
+use mesh_testbed::{
+    Testbed, TestbedSpec,
+    http::http_get,
+    place::{Background, Place},
+};
 
 use super::{report::Results, sampler::rss_mib_of, throwaway_ca, value};
 use crate::cmd;
 
 pub const NAME: &str = "scale";
 const NAMESPACES: usize = 100;
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// (workloads, record path); the empty config is the baseline of `bytes_per_workload`.
 const SIZES: [(usize, &str); 5] = [
@@ -139,21 +143,15 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
             );
             results.add(NAME, "ready_s", path, value(outcome.ready));
             results.add(NAME, "rss_ready", path, value(outcome.rss));
-            for (test, ms) in [
-                ("update_ms", &outcome.pod_apply_ms),
-                ("update_service_ms", &outcome.service_apply_ms),
-                ("update_file_ms", &outcome.file_ms),
-            ] {
-                if let Some(t) = percentiles(ms) {
-                    println!(
-                        "  scale      {path:<6} {test} p50 {:.3} ms, p99 {:.3} ms over {}",
-                        t.p50.unwrap_or(f64::NAN),
-                        t.p99.unwrap_or(f64::NAN),
-                        ms.len()
-                    );
-                    results.add(NAME, test, path, t);
-                }
-            }
+            record_times(
+                &mut results,
+                path,
+                [
+                    ("update_ms", &outcome.pod_apply_ms),
+                    ("update_service_ms", &outcome.service_apply_ms),
+                    ("update_file_ms", &outcome.file_ms),
+                ],
+            );
         }
         let _ = std::fs::remove_file(&file);
     }
@@ -246,6 +244,145 @@ pub fn applied_lines(log: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Records each test's samples (ms) as p50 and p99.
+pub fn record_times(
+    results: &mut Results,
+    path: &'static str,
+    tests: [(&'static str, &Vec<f64>); 3],
+) {
+    for (test, ms) in tests {
+        if let Some(t) = percentiles(ms) {
+            println!(
+                "  scale      {path:<10} {test} p50 {:.3} ms, p99 {:.3} ms over {}",
+                t.p50.unwrap_or(f64::NAN),
+                t.p99.unwrap_or(f64::NAN),
+                ms.len()
+            );
+            results.add(NAME, test, path, t);
+        }
+    }
+}
+
+/// Stops an agent started by [`start_agent`] and removes its data path; its log.
+pub fn stop_agent(p: Background, agent: &Path, bpffs: &Path) -> Result<String> {
+    let out = p.terminate(Duration::from_secs(10))?;
+    cmd::run(
+        std::process::Command::new(agent)
+            .args(["node", "--uninstall", "--bpffs-dir"])
+            .arg(bpffs),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// An agent started and ready.
+pub struct Started {
+    pub p: Background,
+    /// Seconds from the start to the readiness endpoint's 200.
+    pub ready: f64,
+    /// Its RSS then, MiB.
+    pub rss: f64,
+}
+
+/// Starts `agent args` in `place` and waits for it to be ready.
+pub fn start_agent(place: &Place, agent: &Path, args: &[&str]) -> Result<Started> {
+    let started = Instant::now();
+    let p = place.spawn(agent.to_str().context("path")?, args)?;
+    loop {
+        let answer = http_get(
+            place,
+            "127.0.0.1:15021".parse().expect("literal"),
+            "GET",
+            "/healthz/ready",
+        );
+        if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
+            let ready = started.elapsed().as_secs_f64();
+            let rss = rss_mib_of(p.pid());
+            return Ok(Started { p, ready, rss });
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            let out = p.kill()?;
+            bail!(
+                "not ready after {READY_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One-entry changes made one at a time, each waited for until the agent counts it applied.
+pub struct TimedChanges {
+    applied: u64,
+    /// The agent's `configuration applied` lines before the first change.
+    first: usize,
+    /// Per change: a pod's (true) or a Service's.
+    pods: Vec<bool>,
+    /// Per change: from making it to the agent counting it, ms.
+    pub e2e_ms: Vec<f64>,
+}
+
+impl TimedChanges {
+    pub fn new(place: &Place) -> Result<Self> {
+        let applied = applied_count(place).context("reading the agent's metrics")?;
+        Ok(Self {
+            applied,
+            // The agent logs one `configuration applied` line per change it counts.
+            first: usize::try_from(applied).context("count")?,
+            pods: Vec::new(),
+            e2e_ms: Vec::new(),
+        })
+    }
+
+    /// Makes one change (`make`) and waits until it is applied.
+    pub fn make(
+        &mut self,
+        place: &Place,
+        pod: bool,
+        make: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        make()?;
+        while applied_count(place).is_none_or(|c| c <= self.applied) {
+            if t0.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "change {} not applied after {READY_TIMEOUT:?}",
+                    self.pods.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.applied += 1;
+        self.pods.push(pod);
+        self.e2e_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+
+    /// The agent's own apply time of each change, from its `log`: (pods', Services'), ms. A
+    /// change applied other than by difference fails the run.
+    pub fn apply_times(&self, log: &str) -> Result<(Vec<f64>, Vec<f64>)> {
+        let lines = applied_lines(log);
+        let (first, n) = (self.first, self.pods.len());
+        let lines = lines.get(first..first + n).with_context(|| {
+            format!(
+                "{} `configuration applied` lines, {first} + {n} expected",
+                lines.len()
+            )
+        })?;
+        if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
+            bail!("a one-entry change was applied as {kind:?}, not as a delta");
+        }
+        let (mut pods, mut services) = (Vec::new(), Vec::new());
+        for ((_, ms), pod) in lines.iter().zip(&self.pods) {
+            if *pod {
+                pods.push(*ms)
+            } else {
+                services.push(*ms)
+            }
+        }
+        Ok((pods, services))
+    }
+}
+
 /// Starts the agent on `file`; the time until ready and its RSS then; then `changes` changes
 /// written by `write`, each waited for.
 fn start_once(
@@ -258,93 +395,32 @@ fn start_once(
     write: &dyn Fn(&Changed) -> Result<()>,
 ) -> Result<Outcome> {
     let place = &tb.node(1).place;
-    let started = Instant::now();
-    let p = place.spawn(
-        agent.to_str().context("path")?,
-        &[
-            "node",
-            "--config",
-            file.to_str().context("path")?,
-            "--bpffs-dir",
-            bpffs.to_str().context("path")?,
-        ],
-    )?;
-    let ready = loop {
-        let answer = http_get(
-            place,
-            "127.0.0.1:15021".parse().expect("literal"),
-            "GET",
-            "/healthz/ready",
-        );
-        if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
-            break started.elapsed().as_secs_f64();
-        }
-        if started.elapsed() > READY_TIMEOUT {
-            let out = p.kill()?;
-            bail!(
-                "not ready after {READY_TIMEOUT:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let rss = rss_mib_of(p.pid());
+    let args = [
+        "node",
+        "--config",
+        file.to_str().context("path")?,
+        "--bpffs-dir",
+        bpffs.to_str().context("path")?,
+    ];
+    let Started { p, ready, rss } = start_agent(place, agent, &args)?;
     let mut changed = Changed::default();
-    let mut file_ms = Vec::new();
-    let mut kinds = Vec::new();
-    let mut applied = applied_count(place).context("reading the agent's metrics")?;
-    // The agent logs one `configuration applied` line per change it counts.
-    let first = usize::try_from(applied).context("count")?;
+    let mut timed = TimedChanges::new(place)?;
     for i in 0..changes {
         // Spread over the cluster: a different pod or Service each time.
         let pick = (i * 7919) % n;
-        if i % 2 == 0 {
+        let pod = i % 2 == 0;
+        if pod {
             changed.versions.insert(pick, format!("c{i}"));
         } else {
             changed
                 .target_ports
                 .insert(pick / 10, 9000 + u16::try_from(i).expect("small"));
         }
-        kinds.push(i % 2 == 0);
-        let t0 = Instant::now();
-        write(&changed)?;
-        loop {
-            if applied_count(place).is_some_and(|c| c > applied) {
-                applied += 1;
-                break;
-            }
-            if t0.elapsed() > READY_TIMEOUT {
-                bail!("change {i} not applied after {READY_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        file_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        timed.make(place, pod, || write(&changed))?;
     }
-    let out = p.terminate(Duration::from_secs(10))?;
-    cmd::run(
-        std::process::Command::new(agent)
-            .args(["node", "--uninstall", "--bpffs-dir"])
-            .arg(bpffs),
-    )?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    let lines = applied_lines(&log);
-    let lines = lines.get(first..first + changes).with_context(|| {
-        format!(
-            "{} `configuration applied` lines, {first} + {changes} expected",
-            lines.len()
-        )
-    })?;
-    if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
-        bail!("a one-entry change was applied as {kind:?}, not as a delta");
-    }
-    let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
-    for ((_, ms), pod) in lines.iter().zip(&kinds) {
-        if *pod {
-            pod_apply_ms.push(*ms);
-        } else {
-            service_apply_ms.push(*ms);
-        }
-    }
+    let log = stop_agent(p, agent, bpffs)?;
+    let (pod_apply_ms, service_apply_ms) = timed.apply_times(&log)?;
+    let file_ms = timed.e2e_ms;
     Ok(Outcome {
         ready,
         rss,

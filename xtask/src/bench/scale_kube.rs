@@ -9,20 +9,17 @@
 //! agent) quiet and while 100 pod changes per second arrive, 3 trials of each.
 use std::{net::Ipv4Addr, path::Path, time::Duration, time::Instant};
 
-use anyhow::{Context as _, Result, bail};
-use mesh_testbed::{Testbed, fakeapi::FakeApi, http::http_get};
+use anyhow::{Context as _, Result};
+use mesh_testbed::{Testbed, fakeapi::FakeApi};
 use serde_json::{Value, json};
 
 use super::{
     report::Results,
-    sampler::rss_mib_of,
-    scale::{NAME, applied_count, applied_lines, percentiles},
+    scale::{NAME, Started, TimedChanges, record_times, start_agent, stop_agent},
     value,
 };
-use crate::cmd;
 
 const NAMESPACES: usize = 100;
-const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// (workloads, record path).
 pub const SIZES: [(usize, &str); 4] = [
@@ -168,21 +165,15 @@ impl Setup<'_> {
         results.add(NAME, "ready_s", path, value(outcome.ready));
         results.add(NAME, "ready_after_list_s", path, value(outcome.after_list));
         results.add(NAME, "rss_ready", path, value(outcome.rss));
-        for (test, ms) in [
-            ("update_ms", &outcome.pod_apply_ms),
-            ("update_service_ms", &outcome.service_apply_ms),
-            ("update_api_ms", &outcome.api_ms),
-        ] {
-            if let Some(t) = percentiles(ms) {
-                println!(
-                    "  scale      {path:<10} {test} p50 {:.3} ms, p99 {:.3} ms over {}",
-                    t.p50.unwrap_or(f64::NAN),
-                    t.p99.unwrap_or(f64::NAN),
-                    ms.len()
-                );
-                results.add(NAME, test, path, t);
-            }
-        }
+        record_times(
+            results,
+            path,
+            [
+                ("update_ms", &outcome.pod_apply_ms),
+                ("update_service_ms", &outcome.service_apply_ms),
+                ("update_api_ms", &outcome.api_ms),
+            ],
+        );
         for (test, trials) in [
             ("rr_1kib", &outcome.rr_quiet),
             ("rr_1kib_churn", &outcome.rr_churn),
@@ -270,69 +261,34 @@ impl Setup<'_> {
     fn once(&self, kubeconfig: &Path, bpffs: &Path, api: &FakeApi, n: usize) -> Result<Outcome> {
         let (tb, agent, ca, changes) = (self.tb, self.agent, self.ca, self.changes);
         let place = &tb.node(1).place;
-        let started = Instant::now();
-        let p = place.spawn(
-            agent.to_str().context("path")?,
-            &[
-                "node",
-                "--kubeconfig",
-                kubeconfig.to_str().context("path")?,
-                "--node-name",
-                "node1",
-                "--ca-dir",
-                ca.to_str().context("path")?,
-                "--uplink",
-                &tb.node(1).uplink,
-                "--bpffs-dir",
-                bpffs.to_str().context("path")?,
-            ],
-        )?;
-        let ready = loop {
-            let answer = http_get(
-                place,
-                "127.0.0.1:15021".parse().expect("literal"),
-                "GET",
-                "/healthz/ready",
-            );
-            if answer.is_ok_and(|(status, _)| status.contains(" 200")) {
-                break started.elapsed().as_secs_f64();
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                let out = p.kill()?;
-                bail!(
-                    "not ready after {READY_TIMEOUT:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let rss = rss_mib_of(p.pid());
-        let mut applied = applied_count(place).context("reading the agent's metrics")?;
-        // The agent logs one `configuration applied` line per change it counts.
-        let first = usize::try_from(applied).context("count")?;
-        let (mut api_ms, mut kinds) = (Vec::new(), Vec::new());
+        let args = [
+            "node",
+            "--kubeconfig",
+            kubeconfig.to_str().context("path")?,
+            "--node-name",
+            "node1",
+            "--ca-dir",
+            ca.to_str().context("path")?,
+            "--uplink",
+            &tb.node(1).uplink,
+            "--bpffs-dir",
+            bpffs.to_str().context("path")?,
+        ];
+        let Started { p, ready, rss } = start_agent(place, agent, &args)?;
+        let mut timed = TimedChanges::new(place)?;
         for i in 0..changes {
             let pick = (i * 7919) % n;
-            let t0 = Instant::now();
-            if i % 2 == 0 {
-                api.apply(pod(pick, &format!("c{i}")));
-            } else {
-                // One more endpoint (an address outside the pods'), as a scale-up would add.
-                let extra = Ipv4Addr::new(10, 250, 0, u8::try_from(i % 250).expect("small"));
-                api.apply(slice(pick / 10, n, Some(extra)));
-            }
-            kinds.push(i % 2 == 0);
-            loop {
-                if applied_count(place).is_some_and(|c| c > applied) {
-                    applied += 1;
-                    break;
+            let pod_change = i % 2 == 0;
+            timed.make(place, pod_change, || {
+                if pod_change {
+                    api.apply(pod(pick, &format!("c{i}")));
+                } else {
+                    // One more endpoint (an address outside the pods'), as a scale-up adds.
+                    let extra = Ipv4Addr::new(10, 250, 0, u8::try_from(i % 250).expect("small"));
+                    api.apply(slice(pick / 10, n, Some(extra)));
                 }
-                if t0.elapsed() > READY_TIMEOUT {
-                    bail!("change {i} not applied after {READY_TIMEOUT:?}");
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            api_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+                Ok(())
+            })?;
         }
         let (mut rr_quiet, mut rr_churn) = (Vec::new(), Vec::new());
         for round in 0..RR_TRIALS {
@@ -344,13 +300,7 @@ impl Setup<'_> {
             );
             rr_churn.push(rr);
         }
-        let out = p.terminate(Duration::from_secs(10))?;
-        cmd::run(
-            std::process::Command::new(agent)
-                .args(["node", "--uninstall", "--bpffs-dir"])
-                .arg(bpffs),
-        )?;
-        let log = String::from_utf8_lossy(&out.stderr);
+        let log = stop_agent(p, agent, bpffs)?;
         let last_list = log
             .lines()
             .filter(|l| l.contains(" listed"))
@@ -365,24 +315,8 @@ impl Setup<'_> {
         for l in log.lines().filter(|l| l.contains("built whole")) {
             println!("    {}", l.trim());
         }
-        let lines = applied_lines(&log);
-        let lines = lines.get(first..first + changes).with_context(|| {
-            format!(
-                "{} `configuration applied` lines, {first} + {changes} expected",
-                lines.len()
-            )
-        })?;
-        if let Some((kind, _)) = lines.iter().find(|(k, _)| k != "delta") {
-            bail!("a one-object change was applied as {kind:?}, not as a delta");
-        }
-        let (mut pod_apply_ms, mut service_apply_ms) = (Vec::new(), Vec::new());
-        for ((_, ms), pod) in lines.iter().zip(&kinds) {
-            if *pod {
-                pod_apply_ms.push(*ms);
-            } else {
-                service_apply_ms.push(*ms);
-            }
-        }
+        let (pod_apply_ms, service_apply_ms) = timed.apply_times(&log)?;
+        let api_ms = timed.e2e_ms;
         Ok(Outcome {
             ready,
             after_list: ready_at - last_list,
