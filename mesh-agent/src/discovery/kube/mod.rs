@@ -193,7 +193,9 @@ impl KubeDiscovery {
                     std::mem::take(&mut pod_changes),
                     std::mem::take(&mut service_changes),
                 );
-                let why = if other {
+                let why = if out.with_config(|c| c.is_none()) {
+                    "first configuration"
+                } else if other {
                     "a change beyond pods and Services"
                 } else if retry {
                     "looking for pod interfaces again"
