@@ -39,7 +39,7 @@ use self::waypoint::{
     WaypointTemplate,
 };
 use crate::{
-    discovery::kube::{Feed, drive, keep},
+    discovery::kube::{Feed, drive},
     l7::binding::GATEWAY_NAME_LABEL,
 };
 
@@ -180,7 +180,6 @@ pub async fn run(client: Client, settings: ControllerSettings) {
             Arc::clone(&feed),
             Arc::clone(&changed),
             optional,
-            keep,
         );
         (reader, feed)
     };
@@ -203,7 +202,6 @@ pub async fn run(client: Client, settings: ControllerSettings) {
         namespace_feed,
         Arc::clone(&changed),
         false,
-        keep,
     );
     let stores = Stores {
         gateways,

@@ -18,30 +18,6 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-/// Keeps every field (besides `managedFields`).
-pub fn keep<K>(_: &mut K) {}
-
-/// A Pod as discovery reads it (phase, addresses, node, host network, service account,
-/// labels, annotations): containers, volumes, scheduling constraints and container statuses
-/// are dropped before the store keeps it, so a large cluster's pods cost a fraction.
-pub fn slim_pod(p: &mut k8s_openapi::api::core::v1::Pod) {
-    if let Some(spec) = p.spec.as_mut() {
-        spec.containers = Vec::new();
-        spec.init_containers = None;
-        spec.ephemeral_containers = None;
-        spec.volumes = None;
-        spec.affinity = None;
-        spec.tolerations = None;
-        spec.topology_spread_constraints = None;
-    }
-    if let Some(status) = p.status.as_mut() {
-        status.container_statuses = None;
-        status.init_container_statuses = None;
-        status.ephemeral_container_statuses = None;
-        status.conditions = None;
-    }
-}
-
 /// One watcher's state, for readiness and logs, and (when tracking) what changed since asked.
 pub struct Feed {
     pub name: String,
@@ -144,8 +120,8 @@ impl Feed {
 }
 
 /// Drives one watcher into a reflector store, waking `changed` on every event. Objects are
-/// stored without `metadata.managedFields` (often the bulk of an object, never read here) and
-/// after `slim` has dropped whatever else of them nobody reads.
+/// stored without `metadata.managedFields` (often the bulk of an object, never read here);
+/// Pods are decoded as [`super::PodView`], only what discovery reads.
 pub fn drive<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -153,7 +129,6 @@ pub fn drive<K>(
     feed: Arc<Feed>,
     changed: Arc<Notify>,
     optional: bool,
-    slim: fn(&mut K),
 ) where
     K: kube::Resource
         + Clone
@@ -167,10 +142,7 @@ pub fn drive<K>(
     tokio::spawn(async move {
         let stream = watcher(api, config)
             .default_backoff()
-            .modify(move |obj| {
-                obj.meta_mut().managed_fields = None;
-                slim(obj);
-            })
+            .modify(|obj| obj.meta_mut().managed_fields = None)
             .reflect(writer);
         futures::pin_mut!(stream);
         let mut last_error_log = None::<Instant>;
@@ -211,46 +183,4 @@ pub fn drive<K>(
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use k8s_openapi::api::core::v1::Pod;
-
-    use super::slim_pod;
-
-    #[test]
-    fn a_slimmed_pod_keeps_what_discovery_reads() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "n", "labels": {"app": "a"},
-                         "annotations": {"x": "y"}},
-            "spec": {"nodeName": "node1", "hostNetwork": false, "serviceAccountName": "sa",
-                     "containers": [{"name": "c", "image": "i", "env": [{"name": "E", "value": "v"}]}],
-                     "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
-                       "conditions": [{"type": "Ready", "status": "True"}],
-                       "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": true, "restartCount": 0}]}
-        }))
-        .unwrap();
-        let before = pod.clone();
-        slim_pod(&mut pod);
-        let (spec, status) = (pod.spec.as_ref().unwrap(), pod.status.as_ref().unwrap());
-        assert!(spec.containers.is_empty() && spec.volumes.is_none());
-        assert!(status.container_statuses.is_none() && status.conditions.is_none());
-        assert_eq!(pod.metadata, before.metadata);
-        let old = before.spec.as_ref().unwrap();
-        assert_eq!(
-            (
-                &spec.node_name,
-                spec.host_network,
-                &spec.service_account_name
-            ),
-            (&old.node_name, old.host_network, &old.service_account_name)
-        );
-        let old = before.status.as_ref().unwrap();
-        assert_eq!(
-            (&status.phase, &status.pod_ip, &status.pod_ips),
-            (&old.phase, &old.pod_ip, &old.pod_ips)
-        );
-    }
 }

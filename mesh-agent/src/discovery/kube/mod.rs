@@ -17,6 +17,7 @@ pub mod annotate;
 pub mod feed;
 pub mod host;
 pub mod incremental;
+pub mod pod;
 pub mod snapshot;
 
 use std::{
@@ -25,7 +26,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -36,9 +37,10 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use tracing::info;
 
-pub use feed::{Feed, KeyBy, drive, keep, slim_pod};
+pub use feed::{Feed, KeyBy, drive};
 pub use host::{HostLocator, Located, PodLocator};
 pub use incremental::Published;
+pub use pod::PodView;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
 use crate::discovery::{ConfigUpdate, LocalConfig};
@@ -97,9 +99,9 @@ impl KubeDiscovery {
 
         macro_rules! core_store {
             ($ty:ty, $name:expr) => {
-                core_store!($ty, $name, keep, Feed::tracking($name, KeyBy::Name))
+                core_store!($ty, $name, Feed::tracking($name, KeyBy::Name))
             };
-            ($ty:ty, $name:expr, $slim:expr, $feed:expr) => {{
+            ($ty:ty, $name:expr, $feed:expr) => {{
                 let (reader, writer) = reflector::store::<$ty>();
                 let feed = $feed;
                 feeds.push(Arc::clone(&feed));
@@ -110,7 +112,6 @@ impl KubeDiscovery {
                     feed,
                     Arc::clone(&changed),
                     false,
-                    $slim,
                 );
                 reader
             }};
@@ -122,14 +123,9 @@ impl KubeDiscovery {
         let service_feed = Feed::tracking("services", KeyBy::Name);
         let slice_feed =
             Feed::tracking("endpointslices", KeyBy::Label("kubernetes.io/service-name"));
-        let pods = core_store!(Pod, "pods", slim_pod, Arc::clone(&pod_feed));
-        let services = core_store!(Service, "services", keep, Arc::clone(&service_feed));
-        let slices = core_store!(
-            EndpointSlice,
-            "endpointslices",
-            keep,
-            Arc::clone(&slice_feed)
-        );
+        let pods = core_store!(PodView, "pods", Arc::clone(&pod_feed));
+        let services = core_store!(Service, "services", Arc::clone(&service_feed));
+        let slices = core_store!(EndpointSlice, "endpointslices", Arc::clone(&slice_feed));
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()
@@ -149,7 +145,6 @@ impl KubeDiscovery {
                 feed,
                 Arc::clone(&changed),
                 true,
-                keep,
             );
             policy_stores.push(reader);
         }

@@ -12,12 +12,12 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace as K8sNamespace, Pod, Service as K8sService},
+    core::v1::{Namespace as K8sNamespace, Service as K8sService},
     discovery::v1::EndpointSlice,
 };
 use kube::api::DynamicObject;
 
-use super::host::PodLocator;
+use super::{host::PodLocator, pod::PodView as Pod};
 use crate::{
     discovery::{
         CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload,
