@@ -317,8 +317,10 @@ fn passthrough_delivers_from_the_original_client_and_never_recaptures() {
         2 * (4 + 2),
         "node1 {d1:?}"
     );
-    assert_eq!(d1.get(Counter::PassedToNode), 2, "node1 {d1:?}");
-    assert_eq!(d1.get(Counter::DroppedAgentPort), 2, "node1 {d1:?}");
+    // These two count SYN packets, and a SYN retransmitted on a loaded machine counts again
+    // (a CI run saw 3): at least one per family, the connections themselves checked above.
+    assert!(d1.get(Counter::PassedToNode) >= 2, "node1 {d1:?}");
+    assert!(d1.get(Counter::DroppedAgentPort) >= 2, "node1 {d1:?}");
     assert_eq!(
         d1.get(Counter::CapturedInboundPlaintext),
         2 * 2,
