@@ -16,6 +16,7 @@ pub mod l7;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod node;
 pub mod policy;
 pub mod tls;

@@ -2,7 +2,7 @@
 //! and Istio policy objects (in the CRDs' own schema, so real manifests can be pasted in). Unknown fields are errors; YAML
 //! errors carry the line and column; semantic errors name the offending entry and field.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::Path,
 };
@@ -10,6 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use crate::names::{Labels, Name, interned};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -71,19 +72,20 @@ fn default_root_namespace() -> String {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Service {
-    pub name: String,
-    pub namespace: String,
+    pub name: Name,
+    #[serde(deserialize_with = "interned")]
+    pub namespace: Name,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     #[serde(default)]
-    pub selector: BTreeMap<String, String>,
+    pub selector: Labels,
     /// Endpoint addresses given explicitly (Kubernetes mode: from the service's EndpointSlices,
     /// ready endpoints only). When present they replace the selector as the endpoint source.
     #[serde(default)]
     pub endpoints: Option<Vec<IpAddr>>,
     /// The Service's labels (`istio.io/use-waypoint` binds it to a waypoint).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -153,28 +155,32 @@ fn default_cert_ttl() -> u64 {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Namespace {
-    pub name: String,
+    #[serde(deserialize_with = "interned")]
+    pub name: Name,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    #[serde(default = "default_service_account")]
-    pub service_account: String,
-    pub node: String,
+    /// Unique, so not interned.
+    pub name: Name,
+    #[serde(deserialize_with = "interned")]
+    pub namespace: Name,
+    #[serde(default = "default_service_account", deserialize_with = "interned")]
+    pub service_account: Name,
+    #[serde(deserialize_with = "interned")]
+    pub node: Name,
     pub ips: Vec<IpAddr>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     #[serde(default)]
     pub host_network: bool,
     /// The pod's interface in the node's network namespace (host side of its veth). Required for
     /// pods of this node that are not host-network.
     #[serde(default)]
-    pub host_interface: Option<String>,
+    pub host_interface: Option<Name>,
     /// The pod's cgroup v2 directory on this node (local mode only). Optional: when given, the
     /// pod's same-node hops to the agent are spliced in the kernel.
     #[serde(default)]
@@ -184,8 +190,8 @@ pub struct Workload {
 impl Workload {
     /// Istio's canonical service name and revision, from the labels Istio reads (the pod's
     /// name and `latest` when none is set): telemetry and baggage use them.
-    pub fn canonical_names(&self) -> (String, String) {
-        let first = |keys: &[&str]| keys.iter().find_map(|k| self.labels.get(*k).cloned());
+    pub fn canonical_names(&self) -> (Name, Name) {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| self.labels.get(k).cloned());
         let name = first(&[
             "service.istio.io/canonical-name",
             "app.kubernetes.io/name",
@@ -197,13 +203,13 @@ impl Workload {
             "app.kubernetes.io/version",
             "version",
         ])
-        .unwrap_or_else(|| "latest".to_owned());
+        .unwrap_or_else(|| arcstr::literal!("latest"));
         (name, version)
     }
 }
 
-fn default_service_account() -> String {
-    "default".to_owned()
+fn default_service_account() -> Name {
+    arcstr::literal!("default")
 }
 
 /// Why a configuration file was rejected.
@@ -530,7 +536,7 @@ impl LocalConfig {
         if w.host_network {
             return false;
         }
-        match w.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        match w.labels.get(DATAPLANE_MODE_LABEL).map(Name::as_str) {
             Some(DATAPLANE_MODE_NONE) => false,
             Some(DATAPLANE_MODE_AMBIENT) => true,
             _ => self
@@ -586,13 +592,17 @@ impl LocalConfig {
                 }));
                 crate::policy::WorkloadInfo {
                     key: format!("{}/{}", w.namespace, w.name),
-                    namespace: w.namespace.clone(),
-                    labels: w.labels.clone(),
+                    namespace: w.namespace.to_string(),
+                    labels: w
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     ips: w.ips.clone(),
                     services: services
                         .iter()
                         .filter(|s| waypoints.of_service(self, s) == Binding::Direct)
-                        .map(|s| (s.namespace.clone(), s.name.clone()))
+                        .map(|s| (s.namespace.to_string(), s.name.to_string()))
                         .collect(),
                     waypoints: gates,
                 }

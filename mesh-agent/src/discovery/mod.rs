@@ -7,6 +7,7 @@ pub mod kube;
 pub mod local;
 pub mod selection;
 
+pub use crate::names::{Labels, Name, intern};
 pub use delta::{ConfigDelta, ConfigUpdate};
 pub use local::{CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload};
 

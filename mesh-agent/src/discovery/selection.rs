@@ -15,6 +15,7 @@ use std::{
 use hashbrown::HashTable;
 
 use super::local::{LocalConfig, Namespace, Service, Workload};
+use crate::names::Name;
 
 /// Cloning or comparing a config ignores its index (a clone builds its own on first use).
 #[derive(Debug, Default)]
@@ -22,7 +23,7 @@ pub struct WorkloadIndex {
     inner: OnceLock<Box<Inner>>,
     /// Namespace name → position (enrolment and waypoint bindings read namespace labels once
     /// per workload). Namespaces are never changed in place.
-    namespaces: OnceLock<HashMap<String, u32>>,
+    namespaces: OnceLock<HashMap<Name, u32>>,
 }
 
 /// Positions in the config's `workloads` and `services`.
@@ -38,7 +39,7 @@ struct Inner {
     /// workload itself.
     by_key: HashTable<u32>,
     /// This node's pods' host interfaces.
-    interfaces: HashMap<String, u32>,
+    interfaces: HashMap<Name, u32>,
     services_by_key: HashTable<u32>,
     /// Hash of the namespace → its Services.
     services_by_namespace: HashMap<u64, Vec<u32>>,

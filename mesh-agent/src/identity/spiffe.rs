@@ -2,16 +2,18 @@
 use std::fmt;
 
 use super::IdentityError;
+use crate::names::{Name, intern};
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-/// A workload identity: the service account of a namespace in a trust domain.
+/// A workload identity: the service account of a namespace in a trust domain. Its parts are
+/// interned: every workload of the cluster has one, and few are distinct.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub trust_domain: Name,
+    pub namespace: Name,
+    pub service_account: Name,
 }
 
 impl SpiffeId {
@@ -32,9 +34,9 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            trust_domain: trust_domain.to_ascii_lowercase(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            trust_domain: intern(&trust_domain.to_ascii_lowercase()),
+            namespace: intern(namespace),
+            service_account: intern(service_account),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    discovery::{LocalConfig, Service, Workload},
+    discovery::{Labels, LocalConfig, Service, Workload},
     l7::api::{ConfigError, ObjectContext, gateway::GATEWAY_API_VERSIONS},
     policy::RawObject,
 };
@@ -107,9 +107,9 @@ impl Waypoints {
     pub fn bind(
         &self,
         kind: Addressed,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         namespace: &str,
-        namespace_labels: &BTreeMap<String, String>,
+        namespace_labels: &Labels,
     ) -> Binding {
         let chosen = [labels, namespace_labels]
             .into_iter()
@@ -121,11 +121,10 @@ impl Waypoints {
             return Binding::Direct;
         }
         let r = WaypointRef {
-            name: name.clone(),
+            name: name.to_string(),
             namespace: source
                 .get(USE_WAYPOINT_NAMESPACE_LABEL)
-                .cloned()
-                .unwrap_or_else(|| namespace.to_owned()),
+                .map_or_else(|| namespace.to_owned(), ToString::to_string),
         };
         match self.get(&r) {
             None => Binding::Missing(r),
@@ -175,8 +174,8 @@ impl Waypoints {
     }
 }
 
-fn namespace_labels<'a>(config: &'a LocalConfig, namespace: &str) -> &'a BTreeMap<String, String> {
-    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+fn namespace_labels<'a>(config: &'a LocalConfig, namespace: &str) -> &'a Labels {
+    static EMPTY: std::sync::LazyLock<Labels> = std::sync::LazyLock::new(Labels::new);
     config.namespace(namespace).map_or(&EMPTY, |n| &n.labels)
 }
 
@@ -408,6 +407,7 @@ mod tests {
             ),
         ];
         for (istio, kind, obj, ns, want) in cases {
+            let (obj, ns) = (Labels::from(&obj), Labels::from(&ns));
             assert_eq!(w.bind(kind, &obj, "bookinfo", &ns), want, "{istio}");
         }
     }

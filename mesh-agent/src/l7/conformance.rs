@@ -289,12 +289,13 @@ fn header_text(h: &HeaderMap) -> BTreeMap<String, String> {
 
 /// A `tcp` case: where `tcp_route` sends the connection.
 fn run_tcp(req: &Request, e: &Expect, table: &RouteTable) -> Result<(), String> {
+    let source_labels = req.source_labels.as_ref().map(crate::names::Labels::from);
     let view = ConnectionView {
         port: req.port,
         destination: req
             .destination
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10))),
-        source_labels: req.source_labels.as_ref(),
+        source_labels: source_labels.as_ref(),
         source_namespace: req.source_namespace.as_deref(),
     };
     let pick = |roll: u64| {
@@ -383,6 +384,7 @@ fn run(case: &Case) -> Result<(), String> {
         return run_tcp(req, e, &table);
     }
     let headers = headers_of(req);
+    let source_labels = req.source_labels.as_ref().map(crate::names::Labels::from);
     let view = RequestView {
         method: &req.method,
         scheme: &req.scheme,
@@ -390,7 +392,7 @@ fn run(case: &Case) -> Result<(), String> {
         authority: &req.authority,
         headers: &headers,
         port: req.port,
-        source_labels: req.source_labels.as_ref(),
+        source_labels: source_labels.as_ref(),
         source_namespace: req.source_namespace.as_deref(),
     };
     let decision = table.route(&req.host, &view, e.roll);

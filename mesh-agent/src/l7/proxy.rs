@@ -153,8 +153,8 @@ pub struct Routing {
 /// Who sent a request (the waypoint's first hop), for `sourceLabels` matches.
 #[derive(Clone, Debug, Default)]
 pub struct Source {
-    pub namespace: Option<String>,
-    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    pub namespace: Option<crate::names::Name>,
+    pub labels: Option<crate::names::Labels>,
 }
 
 /// Routes and forwards requests for one proxy.

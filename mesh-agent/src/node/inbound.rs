@@ -37,7 +37,7 @@ pub async fn inbound_hbone(
     let cert = match ctx.certs.get(&pod.identity).await {
         Ok(c) => c,
         Err(e) => {
-            warn!(pod = %pod.key, error = %e, "no certificate for the destination workload");
+            warn!(pod = %pod.key(), error = %e, "no certificate for the destination workload");
             super::sockets::reset(tcp);
             return;
         }

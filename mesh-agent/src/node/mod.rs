@@ -98,7 +98,7 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
         };
         let pod = PodCapture {
             key: format!("{}/{}", w.namespace, w.name),
-            host_iface: iface.clone(),
+            host_iface: iface.to_string(),
             ips: w.ips.clone(),
             cgroup: w.cgroup.clone(),
         };

@@ -14,20 +14,22 @@ use crate::{
     discovery::{ConfigDelta, LocalConfig, Service, Workload, delta::Replaced, selection},
     identity::SpiffeId,
     l7::binding::{Binding, GATEWAY_NAME_LABEL, Waypoints},
+    names::Name,
 };
 
 /// A workload as the mesh handler needs it.
 #[derive(Clone, Debug)]
+/// Its strings are shared with the config and with other workloads (issue #19: this and the
+/// config entry are most of what a remote pod costs).
 pub struct MeshWorkload {
-    pub key: String,
-    pub name: String,
-    pub namespace: String,
+    pub name: Name,
+    pub namespace: Name,
     pub identity: SpiffeId,
-    pub node: String,
+    pub node: Name,
     pub enrolled: bool,
     /// Istio's canonical service and revision (from its labels), for telemetry.
-    pub canonical_service: String,
-    pub canonical_revision: String,
+    pub canonical_service: Name,
+    pub canonical_revision: Name,
     /// The waypoint traffic addressed to its own IP goes through (pod bound with
     /// `waypoint-for: workload` or `all`).
     pub waypoint: Option<Arc<WaypointRoute>>,
@@ -47,6 +49,11 @@ pub enum WaypointRoute {
 }
 
 impl MeshWorkload {
+    /// `namespace/name`, made when logged rather than kept for every workload.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// W3C baggage describing it (HBONE headers), built when a connection needs it rather than
     /// kept for every workload of the cluster.
     pub fn baggage(&self) -> String {
@@ -219,7 +226,6 @@ impl MeshState {
         let (service, version) = w.canonical_names();
         let binding = self.waypoints.of_workload(config, w);
         let mw = Arc::new(MeshWorkload {
-            key: format!("{}/{}", w.namespace, w.name),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             identity: config.identity_of(w),

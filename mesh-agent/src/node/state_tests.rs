@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::discovery::{ServicePort, delta::Key};
+use crate::{
+    discovery::{ServicePort, delta::Key},
+    names::{Labels, intern},
+};
 
 const BASE: &str = r#"
 node: {name: n1}
@@ -102,13 +105,13 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                     ips.extend(v6.map(|v| format!("fd00::{v}").parse::<IpAddr>().unwrap()));
                 }
                 let w = Workload {
-                    name: k.1.clone(),
-                    namespace: k.0.clone(),
-                    service_account: "sa".into(),
-                    host_interface: (node == "n1").then(|| format!("veth{iface}")),
-                    node,
+                    name: k.1.as_str().into(),
+                    namespace: intern(&k.0),
+                    service_account: intern("sa"),
+                    host_interface: (node == "n1").then(|| format!("veth{iface}").into()),
+                    node: intern(&node),
                     ips,
-                    labels,
+                    labels: labels.into(),
                     host_network,
                     cgroup: None,
                 };
@@ -133,8 +136,8 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                     format!("10.96.0.{vip}")
                 };
                 let s = Service {
-                    name: k.1.clone(),
-                    namespace: k.0.clone(),
+                    name: k.1.as_str().into(),
+                    namespace: intern(&k.0),
                     vips: vec![vip.parse().unwrap()],
                     ports: vec![ServicePort {
                         port: [80, 443][port as usize],
@@ -142,12 +145,12 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                         protocol: None,
                     }],
                     selector: match selector {
-                        0 => BTreeMap::new(),
-                        n => BTreeMap::from([("app".to_owned(), format!("x{}", n - 1))]),
+                        0 => Labels::new(),
+                        n => [("app", format!("x{}", n - 1))].into_iter().collect(),
                     },
                     endpoints: explicit
                         .then(|| vec!["10.0.0.1".parse().unwrap(), "10.0.0.4".parse().unwrap()]),
-                    labels: BTreeMap::new(),
+                    labels: Labels::new(),
                 };
                 d.services.insert(k, Some(s));
             }
@@ -164,11 +167,11 @@ fn rewritten(config: &LocalConfig, delta: &ConfigDelta) -> LocalConfig {
     let mut c = config.clone();
     for ((ns, name), change) in &delta.workloads {
         c.workloads
-            .retain(|w| (&w.namespace, &w.name) != (ns, name));
+            .retain(|w| w.namespace != *ns || w.name != *name);
         c.workloads.extend(change.clone());
     }
     for ((ns, name), change) in &delta.services {
-        c.services.retain(|s| (&s.namespace, &s.name) != (ns, name));
+        c.services.retain(|s| s.namespace != *ns || s.name != *name);
         c.services.extend(change.clone());
     }
     c
@@ -191,7 +194,7 @@ fn summary(state: &MeshState) -> Vec<String> {
         .map(|(ip, w)| {
             format!(
                 "{ip} {} {} {} {} {} {} {}",
-                w.key,
+                w.key(),
                 w.identity,
                 w.node,
                 w.enrolled,
@@ -222,7 +225,7 @@ fn contents(c: &LocalConfig) -> Vec<String> {
         .iter()
         .map(|w| format!("{w:?}"))
         .chain(c.services.iter().map(|s| {
-            let mut eps: Vec<String> = c.endpoints_of(s).map(|w| w.name.clone()).collect();
+            let mut eps: Vec<String> = c.endpoints_of(s).map(|w| w.name.to_string()).collect();
             eps.sort();
             format!("{s:?} selects {eps:?}")
         }))

@@ -35,11 +35,11 @@ pub fn service_info(key: &str) -> ServiceInfo {
 
 fn peer_of(w: &MeshWorkload, principal: Option<&SpiffeId>) -> PeerInfo {
     PeerInfo {
-        workload: Some(w.name.clone()),
-        namespace: Some(w.namespace.clone()),
+        workload: Some(w.name.to_string()),
+        namespace: Some(w.namespace.to_string()),
         principal: principal.map(SpiffeId::uri),
-        canonical_service: Some(w.canonical_service.clone()),
-        canonical_revision: Some(w.canonical_revision.clone()),
+        canonical_service: Some(w.canonical_service.to_string()),
+        canonical_revision: Some(w.canonical_revision.to_string()),
         cluster: Some(CLUSTER_NAME.to_owned()),
     }
 }
@@ -47,7 +47,7 @@ fn peer_of(w: &MeshWorkload, principal: Option<&SpiffeId>) -> PeerInfo {
 /// What an identity alone says: its namespace and principal.
 fn peer_of_identity(id: &SpiffeId) -> PeerInfo {
     PeerInfo {
-        namespace: Some(id.namespace.clone()),
+        namespace: Some(id.namespace.to_string()),
         principal: Some(id.uri()),
         ..PeerInfo::default()
     }

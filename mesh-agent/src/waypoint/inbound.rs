@@ -299,19 +299,19 @@ impl Connection {
             source_workload: self.source.as_ref().map_or_else(unknown, |s| {
                 s.key.rsplit('/').next().unwrap_or("").to_owned()
             }),
-            source_workload_namespace: self.peer.namespace.clone(),
+            source_workload_namespace: self.peer.namespace.to_string(),
             source_principal: self.peer.uri(),
             source_canonical_service: self
                 .source
                 .as_ref()
-                .map_or_else(unknown, |s| s.canonical_service.clone()),
+                .map_or_else(unknown, |s| s.canonical_service.to_string()),
             destination_workload: served_by.map_or_else(unknown, |s| {
                 s.key.rsplit('/').next().unwrap_or("").to_owned()
             }),
             destination_workload_namespace: served_by.map_or_else(unknown, |s| s.namespace.clone()),
             destination_principal: served_by.map_or_else(unknown, |s| s.principal.clone()),
             destination_canonical_service: served_by
-                .map_or_else(unknown, |s| s.canonical_service.clone()),
+                .map_or_else(unknown, |s| s.canonical_service.to_string()),
             destination_service: dst.host.clone(),
             destination_service_name: svc_name,
             destination_service_namespace: svc_ns,

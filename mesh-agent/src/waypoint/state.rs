@@ -3,14 +3,14 @@
 //! routes. Rebuilt whole on every config change and swapped in; requests in flight keep the
 //! state they started with.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use super::attach;
 use crate::{
-    discovery::{LocalConfig, ServicePort},
+    discovery::{Labels, LocalConfig, Name, ServicePort},
     identity::SpiffeId,
     l7::{
         authz::WaypointAuthz,
@@ -27,11 +27,11 @@ pub struct Endpoint {
     pub identity: SpiffeId,
     /// `namespace/name`.
     pub key: String,
-    pub namespace: String,
-    pub labels: BTreeMap<String, String>,
+    pub namespace: Name,
+    pub labels: Labels,
     /// Istio's canonical service and revision (telemetry).
-    pub canonical_service: String,
-    pub canonical_revision: String,
+    pub canonical_service: Name,
+    pub canonical_revision: Name,
 }
 
 /// A service bound to this waypoint.
@@ -96,7 +96,7 @@ impl WaypointState {
             .services
             .iter()
             .filter(|s| waypoints.of_service(config, s) == Binding::Waypoint(me.clone()))
-            .map(|s| (s.name.clone(), s.namespace.clone()))
+            .map(|s| (s.name.to_string(), s.namespace.to_string()))
             .collect();
         let policies = attach::attach(&config.policies, me, &bound_services);
         let (routes, e) = RouteTable::build(&policies);
@@ -159,8 +159,8 @@ impl WaypointState {
                 .collect();
             let entry = Arc::new(ServiceEntry {
                 host: qualify(&svc.name, &svc.namespace),
-                name: svc.name.clone(),
-                namespace: svc.namespace.clone(),
+                name: svc.name.to_string(),
+                namespace: svc.namespace.to_string(),
                 ports: svc.ports.clone(),
                 endpoints,
             });

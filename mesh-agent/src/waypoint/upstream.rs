@@ -184,9 +184,7 @@ impl HboneUpstream {
         let endpoints: Vec<&Endpoint> = svc
             .endpoints
             .iter()
-            .filter(|e| {
-                subset.is_none_or(|s| s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-            })
+            .filter(|e| subset.is_none_or(|s| s.labels.iter().all(|(k, v)| e.labels.has(k, v))))
             .collect();
         let addrs: Vec<SocketAddr> = endpoints
             .iter()
@@ -365,9 +363,9 @@ impl HboneUpstream {
                 let mut resp = resp.map(|b| b.map_err(Into::into).boxed());
                 resp.extensions_mut().insert(ServedBy {
                     key: ep.key.clone(),
-                    namespace: ep.namespace.clone(),
+                    namespace: ep.namespace.to_string(),
                     principal: ep.identity.uri(),
-                    canonical_service: ep.canonical_service.clone(),
+                    canonical_service: ep.canonical_service.to_string(),
                 });
                 Ok(resp)
             }

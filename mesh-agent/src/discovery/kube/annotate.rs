@@ -58,7 +58,7 @@ impl Annotator {
         config
             .local_pods()
             .filter(|w| config.is_enrolled(w))
-            .map(|w| (w.namespace.clone(), w.name.clone()))
+            .map(|w| (w.namespace.to_string(), w.name.to_string()))
             .collect()
     }
 

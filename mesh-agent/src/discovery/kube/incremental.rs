@@ -66,7 +66,7 @@ pub fn delta(
         let changed: HashSet<&Key> = delta.workloads.keys().collect();
         let pod_interfaces: HashSet<&str> = published
             .local_pods()
-            .filter(|w| !changed.contains(&(w.namespace.clone(), w.name.clone())))
+            .filter(|w| !changed.contains(&(w.namespace.to_string(), w.name.to_string())))
             .chain(delta.new_workloads())
             .filter_map(|w| w.host_interface.as_deref())
             .collect();
@@ -118,7 +118,7 @@ pub fn delta(
                         .into_iter()
                         .any(|i| {
                             let o = &published.services[i];
-                            (&o.namespace, &o.name) != (&key.0, &key.1)
+                            o.namespace != key.0 || o.name != key.1
                         })
                 })
             {

@@ -20,8 +20,8 @@ use kube::api::DynamicObject;
 use super::{host::PodLocator, pod::PodView as Pod};
 use crate::{
     discovery::{
-        CaSection, LocalConfig, Namespace, NodeSection, Service, ServicePort, Workload,
-        local::MeshSection,
+        CaSection, Labels, LocalConfig, Name, Namespace, NodeSection, Service, ServicePort,
+        Workload, intern, local::MeshSection,
     },
     policy::RawObject,
 };
@@ -149,10 +149,12 @@ pub fn workload_of(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_owned());
-    let mut labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
+    let empty = BTreeMap::new();
+    let pod_labels = p.metadata.labels.as_ref().unwrap_or(&empty);
     let mut note = None;
+    let mut labels = Labels::from(pod_labels);
     // A label value the model rejects would reject the whole snapshot: treat as unset.
-    if let Some(v) = labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
+    if let Some(v) = pod_labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
         && v != crate::discovery::DATAPLANE_MODE_AMBIENT
         && v != crate::discovery::DATAPLANE_MODE_NONE
     {
@@ -163,14 +165,14 @@ pub fn workload_of(
         labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
     }
     let w = Workload {
-        name: p.metadata.name.clone().unwrap_or_default(),
-        namespace: p.metadata.namespace.clone().unwrap_or_default(),
-        service_account,
-        node,
+        name: p.metadata.name.as_deref().unwrap_or_default().into(),
+        namespace: intern(p.metadata.namespace.as_deref().unwrap_or_default()),
+        service_account: intern(&service_account),
+        node: intern(&node),
         ips,
         labels,
         host_network,
-        host_interface,
+        host_interface: host_interface.map(Name::from),
         cgroup,
     };
     (Some(w), note)
@@ -248,13 +250,18 @@ pub fn service_of(
         .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
         .collect();
     Some(Service {
-        name,
-        namespace,
+        name: name.into(),
+        namespace: intern(&namespace),
         vips,
         ports,
-        selector: spec.selector.clone().unwrap_or_default(),
+        selector: spec.selector.as_ref().map(Labels::from).unwrap_or_default(),
         endpoints: Some(ready.into_iter().collect()),
-        labels: svc.metadata.labels.clone().unwrap_or_default(),
+        labels: svc
+            .metadata
+            .labels
+            .as_ref()
+            .map(Labels::from)
+            .unwrap_or_default(),
     })
 }
 
@@ -271,8 +278,13 @@ pub fn build(
         .iter()
         .filter_map(|n| {
             Some(Namespace {
-                name: n.metadata.name.clone()?,
-                labels: n.metadata.labels.clone().unwrap_or_default(),
+                name: intern(n.metadata.name.as_deref()?),
+                labels: n
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .map(Labels::from)
+                    .unwrap_or_default(),
             })
         })
         .collect();

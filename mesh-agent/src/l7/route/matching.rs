@@ -19,7 +19,7 @@ pub struct RequestView<'a> {
     /// The destination port the client addressed (the service port).
     pub port: u16,
     /// The source workload's labels and namespace, when the source is a known workload.
-    pub source_labels: Option<&'a BTreeMap<String, String>>,
+    pub source_labels: Option<&'a crate::names::Labels>,
     pub source_namespace: Option<&'a str>,
 }
 
@@ -30,7 +30,7 @@ pub struct ConnectionView<'a> {
     pub port: u16,
     /// The address the client addressed (the VIP).
     pub destination: std::net::IpAddr,
-    pub source_labels: Option<&'a BTreeMap<String, String>>,
+    pub source_labels: Option<&'a crate::names::Labels>,
     pub source_namespace: Option<&'a str>,
 }
 
@@ -192,11 +192,7 @@ impl RequestMatch {
             let Some(labels) = r.source_labels else {
                 return false;
             };
-            if !self
-                .source_labels
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-            {
+            if !self.source_labels.iter().all(|(k, v)| labels.has(k, v)) {
                 return false;
             }
         }

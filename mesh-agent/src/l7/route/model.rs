@@ -535,7 +535,7 @@ impl TcpRule {
                     .any(|n| n.contains(&c.destination)))
             && (self.source_labels.is_empty()
                 || c.source_labels
-                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))))
+                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.has(k, v))))
             && self
                 .source_namespace
                 .as_deref()
