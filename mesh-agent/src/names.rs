@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    sync::{LazyLock, Mutex, PoisonError},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -15,22 +15,48 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A shared, immutable string (8 bytes; cloning bumps a count).
 pub type Name = arcstr::ArcStr;
 
-/// The pool of interned strings. Entries nothing else holds any more are dropped whenever the
+/// A pod's addresses: one per family, so one or two; the first is kept inline (most pods are
+/// single-stack), sparing an allocation per workload.
+pub type Addresses = smallvec::SmallVec<[std::net::IpAddr; 1]>;
+
+/// A pool of interned values. Entries nothing else holds any more are dropped whenever the
 /// pool has doubled since the last sweep, so it stays within twice what is in use however long
 /// the agent runs and however many distinct values pass through.
-struct Pool {
-    names: HashSet<Name>,
+struct Pool<T> {
+    values: HashSet<T>,
     sweep_at: usize,
 }
 
 const FIRST_SWEEP: usize = 1024;
 
-static POOL: LazyLock<Mutex<Pool>> = LazyLock::new(|| {
-    Mutex::new(Pool {
-        names: HashSet::new(),
-        sweep_at: FIRST_SWEEP,
-    })
-});
+impl<T: std::hash::Hash + Eq + Clone> Pool<T> {
+    fn new() -> Mutex<Self> {
+        Mutex::new(Self {
+            values: HashSet::new(),
+            sweep_at: FIRST_SWEEP,
+        })
+    }
+
+    /// The pooled copy of `key`, made by `make` when there is none.
+    fn get<Q>(&mut self, key: &Q, make: impl FnOnce(&Q) -> T, held: impl Fn(&T) -> bool) -> T
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if let Some(found) = self.values.get(key) {
+            return found.clone();
+        }
+        let value = make(key);
+        self.values.insert(value.clone());
+        if self.values.len() >= self.sweep_at {
+            self.values.retain(&held);
+            self.sweep_at = (self.values.len() * 2).max(FIRST_SWEEP);
+        }
+        value
+    }
+}
+
+static NAMES: LazyLock<Mutex<Pool<Name>>> = LazyLock::new(Pool::new);
 
 /// The shared copy of `s`: equal strings interned anywhere in the process share one allocation.
 /// For values that repeat across workloads (namespaces, service accounts, nodes, label keys and
@@ -39,26 +65,40 @@ pub fn intern(s: &str) -> Name {
     if s.is_empty() {
         return Name::new();
     }
-    let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(found) = pool.names.get(s) {
-        return found.clone();
-    }
-    let name = Name::from(s);
-    pool.names.insert(name.clone());
-    if pool.names.len() >= pool.sweep_at {
-        pool.names
-            .retain(|n| Name::strong_count(n).is_none_or(|c| c > 1));
-        pool.sweep_at = (pool.names.len() * 2).max(FIRST_SWEEP);
-    }
-    name
+    NAMES.lock().unwrap_or_else(PoisonError::into_inner).get(
+        s,
+        |s: &str| Name::from(s),
+        |n: &Name| Name::strong_count(n).is_none_or(|c| c > 1),
+    )
 }
 
 /// How many strings the pool holds (tests and diagnostics).
 pub fn pooled() -> usize {
-    POOL.lock()
+    NAMES
+        .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .names
+        .values
         .len()
+}
+
+type LabelSet = Arc<[(Name, Name)]>;
+
+static LABEL_SETS: LazyLock<Mutex<Pool<LabelSet>>> = LazyLock::new(Pool::new);
+
+/// The shared copy of a sorted label set: the replicas of a Deployment carry the same labels.
+fn intern_labels(all: &[(Name, Name)]) -> LabelSet {
+    if all.is_empty() {
+        static EMPTY: LazyLock<LabelSet> = LazyLock::new(|| Arc::from(Vec::new()));
+        return Arc::clone(&EMPTY);
+    }
+    LABEL_SETS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(
+            all,
+            |l: &[(Name, Name)]| Arc::from(l),
+            |l: &LabelSet| Arc::strong_count(l) > 1,
+        )
 }
 
 /// Serde: a string read into the pool.
@@ -66,14 +106,25 @@ pub fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
     Ok(intern(&<std::borrow::Cow<'de, str>>::deserialize(d)?))
 }
 
-/// Labels (or a selector): sorted by key, keys unique, keys and values interned. Reads like the
-/// `BTreeMap` it replaces (`get`, `iter`, `contains_key`).
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Box<[(Name, Name)]>);
+/// Labels (or a selector): sorted by key, keys unique, keys and values interned, and the set
+/// itself interned, so pods with the same labels share one. Reads like the `BTreeMap` it
+/// replaces (`get`, `iter`, `contains_key`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(LabelSet);
+
+impl Default for Labels {
+    fn default() -> Self {
+        Self(intern_labels(&[]))
+    }
+}
 
 impl Labels {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn of(all: Vec<(Name, Name)>) -> Self {
+        Self(intern_labels(&all))
     }
 
     fn find(&self, key: &str) -> Result<usize, usize> {
@@ -112,7 +163,7 @@ impl Labels {
 
     /// Sets `key` (rare: labels are built whole; this copies the slice).
     pub fn insert(&mut self, key: &str, value: &str) -> Option<Name> {
-        let mut all = std::mem::take(&mut self.0).into_vec();
+        let mut all = self.0.to_vec();
         let old = match all.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
             Ok(i) => Some(std::mem::replace(&mut all[i].1, intern(value))),
             Err(i) => {
@@ -120,16 +171,16 @@ impl Labels {
                 None
             }
         };
-        self.0 = all.into_boxed_slice();
+        *self = Self::of(all);
         old
     }
 
     /// Removes `key` (rare; copies the slice).
     pub fn remove(&mut self, key: &str) -> Option<Name> {
         let i = self.find(key).ok()?;
-        let mut all = std::mem::take(&mut self.0).into_vec();
+        let mut all = self.0.to_vec();
         let (_, v) = all.remove(i);
-        self.0 = all.into_boxed_slice();
+        *self = Self::of(all);
         Some(v)
     }
 }
@@ -146,7 +197,7 @@ impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Labels {
         all.reverse();
         all.dedup_by(|later, earlier| later.0 == earlier.0);
         all.reverse();
-        Self(all.into_boxed_slice())
+        Self::of(all)
     }
 }
 
@@ -215,6 +266,13 @@ mod tests {
         let b = intern(&String::from("names-test-shared"));
         assert!(Name::ptr_eq(&a, &b));
         assert!(intern("").is_empty());
+        let l1: Labels = [("names-test", "a"), ("names-test-2", "b")]
+            .into_iter()
+            .collect();
+        let l2: Labels = [("names-test-2", "b"), ("names-test", "a")]
+            .into_iter()
+            .collect();
+        assert!(Arc::ptr_eq(&l1.0, &l2.0), "equal label sets are shared");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
-use crate::names::{Labels, Name, interned};
+use crate::names::{Addresses, Labels, Name, interned};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -172,7 +172,7 @@ pub struct Workload {
     pub service_account: Name,
     #[serde(deserialize_with = "interned")]
     pub node: Name,
-    pub ips: Vec<IpAddr>,
+    pub ips: Addresses,
     #[serde(default)]
     pub labels: Labels,
     #[serde(default)]
@@ -311,11 +311,14 @@ impl LocalConfig {
 
     /// Parses and validates YAML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: LocalConfig =
+        let mut config: LocalConfig =
             serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
                 path: "<config>".to_owned(),
                 source,
             })?;
+        // Read into vectors that grew by doubling: up to half of them unused.
+        config.workloads.shrink_to_fit();
+        config.services.shrink_to_fit();
         config.validate()?;
         Ok(config)
     }
@@ -598,7 +601,7 @@ impl LocalConfig {
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
-                    ips: w.ips.clone(),
+                    ips: w.ips.to_vec(),
                     services: services
                         .iter()
                         .filter(|s| waypoints.of_service(self, s) == Binding::Direct)

@@ -33,8 +33,9 @@ struct Inner {
     /// Hash of `(namespace, key, value)` → workloads with that label. Keyed by hash to keep the
     /// index small; a collision only adds candidates, which the full selector check removes.
     by_label: HashMap<u64, Vec<u32>>,
-    /// Address → the (non host-network) workload that has it.
-    by_ip: HashMap<IpAddr, u32>,
+    /// Address → the (non host-network) workload that has it: its position and which of its
+    /// addresses (8 bytes an entry, the address is read from the workload).
+    by_ip: HashTable<(u32, u32)>,
     /// Workloads by `(namespace, name)`: only positions are stored, the key is read from the
     /// workload itself.
     by_key: HashTable<u32>,
@@ -67,6 +68,11 @@ fn hash_of(hasher: &std::hash::RandomState, value: impl Hash) -> u64 {
     hasher.hash_one(value)
 }
 
+/// The address a `by_ip` entry stands for.
+fn address_of(workloads: &[Workload], (p, n): (u32, u32)) -> Option<IpAddr> {
+    workloads.get(p as usize)?.ips.get(n as usize).copied()
+}
+
 fn remove_from(list: &mut Vec<u32>, pos: u32) {
     if let Some(i) = list.iter().position(|&p| p == pos) {
         list.swap_remove(i);
@@ -88,7 +94,7 @@ impl Inner {
         let mut me = Self {
             hasher: std::hash::RandomState::new(),
             by_label: HashMap::new(),
-            by_ip: HashMap::with_capacity(config.workloads.len()),
+            by_ip: HashTable::with_capacity(config.workloads.len()),
             by_key: HashTable::with_capacity(config.workloads.len()),
             interfaces: HashMap::new(),
             services_by_key: HashTable::with_capacity(config.services.len()),
@@ -134,9 +140,21 @@ impl Inner {
                 .or_default()
                 .push(i);
         }
-        for ip in &w.ips {
-            self.by_ip.entry(*ip).or_insert(i);
+        for (n, ip) in w.ips.iter().enumerate() {
+            let h = hash_of(hasher, ip);
+            if self.ip_entry(workloads, h, *ip).is_none() {
+                self.by_ip.insert_unique(h, (i, pos(n)), |&e| {
+                    address_of(workloads, e).map_or(0, |ip| hash_of(hasher, ip))
+                });
+            }
         }
+    }
+
+    /// The `by_ip` entry of `ip` (`h`: its hash).
+    fn ip_entry(&self, workloads: &[Workload], h: u64, ip: IpAddr) -> Option<(u32, u32)> {
+        self.by_ip
+            .find(h, |&e| address_of(workloads, e) == Some(ip))
+            .copied()
     }
 
     fn remove_workload(&mut self, workloads: &[Workload], i: u32) {
@@ -163,8 +181,12 @@ impl Inner {
             }
         }
         for ip in &w.ips {
-            if self.by_ip.get(ip) == Some(&i) {
-                self.by_ip.remove(ip);
+            let h = hash_of(&self.hasher, ip);
+            if let Ok(e) = self
+                .by_ip
+                .find_entry(h, |&e| e.0 == i && address_of(workloads, e) == Some(*ip))
+            {
+                e.remove();
             }
         }
     }
@@ -192,10 +214,12 @@ impl Inner {
             }
         }
         for ip in &w.ips {
-            if let Some(p) = self.by_ip.get_mut(ip)
-                && *p == from
-            {
-                *p = to;
+            let h = hash_of(&self.hasher, ip);
+            // Entries of `from` compare against the workload now at `to` (the same one).
+            if let Some(entry) = self.by_ip.find_mut(h, |&(p, n)| {
+                p == from && workloads[to as usize].ips.get(n as usize) == Some(ip)
+            }) {
+                entry.0 = to;
             }
         }
     }
@@ -302,7 +326,11 @@ impl WorkloadIndex {
         let mut picked: Vec<u32> = match &svc.endpoints {
             Some(ips) => ips
                 .iter()
-                .filter_map(|ip| inner.by_ip.get(ip).copied())
+                .filter_map(|ip| {
+                    inner
+                        .ip_entry(workloads, hash_of(&inner.hasher, ip), *ip)
+                        .map(|(p, _)| p)
+                })
                 .collect(),
             None if svc.selector.is_empty() => return Vec::new(),
             None => {
@@ -370,7 +398,10 @@ impl WorkloadIndex {
 
     /// The (non host-network) workload with address `ip`.
     pub fn ip_owner(&self, config: &LocalConfig, ip: IpAddr) -> Option<usize> {
-        self.inner(config).by_ip.get(&ip).map(|&p| p as usize)
+        let inner = self.inner(config);
+        inner
+            .ip_entry(&config.workloads, hash_of(&inner.hasher, ip), ip)
+            .map(|(p, _)| p as usize)
     }
 
     /// This node's pod with host interface `iface`.

@@ -99,7 +99,7 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
         let pod = PodCapture {
             key: format!("{}/{}", w.namespace, w.name),
             host_iface: iface.to_string(),
-            ips: w.ips.clone(),
+            ips: w.ips.to_vec(),
             cgroup: w.cgroup.clone(),
         };
         if config.is_enrolled(w) {
@@ -142,6 +142,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     )));
     let policies = config.compile_policies();
     policies.log();
+    // Reading a large configuration freed most of what it allocated: hand it back before
+    // saying ready (the periodic trim would, seconds later).
+    release_free_memory();
     let enforcer = Enforcer::new(policies);
     let identity = match opts.handler {
         HandlerMode::Mesh => Some(mesh_identity(&config, opts.ca_service.as_ref())?),

@@ -23,7 +23,7 @@ use crate::{
 /// config entry are most of what a remote pod costs).
 pub struct MeshWorkload {
     pub name: Name,
-    pub namespace: Name,
+    /// Its namespace is the identity's.
     pub identity: SpiffeId,
     pub node: Name,
     pub enrolled: bool,
@@ -51,7 +51,11 @@ pub enum WaypointRoute {
 impl MeshWorkload {
     /// `namespace/name`, made when logged rather than kept for every workload.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        format!("{}/{}", self.namespace(), self.name)
+    }
+
+    pub fn namespace(&self) -> &Name {
+        &self.identity.namespace
     }
 
     /// W3C baggage describing it (HBONE headers), built when a connection needs it rather than
@@ -59,7 +63,10 @@ impl MeshWorkload {
     pub fn baggage(&self) -> String {
         format!(
             "k8s.cluster.name={CLUSTER_NAME},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
-            self.namespace, self.name, self.canonical_service, self.canonical_revision
+            self.namespace(),
+            self.name,
+            self.canonical_service,
+            self.canonical_revision
         )
     }
 }
@@ -227,7 +234,6 @@ impl MeshState {
         let binding = self.waypoints.of_workload(config, w);
         let mw = Arc::new(MeshWorkload {
             name: w.name.clone(),
-            namespace: w.namespace.clone(),
             identity: config.identity_of(w),
             node: w.node.clone(),
             enrolled: config.is_enrolled(w),

@@ -110,7 +110,7 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                     service_account: intern("sa"),
                     host_interface: (node == "n1").then(|| format!("veth{iface}").into()),
                     node: intern(&node),
-                    ips,
+                    ips: ips.into(),
                     labels: labels.into(),
                     host_network,
                     cgroup: None,

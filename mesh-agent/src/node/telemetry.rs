@@ -36,7 +36,7 @@ pub fn service_info(key: &str) -> ServiceInfo {
 fn peer_of(w: &MeshWorkload, principal: Option<&SpiffeId>) -> PeerInfo {
     PeerInfo {
         workload: Some(w.name.to_string()),
-        namespace: Some(w.namespace.to_string()),
+        namespace: Some(w.namespace().to_string()),
         principal: principal.map(SpiffeId::uri),
         canonical_service: Some(w.canonical_service.to_string()),
         canonical_revision: Some(w.canonical_revision.to_string()),

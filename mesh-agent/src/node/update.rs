@@ -92,6 +92,10 @@ impl Updater {
         self.reconcile(controller, source, &new);
         let counts = (new.workloads.len(), new.services.len());
         *self.admin.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        // Reading and building a large configuration freed most of what it allocated (the
+        // file's text and parse, the configuration replaced): hand it back now rather than at
+        // the next periodic trim, so the agent is at its steady size when it says ready.
+        super::release_free_memory();
         ("full", counts.0, counts.1)
     }
 

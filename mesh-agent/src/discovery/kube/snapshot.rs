@@ -169,7 +169,7 @@ pub fn workload_of(
         namespace: intern(p.metadata.namespace.as_deref().unwrap_or_default()),
         service_account: intern(&service_account),
         node: intern(&node),
-        ips,
+        ips: ips.into(),
         labels,
         host_network,
         host_interface: host_interface.map(Name::from),
