@@ -6,7 +6,7 @@
 //! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
 use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service as K8sService;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::watch;
 
@@ -14,6 +14,7 @@ use super::{
     feed::Changes,
     host::PodLocator,
     pod::PodView as Pod,
+    slice::EndpointSliceView as EndpointSlice,
     snapshot::{SnapshotSettings, service_of, slice_service, workload_of},
 };
 use crate::discovery::{ConfigDelta, ConfigUpdate, LocalConfig, delta::Key};

@@ -18,6 +18,7 @@ pub mod feed;
 pub mod host;
 pub mod incremental;
 pub mod pod;
+pub mod slice;
 pub mod snapshot;
 
 use std::{
@@ -25,10 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -41,6 +39,7 @@ pub use feed::{Feed, KeyBy, drive};
 pub use host::{HostLocator, Located, PodLocator};
 pub use incremental::Published;
 pub use pod::PodView;
+pub use slice::EndpointSliceView;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
 use crate::discovery::{ConfigUpdate, LocalConfig};
@@ -121,11 +120,10 @@ impl KubeDiscovery {
         // a delta. Anything else changing makes a full build.
         let pod_feed = Feed::tracking("pods", KeyBy::Name);
         let service_feed = Feed::tracking("services", KeyBy::Name);
-        let slice_feed =
-            Feed::tracking("endpointslices", KeyBy::Label("kubernetes.io/service-name"));
+        let slice_feed = Feed::tracking("endpointslices", KeyBy::Label(slice::SERVICE_NAME_LABEL));
         let pods = core_store!(PodView, "pods", Arc::clone(&pod_feed));
         let services = core_store!(Service, "services", Arc::clone(&service_feed));
-        let slices = core_store!(EndpointSlice, "endpointslices", Arc::clone(&slice_feed));
+        let slices = core_store!(EndpointSliceView, "endpointslices", Arc::clone(&slice_feed));
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()

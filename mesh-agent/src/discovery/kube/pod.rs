@@ -6,16 +6,65 @@
 //! the agent's memory in Kubernetes mode).
 use std::borrow::Cow;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
 
-/// The fields of a Pod discovery uses.
-#[derive(Clone, Debug, Default, Deserialize)]
+use crate::names::Labels;
+
+/// The fields of a Pod discovery uses. Of the metadata, only the name, namespace, uid,
+/// resource version (the watcher resumes from it) and timestamps are kept; the labels are
+/// moved out into [`Labels`] (a `BTreeMap` node alone is half a kilobyte).
+#[derive(Clone, Debug, Default)]
 pub struct PodView {
-    #[serde(default)]
     pub metadata: ObjectMeta,
+    pub labels: Labels,
     pub spec: Option<PodViewSpec>,
     pub status: Option<PodViewStatus>,
+}
+
+/// What is read of a Pod's metadata; annotations, owner references, managed fields and the
+/// rest are skipped while decoding.
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct MetaView {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+    labels: Option<Labels>,
+}
+
+impl<'de> Deserialize<'de> for PodView {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            metadata: MetaView,
+            spec: Option<PodViewSpec>,
+            status: Option<PodViewStatus>,
+        }
+        let Raw {
+            metadata: m,
+            spec,
+            status,
+        } = Raw::deserialize(d)?;
+        Ok(Self {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                creation_timestamp: m.creation_timestamp,
+                deletion_timestamp: m.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            labels: m.labels.unwrap_or_default(),
+            spec,
+            status,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -92,8 +141,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(pod.metadata.name.as_deref(), Some("p"));
-        assert_eq!(pod.metadata.labels.as_ref().unwrap()["app"], "a");
+        assert_eq!(pod.labels["app"], "a");
         assert!(pod.metadata.creation_timestamp.is_some());
+        assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.labels.is_none());
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(
             (

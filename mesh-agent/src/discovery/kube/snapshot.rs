@@ -6,18 +6,15 @@
 //! address for a moment, a local pod's interface appears after its IP); objects that would make
 //! the whole snapshot invalid are left out and reported, everything else applies.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace as K8sNamespace, Service as K8sService},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Service as K8sService};
 use kube::api::DynamicObject;
 
-use super::{host::PodLocator, pod::PodView as Pod};
+use super::{host::PodLocator, pod::PodView as Pod, slice::EndpointSliceView as EndpointSlice};
 use crate::{
     discovery::{
         CaSection, Labels, LocalConfig, Name, Namespace, NodeSection, Service, ServicePort,
@@ -97,14 +94,7 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
 
 /// The Service an EndpointSlice belongs to, `(namespace, name)`.
 pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
-    Some((
-        s.metadata.namespace.clone()?,
-        s.metadata
-            .labels
-            .as_ref()?
-            .get("kubernetes.io/service-name")?
-            .clone(),
-    ))
+    s.service()
 }
 
 /// A pod as a workload (None: not running, unscheduled or without an address yet), and what
@@ -149,12 +139,10 @@ pub fn workload_of(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_owned());
-    let empty = BTreeMap::new();
-    let pod_labels = p.metadata.labels.as_ref().unwrap_or(&empty);
     let mut note = None;
-    let mut labels = Labels::from(pod_labels);
+    let mut labels = p.labels.clone();
     // A label value the model rejects would reject the whole snapshot: treat as unset.
-    if let Some(v) = pod_labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
+    if let Some(v) = p.labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
         && v != crate::discovery::DATAPLANE_MODE_AMBIENT
         && v != crate::discovery::DATAPLANE_MODE_NONE
     {
@@ -221,7 +209,7 @@ pub fn service_of(
             // port's name.
             Some(IntOrString::String(_)) => slices
                 .iter()
-                .flat_map(|s| s.ports.iter().flatten())
+                .flat_map(|s| s.ports.iter())
                 .find(|ep| ep.name == p.name)
                 .and_then(|ep| ep.port)
                 .and_then(|n| u16::try_from(n).ok()),
@@ -246,8 +234,8 @@ pub fn service_of(
     let ready: BTreeSet<IpAddr> = slices
         .iter()
         .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+        .filter(|e| e.ready != Some(false))
+        .flat_map(|e| e.addresses.iter().copied())
         .collect();
     Some(Service {
         name: name.into(),
