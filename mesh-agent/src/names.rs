@@ -56,6 +56,31 @@ impl<T: std::hash::Hash + Eq + Clone> Pool<T> {
     }
 }
 
+/// A pool of shared values of another kind (the node agent's identities: every workload of a
+/// service account has the same one), swept as the string pool is.
+pub struct Shared<T>(LazyLock<Mutex<Pool<Arc<T>>>>);
+
+impl<T: std::hash::Hash + Eq + Clone> Shared<T> {
+    pub const fn new() -> Self {
+        Self(LazyLock::new(Pool::new))
+    }
+
+    /// The shared copy of `value`.
+    pub fn share(&self, value: &T) -> Arc<T> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(
+            value,
+            |v: &T| Arc::new(v.clone()),
+            |a: &Arc<T>| Arc::strong_count(a) > 1,
+        )
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Default for Shared<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 static NAMES: LazyLock<Mutex<Pool<Name>>> = LazyLock::new(Pool::new);
 
 /// The shared copy of `s`: equal strings interned anywhere in the process share one allocation.

@@ -110,6 +110,18 @@ impl ConfigDelta {
     pub fn new_services(&self) -> impl Iterator<Item = &Service> {
         self.services.values().flatten()
     }
+
+    /// Whether it changes a pod of `node`, read against `config` as it is before the delta
+    /// applies (a pod moving off the node counts).
+    pub fn touches_node(&self, config: &LocalConfig, node: &str) -> bool {
+        self.workloads.iter().any(|((ns, name), new)| {
+            new.as_ref().is_some_and(|w| w.node == node)
+                || config
+                    .selection
+                    .workload(config, ns, name)
+                    .is_some_and(|i| config.workloads[i].node == node)
+        })
+    }
 }
 
 /// The configuration as it would be after a delta, asked entry by entry.
@@ -302,7 +314,7 @@ impl LocalConfig {
                 .extend(selection.remove_workload(workloads, namespace, name));
         }
         for w in delta.new_workloads() {
-            selection.put_workload(&node.name, workloads, w.clone());
+            selection.add_workload(&node.name, workloads, w.clone());
         }
         for (namespace, name) in delta.services.keys() {
             replaced
@@ -310,16 +322,8 @@ impl LocalConfig {
                 .extend(selection.remove_service(services, namespace, name));
         }
         for s in delta.new_services() {
-            selection.put_service(services, s.clone());
+            selection.add_service(services, s.clone());
         }
         replaced
-    }
-
-    /// Whether `delta` (with what it `replaced`) changes any pod of this node.
-    pub fn touches_node(&self, delta: &ConfigDelta, replaced: &Replaced) -> bool {
-        delta
-            .new_workloads()
-            .chain(&replaced.workloads)
-            .any(|w| w.node == self.node.name)
     }
 }

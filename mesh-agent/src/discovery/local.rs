@@ -184,7 +184,7 @@ pub struct Workload {
     /// The pod's cgroup v2 directory on this node (local mode only). Optional: when given, the
     /// pod's same-node hops to the agent are spliced in the kernel.
     #[serde(default)]
-    pub cgroup: Option<std::path::PathBuf>,
+    pub cgroup: Option<Box<std::path::Path>>,
 }
 
 impl Workload {

@@ -450,31 +450,13 @@ impl WorkloadIndex {
         self.inner(config);
     }
 
-    /// Adds workload `w` or replaces the one of its name; the replaced one.
-    pub fn put_workload(
-        &mut self,
-        node: &str,
-        workloads: &mut Vec<Workload>,
-        w: Workload,
-    ) -> Option<Workload> {
-        match self.position(workloads, &w.namespace, &w.name) {
-            Some(i) => {
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.remove_workload(workloads, pos(i));
-                }
-                let old = std::mem::replace(&mut workloads[i], w);
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.add_workload(node, workloads, pos(i));
-                }
-                Some(old)
-            }
-            None => {
-                workloads.push(w);
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.add_workload(node, workloads, pos(workloads.len() - 1));
-                }
-                None
-            }
+    /// Adds workload `w`, whose name is not in the config ([`LocalConfig::apply`] removes every
+    /// entry a change names before adding their new versions).
+    pub fn add_workload(&mut self, node: &str, workloads: &mut Vec<Workload>, w: Workload) {
+        debug_assert!(self.position(workloads, &w.namespace, &w.name).is_none());
+        workloads.push(w);
+        if let Some(inner) = self.inner.get_mut() {
+            inner.add_workload(node, workloads, pos(workloads.len() - 1));
         }
     }
 
@@ -499,26 +481,15 @@ impl WorkloadIndex {
         Some(old)
     }
 
-    /// Adds Service `s` or replaces the one of its name; the replaced one.
-    pub fn put_service(&mut self, services: &mut Vec<Service>, s: Service) -> Option<Service> {
-        match self.service_position(services, &s.namespace, &s.name) {
-            Some(i) => {
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.remove_service(services, pos(i));
-                }
-                let old = std::mem::replace(&mut services[i], s);
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.add_service(services, pos(i));
-                }
-                Some(old)
-            }
-            None => {
-                services.push(s);
-                if let Some(inner) = self.inner.get_mut() {
-                    inner.add_service(services, pos(services.len() - 1));
-                }
-                None
-            }
+    /// Adds Service `s`, whose name is not in the config (as [`Self::add_workload`]).
+    pub fn add_service(&mut self, services: &mut Vec<Service>, s: Service) {
+        debug_assert!(
+            self.service_position(services, &s.namespace, &s.name)
+                .is_none()
+        );
+        services.push(s);
+        if let Some(inner) = self.inner.get_mut() {
+            inner.add_service(services, pos(services.len() - 1));
         }
     }
 

@@ -44,7 +44,7 @@ pub async fn inbound_hbone(
     };
     let target = Target {
         ip: local.ip(),
-        identity: pod.identity.clone(),
+        identity: (*pod.identity).clone(),
         cert: Arc::clone(&cert.key),
         baggage: pod.baggage(),
     };

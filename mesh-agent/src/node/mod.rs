@@ -100,7 +100,7 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
             key: format!("{}/{}", w.namespace, w.name),
             host_iface: iface.to_string(),
             ips: w.ips.to_vec(),
-            cgroup: w.cgroup.clone(),
+            cgroup: w.cgroup.as_deref().map(Path::to_path_buf),
         };
         if config.is_enrolled(w) {
             desired.enrolled.push(pod);

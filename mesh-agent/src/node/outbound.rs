@@ -71,7 +71,7 @@ pub fn route(
     match ctx.lookup(original_dst.ip()) {
         Some(dst) if dst.enrolled && dst.node == ctx.local_node() => Ok(Route::SameNode),
         Some(dst) if dst.enrolled => Ok(Route::Hbone {
-            source: source.identity.clone(),
+            source: (*source.identity).clone(),
             destination: dst,
         }),
         _ => Ok(Route::Passthrough),
@@ -155,7 +155,7 @@ pub async fn outbound(
             Ok(Route::SameNode) => {
                 // We are the destination's agent too: its inbound policy is ours to enforce,
                 // for the source identity the capture attributed.
-                let source = ctx.lookup(client.ip()).map(|w| w.identity.clone());
+                let source = ctx.lookup(client.ip()).map(|w| (*w.identity).clone());
                 let attrs = ConnectionAttrs {
                     source,
                     source_ip: client.ip(),

@@ -23,8 +23,8 @@ use crate::{
 /// config entry are most of what a remote pod costs).
 pub struct MeshWorkload {
     pub name: Name,
-    /// Its namespace is the identity's.
-    pub identity: SpiffeId,
+    /// Its namespace is the identity's. Shared by the workloads of a service account.
+    pub identity: Arc<SpiffeId>,
     pub node: Name,
     pub enrolled: bool,
     /// Istio's canonical service and revision (from its labels), for telemetry.
@@ -95,6 +95,8 @@ impl WaypointRoute {
         }
     }
 }
+
+static IDENTITIES: crate::names::Shared<SpiffeId> = crate::names::Shared::new();
 
 /// The cluster name in baggage and telemetry (Istio's default cluster ID).
 pub const CLUSTER_NAME: &str = "Kubernetes";
@@ -234,7 +236,7 @@ impl MeshState {
         let binding = self.waypoints.of_workload(config, w);
         let mw = Arc::new(MeshWorkload {
             name: w.name.clone(),
-            identity: config.identity_of(w),
+            identity: IDENTITIES.share(&config.identity_of(w)),
             node: w.node.clone(),
             enrolled: config.is_enrolled(w),
             canonical_service: service,

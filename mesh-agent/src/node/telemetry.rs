@@ -145,7 +145,7 @@ impl Telemetry {
         // The client's workload only if the address belongs to a workload of that identity.
         let source = self
             .lookup(client)
-            .filter(|w| &w.identity == peer)
+            .filter(|w| *w.identity == *peer)
             .map_or_else(|| peer_of_identity(peer), |w| peer_of(&w, Some(peer)));
         let destination = self
             .lookup(dst)

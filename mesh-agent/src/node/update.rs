@@ -112,6 +112,7 @@ impl Updater {
         // The admin view shares this configuration; it is copied only while a dump holds it.
         let config = Arc::make_mut(&mut guard);
         config.check_delta(delta)?;
+        let local = delta.touches_node(config, &config.node.name);
         let replaced = config.apply(delta);
         {
             let mut state = self.mesh_state.write().unwrap_or_else(|e| e.into_inner());
@@ -119,7 +120,6 @@ impl Updater {
                 *state = MeshState::from_config(config);
             }
         }
-        let local = config.touches_node(delta, &replaced);
         let selects_local = |s: &crate::discovery::Service| {
             config
                 .endpoints_of(s)

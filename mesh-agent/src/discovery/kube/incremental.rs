@@ -61,7 +61,7 @@ pub fn delta(
             delta.workloads.insert((ns.clone(), name.clone()), new);
         }
     }
-    if settings.uplinks.is_empty() && touches_node(published, &delta, &settings.node_name) {
+    if settings.uplinks.is_empty() && delta.touches_node(published, &settings.node_name) {
         // Automatic uplinks are the node's interfaces but its pods': as the full build
         // finds them, or a full build.
         let changed: HashSet<&Key> = delta.workloads.keys().collect();
@@ -138,16 +138,6 @@ pub fn delta(
 }
 
 /// Whether `delta` adds, changes or removes a pod of `node`.
-fn touches_node(published: &LocalConfig, delta: &ConfigDelta, node: &str) -> bool {
-    delta.workloads.iter().any(|((ns, name), new)| {
-        new.as_ref().is_some_and(|w| w.node == node)
-            || published
-                .selection
-                .workload(published, ns, name)
-                .is_some_and(|i| published.workloads[i].node == node)
-    })
-}
-
 /// What was published last and what the agent has not taken yet.
 #[derive(Default)]
 struct Mailbox {

@@ -123,7 +123,7 @@ pub fn workload_of(
         match locator.locate(uid, &ips) {
             Some(found) => {
                 host_interface = Some(found.interface);
-                cgroup = found.cgroup;
+                cgroup = found.cgroup.map(std::path::PathBuf::into_boxed_path);
             }
             None => {
                 let note = format!(
