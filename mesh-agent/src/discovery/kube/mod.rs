@@ -13,6 +13,41 @@
 //!   last contents and no snapshot changes: the agent keeps serving its last good state.
 //! - Enrolled local pods carry `ambient.istio.io/redirection: enabled` while the agent captures
 //!   them (`annotate.rs`).
+/// `kube::Resource` for a view type (a namespaced API kind decoded into fewer fields, with its
+/// `metadata`), so watchers and reflector stores take it in place of `k8s_openapi`'s type.
+macro_rules! namespaced_view {
+    ($ty:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                $group.into()
+            }
+
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                $version.into()
+            }
+
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 pub mod annotate;
 pub mod feed;
 pub mod host;

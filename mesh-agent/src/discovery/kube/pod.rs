@@ -4,7 +4,6 @@
 //! decoding instead of being allocated and dropped, and the store keeps a few hundred bytes per
 //! pod rather than `k8s_openapi`'s full `Pod` (issue #19: a large cluster's pods were most of
 //! the agent's memory in Kubernetes mode).
-use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
@@ -91,34 +90,7 @@ pub struct PodViewIp {
     pub ip: String,
 }
 
-impl kube::Resource for PodView {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_view!(PodView, "Pod", "", "v1", "pods");
 
 #[cfg(test)]
 mod tests {

@@ -108,34 +108,13 @@ impl EndpointSliceView {
     }
 }
 
-impl kube::Resource for EndpointSliceView {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "EndpointSlice".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        "discovery.k8s.io".into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "endpointslices".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_view!(
+    EndpointSliceView,
+    "EndpointSlice",
+    "discovery.k8s.io",
+    "v1",
+    "endpointslices"
+);
 
 #[cfg(test)]
 mod tests {
