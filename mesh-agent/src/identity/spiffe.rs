@@ -2,13 +2,15 @@
 use std::fmt;
 
 use super::IdentityError;
-use crate::names::{Name, intern};
+use crate::names::Name;
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// A workload identity: the service account of a namespace in a trust domain. Its parts are
-/// interned: every workload of the cluster has one, and few are distinct.
+/// shared strings (cloning one costs no allocation); they are not interned, since identities
+/// are parsed from every peer certificate and the pool's lock has no place on that path. The
+/// node agent shares one identity per service account instead (`node::state`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     pub trust_domain: Name,
@@ -34,9 +36,9 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            trust_domain: intern(&trust_domain.to_ascii_lowercase()),
-            namespace: intern(namespace),
-            service_account: intern(service_account),
+            trust_domain: Name::from(trust_domain.to_ascii_lowercase()),
+            namespace: Name::from(namespace),
+            service_account: Name::from(service_account),
         })
     }
 
