@@ -48,6 +48,37 @@ macro_rules! namespaced_view {
     };
 }
 
+/// The metadata a view keeps: name, namespace, uid, resource version (the watcher resumes from
+/// it) and timestamps; its labels are read as `L` and handed back apart. Annotations, owner
+/// references, managed fields and the rest are skipped while decoding.
+#[derive(Default, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct MetaView<L> {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+    labels: Option<L>,
+}
+
+impl<L> MetaView<L> {
+    /// The metadata without labels, and the labels.
+    fn split(self) -> (ObjectMeta, Option<L>) {
+        let meta = ObjectMeta {
+            name: self.name,
+            namespace: self.namespace,
+            uid: self.uid,
+            resource_version: self.resource_version,
+            creation_timestamp: self.creation_timestamp,
+            deletion_timestamp: self.deletion_timestamp,
+            ..ObjectMeta::default()
+        };
+        (meta, self.labels)
+    }
+}
+
 pub mod annotate;
 pub mod feed;
 pub mod host;
@@ -61,7 +92,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Service},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},

@@ -5,14 +5,13 @@
 //! pod rather than `k8s_openapi`'s full `Pod` (issue #19: a large cluster's pods were most of
 //! the agent's memory in Kubernetes mode).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
 use crate::names::Labels;
 
-/// The fields of a Pod discovery uses. Of the metadata, only the name, namespace, uid,
-/// resource version (the watcher resumes from it) and timestamps are kept; the labels are
-/// moved out into [`Labels`] (a `BTreeMap` node alone is half a kilobyte).
+/// The fields of a Pod discovery uses. Its metadata is a view's (`super::MetaView`), with the
+/// labels moved out into [`Labels`] (a `BTreeMap` node alone is half a kilobyte).
 #[derive(Clone, Debug, Default)]
 pub struct PodView {
     pub metadata: ObjectMeta,
@@ -21,45 +20,24 @@ pub struct PodView {
     pub status: Option<PodViewStatus>,
 }
 
-/// What is read of a Pod's metadata; annotations, owner references, managed fields and the
-/// rest are skipped while decoding.
-#[derive(Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct MetaView {
-    name: Option<String>,
-    namespace: Option<String>,
-    uid: Option<String>,
-    resource_version: Option<String>,
-    creation_timestamp: Option<Time>,
-    deletion_timestamp: Option<Time>,
-    labels: Option<Labels>,
-}
-
 impl<'de> Deserialize<'de> for PodView {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         struct Raw {
             #[serde(default)]
-            metadata: MetaView,
+            metadata: super::MetaView<Labels>,
             spec: Option<PodViewSpec>,
             status: Option<PodViewStatus>,
         }
         let Raw {
-            metadata: m,
+            metadata,
             spec,
             status,
         } = Raw::deserialize(d)?;
+        let (metadata, labels) = metadata.split();
         Ok(Self {
-            metadata: ObjectMeta {
-                name: m.name,
-                namespace: m.namespace,
-                uid: m.uid,
-                resource_version: m.resource_version,
-                creation_timestamp: m.creation_timestamp,
-                deletion_timestamp: m.deletion_timestamp,
-                ..ObjectMeta::default()
-            },
-            labels: m.labels.unwrap_or_default(),
+            metadata,
+            labels: labels.unwrap_or_default(),
             spec,
             status,
         })

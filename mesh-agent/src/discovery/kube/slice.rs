@@ -12,8 +12,8 @@ use crate::names::Addresses;
 /// The label naming the Service a slice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The fields of an EndpointSlice discovery uses. Its metadata keeps the name, namespace, uid,
-/// resource version and, of the labels, only [`SERVICE_NAME_LABEL`].
+/// The fields of an EndpointSlice discovery uses. Its metadata is a view's (`super::MetaView`)
+/// with, of the labels, only [`SERVICE_NAME_LABEL`].
 #[derive(Clone, Debug, Default)]
 pub struct EndpointSliceView {
     pub metadata: ObjectMeta,
@@ -37,15 +37,6 @@ pub struct SlicePort {
 impl<'de> Deserialize<'de> for EndpointSliceView {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize, Default)]
-        #[serde(default, rename_all = "camelCase")]
-        struct Meta {
-            name: Option<String>,
-            namespace: Option<String>,
-            uid: Option<String>,
-            resource_version: Option<String>,
-            labels: Option<std::collections::BTreeMap<String, String>>,
-        }
-        #[derive(Deserialize, Default)]
         #[serde(default)]
         struct Conditions {
             ready: Option<bool>,
@@ -60,26 +51,19 @@ impl<'de> Deserialize<'de> for EndpointSliceView {
         #[derive(Deserialize)]
         struct Raw<'a> {
             #[serde(default)]
-            metadata: Meta,
+            metadata: super::MetaView<std::collections::BTreeMap<String, String>>,
             #[serde(default, borrow)]
             endpoints: Option<Vec<Endpoint<'a>>>,
             #[serde(default)]
             ports: Option<Vec<SlicePort>>,
         }
         let raw = Raw::deserialize(d)?;
-        let service = raw
-            .metadata
-            .labels
-            .and_then(|mut l| l.remove_entry(SERVICE_NAME_LABEL));
+        let (mut metadata, labels) = raw.metadata.split();
+        metadata.labels = labels
+            .and_then(|mut l| l.remove_entry(SERVICE_NAME_LABEL))
+            .map(|kv| [kv].into());
         Ok(Self {
-            metadata: ObjectMeta {
-                name: raw.metadata.name,
-                namespace: raw.metadata.namespace,
-                uid: raw.metadata.uid,
-                resource_version: raw.metadata.resource_version,
-                labels: service.map(|kv| [kv].into()),
-                ..ObjectMeta::default()
-            },
+            metadata,
             endpoints: raw
                 .endpoints
                 .unwrap_or_default()
