@@ -39,7 +39,7 @@ use self::waypoint::{
     WaypointTemplate,
 };
 use crate::{
-    discovery::kube::{Feed, drive},
+    discovery::kube::{Feed, drive, into_reflector},
     l7::binding::GATEWAY_NAME_LABEL,
 };
 
@@ -176,7 +176,7 @@ pub async fn run(client: Client, settings: ControllerSettings) {
         drive(
             Api::<DynamicObject>::all_with(client.clone(), ar),
             config,
-            writer,
+            into_reflector(writer),
             Arc::clone(&feed),
             Arc::clone(&changed),
             optional,
@@ -198,7 +198,7 @@ pub async fn run(client: Client, settings: ControllerSettings) {
     drive(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
-        writer,
+        into_reflector(writer),
         namespace_feed,
         Arc::clone(&changed),
         false,

@@ -1,4 +1,4 @@
-//! One kube-rs watcher feeding a reflector store, with the state readiness and logs need:
+//! One kube-rs watcher feeding a store, with the state readiness and logs need:
 //! shared by discovery (the agents' view of the cluster) and the control plane's controllers.
 use std::{
     collections::HashSet,
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api,
@@ -119,13 +119,24 @@ impl Feed {
     }
 }
 
-/// Drives one watcher into a reflector store, waking `changed` on every event. Objects are
-/// stored without `metadata.managedFields` (often the bulk of an object, never read here);
-/// Pods are decoded as [`super::PodView`], only what discovery reads.
+/// A reflector store's writer as [`drive`]'s store.
+pub fn into_reflector<K>(
+    mut writer: reflector::store::Writer<K>,
+) -> impl FnMut(&watcher::Event<K>) + Send + 'static
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    move |event| writer.apply_watcher_event(event)
+}
+
+/// Drives one watcher, handing each event to `store` (a reflector store's writer, or a store
+/// of its own such as [`super::pod_store::PodStore`]) and waking `changed`. Objects arrive
+/// without `metadata.managedFields` (often the bulk of an object, never read here).
 pub fn drive<K>(
     api: Api<K>,
     config: watcher::Config,
-    writer: reflector::store::Writer<K>,
+    mut store: impl FnMut(&watcher::Event<K>) + Send + 'static,
     feed: Arc<Feed>,
     changed: Arc<Notify>,
     optional: bool,
@@ -143,7 +154,7 @@ pub fn drive<K>(
         let stream = watcher(api, config)
             .default_backoff()
             .modify(|obj| obj.meta_mut().managed_fields = None)
-            .reflect(writer);
+            .inspect_ok(move |event| store(event));
         futures::pin_mut!(stream);
         let mut last_error_log = None::<Instant>;
         while let Some(item) = stream.next().await {

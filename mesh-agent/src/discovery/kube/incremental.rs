@@ -6,14 +6,14 @@
 //! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
 use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::core::v1::Service as K8sService;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::watch;
 
 use super::{
     feed::Changes,
     host::PodLocator,
-    pod::PodView as Pod,
+    pod_store::PodStore,
+    service::ServiceView,
     slice::EndpointSliceView as EndpointSlice,
     snapshot::{SnapshotSettings, service_of, slice_service, workload_of},
 };
@@ -21,8 +21,8 @@ use crate::discovery::{ConfigDelta, ConfigUpdate, LocalConfig, delta::Key};
 
 /// The stores a delta is read from.
 pub struct Stores<'a> {
-    pub pods: &'a Store<Pod>,
-    pub services: &'a Store<K8sService>,
+    pub pods: &'a PodStore,
+    pub services: &'a Store<ServiceView>,
     pub slices: &'a Store<EndpointSlice>,
 }
 
@@ -42,8 +42,7 @@ pub fn delta(
     }
     let mut delta = ConfigDelta::default();
     for (ns, name) in &pods.keys {
-        let pod = stores.pods.get(&ObjectRef::new(name).within(ns));
-        let new = match pod {
+        let new = match stores.pods.get(ns, name) {
             Some(p) => {
                 let (w, note) = workload_of(settings, &p, locator);
                 if note.is_some() {
@@ -137,7 +136,6 @@ pub fn delta(
     Ok(delta)
 }
 
-/// Whether `delta` adds, changes or removes a pod of `node`.
 /// What was published last and what the agent has not taken yet.
 #[derive(Default)]
 struct Mailbox {

@@ -84,6 +84,8 @@ pub mod feed;
 pub mod host;
 pub mod incremental;
 pub mod pod;
+pub mod pod_store;
+pub mod service;
 pub mod slice;
 pub mod snapshot;
 
@@ -93,7 +95,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, Service},
+    api::core::v1::Namespace,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::{
@@ -104,10 +106,12 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use tracing::info;
 
-pub use feed::{Feed, KeyBy, drive};
+pub use feed::{Feed, KeyBy, drive, into_reflector};
 pub use host::{HostLocator, Located, PodLocator};
 pub use incremental::Published;
-pub use pod::PodView;
+pub use pod::{PodRecord, PodView};
+pub use pod_store::PodStore;
+pub use service::ServiceView;
 pub use slice::EndpointSliceView;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
@@ -176,7 +180,7 @@ impl KubeDiscovery {
                 drive(
                     Api::<$ty>::all(client.clone()),
                     watcher::Config::default(),
-                    writer,
+                    into_reflector(writer),
                     feed,
                     Arc::clone(&changed),
                     false,
@@ -190,8 +194,21 @@ impl KubeDiscovery {
         let pod_feed = Feed::tracking("pods", KeyBy::Name);
         let service_feed = Feed::tracking("services", KeyBy::Name);
         let slice_feed = Feed::tracking("endpointslices", KeyBy::Label(slice::SERVICE_NAME_LABEL));
-        let pods = core_store!(PodView, "pods", Arc::clone(&pod_feed));
-        let services = core_store!(Service, "services", Arc::clone(&service_feed));
+        // Pods are kept as records, not whole (`pod_store.rs`).
+        let pods = Arc::new(PodStore::new(&settings.node_name));
+        feeds.push(Arc::clone(&pod_feed));
+        drive(
+            Api::<PodView>::all(client.clone()),
+            watcher::Config::default(),
+            {
+                let pods = Arc::clone(&pods);
+                move |event| pods.apply(event)
+            },
+            Arc::clone(&pod_feed),
+            Arc::clone(&changed),
+            false,
+        );
+        let services = core_store!(ServiceView, "services", Arc::clone(&service_feed));
         let slices = core_store!(EndpointSliceView, "endpointslices", Arc::clone(&slice_feed));
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
@@ -208,7 +225,7 @@ impl KubeDiscovery {
             drive(
                 Api::<DynamicObject>::all_with(client.clone(), &ar),
                 watcher::Config::default(),
-                writer,
+                into_reflector(writer),
                 feed,
                 Arc::clone(&changed),
                 true,

@@ -1,14 +1,16 @@
-//! A Pod as discovery reads it: metadata, the node, host network and service account, the phase
-//! and addresses. The watcher decodes the API's Pods into this type directly, so everything
-//! else (containers, volumes, scheduling, container statuses, conditions) is skipped while
-//! decoding instead of being allocated and dropped, and the store keeps a few hundred bytes per
-//! pod rather than `k8s_openapi`'s full `Pod` (issue #19: a large cluster's pods were most of
-//! the agent's memory in Kubernetes mode).
+//! A Pod as discovery reads it. The watcher decodes the API's Pods into [`PodView`] (metadata,
+//! the node, host network and service account, the phase and addresses), so everything else
+//! (containers, volumes, scheduling, container statuses, conditions) is skipped while decoding
+//! instead of being allocated and dropped; the view then becomes a [`PodRecord`], the little a
+//! workload is made of, which is all the pod store keeps (issue #19: a large cluster's pods were
+//! most of the agent's memory in Kubernetes mode).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
 
-use crate::names::Labels;
+use crate::names::{Addresses, Labels, Name, intern};
 
 /// The fields of a Pod discovery uses. Its metadata is a view's (`super::MetaView`), with the
 /// labels moved out into [`Labels`] (a `BTreeMap` node alone is half a kilobyte).
@@ -70,6 +72,105 @@ pub struct PodViewIp {
 
 namespaced_view!(PodView, "Pod", "", "v1", "pods");
 
+impl PodView {
+    /// Whether the pod still has (or will have) running containers.
+    fn alive(&self) -> bool {
+        !matches!(
+            self.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+    }
+
+    /// Its addresses, at most one per family (the model's rule): `podIPs`, else `podIP`.
+    fn addresses(&self) -> Addresses {
+        let status = self.status.as_ref();
+        let listed = status
+            .and_then(|s| s.pod_ips.as_deref())
+            .unwrap_or_default();
+        let mut out = Addresses::new();
+        for ip in listed.iter().filter_map(|i| i.ip.parse::<IpAddr>().ok()) {
+            if !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+                out.push(ip);
+            }
+        }
+        if out.is_empty()
+            && let Some(ip) = status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok())
+        {
+            out.push(ip);
+        }
+        out
+    }
+}
+
+/// What discovery keeps of a pod: what its workload is made of, with names and labels
+/// shared (interned), and what settles two pods claiming one address. Pods that make no
+/// workload (finished, unscheduled, no address yet) are not kept at all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodRecord {
+    /// Not interned: a pod's name is its own.
+    pub name: Name,
+    pub namespace: Name,
+    pub node: Name,
+    /// `default` when the pod names none.
+    pub service_account: Name,
+    /// Empty for a host-network pod.
+    pub ips: Addresses,
+    pub labels: Labels,
+    pub host_network: bool,
+    /// Being deleted (it loses an address conflict to a pod that is not).
+    pub deleting: bool,
+    pub created: Option<Time>,
+    /// For pods of this node only: the key the locator finds their interface by.
+    pub uid: Option<Box<str>>,
+}
+
+impl PodRecord {
+    /// The record of `pod` as seen by the agent of `this_node`; None when it makes no workload
+    /// (finished, not scheduled, or no address yet).
+    pub fn of(pod: &PodView, this_node: &str) -> Option<Self> {
+        let spec = pod.spec.as_ref()?;
+        let node = spec.node_name.as_deref().filter(|_| pod.alive())?;
+        let host_network = spec.host_network.unwrap_or(false);
+        let ips = if host_network {
+            Addresses::new()
+        } else {
+            pod.addresses()
+        };
+        if ips.is_empty() && !host_network {
+            return None; // not started yet: no address, nothing to capture or reach
+        }
+        let meta = &pod.metadata;
+        let service_account = spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        Some(Self {
+            name: meta.name.as_deref().unwrap_or_default().into(),
+            namespace: intern(meta.namespace.as_deref().unwrap_or_default()),
+            node: intern(node),
+            service_account: intern(service_account),
+            ips,
+            labels: pod.labels.clone(),
+            host_network,
+            deleting: meta.deletion_timestamp.is_some(),
+            created: meta.creation_timestamp.clone(),
+            uid: meta
+                .uid
+                .as_deref()
+                .filter(|_| node == this_node && !host_network)
+                .map(Box::from),
+        })
+    }
+
+    /// `namespace/name`, for reports.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +220,70 @@ mod tests {
             serde_json::from_value(serde_json::json!({"metadata": {"name": "q"}, "spec": {}}))
                 .unwrap();
         assert!(pending.status.is_none() && pending.spec.unwrap().node_name.is_none());
+    }
+
+    fn view(node: Option<&str>, phase: &str, ips: &[&str], host_network: bool) -> PodView {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u1", "labels": {"app": "a"},
+                         "deletionTimestamp": "2026-12-01T00:00:00Z"},
+            "spec": {"nodeName": node, "hostNetwork": host_network, "serviceAccountName": ""},
+            "status": {"phase": phase, "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>()}
+        }))
+        .unwrap()
+    }
+
+    /// A record keeps what the workload needs; pods that make no workload make no record.
+    #[test]
+    fn a_record_is_what_a_workload_is_made_of() {
+        let r = PodRecord::of(
+            &view(
+                Some("node1"),
+                "Running",
+                &["10.0.0.1", "10.0.0.2", "fd00::1"],
+                false,
+            ),
+            "node1",
+        )
+        .unwrap();
+        assert_eq!((r.key().as_str(), r.node.as_str()), ("n/p", "node1"));
+        assert_eq!(
+            r.service_account, "default",
+            "an empty service account is the default one"
+        );
+        let ips: Vec<String> = r.ips.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            ips,
+            ["10.0.0.1", "fd00::1"],
+            "one address per family, the first"
+        );
+        assert_eq!(r.labels["app"], "a");
+        assert!(r.deleting && r.created.is_none());
+        assert_eq!(
+            r.uid.as_deref(),
+            Some("u1"),
+            "this node's pod keeps its uid"
+        );
+        let remote = PodRecord::of(
+            &view(Some("node2"), "Running", &["10.0.0.1"], false),
+            "node1",
+        )
+        .unwrap();
+        assert_eq!(remote.uid, None, "another node's pod does not need its uid");
+        assert!(!remote.ips.spilled(), "one address is kept inline");
+        let host = PodRecord::of(&view(Some("node1"), "Running", &[], true), "node1").unwrap();
+        assert!(host.host_network && host.ips.is_empty() && host.uid.is_none());
+        for (node, phase, ips) in [
+            (None, "Pending", &["10.0.0.1"][..]),
+            (Some("node1"), "Succeeded", &["10.0.0.1"][..]),
+            (Some("node1"), "Failed", &["10.0.0.1"][..]),
+            (Some("node1"), "Pending", &[][..]),
+            (Some("node1"), "Running", &["not-an-address"][..]),
+        ] {
+            assert_eq!(
+                PodRecord::of(&view(node, phase, ips, false), "node1"),
+                None,
+                "{node:?} {phase} {ips:?}"
+            );
+        }
     }
 }

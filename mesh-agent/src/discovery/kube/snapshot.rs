@@ -11,10 +11,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Service as K8sService};
+use k8s_openapi::api::core::v1::Namespace as K8sNamespace;
 use kube::api::DynamicObject;
 
-use super::{host::PodLocator, pod::PodView as Pod, slice::EndpointSliceView as EndpointSlice};
+use super::{
+    host::PodLocator, pod::PodRecord, service::ServiceView,
+    slice::EndpointSliceView as EndpointSlice,
+};
 use crate::{
     discovery::{
         CaSection, Labels, LocalConfig, Name, Namespace, NodeSection, Service, ServicePort,
@@ -35,13 +38,13 @@ pub struct SnapshotSettings {
     pub ca: Option<CaSection>,
 }
 
-/// The objects, as the reflector stores hold them (shared, not copied: a large cluster's
-/// pods would cost a copy per build).
+/// The objects, as the stores hold them (shared, not copied; a pod record's names and labels
+/// are shared too).
 #[derive(Default)]
 pub struct Objects {
     pub namespaces: Vec<Arc<K8sNamespace>>,
-    pub pods: Vec<Arc<Pod>>,
-    pub services: Vec<Arc<K8sService>>,
+    pub pods: Vec<PodRecord>,
+    pub services: Vec<Arc<ServiceView>>,
     pub slices: Vec<Arc<EndpointSlice>>,
     pub policies: Vec<Arc<DynamicObject>>,
 }
@@ -53,92 +56,35 @@ pub struct Snapshot {
     pub skipped: Vec<String>,
 }
 
-fn pod_key(p: &Pod) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or(""),
-        p.metadata.name.as_deref().unwrap_or("")
-    )
-}
-
-/// Whether the pod still has (or will have) running containers.
-fn alive(p: &Pod) -> bool {
-    !matches!(
-        p.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
-fn pod_ips(p: &Pod) -> Vec<IpAddr> {
-    let status = p.status.as_ref();
-    let mut out: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
-        .unwrap_or_default();
-    if out.is_empty()
-        && let Some(ip) = status
-            .and_then(|s| s.pod_ip.as_ref())
-            .and_then(|i| i.parse().ok())
-    {
-        out.push(ip);
-    }
-    // At most one address per family (the model's rule).
-    let mut v4 = false;
-    let mut v6 = false;
-    out.retain(|ip| {
-        let seen = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
-        !std::mem::replace(seen, true)
-    });
-    out
-}
-
 /// The Service an EndpointSlice belongs to, `(namespace, name)`.
 pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
     s.service()
 }
 
-/// A pod as a workload (None: not running, unscheduled or without an address yet), and what
-/// to report about it. Address conflicts between pods are the caller's business.
+/// A pod as a workload, and what to report about it (None: a pod of this node whose interface
+/// is not found yet). Address conflicts between pods are the caller's business.
 pub fn workload_of(
     settings: &SnapshotSettings,
-    p: &Pod,
+    p: &PodRecord,
     locator: &dyn PodLocator,
 ) -> (Option<Workload>, Option<String>) {
-    let Some(spec) = p
-        .spec
-        .as_ref()
-        .filter(|s| alive(p) && s.node_name.is_some())
-    else {
-        return (None, None);
-    };
-    let host_network = spec.host_network.unwrap_or(false);
-    let ips = if host_network { Vec::new() } else { pod_ips(p) };
-    if ips.is_empty() && !host_network {
-        return (None, None); // not started yet: no address, nothing to capture or reach
-    }
-    let node = spec.node_name.clone().unwrap_or_default();
     let (mut host_interface, mut cgroup) = (None, None);
-    if node == settings.node_name && !host_network {
-        let uid = p.metadata.uid.as_deref().unwrap_or("");
-        match locator.locate(uid, &ips) {
+    if p.node == settings.node_name.as_str() && !p.host_network {
+        match locator.locate(p.uid.as_deref().unwrap_or(""), &p.ips) {
             Some(found) => {
                 host_interface = Some(found.interface);
                 cgroup = found.cgroup.map(std::path::PathBuf::into_boxed_path);
             }
             None => {
                 let note = format!(
-                    "pod {}: no host interface found for {ips:?} yet",
-                    pod_key(p)
+                    "pod {}: no host interface found for {:?} yet",
+                    p.key(),
+                    p.ips
                 );
                 return (None, Some(note));
             }
         }
     }
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
     let mut note = None;
     let mut labels = p.labels.clone();
     // A label value the model rejects would reject the whole snapshot: treat as unset.
@@ -148,18 +94,18 @@ pub fn workload_of(
     {
         note = Some(format!(
             "pod {}: unknown dataplane mode {v:?} ignored",
-            pod_key(p)
+            p.key()
         ));
         labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
     }
     let w = Workload {
-        name: p.metadata.name.as_deref().unwrap_or_default().into(),
-        namespace: intern(p.metadata.namespace.as_deref().unwrap_or_default()),
-        service_account: intern(&service_account),
-        node: intern(&node),
-        ips: ips.into(),
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        node: p.node.clone(),
+        ips: p.ips.clone(),
         labels,
-        host_network,
+        host_network: p.host_network,
         host_interface: host_interface.map(Name::from),
         cgroup,
     };
@@ -169,7 +115,7 @@ pub fn workload_of(
 /// A Service with its EndpointSlices (None: headless, ExternalName, no usable TCP port);
 /// VIPs that are a pod's address (`is_pod_ip`) are left out.
 pub fn service_of(
-    svc: &K8sService,
+    svc: &ServiceView,
     slices: &[&EndpointSlice],
     is_pod_ip: impl Fn(IpAddr) -> bool,
     skipped: &mut Vec<String>,
@@ -242,14 +188,9 @@ pub fn service_of(
         namespace: intern(&namespace),
         vips,
         ports,
-        selector: spec.selector.as_ref().map(Labels::from).unwrap_or_default(),
+        selector: spec.selector.clone().unwrap_or_default(),
         endpoints: Some(ready.into_iter().collect()),
-        labels: svc
-            .metadata
-            .labels
-            .as_ref()
-            .map(Labels::from)
-            .unwrap_or_default(),
+        labels: svc.labels.clone(),
     })
 }
 
@@ -279,18 +220,8 @@ pub fn build(
 
     // Pods. Where two live pods claim one address (a terminating pod and its successor), the
     // one not being deleted wins, then the newer one.
-    let mut pods: Vec<&Pod> = objects
-        .pods
-        .iter()
-        .map(|p| &**p)
-        .filter(|p| alive(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
-        .collect();
-    pods.sort_by_key(|p| {
-        (
-            p.metadata.deletion_timestamp.is_none(),
-            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        )
-    });
+    let mut pods: Vec<&PodRecord> = objects.pods.iter().collect();
+    pods.sort_by_key(|p| (!p.deleting, p.created.as_ref().map(|t| t.0)));
     pods.reverse();
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::new();
@@ -299,15 +230,16 @@ pub fn build(
         skipped.extend(note);
         let Some(w) = w else { continue };
         if let Some(other) = w.ips.iter().find_map(|ip| owner.get(ip)) {
-            skipped.push(format!("pod {}: its address is also {other}'s", pod_key(p)));
+            skipped.push(format!("pod {}: its address is also {other}'s", p.key()));
             continue;
         }
         for ip in &w.ips {
-            owner.insert(*ip, pod_key(p));
+            owner.insert(*ip, p.key());
         }
         workloads.push(w);
     }
     workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    workloads.shrink_to_fit();
 
     // Services and their endpoints.
     let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
