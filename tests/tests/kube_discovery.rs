@@ -68,7 +68,8 @@ fn start(client: kube::Client) -> KubeDiscovery {
     )
 }
 
-/// Waits until the published config satisfies `ok` (what it says otherwise, on timeout).
+/// Waits until the configuration in force satisfies `ok`, applying each update as the agent
+/// would (what it says otherwise, on timeout).
 async fn until(
     d: &mut KubeDiscovery,
     what: &str,
@@ -87,7 +88,9 @@ async fn until(
             "timed out waiting for: {what}; last: {:#?}",
             d.current().map(|c| c.workloads)
         );
-        let _ = tokio::time::timeout(left, d.changed()).await;
+        if let Ok(applied) = tokio::time::timeout(left, d.apply_next()).await {
+            applied.expect("an update the agent would refuse");
+        }
     }
 }
 
@@ -404,12 +407,12 @@ fn contents(c: &LocalConfig) -> Vec<String> {
     out
 }
 
-/// Waits for the next update the agent would take.
+/// Waits for the next update and applies it as the agent would.
 async fn next_update(d: &mut KubeDiscovery) -> ConfigUpdate {
-    tokio::time::timeout(Duration::from_secs(15), d.next_update())
+    tokio::time::timeout(Duration::from_secs(15), d.apply_next())
         .await
         .expect("no update")
-        .0
+        .expect("an update the agent would refuse")
 }
 
 /// Issue #19: other nodes' pods and the Services' endpoints change by delta (what changed, not

@@ -28,7 +28,6 @@ pub use readiness::Readiness;
 
 use crate::{
     capture::{BpffsLayout, CaptureView},
-    discovery::LocalConfig,
     hbone::client::Pool,
     identity::CertManager,
     logging::LogControl,
@@ -40,7 +39,9 @@ use crate::{
 pub struct AdminState {
     pub handler: &'static str,
     pub layout: BpffsLayout,
-    pub config: RwLock<Arc<LocalConfig>>,
+    /// The configuration in force (shared with the Kubernetes discovery, which computes its
+    /// deltas against it).
+    pub config: Arc<crate::discovery::kube::ConfigInForce>,
     pub view: Arc<RwLock<CaptureView>>,
     pub enforcer: Arc<Enforcer>,
     pub certs: Option<Arc<CertManager>>,

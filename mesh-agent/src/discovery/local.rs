@@ -40,6 +40,26 @@ pub struct LocalConfig {
     pub selection: super::selection::WorkloadIndex,
 }
 
+/// Nothing: what an agent holds before its first configuration arrives.
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            node: NodeSection {
+                name: String::new(),
+                uplinks: Vec::new(),
+                trust_domain: default_trust_domain(),
+            },
+            ca: None,
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            mesh: MeshSection::default(),
+            policies: Vec::new(),
+            selection: Default::default(),
+        }
+    }
+}
+
 /// The parts of Istio's meshConfig we read.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

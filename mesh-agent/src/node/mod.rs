@@ -237,7 +237,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let admin = Arc::new(AdminState {
         handler: handler::mode_name(opts.handler),
         layout: layout.clone(),
-        config: std::sync::RwLock::new(Arc::new(config)),
+        config: {
+            let in_force = source.config_in_force();
+            *in_force.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+            in_force
+        },
         view: controller.view(),
         enforcer: Arc::clone(&enforcer),
         certs: certs.clone(),

@@ -13,7 +13,9 @@ use tracing::{info, warn};
 use super::config_file::ConfigFile;
 use crate::discovery::{
     ConfigUpdate, LocalConfig,
-    kube::{HostLocator, KubeDiscovery, SnapshotSettings, annotate::Annotator, host},
+    kube::{
+        ConfigInForce, HostLocator, KubeDiscovery, SnapshotSettings, annotate::Annotator, host,
+    },
     local::ConfigError,
 };
 
@@ -83,6 +85,15 @@ impl Source {
             annotator: Arc::new(Annotator::new(client)),
             skipped: Vec::new(),
         })
+    }
+
+    /// Where the agent keeps the configuration in force: in Kubernetes mode the discovery's
+    /// (it computes deltas against it), otherwise a new one.
+    pub fn config_in_force(&self) -> Arc<ConfigInForce> {
+        match self {
+            Self::File { .. } => Arc::default(),
+            Self::Kube { discovery, .. } => discovery.config(),
+        }
     }
 
     /// For logs.

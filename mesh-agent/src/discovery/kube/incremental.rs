@@ -1,13 +1,11 @@
 //! Kubernetes mode by difference: what the watchers changed since the last round, as a
-//! [`ConfigDelta`] of the pods and Services concerned (issue #19), and the mailbox that hands
-//! full configurations and deltas to the agent. A round needs a full build instead when
+//! [`ConfigDelta`] of the pods and Services concerned (issue #19). A round needs a full build instead when
 //! anything but pods, Services and EndpointSlices changed, a watcher listed again, a pod of
 //! this node has no interface yet or changes the automatic uplinks, or a change would conflict
 //! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
 use std::collections::{HashMap, HashSet};
 
 use kube::runtime::reflector::{ObjectRef, Store};
-use tokio::sync::watch;
 
 use super::{
     feed::Changes,
@@ -17,7 +15,7 @@ use super::{
     slice::EndpointSliceView as EndpointSlice,
     snapshot::{SnapshotSettings, service_of, slice_service, workload_of},
 };
-use crate::discovery::{ConfigDelta, ConfigUpdate, LocalConfig, delta::Key};
+use crate::discovery::{ConfigDelta, LocalConfig, delta::Key};
 
 /// The stores a delta is read from.
 pub struct Stores<'a> {
@@ -134,105 +132,4 @@ pub fn delta(
         }
     }
     Ok(delta)
-}
-
-/// What was published last and what the agent has not taken yet.
-#[derive(Default)]
-struct Mailbox {
-    /// The configuration as published (deltas applied to it as they are published).
-    config: Option<LocalConfig>,
-    skipped: Vec<String>,
-    /// Not yet taken: a full configuration (later deltas applied to it), or deltas merged.
-    pending: Option<ConfigUpdate>,
-}
-
-/// Hands configurations from the discovery task to the agent: never blocks the discovery on
-/// the agent, never loses a change (deltas not yet taken are merged).
-pub struct Published {
-    mailbox: std::sync::Mutex<Mailbox>,
-    /// Bumped on every publication (waiters watch it).
-    version: watch::Sender<u64>,
-}
-
-impl Published {
-    pub fn new() -> Self {
-        Self {
-            mailbox: Default::default(),
-            version: watch::Sender::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Mailbox> {
-        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn bump(&self) {
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// Publishes a full configuration, unless it is the one published.
-    pub fn full(&self, config: LocalConfig, skipped: Vec<String>) {
-        let mut m = self.lock();
-        if m.config.as_ref() == Some(&config) && m.skipped == skipped {
-            return;
-        }
-        m.pending = Some(ConfigUpdate::Full(Box::new(config.clone())));
-        m.config = Some(config);
-        m.skipped = skipped;
-        drop(m);
-        self.bump();
-    }
-
-    /// Runs `f` on the published configuration (None before the first).
-    pub fn with_config<T>(&self, f: impl FnOnce(Option<&LocalConfig>) -> T) -> T {
-        f(self.lock().config.as_ref())
-    }
-
-    /// Publishes `delta` on top of the published configuration; `Err(why)` (nothing
-    /// published) when it does not apply there.
-    pub fn delta(&self, delta: ConfigDelta) -> Result<(), &'static str> {
-        if delta.is_empty() {
-            return Ok(());
-        }
-        let mut m = self.lock();
-        let Some(config) = m.config.as_mut() else {
-            return Err("nothing published yet");
-        };
-        if config.check_delta(&delta).is_err() {
-            return Err("a conflict the full build settles");
-        }
-        config.apply(&delta);
-        match &mut m.pending {
-            Some(ConfigUpdate::Full(c)) => {
-                c.apply(&delta);
-            }
-            Some(ConfigUpdate::Delta(d)) => d.merge(delta),
-            None => m.pending = Some(ConfigUpdate::Delta(delta)),
-        }
-        drop(m);
-        self.bump();
-        Ok(())
-    }
-
-    /// The update not taken yet, and what the published configuration left out.
-    pub fn take(&self) -> Option<(ConfigUpdate, Vec<String>)> {
-        let mut m = self.lock();
-        let update = m.pending.take()?;
-        Some((update, m.skipped.clone()))
-    }
-
-    /// A copy of the published configuration (tests, diagnostics).
-    pub fn current(&self) -> Option<LocalConfig> {
-        self.lock().config.clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
-    }
-}
-
-impl Default for Published {
-    fn default() -> Self {
-        Self::new()
-    }
 }

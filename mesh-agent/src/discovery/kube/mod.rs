@@ -85,6 +85,7 @@ pub mod host;
 pub mod incremental;
 pub mod pod;
 pub mod pod_store;
+pub mod published;
 pub mod service;
 pub mod slice;
 pub mod snapshot;
@@ -108,14 +109,14 @@ use tracing::info;
 
 pub use feed::{Feed, KeyBy, drive, into_reflector};
 pub use host::{HostLocator, Located, PodLocator};
-pub use incremental::Published;
 pub use pod::{PodRecord, PodView};
 pub use pod_store::PodStore;
+pub use published::{ConfigInForce, Published};
 pub use service::ServiceView;
 pub use slice::EndpointSliceView;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
-use crate::discovery::{ConfigUpdate, LocalConfig};
+use crate::discovery::{ConfigUpdate, LocalConfig, local::ConfigError};
 use feed::Changes;
 
 /// Istio's security kinds the agent reads (`security.istio.io/v1`).
@@ -233,7 +234,7 @@ impl KubeDiscovery {
             policy_stores.push(reader);
         }
 
-        let published = Arc::new(Published::new());
+        let published = Arc::new(Published::new(Arc::default()));
         let versions = published.subscribe();
         let out = Arc::clone(&published);
         tokio::spawn(async move {
@@ -249,6 +250,9 @@ impl KubeDiscovery {
                     () = tokio::time::sleep(RETRY_LOCATE), if retry => {}
                 }
                 tokio::time::sleep(DEBOUNCE).await;
+                // Deltas are computed against the configuration in force: it must include
+                // everything published before.
+                out.settled().await;
                 // Everything else than pods, Services and slices: any change means a full build.
                 let mut other = false;
                 for f in &feeds {
@@ -327,8 +331,17 @@ impl KubeDiscovery {
         }
     }
 
+    /// The configuration in force: the agent applies each update to it (the only copy, see
+    /// `published.rs`), and the next delta is computed against it.
+    pub fn config(&self) -> Arc<ConfigInForce> {
+        Arc::clone(self.published.config())
+    }
+
     /// The next update not yet taken (waits for one), and what the configuration left out.
+    /// Calling it again says the previous one was dealt with: applied to [`Self::config`],
+    /// or refused.
     pub async fn next_update(&mut self) -> (ConfigUpdate, Vec<String>) {
+        self.published.dealt_with();
         loop {
             if let Some(taken) = self.published.take() {
                 return taken;
@@ -339,13 +352,28 @@ impl KubeDiscovery {
         }
     }
 
-    /// A copy of the configuration published last (None before the first).
-    pub fn current(&self) -> Option<LocalConfig> {
-        self.published.current()
+    /// Takes the next update and applies it to [`Self::config`] as an agent would (checked,
+    /// without the agent's derived state): for tools and tests that follow the cluster without
+    /// an agent. Returns the update, or why it was refused.
+    pub async fn apply_next(&mut self) -> Result<ConfigUpdate, ConfigError> {
+        let (update, _) = self.next_update().await;
+        let config = self.config();
+        let mut config = config.write().unwrap_or_else(|e| e.into_inner());
+        match &update {
+            ConfigUpdate::Full(new) => {
+                *config = Arc::new(LocalConfig::parse_checked((**new).clone())?);
+            }
+            ConfigUpdate::Delta(delta) => {
+                let config = Arc::make_mut(&mut config);
+                config.check_delta(delta)?;
+                config.apply(delta);
+            }
+        }
+        Ok(update)
     }
 
-    /// Waits for the next publication.
-    pub async fn changed(&mut self) {
-        let _ = self.versions.changed().await;
+    /// A copy of the configuration in force (None before the first publication).
+    pub fn current(&self) -> Option<LocalConfig> {
+        self.published.current()
     }
 }
