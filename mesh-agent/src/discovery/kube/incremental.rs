@@ -3,7 +3,7 @@
 //! anything but pods, Services and EndpointSlices changed, a watcher listed again, a pod of
 //! this node has no interface yet or changes the automatic uplinks, or a change would conflict
 //! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -12,8 +12,8 @@ use super::{
     host::PodLocator,
     pod_store::PodStore,
     service::ServiceView,
-    slice::EndpointSliceView as EndpointSlice,
-    snapshot::{SnapshotSettings, service_of, slice_service, workload_of},
+    slice_store::SliceStore,
+    snapshot::{SnapshotSettings, service_of, workload_of},
 };
 use crate::discovery::{ConfigDelta, LocalConfig, delta::Key};
 
@@ -21,7 +21,7 @@ use crate::discovery::{ConfigDelta, LocalConfig, delta::Key};
 pub struct Stores<'a> {
     pub pods: &'a PodStore,
     pub services: &'a Store<ServiceView>,
-    pub slices: &'a Store<EndpointSlice>,
+    pub slices: &'a SliceStore,
 }
 
 /// The delta that brings `published` up to date with `pods` and `services` changed (Services
@@ -77,14 +77,6 @@ pub fn delta(
         }
     }
     if !services.keys.is_empty() {
-        let mut slices: HashMap<&Key, Vec<std::sync::Arc<EndpointSlice>>> = HashMap::new();
-        for s in stores.slices.state() {
-            if let Some(key) = slice_service(&s)
-                && let Some(k) = services.keys.get(&key)
-            {
-                slices.entry(k).or_default().push(s);
-            }
-        }
         let new_ips: HashSet<std::net::IpAddr> = delta
             .new_workloads()
             .flat_map(|w| w.ips.iter().copied())
@@ -93,12 +85,7 @@ pub fn delta(
             let svc = stores.services.get(&ObjectRef::new(&key.1).within(&key.0));
             let mut notes = Vec::new();
             let new = svc.and_then(|svc| {
-                let of_service: Vec<&EndpointSlice> = slices
-                    .get(key)
-                    .into_iter()
-                    .flatten()
-                    .map(|s| &**s)
-                    .collect();
+                let of_service = stores.slices.of(&key.0, &key.1);
                 let is_pod_ip = |ip| {
                     new_ips.contains(&ip) || published.selection.ip_owner(published, ip).is_some()
                 };

@@ -88,6 +88,7 @@ pub mod pod_store;
 pub mod published;
 pub mod service;
 pub mod slice;
+pub mod slice_store;
 pub mod snapshot;
 
 use std::{
@@ -114,6 +115,7 @@ pub use pod_store::PodStore;
 pub use published::{ConfigInForce, Published};
 pub use service::ServiceView;
 pub use slice::EndpointSliceView;
+pub use slice_store::SliceStore;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
 
 use crate::discovery::{ConfigUpdate, LocalConfig, local::ConfigError};
@@ -210,7 +212,20 @@ impl KubeDiscovery {
             false,
         );
         let services = core_store!(ServiceView, "services", Arc::clone(&service_feed));
-        let slices = core_store!(EndpointSliceView, "endpointslices", Arc::clone(&slice_feed));
+        // EndpointSlices are filed under their Service (`slice_store.rs`).
+        let slices = Arc::new(SliceStore::default());
+        feeds.push(Arc::clone(&slice_feed));
+        drive(
+            Api::<EndpointSliceView>::all(client.clone()),
+            watcher::Config::default(),
+            {
+                let slices = Arc::clone(&slices);
+                move |event| slices.apply(event)
+            },
+            Arc::clone(&slice_feed),
+            Arc::clone(&changed),
+            false,
+        );
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()

@@ -28,7 +28,7 @@ pub struct EndpointView {
     pub ready: Option<bool>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct SlicePort {
     pub name: Option<String>,
     pub port: Option<i32>,

@@ -15,8 +15,10 @@ use k8s_openapi::api::core::v1::Namespace as K8sNamespace;
 use kube::api::DynamicObject;
 
 use super::{
-    host::PodLocator, pod::PodRecord, service::ServiceView,
-    slice::EndpointSliceView as EndpointSlice,
+    host::PodLocator,
+    pod::PodRecord,
+    service::ServiceView,
+    slice_store::{ServiceKey, SliceRecord},
 };
 use crate::{
     discovery::{
@@ -38,14 +40,16 @@ pub struct SnapshotSettings {
     pub ca: Option<CaSection>,
 }
 
-/// The objects, as the stores hold them (shared, not copied; a pod record's names and labels
-/// are shared too).
+/// The objects: as the reflector stores hold them (shared, not copied), and the records of
+/// the pod and slice stores (copies, whose names, labels and endpoints' addresses are small or
+/// shared).
 #[derive(Default)]
 pub struct Objects {
     pub namespaces: Vec<Arc<K8sNamespace>>,
     pub pods: Vec<PodRecord>,
     pub services: Vec<Arc<ServiceView>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// Each Service's EndpointSlices.
+    pub slices: HashMap<ServiceKey, Vec<SliceRecord>>,
     pub policies: Vec<Arc<DynamicObject>>,
 }
 
@@ -54,11 +58,6 @@ pub struct Snapshot {
     pub config: LocalConfig,
     /// Local pods without a host interface yet, conflicting addresses, unusable objects.
     pub skipped: Vec<String>,
-}
-
-/// The Service an EndpointSlice belongs to, `(namespace, name)`.
-pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
-    s.service()
 }
 
 /// A pod as a workload, and what to report about it (None: a pod of this node whose interface
@@ -116,7 +115,7 @@ pub fn workload_of(
 /// VIPs that are a pod's address (`is_pod_ip`) are left out.
 pub fn service_of(
     svc: &ServiceView,
-    slices: &[&EndpointSlice],
+    slices: &[SliceRecord],
     is_pod_ip: impl Fn(IpAddr) -> bool,
     skipped: &mut Vec<String>,
 ) -> Option<Service> {
@@ -242,19 +241,13 @@ pub fn build(
     workloads.shrink_to_fit();
 
     // Services and their endpoints.
-    let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    for s in &objects.slices {
-        if let Some(key) = slice_service(s) {
-            slices_by_service.entry(key).or_default().push(s);
-        }
-    }
     let mut services = Vec::new();
     for svc in &objects.services {
         let key = (
-            svc.metadata.namespace.clone().unwrap_or_default(),
-            svc.metadata.name.clone().unwrap_or_default(),
+            Name::from(svc.metadata.namespace.as_deref().unwrap_or_default()),
+            Name::from(svc.metadata.name.as_deref().unwrap_or_default()),
         );
-        let slices = slices_by_service.get(&key).map_or(&[][..], Vec::as_slice);
+        let slices = objects.slices.get(&key).map_or(&[][..], Vec::as_slice);
         services.extend(service_of(
             svc,
             slices,

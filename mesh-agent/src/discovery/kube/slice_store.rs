@@ -1,0 +1,193 @@
+//! The EndpointSlices discovery knows, filed under the Service each belongs to, kept from the
+//! watcher's events in place of a kube-rs reflector store: a Service's slices are found
+//! without scanning them all (a change to one Service's endpoints costs that Service, not the
+//! cluster's), and a slice costs its endpoints and ports, not a whole object with its metadata
+//! and labels (issue #19). Slices without a Service label are not kept: nothing reads them.
+use std::{
+    collections::HashMap,
+    sync::{Mutex, PoisonError},
+};
+
+use kube::runtime::watcher::Event;
+
+use super::slice::{EndpointSliceView, EndpointView, SlicePort};
+use crate::names::{Name, intern};
+
+/// A Service, `(namespace, name)`.
+pub type ServiceKey = (Name, Name);
+
+/// What a Service's endpoints are read from: one slice's endpoints and ports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceRecord {
+    /// The slice's own name.
+    pub name: Name,
+    pub endpoints: Vec<EndpointView>,
+    pub ports: Vec<SlicePort>,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_service: HashMap<ServiceKey, Vec<SliceRecord>>,
+    /// `(namespace, slice)` → its Service: a slice is removed (or moves) by its own name.
+    service_of: HashMap<(Name, Name), Name>,
+}
+
+impl Tables {
+    fn remove(&mut self, namespace: &Name, slice: &Name) {
+        let Some(service) = self.service_of.remove(&(namespace.clone(), slice.clone())) else {
+            return;
+        };
+        let key = (namespace.clone(), service);
+        if let Some(list) = self.by_service.get_mut(&key) {
+            list.retain(|r| r.name != *slice);
+            if list.is_empty() {
+                self.by_service.remove(&key);
+            }
+        }
+    }
+
+    fn put(&mut self, view: &EndpointSliceView) {
+        let meta = &view.metadata;
+        let namespace = intern(meta.namespace.as_deref().unwrap_or_default());
+        let name = Name::from(meta.name.as_deref().unwrap_or_default());
+        self.remove(&namespace, &name);
+        let Some((_, service)) = view.service() else {
+            return;
+        };
+        let service = intern(&service);
+        let record = SliceRecord {
+            name: name.clone(),
+            endpoints: view.endpoints.clone(),
+            ports: view.ports.clone(),
+        };
+        self.by_service
+            .entry((namespace.clone(), service.clone()))
+            .or_default()
+            .push(record);
+        self.service_of.insert((namespace, name), service);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    live: Tables,
+    /// A re-list in progress: what was listed so far (replaces `live` when done).
+    relisting: Option<Tables>,
+}
+
+/// The slices, shared between the EndpointSlice watcher (writes) and the builders (reads).
+#[derive(Default)]
+pub struct SliceStore {
+    inner: Mutex<Inner>,
+}
+
+impl SliceStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies one watcher event.
+    pub fn apply(&self, event: &Event<EndpointSliceView>) {
+        let mut inner = self.lock();
+        match event {
+            Event::Init => inner.relisting = Some(Tables::default()),
+            Event::InitApply(view) => {
+                if let Some(listed) = inner.relisting.as_mut() {
+                    listed.put(view);
+                }
+            }
+            Event::InitDone => {
+                if let Some(mut listed) = inner.relisting.take() {
+                    listed.by_service.shrink_to_fit();
+                    listed.service_of.shrink_to_fit();
+                    inner.live = listed;
+                }
+            }
+            Event::Apply(view) => inner.live.put(view),
+            Event::Delete(view) => {
+                let meta = &view.metadata;
+                inner.live.remove(
+                    &Name::from(meta.namespace.as_deref().unwrap_or_default()),
+                    &Name::from(meta.name.as_deref().unwrap_or_default()),
+                );
+            }
+        }
+    }
+
+    /// The slices of the Service `namespace/name`.
+    pub fn of(&self, namespace: &str, name: &str) -> Vec<SliceRecord> {
+        let key = (Name::from(namespace), Name::from(name));
+        self.lock()
+            .live
+            .by_service
+            .get(&key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every Service's slices (copies).
+    pub fn state(&self) -> HashMap<ServiceKey, Vec<SliceRecord>> {
+        self.lock().live.by_service.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, service: Option<&str>, ip: &str) -> EndpointSliceView {
+        let labels = service.map(|s| serde_json::json!({"kubernetes.io/service-name": s}));
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "n", "labels": labels},
+            "endpoints": [{"addresses": [ip]}],
+            "ports": [{"name": "http", "port": 8080}]
+        }))
+        .unwrap()
+    }
+
+    fn addresses(store: &SliceStore, service: &str) -> Vec<String> {
+        let mut all: Vec<String> = store
+            .of("n", service)
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.iter()))
+            .map(ToString::to_string)
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Slices are filed under their Service, replaced, moved and removed by their own name.
+    #[test]
+    fn slices_are_found_by_their_service() {
+        let store = SliceStore::default();
+        store.apply(&Event::Apply(slice("web-1", Some("web"), "10.0.0.1")));
+        store.apply(&Event::Apply(slice("web-2", Some("web"), "10.0.0.2")));
+        store.apply(&Event::Apply(slice("db-1", Some("db"), "10.0.0.3")));
+        store.apply(&Event::Apply(slice("stray", None, "10.0.0.9")));
+        assert_eq!(addresses(&store, "web"), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(addresses(&store, "db"), ["10.0.0.3"]);
+        assert_eq!(
+            store.state().len(),
+            2,
+            "a slice without a Service is not kept"
+        );
+        // Replaced in place.
+        store.apply(&Event::Apply(slice("web-2", Some("web"), "10.0.0.4")));
+        assert_eq!(addresses(&store, "web"), ["10.0.0.1", "10.0.0.4"]);
+        // A slice relabelled to another Service moves (never seen from the controller, but
+        // the store stays right).
+        store.apply(&Event::Apply(slice("web-2", Some("db"), "10.0.0.4")));
+        assert_eq!(addresses(&store, "web"), ["10.0.0.1"]);
+        assert_eq!(addresses(&store, "db"), ["10.0.0.3", "10.0.0.4"]);
+        store.apply(&Event::Delete(slice("web-1", Some("web"), "10.0.0.1")));
+        assert!(store.of("n", "web").is_empty());
+        assert!(!store.state().contains_key(&(intern("n"), intern("web"))));
+        // A re-list replaces everything when done.
+        store.apply(&Event::Init);
+        store.apply(&Event::InitApply(slice("api-1", Some("api"), "10.0.0.5")));
+        assert_eq!(addresses(&store, "db"), ["10.0.0.3", "10.0.0.4"]);
+        store.apply(&Event::InitDone);
+        assert!(store.of("n", "db").is_empty());
+        assert_eq!(addresses(&store, "api"), ["10.0.0.5"]);
+    }
+}
