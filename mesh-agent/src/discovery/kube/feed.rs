@@ -131,7 +131,7 @@ where
 }
 
 /// Drives one watcher, handing each event to `store` (a reflector store's writer, or a store
-/// of its own such as [`super::pod_store::PodStore`]) and waking `changed`. Objects arrive
+/// of its own such as [`super::record_store::PodStore`]) and waking `changed`. Objects arrive
 /// without `metadata.managedFields` (often the bulk of an object, never read here).
 pub fn drive<K>(
     api: Api<K>,

@@ -5,13 +5,10 @@
 //! with the rest (two pods on one address, a VIP shared): the full build's rules settle those.
 use std::collections::HashSet;
 
-use kube::runtime::reflector::{ObjectRef, Store};
-
 use super::{
     feed::Changes,
     host::PodLocator,
-    pod_store::PodStore,
-    service::ServiceView,
+    record_store::{PodStore, ServiceStore},
     slice_store::SliceStore,
     snapshot::{SnapshotSettings, service_of, workload_of},
 };
@@ -20,7 +17,7 @@ use crate::discovery::{ConfigDelta, LocalConfig, delta::Key};
 /// The stores a delta is read from.
 pub struct Stores<'a> {
     pub pods: &'a PodStore,
-    pub services: &'a Store<ServiceView>,
+    pub services: &'a ServiceStore,
     pub slices: &'a SliceStore,
 }
 
@@ -82,7 +79,7 @@ pub fn delta(
             .flat_map(|w| w.ips.iter().copied())
             .collect();
         for key in &services.keys {
-            let svc = stores.services.get(&ObjectRef::new(&key.1).within(&key.0));
+            let svc = stores.services.get(&key.0, &key.1);
             let mut notes = Vec::new();
             let new = svc.and_then(|svc| {
                 let of_service = stores.slices.of(&key.0, &key.1);

@@ -84,8 +84,8 @@ pub mod feed;
 pub mod host;
 pub mod incremental;
 pub mod pod;
-pub mod pod_store;
 pub mod published;
+pub mod record_store;
 pub mod service;
 pub mod slice;
 pub mod slice_store;
@@ -111,9 +111,9 @@ use tracing::info;
 pub use feed::{Feed, KeyBy, drive, into_reflector};
 pub use host::{HostLocator, Located, PodLocator};
 pub use pod::{PodRecord, PodView};
-pub use pod_store::PodStore;
 pub use published::{ConfigInForce, Published};
-pub use service::ServiceView;
+pub use record_store::{PodStore, ServiceStore};
+pub use service::{ServiceRecord, ServiceView};
 pub use slice::EndpointSliceView;
 pub use slice_store::SliceStore;
 pub use snapshot::{Objects, Snapshot, SnapshotSettings};
@@ -197,35 +197,28 @@ impl KubeDiscovery {
         let pod_feed = Feed::tracking("pods", KeyBy::Name);
         let service_feed = Feed::tracking("services", KeyBy::Name);
         let slice_feed = Feed::tracking("endpointslices", KeyBy::Label(slice::SERVICE_NAME_LABEL));
-        // Pods are kept as records, not whole (`pod_store.rs`).
-        let pods = Arc::new(PodStore::new(&settings.node_name));
-        feeds.push(Arc::clone(&pod_feed));
-        drive(
-            Api::<PodView>::all(client.clone()),
-            watcher::Config::default(),
-            {
-                let pods = Arc::clone(&pods);
-                move |event| pods.apply(event)
-            },
-            Arc::clone(&pod_feed),
-            Arc::clone(&changed),
-            false,
-        );
-        let services = core_store!(ServiceView, "services", Arc::clone(&service_feed));
+        // Pods and Services are kept as records, not whole (`record_store.rs`).
+        let pods = Arc::new(PodStore::for_node(&settings.node_name));
+        let services = Arc::new(ServiceStore::services());
+        macro_rules! record_store {
+            ($view:ty, $store:expr, $feed:expr) => {{
+                let store = Arc::clone($store);
+                feeds.push(Arc::clone($feed));
+                drive(
+                    Api::<$view>::all(client.clone()),
+                    watcher::Config::default(),
+                    move |event| store.apply(event),
+                    Arc::clone($feed),
+                    Arc::clone(&changed),
+                    false,
+                );
+            }};
+        }
+        record_store!(PodView, &pods, &pod_feed);
+        record_store!(ServiceView, &services, &service_feed);
         // EndpointSlices are filed under their Service (`slice_store.rs`).
         let slices = Arc::new(SliceStore::default());
-        feeds.push(Arc::clone(&slice_feed));
-        drive(
-            Api::<EndpointSliceView>::all(client.clone()),
-            watcher::Config::default(),
-            {
-                let slices = Arc::clone(&slices);
-                move |event| slices.apply(event)
-            },
-            Arc::clone(&slice_feed),
-            Arc::clone(&changed),
-            false,
-        );
+        record_store!(EndpointSliceView, &slices, &slice_feed);
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()

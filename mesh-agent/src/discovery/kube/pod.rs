@@ -171,6 +171,16 @@ impl PodRecord {
     }
 }
 
+impl super::record_store::Keyed for PodRecord {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,18 @@
 //! A Service as discovery reads it: its cluster IPs, ports, selector and labels. The watcher
-//! decodes Services into this type, so the store keeps these instead of `k8s_openapi`'s full
-//! `Service` (its annotations, status and a spec of some thirty optional fields), and the
-//! selector and labels are shared [`Labels`] (issue #19: a cluster has a Service per few pods).
+//! decodes Services into [`ServiceView`], skipping the rest of `k8s_openapi`'s `Service` (its
+//! annotations, status and a spec of some thirty optional fields), and the store keeps a
+//! [`ServiceRecord`]: parsed addresses, the ports, and shared [`Labels`] (issue #19: a cluster
+//! has a Service per few pods).
 
-use k8s_openapi::{api::core::v1::ServicePort, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use std::net::IpAddr;
+
+use k8s_openapi::{
+    api::core::v1::ServicePort,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
 use serde::Deserialize;
 
-use crate::names::Labels;
+use crate::names::{Addresses, Labels, Name, intern};
 
 /// The fields of a Service discovery uses; its metadata is a view's (`super::MetaView`), with
 /// the labels moved out into [`Labels`].
@@ -48,6 +54,72 @@ impl<'de> Deserialize<'de> for ServiceView {
 
 namespaced_view!(ServiceView, "Service", "", "v1", "services");
 
+/// What discovery keeps of a Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceRecord {
+    pub name: Name,
+    pub namespace: Name,
+    /// `clusterIPs` (else `clusterIP`) that parse: none for a headless or ExternalName one.
+    pub ips: Addresses,
+    pub ports: Box<[PortRecord]>,
+    pub selector: Labels,
+    pub labels: Labels,
+}
+
+/// One of a Service's ports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortRecord {
+    pub name: Option<Name>,
+    pub port: i32,
+    pub target_port: Option<IntOrString>,
+    /// TCP (the protocol when none is said).
+    pub tcp: bool,
+    pub app_protocol: Option<Name>,
+}
+
+impl ServiceRecord {
+    /// The record of `svc` (None without a spec: nothing to serve).
+    pub fn of(svc: &ServiceView) -> Option<Self> {
+        let spec = svc.spec.as_ref()?;
+        let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+        let single = spec.cluster_ip.as_slice();
+        let ips = if listed.is_empty() { single } else { listed }
+            .iter()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .collect();
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| PortRecord {
+                name: p.name.as_deref().map(intern),
+                port: p.port,
+                target_port: p.target_port.clone(),
+                tcp: p.protocol.as_deref().unwrap_or("TCP") == "TCP",
+                app_protocol: p.app_protocol.as_deref().map(intern),
+            })
+            .collect();
+        Some(Self {
+            name: svc.metadata.name.as_deref().unwrap_or_default().into(),
+            namespace: intern(svc.metadata.namespace.as_deref().unwrap_or_default()),
+            ips,
+            ports,
+            selector: spec.selector.clone().unwrap_or_default(),
+            labels: svc.labels.clone(),
+        })
+    }
+}
+
+impl super::record_store::Keyed for ServiceRecord {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,11 +152,27 @@ mod tests {
             (port.port, port.app_protocol.as_deref()),
             (80, Some("http"))
         );
+        let record = ServiceRecord::of(&svc).unwrap();
+        assert_eq!(record.ips.len(), 2);
+        assert!(record.selector.has("tier", "web") && record.labels.has("app", "a"));
+        let port = &record.ports[0];
+        assert_eq!(
+            (
+                port.name.as_deref(),
+                port.port,
+                port.tcp,
+                port.app_protocol.as_deref()
+            ),
+            (Some("http"), 80, true, Some("http"))
+        );
+        assert_eq!(port.target_port, Some(IntOrString::String("web".into())));
         // An ExternalName Service has no selector, IPs or ports: still decodes.
         let external: ServiceView = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "x"}, "spec": {"type": "ExternalName", "externalName": "e.org"}
         }))
         .unwrap();
+        let record = ServiceRecord::of(&external).unwrap();
+        assert!(record.ips.is_empty() && record.ports.is_empty() && record.selector.is_empty());
         assert!(external.spec.unwrap().selector.is_none());
     }
 }

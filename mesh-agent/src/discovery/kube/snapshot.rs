@@ -17,7 +17,7 @@ use kube::api::DynamicObject;
 use super::{
     host::PodLocator,
     pod::PodRecord,
-    service::ServiceView,
+    service::ServiceRecord,
     slice_store::{ServiceKey, SliceRecord},
 };
 use crate::{
@@ -47,7 +47,7 @@ pub struct SnapshotSettings {
 pub struct Objects {
     pub namespaces: Vec<Arc<K8sNamespace>>,
     pub pods: Vec<PodRecord>,
-    pub services: Vec<Arc<ServiceView>>,
+    pub services: Vec<ServiceRecord>,
     /// Each Service's EndpointSlices.
     pub slices: HashMap<ServiceKey, Vec<SliceRecord>>,
     pub policies: Vec<Arc<DynamicObject>>,
@@ -114,33 +114,24 @@ pub fn workload_of(
 /// A Service with its EndpointSlices (None: headless, ExternalName, no usable TCP port);
 /// VIPs that are a pod's address (`is_pod_ip`) are left out.
 pub fn service_of(
-    svc: &ServiceView,
+    svc: &ServiceRecord,
     slices: &[SliceRecord],
     is_pod_ip: impl Fn(IpAddr) -> bool,
     skipped: &mut Vec<String>,
 ) -> Option<Service> {
-    let (Some(name), Some(namespace), Some(spec)) = (
-        svc.metadata.name.clone(),
-        svc.metadata.namespace.clone(),
-        svc.spec.as_ref(),
-    ) else {
-        return None;
-    };
-    let vips: Vec<IpAddr> = spec
-        .cluster_ips
-        .clone()
-        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-        .unwrap_or_default()
+    let (name, namespace) = (&svc.name, &svc.namespace);
+    let vips: Vec<IpAddr> = svc
+        .ips
         .iter()
-        .filter_map(|ip| ip.parse().ok())
+        .copied()
         .filter(|ip| !is_pod_ip(*ip))
         .collect();
     if vips.is_empty() {
         return None; // headless or ExternalName: nothing to capture by VIP
     }
     let mut ports = Vec::new();
-    for p in spec.ports.iter().flatten() {
-        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+    for p in &svc.ports {
+        if !p.tcp {
             continue;
         }
         let Ok(port) = u16::try_from(p.port) else {
@@ -155,7 +146,7 @@ pub fn service_of(
             Some(IntOrString::String(_)) => slices
                 .iter()
                 .flat_map(|s| s.ports.iter())
-                .find(|ep| ep.name == p.name)
+                .find(|ep| ep.name.as_deref() == p.name.as_deref())
                 .and_then(|ep| ep.port)
                 .and_then(|n| u16::try_from(n).ok()),
         };
@@ -183,11 +174,11 @@ pub fn service_of(
         .flat_map(|e| e.addresses.iter().copied())
         .collect();
     Some(Service {
-        name: name.into(),
-        namespace: intern(&namespace),
+        name: name.clone(),
+        namespace: namespace.clone(),
         vips,
         ports,
-        selector: spec.selector.clone().unwrap_or_default(),
+        selector: svc.selector.clone(),
         endpoints: Some(ready.into_iter().collect()),
         labels: svc.labels.clone(),
     })
@@ -243,10 +234,7 @@ pub fn build(
     // Services and their endpoints.
     let mut services = Vec::new();
     for svc in &objects.services {
-        let key = (
-            Name::from(svc.metadata.namespace.as_deref().unwrap_or_default()),
-            Name::from(svc.metadata.name.as_deref().unwrap_or_default()),
-        );
+        let key = (svc.namespace.clone(), svc.name.clone());
         let slices = objects.slices.get(&key).map_or(&[][..], Vec::as_slice);
         services.extend(service_of(
             svc,

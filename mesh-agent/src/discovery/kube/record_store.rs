@@ -1,85 +1,75 @@
-//! The pods discovery knows, as [`PodRecord`]s keyed by namespace and name, kept from the Pod
-//! watcher's events in place of a kube-rs reflector store: a reflector keeps every object whole
-//! (its `ObjectMeta` alone is ~400 bytes, its key another copy of the names), which at 100,000
-//! pods was most of the agent's memory in Kubernetes mode (issue #19). A re-list is buffered
-//! and replaces the store when complete, as the reflector does: pods absent from the new list
+//! Pods and Services as discovery keeps them: records (`PodRecord`, `ServiceRecord`) of what
+//! the configuration is made of, keyed by namespace and name, kept from the watcher's events
+//! in place of a kube-rs reflector store. A reflector keeps every object whole (its
+//! `ObjectMeta` alone is ~400 bytes, its key another copy of the names), which at 100,000 pods
+//! was most of the agent's memory in Kubernetes mode (issue #19). A re-list is buffered and
+//! replaces the store when complete, as the reflector does: objects absent from the new list
 //! are gone.
 use std::{
     hash::BuildHasher as _,
     sync::{Mutex, PoisonError},
 };
 
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table::Entry};
 use kube::runtime::watcher::Event;
 
 use super::pod::{PodRecord, PodView};
+use super::service::{ServiceRecord, ServiceView};
 
-/// The records, shared between the Pod watcher (writes) and the snapshot builder (reads).
-pub struct PodStore {
-    /// The agent's node: only its pods keep their uid (see [`PodRecord::of`]).
-    node: String,
-    inner: Mutex<Inner>,
+/// A record's key.
+pub trait Keyed {
+    fn namespace(&self) -> &str;
+    fn name(&self) -> &str;
 }
 
-#[derive(Default)]
-struct Inner {
+/// The pods that make workloads.
+pub type PodStore = RecordStore<PodView, PodRecord>;
+/// The Services.
+pub type ServiceStore = RecordStore<ServiceView, ServiceRecord>;
+
+type Make<V, R> = Box<dyn Fn(&V) -> Option<R> + Send + Sync>;
+
+/// The records, shared between a watcher (writes) and the snapshot builder (reads).
+pub struct RecordStore<V, R> {
+    /// A view's record (None: nothing of it is kept).
+    make: Make<V, R>,
+    inner: Mutex<Inner<R>>,
+}
+
+struct Inner<R> {
     hasher: std::hash::RandomState,
-    pods: HashTable<PodRecord>,
+    live: HashTable<R>,
     /// A re-list in progress: the records listed so far.
-    relisting: Option<HashTable<PodRecord>>,
+    relisting: Option<HashTable<R>>,
 }
 
-impl Inner {
-    fn hash(&self, namespace: &str, name: &str) -> u64 {
-        self.hasher.hash_one((namespace, name))
-    }
+fn same<R: Keyed>(namespace: &str, name: &str) -> impl Fn(&R) -> bool {
+    move |r| r.namespace() == namespace && r.name() == name
 }
 
-fn same(namespace: &str, name: &str) -> impl Fn(&PodRecord) -> bool {
-    move |r| r.namespace == namespace && r.name == name
-}
-
-/// Sets (or with None removes) the record of `namespace/name` in `table`.
-fn set(
-    table: &mut HashTable<PodRecord>,
-    hash: u64,
-    rehash: impl Fn(&PodRecord) -> u64,
-    namespace: &str,
-    name: &str,
-    record: Option<PodRecord>,
-) {
-    let entry = table.entry(hash, same(namespace, name), rehash);
-    match (entry, record) {
-        (hashbrown::hash_table::Entry::Occupied(mut o), Some(r)) => *o.get_mut() = r,
-        (hashbrown::hash_table::Entry::Occupied(o), None) => {
-            o.remove();
-        }
-        (hashbrown::hash_table::Entry::Vacant(v), Some(r)) => {
-            v.insert(r);
-        }
-        (hashbrown::hash_table::Entry::Vacant(_), None) => {}
-    }
-}
-
-impl PodStore {
-    pub fn new(node: &str) -> Self {
+impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
+    pub fn new(make: impl Fn(&V) -> Option<R> + Send + Sync + 'static) -> Self {
         Self {
-            node: node.to_owned(),
-            inner: Mutex::default(),
+            make: Box::new(make),
+            inner: Mutex::new(Inner {
+                hasher: std::hash::RandomState::new(),
+                live: HashTable::new(),
+                relisting: None,
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<R>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies one watcher event.
-    pub fn apply(&self, event: &Event<PodView>) {
+    pub fn apply(&self, event: &Event<V>) {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let rehash = {
             let hasher = inner.hasher.clone();
-            move |r: &PodRecord| hasher.hash_one((r.namespace.as_str(), r.name.as_str()))
+            move |r: &R| hasher.hash_one((r.namespace(), r.name()))
         };
         let (view, table, delete) = match event {
             Event::Init => {
@@ -89,7 +79,7 @@ impl PodStore {
             Event::InitDone => {
                 if let Some(mut listed) = inner.relisting.take() {
                     listed.shrink_to_fit(&rehash);
-                    inner.pods = listed;
+                    inner.live = listed;
                 }
                 return;
             }
@@ -99,41 +89,60 @@ impl PodStore {
                 };
                 (view, listed, false)
             }
-            Event::Apply(view) => (view, &mut inner.pods, false),
-            Event::Delete(view) => (view, &mut inner.pods, true),
+            Event::Apply(view) => (view, &mut inner.live, false),
+            Event::Delete(view) => (view, &mut inner.live, true),
         };
-        let meta = &view.metadata;
+        let meta = view.meta();
         let (namespace, name) = (
             meta.namespace.as_deref().unwrap_or_default(),
             meta.name.as_deref().unwrap_or_default(),
         );
-        let record = if delete {
-            None
-        } else {
-            PodRecord::of(view, &self.node)
-        };
+        let record = if delete { None } else { (self.make)(view) };
         let hash = inner.hasher.hash_one((namespace, name));
-        set(table, hash, rehash, namespace, name, record);
+        match (table.entry(hash, same(namespace, name), rehash), record) {
+            (Entry::Occupied(mut o), Some(r)) => *o.get_mut() = r,
+            (Entry::Occupied(o), None) => {
+                o.remove();
+            }
+            (Entry::Vacant(v), Some(r)) => {
+                v.insert(r);
+            }
+            (Entry::Vacant(_), None) => {}
+        }
     }
 
-    /// The record of `namespace/name` (None: no such pod, or one that makes no workload).
-    pub fn get(&self, namespace: &str, name: &str) -> Option<PodRecord> {
+    /// The record of `namespace/name` (None: no such object, or one not kept).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<R> {
         let inner = self.lock();
-        let hash = inner.hash(namespace, name);
-        inner.pods.find(hash, same(namespace, name)).cloned()
+        let hash = inner.hasher.hash_one((namespace, name));
+        inner.live.find(hash, same(namespace, name)).cloned()
     }
 
     /// Every record (copies: the names and labels they hold are shared, not copied).
-    pub fn state(&self) -> Vec<PodRecord> {
-        self.lock().pods.iter().cloned().collect()
+    pub fn state(&self) -> Vec<R> {
+        self.lock().live.iter().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().pods.len()
+        self.lock().live.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl PodStore {
+    /// The pod store of the agent on `node` (only its own pods keep their uid).
+    pub fn for_node(node: &str) -> Self {
+        let node = node.to_owned();
+        Self::new(move |view| PodRecord::of(view, &node))
+    }
+}
+
+impl ServiceStore {
+    pub fn services() -> Self {
+        Self::new(ServiceRecord::of)
     }
 }
 
@@ -159,7 +168,7 @@ mod tests {
     /// Applies, deletes and pods that stop making a workload, as the watcher reports them.
     #[test]
     fn events_keep_the_records_of_live_pods() {
-        let store = PodStore::new("node1");
+        let store = PodStore::for_node("node1");
         store.apply(&Event::Apply(pod("a", "Running")));
         store.apply(&Event::Apply(pod("b", "Running")));
         assert_eq!(names(&store), ["n/a", "n/b"]);
@@ -179,7 +188,7 @@ mod tests {
     /// it is done readers see the previous contents.
     #[test]
     fn a_relist_replaces_the_store_when_done() {
-        let store = PodStore::new("node1");
+        let store = PodStore::for_node("node1");
         for name in ["a", "b"] {
             store.apply(&Event::Apply(pod(name, "Running")));
         }
