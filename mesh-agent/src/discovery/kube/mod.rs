@@ -48,6 +48,21 @@ macro_rules! namespaced_view {
     };
 }
 
+/// `record_store::Keyed` for a record with `namespace` and `name` fields.
+macro_rules! keyed_by_fields {
+    ($ty:ty) => {
+        impl super::record_store::Keyed for $ty {
+            fn namespace(&self) -> &str {
+                &self.namespace
+            }
+
+            fn name(&self) -> &str {
+                &self.name
+            }
+        }
+    };
+}
+
 /// The metadata a view keeps: name, namespace, uid, resource version (the watcher resumes from
 /// it) and timestamps; its labels are read as `L` and handed back apart. Annotations, owner
 /// references, managed fields and the rest are skipped while decoding.

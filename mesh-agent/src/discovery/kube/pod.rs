@@ -171,15 +171,7 @@ impl PodRecord {
     }
 }
 
-impl super::record_store::Keyed for PodRecord {
-    fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
+keyed_by_fields!(PodRecord);
 
 #[cfg(test)]
 mod tests {

@@ -110,15 +110,7 @@ impl ServiceRecord {
     }
 }
 
-impl super::record_store::Keyed for ServiceRecord {
-    fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
+keyed_by_fields!(ServiceRecord);
 
 #[cfg(test)]
 mod tests {

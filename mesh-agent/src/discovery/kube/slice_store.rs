@@ -60,10 +60,13 @@ impl Tables {
             endpoints: view.endpoints.clone(),
             ports: view.ports.clone(),
         };
-        self.by_service
+        let list = self
+            .by_service
             .entry((namespace.clone(), service.clone()))
-            .or_default()
-            .push(record);
+            .or_default();
+        // Most Services have one slice: no room for four (what a first push reserves).
+        list.reserve_exact(1);
+        list.push(record);
         self.service_of.insert((namespace, name), service);
     }
 }
