@@ -94,6 +94,15 @@ async fn until(
     }
 }
 
+/// Applies every update the discovery publishes until it publishes none for a while (as the
+/// agent would), and returns the configuration in force then.
+async fn settle(d: &mut KubeDiscovery) -> LocalConfig {
+    while let Ok(applied) = tokio::time::timeout(Duration::from_millis(500), d.apply_next()).await {
+        applied.expect("an update the agent would refuse");
+    }
+    d.current().expect("a configuration in force")
+}
+
 fn enrolled(c: &LocalConfig, ns: &str, prefix: &str) -> Option<bool> {
     c.workloads
         .iter()
@@ -269,11 +278,11 @@ async fn the_agent_state_follows_the_api_through_expiry_and_outages() {
     );
 
     // An outage: the agent keeps its last state (nothing vanishes), and catches up afterwards.
-    let before = until(&mut d, "current", |_| true).await;
+    let before = settle(&mut d).await;
     api.fail_with(Some(503));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = d.current().unwrap();
-    assert_eq!(during, *before, "an unreachable API changes nothing");
+    let during = settle(&mut d).await;
+    assert_eq!(during, before, "an unreachable API changes nothing");
     api.fail_with(None);
     legacy_ns["metadata"]["labels"]
         .as_object_mut()
@@ -491,7 +500,7 @@ async fn remote_pod_and_endpoint_churn_arrives_as_deltas_equal_to_a_full_build()
     assert!(matches!(next_update(&mut d).await, ConfigUpdate::Full(_)));
 
     // Everything together equals what a freshly started agent builds whole.
-    let by_deltas = until(&mut d, "current", |_| true).await;
+    let by_deltas = settle(&mut d).await;
     let mut fresh = start(client(&api).await);
     let whole = until(&mut fresh, "a fresh full build", |c| {
         !c.workloads.is_empty()

@@ -287,6 +287,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             next = source.next() => {
                 if let Err(e) = next.and_then(|update| updater.apply(&mut controller, &source, update)) {
                     // Keep serving the last good configuration.
+                    source.refused();
                     metrics.control.config_rejected(e.reason());
                     error!(source = %source.describe(), reason = e.reason(), error = %e,
                         "configuration rejected; keeping the previous one");

@@ -167,6 +167,14 @@ impl Source {
         }
     }
 
+    /// The update [`Self::next`] returned last was refused, by it or when applied (Kubernetes:
+    /// the discovery builds whole next, as what it carried is not in force).
+    pub fn refused(&self) {
+        if let Self::Kube { discovery, .. } = self {
+            discovery.refused();
+        }
+    }
+
     /// After a configuration was applied (Kubernetes: annotate the pods now captured).
     pub fn applied(&self, config: &LocalConfig) {
         if let Self::Kube { annotator, .. } = self {

@@ -99,6 +99,15 @@ impl Feed {
         }
     }
 
+    /// Records `(namespace, name)` as changed: for a store that knows more than the event
+    /// says (the Service a slice left).
+    pub fn record_key(&self, namespace: String, name: String) {
+        if let Some((_, changes)) = &self.changes {
+            let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+            changes.keys.insert((namespace, name));
+        }
+    }
+
     /// What changed since the last call (nothing for a feed that does not track).
     pub fn take_changes(&self) -> Changes {
         self.changes

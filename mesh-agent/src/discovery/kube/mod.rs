@@ -233,7 +233,24 @@ impl KubeDiscovery {
         record_store!(ServiceView, &services, &service_feed);
         // EndpointSlices are filed under their Service (`slice_store.rs`).
         let slices = Arc::new(SliceStore::default());
-        record_store!(EndpointSliceView, &slices, &slice_feed);
+        feeds.push(Arc::clone(&slice_feed));
+        drive(
+            Api::<EndpointSliceView>::all(client.clone()),
+            watcher::Config::default(),
+            {
+                let (slices, feed) = (Arc::clone(&slices), Arc::clone(&slice_feed));
+                // A slice that left a Service (relabelled, or its label removed) changes that
+                // Service too, which the event's own label does not name.
+                move |event| {
+                    if let Some((namespace, service)) = slices.apply(event) {
+                        feed.record_key(namespace.to_string(), service.to_string());
+                    }
+                }
+            },
+            Arc::clone(&slice_feed),
+            Arc::clone(&changed),
+            false,
+        );
         let mut policy_stores = Vec::new();
         let kinds = ISTIO_KINDS
             .iter()
@@ -299,8 +316,10 @@ impl KubeDiscovery {
                     std::mem::take(&mut pod_changes),
                     std::mem::take(&mut service_changes),
                 );
-                let why = if out.with_config(|c| c.is_none()) {
+                let why = if !out.in_force() {
                     "first configuration"
+                } else if out.take_rebuild() {
+                    "the agent refused the last update"
                 } else if other {
                     "a change beyond pods and Services"
                 } else if retry {
@@ -362,7 +381,7 @@ impl KubeDiscovery {
 
     /// The next update not yet taken (waits for one), and what the configuration left out.
     /// Calling it again says the previous one was dealt with: applied to [`Self::config`],
-    /// or refused.
+    /// or refused (then say so first, with [`Self::refused`]).
     pub async fn next_update(&mut self) -> (ConfigUpdate, Vec<String>) {
         self.published.dealt_with();
         loop {
@@ -382,20 +401,31 @@ impl KubeDiscovery {
         let (update, _) = self.next_update().await;
         let config = self.config();
         let mut config = config.write().unwrap_or_else(|e| e.into_inner());
-        match &update {
-            ConfigUpdate::Full(new) => {
-                *config = Arc::new(LocalConfig::parse_checked((**new).clone())?);
-            }
+        let applied = match &update {
+            ConfigUpdate::Full(new) => LocalConfig::parse_checked((**new).clone())
+                .map(|checked| *config = Arc::new(checked)),
             ConfigUpdate::Delta(delta) => {
                 let config = Arc::make_mut(&mut config);
-                config.check_delta(delta)?;
-                config.apply(delta);
+                config.check_delta(delta).map(|()| {
+                    config.apply(delta);
+                })
             }
+        };
+        drop(config);
+        if applied.is_err() {
+            self.refused();
         }
-        Ok(update)
+        self.published.dealt_with();
+        applied.map(|()| update)
     }
 
-    /// A copy of the configuration in force (None before the first publication).
+    /// The agent refused the update it took last (its configuration in force did not change):
+    /// the next round builds whole.
+    pub fn refused(&self) {
+        self.published.refused();
+    }
+
+    /// A copy of the configuration in force (None before the agent applied one of ours).
     pub fn current(&self) -> Option<LocalConfig> {
         self.published.current()
     }

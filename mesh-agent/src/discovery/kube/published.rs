@@ -17,18 +17,25 @@ pub type ConfigInForce = RwLock<Arc<LocalConfig>>;
 /// What was handed over and not yet dealt with.
 #[derive(Default)]
 struct Mailbox {
-    /// Something was published (the configuration in force is the cluster's, not empty).
-    published: bool,
+    /// The agent applied an update of ours: the configuration in force is the cluster's
+    /// (before that it is empty, and no delta can be computed against it).
+    in_force: bool,
     /// What the last full build left out.
     skipped: Vec<String>,
-    /// Not yet taken: a full configuration, or deltas merged.
+    /// Not yet taken: a full configuration or a delta.
     pending: Option<ConfigUpdate>,
     /// Taken by the agent and not yet dealt with.
     in_agent: bool,
+    /// The agent refused the update it took last.
+    refused: bool,
+    /// An update was refused since the last full build: what it carried is not in force, so
+    /// the next round builds whole.
+    rebuild: bool,
 }
 
-/// The mailbox between the discovery task and the agent: never loses a change, and hands
-/// the agent one update at a time.
+/// The mailbox between the discovery task and the agent: hands the agent one update at a
+/// time, and says when one was refused (the next round then builds whole, so nothing a
+/// refused update carried stays out for good).
 pub struct Published {
     config: Arc<ConfigInForce>,
     mailbox: Mutex<Mailbox>,
@@ -75,22 +82,28 @@ impl Published {
         }
     }
 
-    /// Whether anything was published yet.
-    pub fn has_published(&self) -> bool {
-        self.lock().published
+    /// Whether the agent holds a configuration of ours yet.
+    pub fn in_force(&self) -> bool {
+        self.lock().in_force
     }
 
-    /// Runs `f` on the configuration in force (None before the first publication).
+    /// Whether an update was refused since the last full build (and forgets it: the caller
+    /// builds whole).
+    pub fn take_rebuild(&self) -> bool {
+        std::mem::take(&mut self.lock().rebuild)
+    }
+
+    /// Runs `f` on the configuration in force (None before the agent applied one of ours).
     pub fn with_config<T>(&self, f: impl FnOnce(Option<&LocalConfig>) -> T) -> T {
-        let published = self.has_published();
+        let in_force = self.in_force();
         let config = self.config.read().unwrap_or_else(PoisonError::into_inner);
-        f(published.then_some(&**config))
+        f(in_force.then_some(&**config))
     }
 
     /// Publishes a full configuration, unless it is the one in force.
     pub fn full(&self, config: LocalConfig, skipped: Vec<String>) {
         let mut m = self.lock();
-        let same = m.published
+        let same = m.in_force
             && m.pending.is_none()
             && m.skipped == skipped
             && **self.config.read().unwrap_or_else(PoisonError::into_inner) == config;
@@ -98,7 +111,6 @@ impl Published {
             return;
         }
         m.pending = Some(ConfigUpdate::Full(Box::new(config)));
-        m.published = true;
         m.skipped = skipped;
         drop(m);
         self.bump();
@@ -111,21 +123,20 @@ impl Published {
             return Ok(());
         }
         let mut m = self.lock();
-        if !m.published {
-            return Err("nothing published yet");
+        if !m.in_force {
+            return Err("no configuration in force yet");
         }
-        match &mut m.pending {
-            // Not computed against the configuration in force: only a full build knows.
-            Some(ConfigUpdate::Full(_)) => return Err("a full configuration not yet taken"),
-            Some(ConfigUpdate::Delta(d)) => d.merge(delta),
-            None => {
-                let config = self.config.read().unwrap_or_else(PoisonError::into_inner);
-                if config.check_delta(&delta).is_err() {
-                    return Err("a conflict the full build settles");
-                }
-                m.pending = Some(ConfigUpdate::Delta(delta));
-            }
+        if m.pending.is_some() {
+            // Only reached if a round did not wait for `settled`: what is pending was not
+            // computed against the configuration in force either.
+            return Err("an update not yet taken");
         }
+        let config = self.config.read().unwrap_or_else(PoisonError::into_inner);
+        if config.check_delta(&delta).is_err() {
+            return Err("a conflict the full build settles");
+        }
+        drop(config);
+        m.pending = Some(ConfigUpdate::Delta(delta));
         drop(m);
         self.bump();
         Ok(())
@@ -140,16 +151,28 @@ impl Published {
         Some((update, m.skipped.clone()))
     }
 
+    /// The update taken last was refused by the agent (call before [`Self::dealt_with`]).
+    pub fn refused(&self) {
+        let mut m = self.lock();
+        if m.in_agent {
+            m.refused = true;
+            m.rebuild = true;
+        }
+    }
+
     /// The update taken last was applied to the configuration in force, or refused.
     pub fn dealt_with(&self) {
         let mut m = self.lock();
         if std::mem::take(&mut m.in_agent) {
+            if !std::mem::take(&mut m.refused) {
+                m.in_force = true;
+            }
             drop(m);
             self.settled.notify_one();
         }
     }
 
-    /// A copy of the configuration in force (None before the first publication).
+    /// A copy of the configuration in force (None before the agent applied one of ours).
     pub fn current(&self) -> Option<LocalConfig> {
         self.with_config(|c| c.cloned())
     }
@@ -208,15 +231,21 @@ mod tests {
         // The same configuration again is nothing new.
         p.full(LocalConfig::default(), vec![]);
         assert!(p.take().is_none());
-        // Deltas not yet taken merge into one.
+        // One update at a time: a second delta while one is pending is left to a full build.
         p.delta(add("a", "10.0.0.1")).unwrap();
-        p.delta(add("b", "10.0.0.2")).unwrap();
+        assert_eq!(
+            p.delta(add("b", "10.0.0.2")),
+            Err("an update not yet taken")
+        );
         match deal_with(&p) {
-            ConfigUpdate::Delta(d) => assert_eq!(d.workloads.len(), 2),
+            ConfigUpdate::Delta(d) => assert_eq!(d.workloads.len(), 1),
             other => panic!("{other:?}"),
         }
         p.settled().await;
+        p.delta(add("b", "10.0.0.2")).unwrap();
+        deal_with(&p);
         assert_eq!(p.current().unwrap().workloads.len(), 2);
+        assert!(!p.take_rebuild());
         // A delta that conflicts with the configuration in force (an address taken) is
         // refused here, so that a full build settles it.
         assert_eq!(
@@ -233,5 +262,32 @@ mod tests {
         );
         p.dealt_with();
         p.settled().await;
+    }
+
+    /// A refused update is not in force, and makes the next round build whole.
+    #[tokio::test]
+    async fn a_refused_update_makes_the_next_round_build_whole() {
+        let p = Published::new(Arc::default());
+        // The first configuration refused: still nothing in force, no delta possible.
+        p.full(LocalConfig::default(), vec![]);
+        let _ = p.take().unwrap();
+        p.refused();
+        p.dealt_with();
+        p.settled().await;
+        assert!(p.current().is_none() && !p.in_force());
+        assert!(p.take_rebuild(), "the next round builds whole");
+        assert!(!p.take_rebuild(), "once");
+        p.full(LocalConfig::default(), vec![]);
+        deal_with(&p);
+        assert!(p.in_force() && p.current().is_some());
+        // A delta refused: the configuration in force stays, and a full build follows.
+        p.delta(add("a", "10.0.0.1")).unwrap();
+        let _ = p.take().unwrap();
+        p.refused();
+        p.dealt_with();
+        assert!(p.take_rebuild() && p.current().unwrap().workloads.is_empty());
+        // Saying "refused" with nothing taken is nothing.
+        p.refused();
+        assert!(!p.take_rebuild());
     }
 }

@@ -33,10 +33,11 @@ struct Tables {
 }
 
 impl Tables {
-    fn remove(&mut self, namespace: &Name, slice: &Name) {
-        let Some(service) = self.service_of.remove(&(namespace.clone(), slice.clone())) else {
-            return;
-        };
+    /// Removes the slice `namespace/slice`; the Service it belonged to.
+    fn remove(&mut self, namespace: &Name, slice: &Name) -> Option<Name> {
+        let service = self
+            .service_of
+            .remove(&(namespace.clone(), slice.clone()))?;
         let key = (namespace.clone(), service);
         if let Some(list) = self.by_service.get_mut(&key) {
             list.retain(|r| r.name != *slice);
@@ -44,17 +45,23 @@ impl Tables {
                 self.by_service.remove(&key);
             }
         }
+        Some(key.1)
     }
 
-    fn put(&mut self, view: &EndpointSliceView) {
+    /// Files `view` under its Service (replacing its earlier version); the Service it left,
+    /// if it belonged to another one before (or now to none).
+    fn put(&mut self, view: &EndpointSliceView) -> Option<ServiceKey> {
         let meta = &view.metadata;
         let namespace = intern(meta.namespace.as_deref().unwrap_or_default());
         let name = Name::from(meta.name.as_deref().unwrap_or_default());
-        self.remove(&namespace, &name);
-        let Some((_, service)) = view.service() else {
-            return;
+        let before = self.remove(&namespace, &name);
+        let service = view.service().map(|(_, service)| intern(&service));
+        let left = before
+            .filter(|b| service.as_ref() != Some(b))
+            .map(|b| (namespace.clone(), b));
+        let Some(service) = service else {
+            return left;
         };
-        let service = intern(&service);
         let record = SliceRecord {
             name: name.clone(),
             endpoints: view.endpoints.clone(),
@@ -68,6 +75,7 @@ impl Tables {
         list.reserve_exact(1);
         list.push(record);
         self.service_of.insert((namespace, name), service);
+        left
     }
 }
 
@@ -89,8 +97,9 @@ impl SliceStore {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies one watcher event.
-    pub fn apply(&self, event: &Event<EndpointSliceView>) {
+    /// Applies one watcher event; the Service a slice left (relabelled, label removed or
+    /// deleted), which the event itself may not name.
+    pub fn apply(&self, event: &Event<EndpointSliceView>) -> Option<ServiceKey> {
         let mut inner = self.lock();
         match event {
             Event::Init => inner.relisting = Some(Tables::default()),
@@ -106,15 +115,18 @@ impl SliceStore {
                     inner.live = listed;
                 }
             }
-            Event::Apply(view) => inner.live.put(view),
+            Event::Apply(view) => return inner.live.put(view),
             Event::Delete(view) => {
                 let meta = &view.metadata;
-                inner.live.remove(
-                    &Name::from(meta.namespace.as_deref().unwrap_or_default()),
-                    &Name::from(meta.name.as_deref().unwrap_or_default()),
-                );
+                let namespace = intern(meta.namespace.as_deref().unwrap_or_default());
+                let name = Name::from(meta.name.as_deref().unwrap_or_default());
+                return inner
+                    .live
+                    .remove(&namespace, &name)
+                    .map(|service| (namespace, service));
             }
         }
+        None
     }
 
     /// The slices of the Service `namespace/name`.
@@ -177,13 +189,24 @@ mod tests {
         // Replaced in place.
         store.apply(&Event::Apply(slice("web-2", Some("web"), "10.0.0.4")));
         assert_eq!(addresses(&store, "web"), ["10.0.0.1", "10.0.0.4"]);
+        // Replaced in place: it left no Service.
+        assert_eq!(
+            store.apply(&Event::Apply(slice("web-2", Some("web"), "10.0.0.4"))),
+            None
+        );
         // A slice relabelled to another Service moves (never seen from the controller, but
-        // the store stays right).
-        store.apply(&Event::Apply(slice("web-2", Some("db"), "10.0.0.4")));
+        // the store stays right), and says which Service it left.
+        let left = store.apply(&Event::Apply(slice("web-2", Some("db"), "10.0.0.4")));
+        assert_eq!(left, Some((intern("n"), intern("web"))));
         assert_eq!(addresses(&store, "web"), ["10.0.0.1"]);
         assert_eq!(addresses(&store, "db"), ["10.0.0.3", "10.0.0.4"]);
         store.apply(&Event::Delete(slice("web-1", Some("web"), "10.0.0.1")));
         assert!(store.of("n", "web").is_empty());
+        // A slice whose label is removed leaves its Service.
+        let left = store.apply(&Event::Apply(slice("web-2", None, "10.0.0.4")));
+        assert_eq!(left, Some((intern("n"), intern("db"))));
+        assert_eq!(addresses(&store, "db"), ["10.0.0.3"]);
+        store.apply(&Event::Apply(slice("web-2", Some("db"), "10.0.0.4")));
         assert!(!store.state().contains_key(&(intern("n"), intern("web"))));
         // A re-list replaces everything when done.
         store.apply(&Event::Init);
