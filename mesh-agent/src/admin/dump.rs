@@ -53,7 +53,7 @@ pub fn config_dump(state: &AdminState) -> Value {
         })
         .collect();
     let set = state.enforcer.current();
-    let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    let view = state.view.load();
     let mut enrolled: Vec<Value> = view
         .by_ifindex
         .iter()

@@ -12,7 +12,7 @@ pub mod readiness;
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -27,7 +27,7 @@ use tracing::{info, warn};
 pub use readiness::Readiness;
 
 use crate::{
-    capture::{BpffsLayout, CaptureView},
+    capture::{BpffsLayout, SharedCaptureView},
     hbone::client::Pool,
     identity::CertManager,
     logging::LogControl,
@@ -42,7 +42,7 @@ pub struct AdminState {
     /// The configuration in force (shared with the Kubernetes discovery, which computes its
     /// deltas against it).
     pub config: Arc<crate::discovery::kube::ConfigInForce>,
-    pub view: Arc<RwLock<CaptureView>>,
+    pub view: SharedCaptureView,
     pub enforcer: Arc<Enforcer>,
     pub certs: Option<Arc<CertManager>>,
     pub pool: Option<Arc<Pool>>,

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -50,6 +50,10 @@ pub struct DesiredCapture {
     /// The agent's own cgroup, for same-node splicing (None: no splicing).
     pub agent_cgroup: Option<PathBuf>,
 }
+
+/// The capture view in force: read by every captured connection without a lock, replaced
+/// whole by the controller (the only writer).
+pub type SharedCaptureView = Arc<arc_swap::ArcSwap<CaptureView>>;
 
 /// Who a captured connection belongs to, as the handlers see it.
 #[derive(Clone, Debug, Default)]
@@ -102,7 +106,7 @@ pub struct CaptureController {
     layout: BpffsLayout,
     instance: String,
     attached: BTreeMap<LinkKey, Attached>,
-    view: Arc<RwLock<CaptureView>>,
+    view: SharedCaptureView,
     /// Addresses of pods that left the mesh recently, until when their TIME_WAIT sockets are
     /// retired.
     recently_left: HashMap<IpAddr, std::time::Instant>,
@@ -164,7 +168,7 @@ impl CaptureController {
         })
     }
 
-    pub fn view(&self) -> Arc<RwLock<CaptureView>> {
+    pub fn view(&self) -> SharedCaptureView {
         Arc::clone(&self.view)
     }
 
@@ -213,14 +217,15 @@ impl CaptureController {
                 Err(e) => report.errors.push(format!("pod {}: {e}", pod.key)),
             }
         }
-        {
-            let mut current = self.view.write().unwrap_or_else(|e| e.into_inner());
+        if !resolved.is_empty() {
+            let mut current = CaptureView::clone(&self.view.load());
             for (pod, ifindex) in &resolved {
                 current.by_ifindex.insert(*ifindex, (*pod).clone());
                 for ip in &pod.ips {
                     current.by_ip.insert(*ip, (*pod).clone());
                 }
             }
+            self.view.store(Arc::new(current));
         }
 
         // 1. Enrolled pods: maps first (the program ignores interfaces it does not know), then
@@ -407,7 +412,7 @@ impl CaptureController {
         }
         self.remove_foreign_link_pins(&failed_targets, &mut report);
 
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        self.view.store(Arc::new(view));
         match self.retire_time_wait() {
             Ok(n) => report.time_wait_destroyed = n,
             Err(e) => report.errors.push(e),

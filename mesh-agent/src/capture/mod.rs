@@ -15,7 +15,9 @@ pub mod time_wait;
 
 use std::{fmt::Write as _, path::Path};
 
-pub use controller::{CaptureController, CaptureView, DesiredCapture, PodCapture, ReconcileReport};
+pub use controller::{
+    CaptureController, CaptureView, DesiredCapture, PodCapture, ReconcileReport, SharedCaptureView,
+};
 pub use flows::{CapturedFlow, FlowTable};
 pub use inspect::PinnedMaps;
 pub use pins::BpffsLayout;

@@ -159,7 +159,7 @@ pub struct Source {
 
 /// Routes and forwards requests for one proxy.
 pub struct Engine {
-    routing: std::sync::RwLock<Arc<Routing>>,
+    routing: arc_swap::ArcSwap<Routing>,
     pub upstream: Arc<dyn Upstream>,
     /// Circuit breakers outlive config changes: requests in flight keep their slots.
     breakers: Breakers,
@@ -172,10 +172,10 @@ impl Engine {
         upstream: Arc<dyn Upstream>,
     ) -> Self {
         Self {
-            routing: std::sync::RwLock::new(Arc::new(Routing {
+            routing: arc_swap::ArcSwap::from_pointee(Routing {
                 routes,
                 destinations,
-            })),
+            }),
             upstream,
             breakers: Breakers::default(),
         }
@@ -183,12 +183,12 @@ impl Engine {
 
     /// Serves new requests with `routing`; requests in flight finish with what they started with.
     pub fn reconfigure(&self, routing: Routing) {
-        *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
+        self.routing.store(Arc::new(routing));
     }
 
     /// The routing new requests get.
     pub fn routing(&self) -> Arc<Routing> {
-        Arc::clone(&self.routing.read().unwrap_or_else(|e| e.into_inner()))
+        self.routing.load_full()
     }
 
     /// Handles one request to `dst`. `rng` draws weights, faults and mirrors.

@@ -2,7 +2,7 @@
 //! touched by the data path, which only bumps the traffic counters and the eBPF programs' own
 //! per-CPU counters.
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,7 +22,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    capture::{CaptureView, PinnedMaps, inspect::MapOccupancy},
+    capture::{PinnedMaps, SharedCaptureView, inspect::MapOccupancy},
     ebpf::{CounterSnapshot, read_counters},
     hbone::client::Pool,
     identity::CertManager,
@@ -149,7 +149,7 @@ impl ControlCounters {
 pub struct NodeSources {
     /// The agent's pinned maps (`<bpffs>/maps`).
     pub maps: PinnedMaps,
-    pub view: Arc<RwLock<CaptureView>>,
+    pub view: SharedCaptureView,
     pub enforcer: Arc<Enforcer>,
     /// Present in mesh mode.
     pub certs: Option<Arc<CertManager>>,
@@ -292,12 +292,7 @@ impl Collector for NodeCollector {
                 (v, o.capacity as f64)
             }),
         )?;
-        let enrolled = s
-            .view
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_ifindex
-            .len();
+        let enrolled = s.view.load().by_ifindex.len();
         single(
             &mut e,
             "mesh_enrolled_pods",

@@ -10,10 +10,7 @@
 //!   learnt (listener, client, original destination, the pod it is attributed to); the agent then
 //!   reads until the client half-closes and answers with a second line, the byte count and FNV-1a
 //!   digest of what it received. Tests use it to check capture without a relay in between.
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use mesh_common::FlowKind;
 use serde::Serialize;
@@ -27,7 +24,7 @@ use super::direct::{closed, splice_tcp};
 use super::sockets::reset;
 use super::sockets::{Upstream, canonical, connect_direct};
 use crate::{
-    capture::{CaptureView, FlowTable, PodCapture},
+    capture::{FlowTable, PodCapture, SharedCaptureView},
     metrics::ResponseFlags,
 };
 
@@ -43,7 +40,7 @@ pub enum HandlerMode {
 pub struct HandlerContext {
     pub mode: HandlerMode,
     pub flows: FlowTable,
-    pub view: Arc<RwLock<CaptureView>>,
+    pub view: SharedCaptureView,
     /// Present in `mesh` mode.
     pub mesh: Option<Arc<super::mesh::MeshContext>>,
     /// Inbound policy (PeerAuthentication, AuthorizationPolicy) for plaintext delivered to
@@ -183,7 +180,7 @@ fn attribute(
     if flow.kind != kind {
         return Err("capture record names a different listener");
     }
-    let view = ctx.view.read().unwrap_or_else(|e| e.into_inner());
+    let view = ctx.view.load();
     let pod = match kind {
         FlowKind::Outbound => {
             let pod = view

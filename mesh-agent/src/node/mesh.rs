@@ -16,10 +16,12 @@
 //! `outbound.rs` and `inbound.rs`, what they know of the mesh in `state.rs`.
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
-pub use super::state::{CLUSTER_NAME, MeshState, MeshWorkload, ServiceTarget, WaypointRoute};
+pub use super::state::{
+    CLUSTER_NAME, MeshState, MeshWorkload, ServiceTarget, SharedMeshState, WaypointRoute,
+};
 use crate::{
     hbone::{client::Pool, server::ServerContext},
     identity::CertManager,
@@ -28,7 +30,7 @@ use crate::{
 
 /// Shared by every connection of the mesh handler.
 pub struct MeshContext {
-    pub state: Arc<RwLock<MeshState>>,
+    pub state: SharedMeshState,
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     pub server: Arc<ServerContext>,
@@ -38,17 +40,15 @@ pub struct MeshContext {
 
 impl MeshContext {
     pub(super) fn lookup(&self, ip: IpAddr) -> Option<Arc<MeshWorkload>> {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_ip
-            .get(&ip)
-            .cloned()
+        self.state.load().by_ip.get(&ip).cloned()
     }
 
     pub(super) fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.services.get(&(dst.ip(), dst.port())).cloned()
+        self.state
+            .load()
+            .services
+            .get(&(dst.ip(), dst.port()))
+            .cloned()
     }
 
     /// The waypoint a connection from `client` to `dst` goes through: the service's (when
@@ -72,11 +72,7 @@ impl MeshContext {
     }
 
     pub(super) fn local_node(&self) -> String {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .node
-            .clone()
+        self.state.load().node.clone()
     }
 }
 

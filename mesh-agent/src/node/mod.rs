@@ -12,6 +12,7 @@ pub mod handler;
 mod inbound;
 pub mod mesh;
 mod outbound;
+mod snapshot_map;
 mod sockets;
 pub mod source;
 pub mod state;
@@ -137,9 +138,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let first = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
     log_state(&controller, &config, first.errors.len());
 
-    let mesh_state = Arc::new(std::sync::RwLock::new(mesh::MeshState::from_config(
-        &config,
-    )));
+    let mesh_state = mesh::MeshState::shared(&config);
     let policies = config.compile_policies();
     policies.log();
     // Reading a large configuration freed most of what it allocated: hand it back before
@@ -425,8 +424,7 @@ fn release_free_memory() {
 }
 
 fn log_state(controller: &CaptureController, config: &LocalConfig, errors: usize) {
-    let view = controller.view();
-    let view = view.read().unwrap_or_else(|e| e.into_inner());
+    let view = controller.view().load_full();
     let mut enrolled: Vec<_> = view.by_ifindex.values().map(|p| p.key.clone()).collect();
     enrolled.sort();
     info!(node = %config.node.name, enrolled = ?enrolled, errors, "capture reconciled");

@@ -2,14 +2,20 @@
 //! (identity, node, enrolment, the waypoint a pod is bound to), services by VIP and port (target
 //! port, endpoints, the waypoint a service is bound to). A leaf: the flows and telemetry read
 //! it, it calls nothing of them.
+//!
+//! The data path reads it without a lock: the update loop publishes each new state whole
+//! ([`SharedMeshState`]), built from a copy of the last that shares every entry it did not
+//! change ([`SnapshotMap`]), so a reader sees one state or the next, never half of a change.
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
 };
 
+use arc_swap::ArcSwap;
 use tracing::warn;
 
+use super::snapshot_map::SnapshotMap;
 use crate::{
     discovery::{ConfigDelta, LocalConfig, Service, Workload, delta::Replaced, selection},
     identity::SpiffeId,
@@ -104,7 +110,8 @@ pub const CLUSTER_NAME: &str = "Kubernetes";
 /// A service port: where its traffic goes.
 #[derive(Debug)]
 pub struct ServiceTarget {
-    pub key: String,
+    /// `namespace/name`, shared by the service's ports.
+    pub key: Arc<str>,
     /// The waypoint the service is bound to, if any.
     pub waypoint: Option<Arc<WaypointRoute>>,
     pub target_port: u16,
@@ -126,19 +133,32 @@ impl ServiceTarget {
     }
 }
 
+/// The mesh state in force, read by the data path without a lock and replaced whole by the
+/// update loop (the only writer).
+pub type SharedMeshState = Arc<ArcSwap<MeshState>>;
+
 /// Workloads of the whole mesh by address, services by (VIP, port), and which node we are.
-#[derive(Debug, Default)]
+/// A copy shares its entries with the original (see the module documentation).
+#[derive(Clone, Debug, Default)]
 pub struct MeshState {
     pub node: String,
     /// Shared by a dual-stack pod's addresses; lookups hand out the `Arc`.
-    pub by_ip: HashMap<IpAddr, Arc<MeshWorkload>>,
-    pub services: HashMap<(IpAddr, u16), Arc<ServiceTarget>>,
+    pub by_ip: SnapshotMap<IpAddr, Arc<MeshWorkload>>,
+    pub services: SnapshotMap<(IpAddr, u16), Arc<ServiceTarget>>,
+    /// Each service's targets by lowercase `namespace/name`: the service an HBONE request
+    /// names by hostname, found without looking through every service.
+    by_name: SnapshotMap<Arc<str>, Arc<[Arc<ServiceTarget>]>>,
     /// The config's waypoints, and the route to each, shared by everything bound to it.
     waypoints: Waypoints,
     routes: HashMap<Binding, Option<Arc<WaypointRoute>>>,
 }
 
 impl MeshState {
+    /// A state to publish as the first: see [`SharedMeshState`].
+    pub fn shared(config: &LocalConfig) -> SharedMeshState {
+        Arc::new(ArcSwap::from_pointee(Self::from_config(config)))
+    }
+
     pub fn from_config(config: &LocalConfig) -> Self {
         let (waypoints, errors) = Waypoints::of_config(config);
         for e in &errors {
@@ -146,10 +166,8 @@ impl MeshState {
         }
         let mut state = Self {
             node: config.node.name.clone(),
-            by_ip: HashMap::with_capacity(config.workloads.len()),
-            services: HashMap::with_capacity(config.services.len()),
             waypoints,
-            routes: HashMap::new(),
+            ..Self::default()
         };
         for w in &config.workloads {
             state.add_workload(config, w);
@@ -206,6 +224,7 @@ impl MeshState {
                     self.services.remove(&(*vip, p.port));
                 }
             }
+            self.by_name.remove(&*name_key(&old.namespace, &old.name));
         }
         affected.extend(
             delta
@@ -248,11 +267,20 @@ impl MeshState {
         }
     }
 
+    /// The targets of the service `namespace/name` (any case), if it has a VIP.
+    pub fn service_named(&self, namespace: &str, name: &str) -> Option<&[Arc<ServiceTarget>]> {
+        self.by_name
+            .get(&*name_key(namespace, name))
+            .map(|targets| &targets[..])
+    }
+
     /// (Re)places `svc`'s entries.
     fn add_service(&mut self, config: &LocalConfig, svc: &Service) {
         let endpoints = config.endpoint_ips(svc);
         let binding = self.waypoints.of_service(config, svc);
         let waypoint = self.route(config, binding);
+        let key: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
+        let mut targets = Vec::with_capacity(svc.vips.len() * svc.ports.len());
         for vip in &svc.vips {
             let family: Vec<IpAddr> = endpoints
                 .iter()
@@ -260,19 +288,27 @@ impl MeshState {
                 .copied()
                 .collect();
             for p in &svc.ports {
-                self.services.insert(
-                    (*vip, p.port),
-                    Arc::new(ServiceTarget {
-                        key: format!("{}/{}", svc.namespace, svc.name),
-                        waypoint: waypoint.clone(),
-                        target_port: p.target_port.unwrap_or(p.port),
-                        endpoints: family.clone(),
-                        next: Default::default(),
-                    }),
-                );
+                let target = Arc::new(ServiceTarget {
+                    key: Arc::clone(&key),
+                    waypoint: waypoint.clone(),
+                    target_port: p.target_port.unwrap_or(p.port),
+                    endpoints: family.clone(),
+                    next: Default::default(),
+                });
+                self.services.insert((*vip, p.port), Arc::clone(&target));
+                targets.push(target);
             }
         }
+        if !targets.is_empty() {
+            self.by_name
+                .insert(name_key(&svc.namespace, &svc.name), targets.into());
+        }
     }
+}
+
+/// The `by_name` key of a service.
+fn name_key(namespace: &str, name: &str) -> Arc<str> {
+    format!("{namespace}/{name}").to_ascii_lowercase().into()
 }
 
 #[cfg(test)]

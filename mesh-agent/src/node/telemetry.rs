@@ -1,11 +1,8 @@
 //! Who a connection is between, for its metrics and access log: workloads looked up in the
 //! mesh state, identities from the TLS handshake (never from an address alone).
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use super::state::{CLUSTER_NAME, MeshState, MeshWorkload};
+use super::state::{CLUSTER_NAME, MeshWorkload, SharedMeshState};
 use crate::{
     identity::SpiffeId,
     metrics::{
@@ -20,7 +17,7 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Builds every connection's telemetry on this node.
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
-    state: Arc<RwLock<MeshState>>,
+    state: SharedMeshState,
 }
 
 /// A service from its `namespace/name` key.
@@ -54,17 +51,12 @@ fn peer_of_identity(id: &SpiffeId) -> PeerInfo {
 }
 
 impl Telemetry {
-    pub fn new(metrics: Arc<Metrics>, state: Arc<RwLock<MeshState>>) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, state: SharedMeshState) -> Arc<Self> {
         Arc::new(Self { metrics, state })
     }
 
     fn lookup(&self, addr: SocketAddr) -> Option<Arc<MeshWorkload>> {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_ip
-            .get(&addr.ip())
-            .cloned()
+        self.state.load().by_ip.get(&addr.ip()).cloned()
     }
 
     fn build(
@@ -122,13 +114,17 @@ impl Telemetry {
     /// without `:port`), only if `dst`'s pod is one of its endpoints: a client cannot label
     /// traffic to a pod with a service the pod is not part of.
     fn service_by_host(&self, host: &str, dst: SocketAddr) -> Option<ServiceInfo> {
-        let name = host.split_once(':').map_or(host, |(n, _)| n);
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.services.values().find_map(|svc| {
-            let info = service_info(&svc.key);
-            (info.hostname.eq_ignore_ascii_case(name) && svc.endpoints.contains(&dst.ip()))
-                .then_some(info)
-        })
+        let host = host.split_once(':').map_or(host, |(n, _)| n);
+        let host = host.to_ascii_lowercase();
+        let (name, namespace) = host
+            .strip_suffix(&format!(".svc.{CLUSTER_DOMAIN}"))?
+            .split_once('.')?;
+        let state = self.state.load();
+        let targets = state.service_named(namespace, name)?;
+        targets
+            .iter()
+            .any(|t| t.endpoints.contains(&dst.ip()))
+            .then(|| service_info(&targets[0].key))
     }
 
     /// The server's agent, for an HBONE stream from `peer` (its certificate's identity);
@@ -220,13 +216,14 @@ impl Telemetry {
 mod tests {
     use super::*;
     use crate::discovery::LocalConfig;
+    use crate::node::state::MeshState;
 
     const CONFIG: &str = "node: {name: n1}\nworkloads:\n  - {name: a, namespace: x, node: n2, ips: [10.0.0.1], labels: {app: web}}\n  - {name: b, namespace: x, node: n1, ips: [10.0.0.2], hostInterface: veth-b, labels: {app: db}}\nservices:\n  - {name: web, namespace: x, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}\n  - {name: db, namespace: x, vips: [10.96.0.2], ports: [{port: 5432}], selector: {app: db}}\n";
 
     /// The `destination_service` of the destination reporter's opened-connection series.
     fn inbound_service(host: Option<&str>, dst: &str) -> String {
         let config = LocalConfig::parse(CONFIG).unwrap();
-        let state = Arc::new(RwLock::new(MeshState::from_config(&config)));
+        let state = MeshState::shared(&config);
         let metrics = Metrics::new(None);
         let t = Telemetry::new(Arc::clone(&metrics), state);
         let peer = SpiffeId::new("cluster.local", "x", "default").unwrap();
@@ -272,5 +269,13 @@ mod tests {
             inbound_service(Some("nope.x.svc.cluster.local"), "10.0.0.2:5432"),
             "unknown"
         );
+        // Hostnames compare without case; other shapes name no service.
+        assert_eq!(
+            inbound_service(Some("DB.X.svc.Cluster.Local"), "10.0.0.2:5432"),
+            "db.x.svc.cluster.local"
+        );
+        for host in ["db.x", "db.x.svc", "x.svc.cluster.local", "db.x.y.svc.cluster.local"] {
+            assert_eq!(inbound_service(Some(host), "10.0.0.2:5432"), "unknown", "{host}");
+        }
     }
 }

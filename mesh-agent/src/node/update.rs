@@ -4,13 +4,17 @@
 //! proportional to it; anything else rebuilds (issue #19).
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tracing::info;
 
-use super::{desired_capture, mesh::MeshState, source::Source};
+use super::{
+    desired_capture,
+    mesh::{MeshState, SharedMeshState},
+    source::Source,
+};
 use crate::{
     admin::{AdminState, Readiness},
     capture::CaptureController,
@@ -22,7 +26,7 @@ use crate::{
 
 /// Everything a configuration change updates.
 pub(super) struct Updater {
-    pub mesh_state: Arc<RwLock<MeshState>>,
+    pub mesh_state: SharedMeshState,
     pub enforcer: Arc<Enforcer>,
     pub agent_cgroup: Option<PathBuf>,
     pub metrics: Arc<Metrics>,
@@ -87,7 +91,8 @@ impl Updater {
         source: &Source,
         new: LocalConfig,
     ) -> (&'static str, usize, usize) {
-        *self.mesh_state.write().unwrap_or_else(|e| e.into_inner()) = MeshState::from_config(&new);
+        self.mesh_state
+            .store(Arc::new(MeshState::from_config(&new)));
         self.replace_policies(&new);
         self.reconcile(controller, source, &new);
         let counts = (new.workloads.len(), new.services.len());
@@ -114,12 +119,13 @@ impl Updater {
         config.check_delta(delta)?;
         let local = delta.touches_node(config, &config.node.name);
         let replaced = config.apply(delta);
-        {
-            let mut state = self.mesh_state.write().unwrap_or_else(|e| e.into_inner());
-            if !state.apply(config, delta, &replaced) {
-                *state = MeshState::from_config(config);
-            }
+        // The next state starts as a copy of this one sharing all its entries; connections
+        // keep reading this one until it is published.
+        let mut state = MeshState::clone(&self.mesh_state.load());
+        if !state.apply(config, delta, &replaced) {
+            state = MeshState::from_config(config);
         }
+        self.mesh_state.store(Arc::new(state));
         let selects_local = |s: &crate::discovery::Service| {
             config
                 .endpoints_of(s)

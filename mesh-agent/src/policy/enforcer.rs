@@ -4,11 +4,12 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -58,7 +59,8 @@ struct Live {
 
 /// The policy decision point of one agent.
 pub struct Enforcer {
-    set: RwLock<Arc<PolicySet>>,
+    /// Read by every new connection without a lock; replaced whole.
+    set: ArcSwap<PolicySet>,
     live: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
     counts: Mutex<BTreeMap<DecisionKey, u64>>,
@@ -124,7 +126,7 @@ impl Drop for Admission {
 impl Enforcer {
     pub fn new(set: PolicySet) -> Arc<Self> {
         Arc::new(Self {
-            set: RwLock::new(Arc::new(set)),
+            set: ArcSwap::from_pointee(set),
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             counts: Mutex::new(BTreeMap::new()),
@@ -135,7 +137,7 @@ impl Enforcer {
 
     /// The policy set in force.
     pub fn current(&self) -> Arc<PolicySet> {
-        Arc::clone(&self.set.read().unwrap_or_else(|e| e.into_inner()))
+        self.set.load_full()
     }
 
     /// Decides a new connection; an allowed one is registered until its [`Admission`] drops.
@@ -144,14 +146,26 @@ impl Enforcer {
         attrs: ConnectionAttrs,
         kind: InboundKind,
     ) -> Result<Admission, Decision> {
-        let decision = self.current().evaluate(&attrs);
+        let set = self.current();
+        let mut decision = set.evaluate(&attrs);
+        if !decision.allowed {
+            self.record(&attrs, kind, &decision, "new connection");
+            return Err(decision);
+        }
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        // A set put in force since the decision may not have seen this connection among the
+        // live ones (`replace` looks at them under this lock): decide again by it.
+        let now = self.set.load();
+        if !Arc::ptr_eq(&set, &now) {
+            decision = now.evaluate(&attrs);
+        }
         self.record(&attrs, kind, &decision, "new connection");
         if !decision.allowed {
             return Err(decision);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        live.insert(
             id,
             Live {
                 attrs,
@@ -159,6 +173,7 @@ impl Enforcer {
                 revoke: tx,
             },
         );
+        drop(live);
         Ok(Admission {
             registration: Some((Arc::clone(self), id, rx)),
             decision,
@@ -168,7 +183,7 @@ impl Enforcer {
     /// Puts `set` in force and closes the live connections it denies; returns how many.
     pub fn replace(&self, set: PolicySet) -> usize {
         let set = Arc::new(set);
-        *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&set);
+        self.set.store(Arc::clone(&set));
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for l in live.values() {

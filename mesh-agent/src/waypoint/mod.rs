@@ -13,7 +13,7 @@ pub mod upstream;
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, RwLock, atomic::AtomicUsize},
+    sync::{Arc, atomic::AtomicUsize},
     time::Duration,
 };
 
@@ -141,7 +141,7 @@ pub const NO_NODE: &str = "_waypoint_";
 
 /// Shared by every connection.
 pub struct Waypoint {
-    state: Arc<RwLock<Arc<WaypointState>>>,
+    state: Arc<arc_swap::ArcSwap<WaypointState>>,
     pub engine: Arc<Engine>,
     pub upstream: Arc<HboneUpstream>,
     pub metrics: Arc<RequestMetrics>,
@@ -151,7 +151,7 @@ pub struct Waypoint {
 
 impl Waypoint {
     fn state(&self) -> Arc<WaypointState> {
-        Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+        self.state.load_full()
     }
 }
 
@@ -207,7 +207,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
         routes: Arc::clone(&first.routes),
         destinations: Arc::clone(&first.destinations),
     };
-    let state = Arc::new(RwLock::new(Arc::new(first)));
+    let state = Arc::new(arc_swap::ArcSwap::from_pointee(first));
     // The waypoint is an ordinary pod: its connections leave from its own address.
     let connector: crate::hbone::Connector =
         Arc::new(|_, dst| Box::pin(tokio::net::TcpStream::connect(dst)));
@@ -293,7 +293,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
                         routes: Arc::clone(&next.routes),
                         destinations: Arc::clone(&next.destinations),
                     });
-                    *state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+                    state.store(Arc::new(next));
                 }
                 Err(e) => warn!(error = %e, "waypoint: config rejected, keeping the previous one"),
             }

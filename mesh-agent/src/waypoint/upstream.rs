@@ -65,7 +65,7 @@ enum Sender {
 
 /// Reaches endpoints over HBONE.
 pub struct HboneUpstream {
-    state: Arc<std::sync::RwLock<Arc<WaypointState>>>,
+    state: Arc<arc_swap::ArcSwap<WaypointState>>,
     pool: Arc<Pool>,
     certs: Arc<CertManager>,
     me: SpiffeId,
@@ -79,7 +79,7 @@ pub struct HboneUpstream {
 
 impl HboneUpstream {
     pub fn new(
-        state: Arc<std::sync::RwLock<Arc<WaypointState>>>,
+        state: Arc<arc_swap::ArcSwap<WaypointState>>,
         pool: Arc<Pool>,
         certs: Arc<CertManager>,
         me: SpiffeId,
@@ -99,7 +99,7 @@ impl HboneUpstream {
     }
 
     fn state(&self) -> Arc<WaypointState> {
-        Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+        self.state.load_full()
     }
 
     /// Opens an HBONE stream to `ep` on `port` as the waypoint.
