@@ -274,8 +274,17 @@ mod tests {
             inbound_service(Some("DB.X.svc.Cluster.Local"), "10.0.0.2:5432"),
             "db.x.svc.cluster.local"
         );
-        for host in ["db.x", "db.x.svc", "x.svc.cluster.local", "db.x.y.svc.cluster.local"] {
-            assert_eq!(inbound_service(Some(host), "10.0.0.2:5432"), "unknown", "{host}");
+        for host in [
+            "db.x",
+            "db.x.svc",
+            "x.svc.cluster.local",
+            "db.x.y.svc.cluster.local",
+        ] {
+            assert_eq!(
+                inbound_service(Some(host), "10.0.0.2:5432"),
+                "unknown",
+                "{host}"
+            );
         }
     }
 }

@@ -211,7 +211,7 @@ pub fn build(
     // Pods. Where two live pods claim one address (a terminating pod and its successor), the
     // one not being deleted wins, then the newer one.
     let mut pods: Vec<&PodRecord> = objects.pods.iter().collect();
-    pods.sort_by_key(|p| (!p.deleting, p.created.as_ref().map(|t| t.0)));
+    pods.sort_by_key(|p| (!p.deleting, p.created));
     pods.reverse();
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::new();
