@@ -324,7 +324,10 @@ impl LocalConfig {
     }
 
     /// Validates a configuration built elsewhere (Kubernetes mode) with the file's rules.
-    pub fn parse_checked(config: LocalConfig) -> Result<Self, ConfigError> {
+    pub fn parse_checked(mut config: LocalConfig) -> Result<Self, ConfigError> {
+        // Built by pushes, as a file is read: no room left over.
+        config.workloads.shrink_to_fit();
+        config.services.shrink_to_fit();
         config.validate()?;
         Ok(config)
     }

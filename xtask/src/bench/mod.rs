@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// 10k-200k workloads, not run by default).
     #[arg(long = "scenario", value_parser = ["cross_node", "same_node", "l7", "scale"])]
     scenarios: Vec<String>,
+    /// With `--scenario scale`: only these workload counts (comma-separated, of 10000, 50000,
+    /// 100000, 200000), in both modes; the empty baseline always runs. For a look at one size
+    /// (a profile, an allocator); full runs leave it out.
+    #[arg(long, value_delimiter = ',')]
+    scale_sizes: Vec<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -138,7 +143,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .context("work directory")
         .and_then(|()| {
             if scale {
-                return scale::run(&bin, &work, args.quick);
+                let sizes = scale::Sizes::new(args.quick, &args.scale_sizes)?;
+                return scale::run(&bin, &work, &sizes);
             }
             let tb = Testbed::build(TestbedSpec {
                 nodes: 2,

@@ -29,6 +29,35 @@ const SIZES: [(usize, &str); 5] = [
     (200_000, "n200k"),
 ];
 
+/// Which sizes a run measures: all, those up to 50k (`--quick`), or those named.
+pub struct Sizes {
+    pub quick: bool,
+    named: Vec<usize>,
+}
+
+impl Sizes {
+    pub fn new(quick: bool, named: &[usize]) -> Result<Self> {
+        let known = |n: &usize| SIZES.iter().any(|(s, _)| s == n);
+        if let Some(n) = named.iter().find(|n| !known(n)) {
+            anyhow::bail!("--scale-sizes: {n} is not one of 10000, 50000, 100000, 200000");
+        }
+        Ok(Self {
+            quick,
+            named: named.to_vec(),
+        })
+    }
+
+    /// Whether to measure `n` workloads (0: the baseline, always).
+    pub fn wanted(&self, n: usize) -> bool {
+        n == 0
+            || if self.named.is_empty() {
+                !self.quick || n <= 50_000
+            } else {
+                self.named.contains(&n)
+            }
+    }
+}
+
 /// What the changes made so far altered: pods relabelled (`version`), Services re-targeted.
 #[derive(Default)]
 pub struct Changed {
@@ -90,18 +119,19 @@ pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str, changed: &Chan
 }
 
 /// Every size, `trials` times each.
-pub fn run(bin: &Path, work: &Path, quick: bool) -> Result<Results> {
+pub fn run(bin: &Path, work: &Path, sizes: &Sizes) -> Result<Results> {
     let tb = Testbed::build(TestbedSpec {
         nodes: 1,
         // The second pod serves the request/response test during churn (Kubernetes mode).
         pods_per_node: 2,
     })?;
-    let outcome = measure(&tb, bin, work, quick);
+    let outcome = measure(&tb, bin, work, sizes);
     tb.teardown_verified().context("tearing the testbed down")?;
     outcome
 }
 
-fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results> {
+fn measure(tb: &Testbed, bin: &Path, work: &Path, wanted: &Sizes) -> Result<Results> {
+    let quick = wanted.quick;
     let agent = bin.join("mesh-agent");
     let ca = throwaway_ca(&agent, work)?;
     let pod = tb.pod(1, 1);
@@ -113,7 +143,7 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
     );
     let sizes: Vec<(usize, &'static str)> = SIZES
         .into_iter()
-        .filter(|(n, _)| !quick || *n <= 50_000)
+        .filter(|(n, _)| wanted.wanted(*n))
         .collect();
     let trials = if quick { 1 } else { 3 };
     let changes = if quick { CHANGES_QUICK } else { CHANGES };
@@ -161,7 +191,7 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, quick: bool) -> Result<Results
         probe: &bin.join("mtb-probe"),
         ca: &ca,
         work,
-        quick,
+        sizes: wanted,
         changes,
     };
     kube.run(&mut results)?;
@@ -478,6 +508,18 @@ pub fn markdown(results: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_run_what_was_asked_and_always_the_baseline() {
+        let all = Sizes::new(false, &[]).unwrap();
+        assert!(all.wanted(0) && all.wanted(200_000));
+        let quick = Sizes::new(true, &[]).unwrap();
+        assert!(quick.wanted(50_000) && !quick.wanted(100_000));
+        let one = Sizes::new(true, &[100_000]).unwrap();
+        assert!(one.wanted(0) && one.wanted(100_000) && !one.wanted(10_000));
+        let err = Sizes::new(false, &[12_345]).err().unwrap().to_string();
+        assert!(err.contains("12345"), "{err}");
+    }
 
     #[test]
     fn the_generated_config_has_what_it_says() {

@@ -104,7 +104,7 @@ pub struct Setup<'a> {
     pub probe: &'a Path,
     pub ca: &'a Path,
     pub work: &'a Path,
-    pub quick: bool,
+    pub sizes: &'a super::scale::Sizes,
     /// One-object changes timed per size.
     pub changes: usize,
 }
@@ -131,9 +131,7 @@ impl Setup<'_> {
             &["load-server", &port, "7002", "7003"],
         )?;
         echo.wait_listening(RR_PORT, Duration::from_secs(10))?;
-        let sizes = SIZES
-            .into_iter()
-            .filter(|(n, _)| !self.quick || *n <= 50_000);
+        let sizes = SIZES.into_iter().filter(|(n, _)| self.sizes.wanted(*n));
         for (n, path) in sizes {
             // On node1's address: the agent reaches it from its namespace, uncaptured.
             let listener = node1
