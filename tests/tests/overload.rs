@@ -262,6 +262,100 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
     tb.teardown_verified().unwrap();
 }
 
+/// The agent's bounds on each HTTP endpoint (admin/limits.rs).
+const ENDPOINT_PER_SOURCE: u64 = 16;
+const ENDPOINT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pod that is not in the mesh opens 200 idle connections to the node's metrics port (which
+/// listens on every address so Prometheus can scrape it): the agent keeps its per-source
+/// share, resets and counts the rest, closes the kept ones when no request header comes in
+/// time, and goes on answering the node's own scrapes and readiness probes throughout.
+#[test]
+fn an_idle_flood_on_the_metrics_port_is_capped_and_timed_out() {
+    if !can_run("overload", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 2,
+    })
+    .unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
+    let agent = Agent::start_with_ca(&tb, 1, "mesh", &pods(&[(1, 1)]), Some(ca.path())).unwrap();
+    let baseline = agent.fd_count();
+    let metrics_port = SocketAddr::new(tb.node(1).ipv4.into(), 15020);
+    let mut flood = Flooder::start(&tb.pod(1, 2).place, metrics_port, 200).unwrap();
+    let opened = flood.line().unwrap();
+    assert_eq!(opened["opened"], 200, "{opened}");
+    // Wait until the agent has accepted every connection (the admin thread runs at nice 19;
+    // a connection still in its accept queue looks established from the pod's side).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let states = loop {
+        let states = flood.states().unwrap();
+        if count(&states, "reset") >= 200 - ENDPOINT_PER_SOURCE || Instant::now() > deadline {
+            break states;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        count(&states, "established"),
+        ENDPOINT_PER_SOURCE,
+        "{states}"
+    );
+    assert_eq!(
+        count(&states, "reset"),
+        200 - ENDPOINT_PER_SOURCE,
+        "{states}"
+    );
+    // The node's own scrape and readiness probe are served while the flood is held.
+    let m = scrape(&tb, 1);
+    let refused = sum(
+        &m,
+        "mesh_connections_refused",
+        &[("listener", "metrics"), ("reason", "endpoint_per_source")],
+    );
+    assert_eq!(refused, (200 - ENDPOINT_PER_SOURCE) as f64);
+    let (status, _) = mesh_testbed::http::http_get(
+        &tb.node(1).place,
+        "127.0.0.1:15021".parse().unwrap(),
+        "GET",
+        "/healthz/ready",
+    )
+    .unwrap();
+    assert!(
+        status.contains("200"),
+        "readiness during the flood: {status}"
+    );
+    // No header ever comes: the agent closes the kept connections after its header timeout.
+    let deadline = Instant::now() + ENDPOINT_HEADER_TIMEOUT + Duration::from_secs(5);
+    loop {
+        let states = flood.states().unwrap();
+        if count(&states, "established") == 0 {
+            assert_eq!(
+                count(&states, "close_wait"),
+                ENDPOINT_PER_SOURCE,
+                "{states}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still held after the header timeout: {states}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    flood.close().unwrap();
+    // Everything given back: a new connection from the same pod is admitted and served.
+    let (status, _) =
+        mesh_testbed::http::http_get(&tb.pod(1, 2).place, metrics_port, "GET", "/metrics").unwrap();
+    assert!(status.contains("200"), "after the flood: {status}");
+    let fds = agent.fd_count();
+    assert!(fds <= baseline + 4, "agent fds {fds}, baseline {baseline}");
+    drop(agent);
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}
+
 /// TcpExtListenOverflows of node 1's network namespace (read from a thread inside it).
 fn listen_overflows(tb: &Testbed) -> u64 {
     tb.node(1)

@@ -6,13 +6,18 @@
 //! - Prometheus on every address (`:15020`): `/metrics` and `/stats/prometheus`;
 //! - readiness on every address (`:15021`): `/healthz/ready`, 200 only when the config is
 //!   loaded, the capture is in place and the local workloads' certificates are held.
+//!
+//! Each endpoint bounds its connections (per source and in all) and how long they may idle or
+//! live: see [`limits`].
 pub mod dump;
+pub mod limits;
 pub mod readiness;
 
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -75,11 +80,18 @@ impl Default for AdminAddrs {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Surface {
     Admin,
     Metrics,
     Readiness,
+}
+
+impl Surface {
+    /// The `listener` label of its refusals.
+    fn name(self) -> &'static str {
+        crate::metrics::admission::ENDPOINT_LISTENERS[self as usize]
+    }
 }
 
 /// Binds every endpoint (errors are returned here, not later) and serves them on a thread of
@@ -137,12 +149,22 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
             };
             rt.block_on(async move {
                 let mut tasks = Vec::new();
+                let mut slots = std::collections::HashMap::new();
+                let logs = Arc::new(crate::log_limit::LogLimiter::per_second(1));
                 for (surface, l) in listeners {
                     let Ok(l) = TcpListener::from_std(l) else {
                         continue;
                     };
                     let state = Arc::clone(&state);
-                    tasks.push(tokio::spawn(serve(surface, l, state)));
+                    // One set of bounds per endpoint: a flood of one leaves the others alone
+                    // (shared by the IPv4 and IPv6 sockets of an endpoint).
+                    let slots = Arc::clone(
+                        slots
+                            .entry(surface)
+                            .or_insert_with(|| limits::Slots::new(limits::Bounds::default())),
+                    );
+                    let logs = Arc::clone(&logs);
+                    tasks.push(tokio::spawn(serve(surface, l, state, slots, logs)));
                 }
                 for t in tasks {
                     let _ = t.await;
@@ -189,21 +211,49 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-async fn serve(surface: Surface, listener: TcpListener, state: Arc<AdminState>) {
+async fn serve(
+    surface: Surface,
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    slots: Arc<limits::Slots>,
+    logs: Arc<crate::log_limit::LogLimiter<(&'static str, &'static str)>>,
+) {
+    let bounds = slots.bounds();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let slot = match slots.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let (listener, reason) = (surface.name(), refusal.reason());
+                state
+                    .metrics
+                    .admission
+                    .refused
+                    .get_or_create(&crate::metrics::admission::RefusalLabels { listener, reason })
+                    .inc();
+                if let Some(unlogged) = logs.allow((listener, reason)) {
+                    warn!(listener, reason, source = %peer.ip(), unlogged, "endpoint connection refused");
+                }
+                // A reset: no descriptor kept, no TIME_WAIT, the backlog keeps draining.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                continue;
+            }
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(surface, &state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(bounds.header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(bounds.lifetime, connection).await;
         });
     }
 }

@@ -21,6 +21,10 @@ pub const REFUSAL_REASONS: [&str; 5] = [
 /// The capture listeners, as `handler::listener_name` spells them.
 pub const LISTENERS: [&str; 3] = ["outbound", "inbound_plaintext", "inbound_hbone"];
 
+/// The agent's HTTP endpoints (`admin::limits`), and why they refuse.
+pub const ENDPOINT_LISTENERS: [&str; 3] = ["admin", "metrics", "readiness"];
+pub const ENDPOINT_REFUSAL_REASONS: [&str; 2] = ["endpoint_per_source", "endpoint_global"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub listener: &'static str,
@@ -47,6 +51,11 @@ impl AdmissionMetrics {
         // Every series exists from the start (at 0), so rates and alerts have one to read.
         for listener in LISTENERS {
             for reason in REFUSAL_REASONS {
+                let _ = m.refused.get_or_create(&RefusalLabels { listener, reason });
+            }
+        }
+        for listener in ENDPOINT_LISTENERS {
+            for reason in ENDPOINT_REFUSAL_REASONS {
                 let _ = m.refused.get_or_create(&RefusalLabels { listener, reason });
             }
         }
