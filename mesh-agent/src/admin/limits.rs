@@ -132,6 +132,26 @@ impl Drop for Slot {
     }
 }
 
+/// Resets a refused connection: no descriptor kept, no TIME_WAIT, the backlog keeps draining.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Serves one admitted HTTP/1 connection within `bounds`' time limits.
+pub async fn serve_http1<S>(stream: tokio::net::TcpStream, bounds: Bounds, service: S)
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(bounds.header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(bounds.lifetime, connection).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

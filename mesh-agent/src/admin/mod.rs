@@ -17,7 +17,6 @@ use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -25,7 +24,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -237,8 +235,7 @@ async fn serve(
                 if let Some(unlogged) = logs.allow((listener, reason)) {
                     warn!(listener, reason, source = %peer.ip(), unlogged, "endpoint connection refused");
                 }
-                // A reset: no descriptor kept, no TIME_WAIT, the backlog keeps draining.
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                limits::reset(stream);
                 continue;
             }
         };
@@ -249,11 +246,7 @@ async fn serve(
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(surface, &state, req).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(bounds.header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(bounds.lifetime, connection).await;
+            limits::serve_http1(stream, bounds, svc).await;
         });
     }
 }

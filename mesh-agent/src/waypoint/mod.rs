@@ -350,14 +350,29 @@ async fn serve_admin(
     readiness_port: u16,
     registry: Arc<Registry>,
 ) -> anyhow::Result<()> {
+    use crate::admin::limits::{self, Bounds, Slots};
     use http_body_util::Full;
+    let logs = Arc::new(crate::log_limit::LogLimiter::per_second(1));
     for (port, metrics) in [(metrics_port, true), (readiness_port, false)] {
         let listener = bind_dual(port).with_context(|| format!("binding port {port}"))?;
         let registry = Arc::clone(&registry);
+        // The node agent's bounds (admin/limits.rs): these ports face every pod too.
+        let slots = Slots::new(Bounds::default());
+        let logs = Arc::clone(&logs);
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let Ok((tcp, peer)) = listener.accept().await else {
                     continue;
+                };
+                let slot = match slots.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        if let Some(unlogged) = logs.allow((port, refusal.reason())) {
+                            warn!(port, reason = refusal.reason(), source = %peer.ip(), unlogged, "waypoint: endpoint connection refused");
+                        }
+                        limits::reset(tcp);
+                        continue;
+                    }
                 };
                 let registry = Arc::clone(&registry);
                 let service = hyper::service::service_fn(move |req: http::Request<_>| {
@@ -383,13 +398,10 @@ async fn serve_admin(
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
+                let bounds = slots.bounds();
                 tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(tcp);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(io, service)
-                        .await;
+                    let _slot = slot;
+                    limits::serve_http1(tcp, bounds, service).await;
                 });
             }
         });
