@@ -67,14 +67,19 @@ pub enum Refusal {
     IdleTimeout,
     /// The peer holds [`ServerLimits::max_upstreams_per_peer`] upstream connections (503).
     PeerUpstreamLimit,
+    /// h2 closed the connection with GOAWAY ENHANCE_YOUR_CALM: the peer reset streams faster
+    /// than they could be accepted (the HTTP/2 rapid reset attack, CVE-2023-44487) or made
+    /// the server reset too many of its streams for protocol errors.
+    H2Abuse,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Refusal::H2HandshakeTimeout,
         Refusal::H2HandshakeError,
         Refusal::IdleTimeout,
         Refusal::PeerUpstreamLimit,
+        Refusal::H2Abuse,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +88,7 @@ impl Refusal {
             Refusal::H2HandshakeError => "h2_handshake_error",
             Refusal::IdleTimeout => "idle_timeout",
             Refusal::PeerUpstreamLimit => "peer_upstream_limit",
+            Refusal::H2Abuse => "h2_abuse",
         }
     }
 }

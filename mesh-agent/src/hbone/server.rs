@@ -218,7 +218,17 @@ pub async fn serve_connection<F, Fut>(
     loop {
         tokio::select! {
             req = conn.accept() => {
-                let Some(Ok((req, respond))) = req else { break };
+                let (req, respond) = match req {
+                    Some(Ok(accepted)) => accepted,
+                    Some(Err(e)) if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => {
+                        if let Some(suppressed) = layer.counters.refuse(Refusal::H2Abuse) {
+                            warn!(client = %outer_peer, %peer, error = %e, suppressed,
+                                "HBONE: connection closed for HTTP/2 abuse (GOAWAY ENHANCE_YOUR_CALM)");
+                        }
+                        break;
+                    }
+                    _ => break,
+                };
                 let open = OpenStreams::enter(&streams);
                 let work = on_stream(req, respond, Arc::clone(&peer), (outer_peer, outer_local));
                 tokio::spawn(async move {

@@ -128,6 +128,50 @@ async fn an_oversized_header_list_is_refused_and_other_connections_are_served() 
 }
 
 #[tokio::test]
+async fn a_rapid_reset_flood_is_cut_off_with_goaway_and_counted() {
+    let rig = rig_with(ServerLimits::default(), no_telemetry()).await;
+    let up = echo().await;
+    let (mut send, conn) = h2::client::handshake(tls_to_server(&rig).await)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    // CVE-2023-44487: open a stream and cancel it at once, as fast as the connection takes
+    // them. Each costs the client two frames and the server a stream it has to set up.
+    for _ in 0..20_000 {
+        let Ok(ready) = send.ready().await else { break };
+        send = ready;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(up.to_string())
+            .body(())
+            .unwrap();
+        let Ok((_response, mut stream)) = send.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the server kept the connection of a rapid reset flood")
+        .unwrap();
+    // The server sends GOAWAY and closes; the client may meet the closed socket (a broken
+    // pipe) before it reads the GOAWAY, so the server's counter is what says why.
+    let e = ended.expect_err("the connection ends in an error");
+    if e.is_go_away() {
+        assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.counters.count(Refusal::H2Abuse) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rig.counters.count(Refusal::H2Abuse), 1, "client saw: {e}");
+    // Other connections are served as usual.
+    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
+    s.send.send_data(Bytes::from_static(b"calm"), true).unwrap();
+    assert_eq!(read_all(s.recv).await.unwrap(), b"calm");
+}
+
+#[tokio::test]
 async fn the_server_advertises_ztunnels_stream_and_header_limits() {
     let rig = rig_with(ServerLimits::default(), no_telemetry()).await;
     let mut tls = tls_to_server(&rig).await;
