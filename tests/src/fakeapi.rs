@@ -1,8 +1,9 @@
 //! A Kubernetes API server double for tests: enough of the real protocol for kube-rs watchers,
 //! patches and TokenReviews, driven by the test.
 //!
-//! - Lists (`GET /api/v1/pods`, `/apis/<group>/<version>/<plural>`) answer with every object
-//!   and the current `resourceVersion`.
+//! - Lists (`GET /api/v1/pods`, `/apis/<group>/<version>/<plural>`) answer with the objects
+//!   and the current `resourceVersion`, in pages of `limit` with a `continue` token as the API
+//!   server does (kube-rs watchers ask for 500 at a time, as client-go's pager does).
 //! - Watches (`?watch=true&resourceVersion=N`) replay the recorded events after N, then stream
 //!   new ones as newline-delimited JSON, as the API server does. A resourceVersion older than
 //!   the compaction point gets an `ERROR` event with a 410 `Expired` Status, and
@@ -572,24 +573,8 @@ async fn handle(
         ("GET", None) => {
             let selector = percent_decode(query_param(&query, "labelSelector").unwrap_or(""));
             let selector = selector.as_str();
-            let items: Vec<Value> = st
-                .objects
-                .get(&resource)
-                .map(|m| {
-                    m.iter()
-                        .filter(|((o_ns, _), _)| ns.as_ref().is_none_or(|n| n == o_ns))
-                        .filter(|(_, o)| selected(o, selector))
-                        .map(|(_, o)| o.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
             if !matches!(query_param(&query, "watch"), Some("true" | "1")) {
-                let api_version = items.first().map_or_else(|| "v1".into(), api_version_of);
-                return reply(
-                    200,
-                    &json!({"apiVersion": api_version, "kind": list_kind(&resource),
-                            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
-                );
+                return list_page(&st, &resource, ns.as_deref(), selector, &query);
             }
             let from: u64 = query_param(&query, "resourceVersion")
                 .and_then(|v| v.parse().ok())
@@ -625,6 +610,70 @@ async fn handle(
             &status(405, "MethodNotAllowed", "not supported by the fake"),
         ),
     }
+}
+
+/// One page of a list, as the API server pages one: at most `limit` objects (every one when
+/// absent) after the `continue` token's position, with a token for the rest. The token carries
+/// the resourceVersion of the first page, which every page reports (the client watches from
+/// it); later pages are read from the current objects, so an object changed meanwhile is
+/// listed as it is now and its event is replayed to the watch too (the client applies both).
+fn list_page(
+    st: &State,
+    resource: &str,
+    ns: Option<&str>,
+    selector: &str,
+    query: &str,
+) -> Response<Body> {
+    let limit = query_param(query, "limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let token = query_param(query, "continue").map(percent_decode);
+    let (rv, after) = match token.as_deref().filter(|t| !t.is_empty()) {
+        None => (st.rv, None),
+        Some(t) => {
+            let mut parts = t.splitn(3, '/');
+            match (
+                parts.next().and_then(|rv| rv.parse::<u64>().ok()),
+                parts.next(),
+                parts.next(),
+            ) {
+                (Some(rv), Some(ns), Some(name)) => (rv, Some((ns.to_owned(), name.to_owned()))),
+                _ => return reply(400, &status(400, "BadRequest", "malformed continue token")),
+            }
+        }
+    };
+    let mut items = Vec::new();
+    let mut next = None;
+    if let Some(objects) = st.objects.get(resource) {
+        let range = match &after {
+            Some(key) => objects.range((
+                std::ops::Bound::Excluded(key.clone()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => objects.range::<(String, String), _>(..),
+        };
+        let mut listed = range
+            .filter(|((o_ns, _), _)| ns.is_none_or(|n| n == o_ns))
+            .filter(|(_, o)| selected(o, selector));
+        for (key, o) in listed.by_ref().take(limit) {
+            items.push(o.clone());
+            next = Some(key);
+        }
+        if listed.next().is_none() {
+            next = None;
+        }
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some((n, name)) = next {
+        metadata["continue"] = json!(format!("{rv}/{n}/{name}"));
+    }
+    let api_version = items.first().map_or_else(|| "v1".into(), api_version_of);
+    reply(
+        200,
+        &json!({"apiVersion": api_version, "kind": list_kind(resource),
+                "metadata": metadata, "items": items}),
+    )
 }
 
 /// A watch response: `first` events, then live ones for `resource` until expiry.

@@ -508,3 +508,47 @@ async fn remote_pod_and_endpoint_churn_arrives_as_deltas_equal_to_a_full_build()
     .await;
     assert_eq!(contents(&by_deltas), contents(&whole));
 }
+
+/// The watchers list in pages of 500, as client-go does, and the API server answers each with a
+/// continue token: a cluster larger than one page arrives whole, and a pod listed on the last
+/// page is as present as one on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_longer_than_one_page_arrives_whole() {
+    let api = FakeApi::start();
+    for obj in fixture() {
+        api.apply(obj);
+    }
+    let template = api.get("pods", "demo", "web-7d9f8c6b5-p4t6z").unwrap();
+    const EXTRA: usize = 1_234;
+    for i in 0..EXTRA {
+        let mut pod = template.clone();
+        let ip = format!("10.250.{}.{}", i / 200, i % 200 + 1);
+        pod["metadata"]["name"] = json!(format!("paged-{i:04}"));
+        pod["metadata"]["uid"] = json!(format!("uid-paged-{i}"));
+        pod["spec"]["nodeName"] = json!("kind-worker2");
+        pod["status"]["podIP"] = json!(ip);
+        pod["status"]["podIPs"] = json!([{ "ip": ip }]);
+        api.apply(pod);
+    }
+    let mut d = start(client(&api).await);
+    let c = until(&mut d, "every paged pod", |c| {
+        c.workloads
+            .iter()
+            .filter(|w| w.name.starts_with("paged-"))
+            .count()
+            == EXTRA
+    })
+    .await;
+    assert!(c.workloads.iter().any(|w| w.name == "paged-1233"));
+    assert!(c.workloads.iter().any(|w| w.name == "web-7d9f8c6b5-p4t6z"));
+    let pages = api
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/v1/pods" && !r.query.contains("watch="))
+        .map(|r| r.query.contains("continue="))
+        .collect::<Vec<_>>();
+    assert!(
+        pages.iter().filter(|c| **c).count() >= 2,
+        "the pods were not listed in pages: {pages:?}"
+    );
+}
