@@ -28,6 +28,12 @@ pub const H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the client's pool instead; with no stream there is nothing for it to keep.
 pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// After the idle GOAWAY, the peer has this long to read it and close (it normally does in
+/// milliseconds) while no stream is open; then the connection is dropped. A peer that stops
+/// reading (a SETTINGS flood whose ACKs it never takes, a full receive window) would otherwise
+/// hold its TLS and HTTP/2 buffers forever: h2 waits for the GOAWAY to be written.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Upstream connections one peer (certificate identity and source address) may hold open on
 /// this agent at once, across all its HBONE connections. Each costs a descriptor: without a
 /// bound one identity could open 200 streams on each of any number of connections. A client
@@ -43,6 +49,7 @@ const LOG_BURST: u32 = 10;
 pub struct ServerLimits {
     pub h2_handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
     pub max_upstreams_per_peer: usize,
 }
 
@@ -51,6 +58,7 @@ impl Default for ServerLimits {
         Self {
             h2_handshake_timeout: H2_HANDSHAKE_TIMEOUT,
             idle_timeout: SERVER_IDLE_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
             max_upstreams_per_peer: MAX_UPSTREAMS_PER_PEER,
         }
     }
@@ -71,15 +79,19 @@ pub enum Refusal {
     /// than they could be accepted (the HTTP/2 rapid reset attack, CVE-2023-44487) or made
     /// the server reset too many of its streams for protocol errors.
     H2Abuse,
+    /// The peer took no GOAWAY within [`ServerLimits::drain_timeout`] of the idle close and
+    /// has no stream open: it is not reading, and the connection is dropped.
+    DrainTimeout,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::H2HandshakeTimeout,
         Refusal::H2HandshakeError,
         Refusal::IdleTimeout,
         Refusal::PeerUpstreamLimit,
         Refusal::H2Abuse,
+        Refusal::DrainTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +101,7 @@ impl Refusal {
             Refusal::IdleTimeout => "idle_timeout",
             Refusal::PeerUpstreamLimit => "peer_upstream_limit",
             Refusal::H2Abuse => "h2_abuse",
+            Refusal::DrainTimeout => "drain_timeout",
         }
     }
 }

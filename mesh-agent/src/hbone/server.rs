@@ -215,6 +215,9 @@ pub async fn serve_connection<F, Fut>(
     let peer = Arc::new(peer);
     let streams = Arc::new(OpenStreams::new());
     let mut draining = false;
+    // Armed by the idle GOAWAY: a peer that has not closed by then is not reading.
+    let drain_deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_deadline);
     loop {
         tokio::select! {
             req = conn.accept() => {
@@ -244,6 +247,19 @@ pub async fn serve_connection<F, Fut>(
                 // ends.
                 conn.graceful_shutdown();
                 draining = true;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
+            }
+            () = &mut drain_deadline, if draining => {
+                if streams.open() > 0 {
+                    // Streams opened before our GOAWAY reached the peer: theirs to finish.
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
+                    continue;
+                }
+                if let Some(suppressed) = layer.counters.refuse(Refusal::DrainTimeout) {
+                    info!(client = %outer_peer, %peer, timeout = ?layer.limits.drain_timeout, suppressed,
+                        "HBONE: the peer did not take the idle GOAWAY (not reading), dropping the connection");
+                }
+                break;
             }
         }
     }
@@ -269,6 +285,10 @@ impl OpenStreams {
     fn enter(this: &Arc<Self>) -> StreamPresence {
         this.open.fetch_add(1, Ordering::AcqRel);
         StreamPresence(Arc::clone(this))
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
     }
 
     /// Resolves once the connection has had no stream for `idle` (re-checked as streams come

@@ -314,3 +314,219 @@ async fn the_forwarded_host_reaches_the_inbound_telemetry() {
         [Some("b.default.svc.cluster.local".to_owned()), None]
     );
 }
+
+const HEADERS: u8 = 0x1;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// One frame on the wire.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads frames until GOAWAY (its error code) or the end of the connection (None).
+async fn goaway_code(r: &mut (impl AsyncRead + Unpin)) -> Option<u32> {
+    let mut head = [0u8; 9];
+    loop {
+        r.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await.ok()?;
+        if head[3] == GOAWAY && len >= 8 {
+            return Some(u32::from_be_bytes([
+                payload[4], payload[5], payload[6], payload[7],
+            ]));
+        }
+    }
+}
+
+/// Waits (bounded) for the server to count `reason` once.
+async fn counted(rig: &Rig, reason: Refusal) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.counters.count(reason) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rig.counters.count(reason)
+}
+
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off_with_goaway_and_counted() {
+    let rig = rig_with(ServerLimits::default(), no_telemetry()).await;
+    let mut tls = tls_to_server(&rig).await;
+    tls.write_all(PREFACE).await.unwrap();
+    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    // A header block that never ends (CVE-2024-27316 and friends): HEADERS without
+    // END_HEADERS, then CONTINUATION frames each adding a little, for as long as the server
+    // reads them. Without a bound the server buffers the block until memory runs out.
+    let mut flood = frame(HEADERS, 0, 1, &[0x82]); // :method GET, and more to come
+    for _ in 0..10_000 {
+        flood.extend(frame(CONTINUATION, 0, 1, &[0x40, 0x01, b'x', 0x01, b'y']));
+    }
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    // The server may close before it read everything: a failed write is the expected end.
+    let writer = tokio::spawn(async move { wr.write_all(&flood).await.is_ok() });
+    let code = tokio::time::timeout(Duration::from_secs(10), goaway_code(&mut rd))
+        .await
+        .expect("the server kept reading an endless header block");
+    if let Some(code) = code {
+        assert_eq!(code, ENHANCE_YOUR_CALM, "the GOAWAY's error code");
+    }
+    assert_eq!(
+        counted(&rig, Refusal::H2Abuse).await,
+        1,
+        "GOAWAY code {code:?}"
+    );
+    writer.abort();
+    // Other connections are served as usual.
+    let up = echo().await;
+    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
+    s.send.send_data(Bytes::from_static(b"calm"), true).unwrap();
+    assert_eq!(read_all(s.recv).await.unwrap(), b"calm");
+}
+
+#[tokio::test]
+async fn a_settings_flood_from_a_peer_that_never_reads_is_pushed_back_then_dropped() {
+    let idle = Duration::from_millis(300);
+    let drain = Duration::from_millis(500);
+    let rig = rig_with(
+        short(|l| {
+            l.idle_timeout = idle;
+            l.drain_timeout = drain;
+        }),
+        no_telemetry(),
+    )
+    .await;
+    let tls = tls_to_server(&rig).await;
+    let (_rd, mut wr) = tokio::io::split(tls);
+    wr.write_all(PREFACE).await.unwrap();
+    // Empty SETTINGS frames, each owed an ACK, from a peer that never reads one: the server
+    // must stop reading while its ACKs cannot be written, not queue them.
+    const FRAMES: usize = 4_000_000;
+    let chunk: Vec<u8> = (0..1_000)
+        .flat_map(|_| frame(SETTINGS, 0, 0, &[]))
+        .collect();
+    let mut written = 0usize;
+    while written < FRAMES * 9 {
+        match tokio::time::timeout(Duration::from_secs(1), wr.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len(),
+            // Stalled for a second (pushed back) or closed: either way the server stopped.
+            _ => break,
+        }
+    }
+    assert!(
+        written < FRAMES * 9,
+        "the server took all {written} bytes of SETTINGS without its ACKs being read"
+    );
+    // Pushed back, idle (no stream), GOAWAY unwritable: dropped after the drain timeout.
+    assert_eq!(
+        counted(&rig, Refusal::DrainTimeout).await,
+        1,
+        "the server kept a connection whose peer never reads ({written} bytes taken)"
+    );
+    assert_eq!(rig.counters.count(Refusal::IdleTimeout), 1);
+    let up = echo().await;
+    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
+    s.send
+        .send_data(Bytes::from_static(b"still"), true)
+        .unwrap();
+    assert_eq!(read_all(s.recv).await.unwrap(), b"still");
+}
+
+/// A server that writes `total` bytes of a known pattern to its first client and closes,
+/// counting what the kernel took so far.
+async fn firehose(total: usize) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = Arc::clone(&taken);
+    tokio::spawn(async move {
+        let (mut tcp, _) = l.accept().await.unwrap();
+        let mut sent = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = ((sent + i) % 251) as u8;
+            }
+            if tcp.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            sent += n;
+            progress.store(sent, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    (addr, taken)
+}
+
+#[tokio::test]
+async fn a_peer_that_grants_no_window_holds_the_upstream_back_and_then_gets_every_byte() {
+    const TOTAL: usize = 96 << 20;
+    // Socket buffers (this kernel's autotuning reaches 32 MiB of receive buffer) plus what the
+    // relay holds: a relay that queued into h2 regardless of the window would take it all.
+    const HELD_AT_MOST: usize = 48 << 20;
+    let rig = rig_with(ServerLimits::default(), no_telemetry()).await;
+    let (up, taken) = firehose(TOTAL).await;
+    // Window exhaustion: every stream of this connection starts with no window at all.
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls_to_server(&rig).await)
+        .await
+        .unwrap();
+    let (grant, granted) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = granted => {}
+        }
+        conn.set_initial_window_size(4 << 20).unwrap();
+        conn.set_target_window_size(16 << 20);
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(up.to_string())
+        .body(())
+        .unwrap();
+    let (response, _stream) = send.send_request(req, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Wait until the upstream is pushed back: no progress for half a second.
+    let mut last = usize::MAX;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = taken.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || now == TOTAL || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let held = taken.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        held <= HELD_AT_MOST,
+        "the server took {held} bytes from the upstream for a stream with no window"
+    );
+    // The window opens: every byte arrives, in order.
+    grant.send(()).unwrap();
+    let mut body = response.into_body();
+    let mut got = 0usize;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), body.data())
+        .await
+        .expect("the stream stalled after the window opened")
+    {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        for (i, b) in chunk.iter().enumerate() {
+            assert_eq!(*b, ((got + i) % 251) as u8, "byte {} corrupted", got + i);
+        }
+        got += chunk.len();
+    }
+    assert_eq!(got, TOTAL);
+    eprintln!("held back at {held} bytes of {TOTAL}, then delivered all");
+}
