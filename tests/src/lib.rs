@@ -24,6 +24,7 @@ pub mod probe;
 pub mod rawtcp;
 mod sys;
 mod testbed;
+pub mod tlsflood;
 pub mod topology;
 pub mod traffic;
 

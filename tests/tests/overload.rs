@@ -1,6 +1,8 @@
 //! Overload: a non-mesh pod floods an enrolled pod's HBONE port with idle connections (no TLS
 //! ClientHello ever comes) while other pods' traffic must still be served, and the agent must
-//! keep its file descriptors (issue 15, item 2).
+//! keep its file descriptors (issue 15, item 2); the same pod floods it with TLS handshakes
+//! (issue 18); and the metrics port gets an idle flood of its own. A well-behaved meshed
+//! client's latency and connection rate are reported quiet and under each flood.
 //!
 //! Node 1's agent runs with RLIMIT_NOFILE 1024 soft / 4096 hard (prlimit): the agent must raise
 //! the soft limit to the hard one, and a 20,000-connection flood is five times what it could
@@ -131,6 +133,15 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
     // connections they leave are part of the baseline.
     send_marked(&p(2, 1).place, target, "WARM-IN").unwrap();
     send_marked(&p(1, 1).place, remote, "WARM-OUT").unwrap();
+    let probe = binaries::mtb_probe().unwrap();
+    let mut load_server = p(1, 2)
+        .place
+        .spawn(probe.to_str().unwrap(), &["load-server", "9000", "9001"])
+        .unwrap();
+    load_server
+        .wait_listening(9001, Duration::from_secs(5))
+        .unwrap();
+    let (rr_quiet, conn_quiet) = well_behaved(&tb, "2");
     let baseline = a1.fd_count();
 
     let overflows_before = listen_overflows(&tb);
@@ -177,6 +188,16 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
     // 1-1's outbound connection is captured and carried, data intact.
     let inbound = send_marked(&p(2, 1).place, target, "DURING-IN");
     let outbound = send_marked(&p(1, 1).place, remote, "DURING-OUT");
+    // A well-behaved client's latency and connection rate, quiet and under the flood: reported.
+    let (rr_flood, conn_flood) = well_behaved(&tb, "2");
+    eprintln!(
+        "well-behaved client, quiet: rr {rr_quiet}, connections {conn_quiet}\n\
+         during the idle flood: rr {rr_flood}, connections {conn_flood}"
+    );
+    assert!(
+        rr_flood["requests"].as_u64().unwrap() > 0 && conn_flood["errors"] == 0,
+        "the well-behaved client was not served during the flood: {rr_flood} {conn_flood}"
+    );
     max_fds = max_fds.max(a1.fd_count());
     assert!(
         inbound.is_ok() && outbound.is_ok(),
@@ -257,7 +278,7 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
         std::thread::sleep(Duration::from_millis(200));
     }
     send_marked(&p(2, 1).place, target, "AFTER-IN").unwrap();
-    drop((a1, a2, _servers));
+    drop((a1, a2, _servers, load_server));
     drop(ca);
     tb.teardown_verified().unwrap();
 }
@@ -371,4 +392,99 @@ fn listen_overflows(tb: &Testbed) -> u64 {
                 .map_or(0, |(_, v)| v.parse().unwrap())
         })
         .unwrap()
+}
+
+/// 1 KiB request/response latency and new-connection rate from pod 2-1 to pod 1-2 through
+/// the mesh (HBONE into node 1), over `secs` each.
+fn well_behaved(tb: &Testbed, secs: &str) -> (serde_json::Value, serde_json::Value) {
+    let probe = binaries::mtb_probe().unwrap();
+    let probe = probe.to_str().unwrap();
+    let dst = |port: u16| SocketAddr::new(tb.pod(1, 2).ipv4.into(), port).to_string();
+    let place = &tb.pod(2, 1).place;
+    let rr = place.run(probe, &["rr", &dst(9000), secs]).unwrap();
+    let conn = place
+        .run(probe, &["connrate", &dst(9001), "4", secs])
+        .unwrap();
+    (
+        serde_json::from_str(&rr).unwrap(),
+        serde_json::from_str(&conn).unwrap(),
+    )
+}
+
+/// A pod that is not in the mesh runs full TLS handshakes against an enrolled pod's HBONE
+/// port as fast as 16 threads can (no client certificate: the agent does its key exchange and
+/// signature, then refuses), while a meshed client on the other node keeps talking to that pod
+/// and opening new connections to it. The client is served throughout (its latency and
+/// connection rate, quiet and under the flood, are reported, not asserted), and every refused
+/// handshake is counted.
+#[test]
+fn a_tls_handshake_flood_leaves_a_well_behaved_client_served() {
+    if !can_run("overload", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
+    let enrolled = pods(&ENROLLED);
+    let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let probe = binaries::mtb_probe().unwrap();
+    let probe = probe.to_str().unwrap();
+    let mut server = tb
+        .pod(1, 2)
+        .place
+        .spawn(probe, &["load-server", "9000", "9001"])
+        .unwrap();
+    server.wait_listening(9001, Duration::from_secs(5)).unwrap();
+    let (rr_quiet, conn_quiet) = well_behaved(&tb, "3");
+
+    let hbone = SocketAddr::new(tb.pod(1, 2).ipv4.into(), 15008).to_string();
+    let flood = tb
+        .pod(1, 3)
+        .place
+        .spawn(probe, &["tls-flood", &hbone, "16", "10"])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (rr_flood, conn_flood) = well_behaved(&tb, "3");
+    let out = flood.wait(Duration::from_secs(30)).unwrap();
+    let flooded: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("tls-flood: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!(
+        "TLS flood: {flooded}\nwell-behaved client, quiet: rr {rr_quiet}, connections {conn_quiet}\n\
+         during the flood: rr {rr_flood}, connections {conn_flood}"
+    );
+    let signed = flooded["server_signed"].as_u64().unwrap();
+    assert!(
+        signed > 0,
+        "the flood did not get the agent to sign: {flooded}"
+    );
+    assert!(
+        rr_flood["requests"].as_u64().unwrap() > 0,
+        "no request/response during the flood: {rr_flood}"
+    );
+    assert!(
+        conn_flood["connections"].as_u64().unwrap() > 0 && conn_flood["errors"] == 0,
+        "new connections failed during the flood: {conn_flood}"
+    );
+    // Every handshake the agent signed for ended refused, and counted (each attempt that got
+    // that far; the last ones may be counted a moment after the flood ends).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let refused = sum(
+            &scrape(&tb, 1),
+            "mesh_hbone_server_refusals",
+            &[("reason", "tls_handshake_error")],
+        ) as u64;
+        if refused >= signed || Instant::now() > deadline {
+            break refused;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        refused >= signed,
+        "{signed} handshakes signed, {refused} refusals counted"
+    );
+    drop(server);
+    drop((a1, a2));
+    drop(ca);
+    tb.teardown_verified().unwrap();
 }

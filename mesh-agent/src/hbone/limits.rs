@@ -67,6 +67,11 @@ impl Default for ServerLimits {
 /// Why the server refused or closed something.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Refusal {
+    /// The TLS handshake failed: no or an untrusted client certificate, or not TLS at all.
+    TlsHandshakeError,
+    /// No TLS handshake within 10 s of the connection (with the per-source cap on handshakes
+    /// in flight, what keeps a slow-loris from holding the listener).
+    TlsHandshakeTimeout,
     /// No HTTP/2 client preface within [`ServerLimits::h2_handshake_timeout`].
     H2HandshakeTimeout,
     /// The peer sent something that is not an HTTP/2 preface.
@@ -85,7 +90,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 8] = [
+        Refusal::TlsHandshakeError,
+        Refusal::TlsHandshakeTimeout,
         Refusal::H2HandshakeTimeout,
         Refusal::H2HandshakeError,
         Refusal::IdleTimeout,
@@ -96,6 +103,8 @@ impl Refusal {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Refusal::TlsHandshakeError => "tls_handshake_error",
+            Refusal::TlsHandshakeTimeout => "tls_handshake_timeout",
             Refusal::H2HandshakeTimeout => "h2_handshake_timeout",
             Refusal::H2HandshakeError => "h2_handshake_error",
             Refusal::IdleTimeout => "idle_timeout",

@@ -174,10 +174,17 @@ pub async fn serve_connection<F, Fut>(
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            info!(client = %outer_peer, pod = %identity, error = %e, "HBONE: TLS handshake refused");
+            if let Some(suppressed) = layer.counters.refuse(Refusal::TlsHandshakeError) {
+                info!(client = %outer_peer, pod = %identity, error = %e, suppressed, "HBONE: TLS handshake refused");
+            }
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            if let Some(suppressed) = layer.counters.refuse(Refusal::TlsHandshakeTimeout) {
+                info!(client = %outer_peer, pod = %identity, suppressed, "HBONE: no TLS handshake within 10 s, closing");
+            }
+            return;
+        }
     };
     drop(handshake_permit);
     let Some(peer) = tls

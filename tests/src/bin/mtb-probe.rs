@@ -13,6 +13,8 @@
 //! mtb-probe paced <addr:port> <rps> <secs>     1 KiB exchanges at a fixed rate (JSON)
 //! mtb-probe http-paced <addr:port> <host> <path> <rps> <secs>  HTTP/1.1 GETs at a fixed rate:
 //!                                              rate and latency percentiles (JSON)
+//! mtb-probe tls-flood <addr:port> <threads> <secs>  TLS handshakes without a client
+//!                                              certificate, as fast as they go (JSON)
 //! mtb-probe hold <addr:port> <count>           open <count> idle connections and hold them: prints
 //!                                              {"opened","failed"}, then the sockets' TCP states
 //!                                              for each line read on stdin; closes all at EOF
@@ -88,6 +90,11 @@ fn main() -> Result<()> {
             host,
             path,
             rps.parse().context("rate")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )?),
+        ["tls-flood", dst, threads, secs] => print_json(&mesh_testbed::tlsflood::flood(
+            dst.parse().context("destination")?,
+            threads.parse().context("threads")?,
             Duration::from_secs_f64(secs.parse().context("seconds")?),
         )?),
         ["hold", dst, count] => hold(
