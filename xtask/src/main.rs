@@ -4,6 +4,7 @@ mod cluster;
 mod cmd;
 mod demo;
 mod demo_l7;
+mod fuzz;
 mod setup;
 mod testbed;
 
@@ -61,6 +62,9 @@ enum Cmd {
         #[command(subcommand)]
         command: cluster::ClusterCmd,
     },
+    /// Fuzz the agent's parsers of untrusted input (cargo-fuzz, nightly): each target for
+    /// `--seconds` (10 minutes by default), with a summary of executions.
+    Fuzz(fuzz::FuzzArgs),
     /// A minikube cluster with the mesh on it (needs Docker, minikube, kubectl).
     Minikube {
         #[command(subcommand)]
@@ -95,6 +99,7 @@ fn main() -> Result<()> {
         Cmd::Testbed { command } => testbed::run(command),
         Cmd::Demo => demo::run(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::Image { tag, dry_run } => cluster::image(&tag, dry_run),
         Cmd::Kind { command } => cluster::run(cluster::Flavor::Kind, command),
         Cmd::Minikube { command } => cluster::run(cluster::Flavor::Minikube, command),

@@ -105,7 +105,12 @@ fn unquote(v: &str) -> String {
 /// A DNS name (optionally with `:port`): letters, digits, `-`, `.`, `_`.
 fn is_hostname(h: &str) -> bool {
     let name = match h.rsplit_once(':') {
-        Some((n, port)) if port.parse::<u16>().is_ok() => n,
+        // Digits only: `u16::from_str` also takes a leading `+` (found by the fuzzer).
+        Some((n, port))
+            if port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok() =>
+        {
+            n
+        }
         _ => h,
     };
     !name.is_empty()
@@ -157,6 +162,8 @@ mod tests {
             "quoted ; stays in the value"
         );
         assert_eq!(parse("host=x{}").host, None);
+        assert_eq!(parse("host=a.b:+2").host, None, "a port is digits only");
+        assert_eq!(parse("host=a.b:70000").host, None);
         assert_eq!(parse(&format!("host={}", "a".repeat(300))).host, None);
         assert_eq!(parse("for=\"10.0.0.1:1;host=x").host, None);
         assert_eq!(parse(""), Forwarded::default());

@@ -341,17 +341,21 @@ pub fn connect_authority(
     req: &Request<h2::RecvStream>,
     respond: &mut h2::server::SendResponse<Bytes>,
 ) -> Option<SocketAddr> {
-    let dst = (req.method() == Method::CONNECT)
-        .then(|| req.uri().authority())
-        .flatten()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    match dst {
-        Some(d) => Some(SocketAddr::new(d.ip().to_canonical(), d.port())),
-        None => {
-            reply(respond, StatusCode::BAD_REQUEST);
-            None
-        }
+    let dst = connect_target(req.method(), req.uri());
+    if dst.is_none() {
+        reply(respond, StatusCode::BAD_REQUEST);
     }
+    dst
+}
+
+/// The address a CONNECT asks for: its authority as `ip:port` (an IPv4-mapped IPv6 address
+/// as the IPv4 one); None for another method or any other authority (a name is not resolved).
+pub fn connect_target(method: &Method, uri: &http::Uri) -> Option<SocketAddr> {
+    let dst = (method == Method::CONNECT)
+        .then(|| uri.authority())
+        .flatten()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())?;
+    Some(SocketAddr::new(dst.ip().to_canonical(), dst.port()))
 }
 
 async fn stream(
