@@ -133,14 +133,7 @@ fn an_idle_flood_on_15008_leaves_other_traffic_served() {
     // connections they leave are part of the baseline.
     send_marked(&p(2, 1).place, target, "WARM-IN").unwrap();
     send_marked(&p(1, 1).place, remote, "WARM-OUT").unwrap();
-    let probe = binaries::mtb_probe().unwrap();
-    let mut load_server = p(1, 2)
-        .place
-        .spawn(probe.to_str().unwrap(), &["load-server", "9000", "9001"])
-        .unwrap();
-    load_server
-        .wait_listening(9001, Duration::from_secs(5))
-        .unwrap();
+    let load_server = start_load_server(&tb);
     let (rr_quiet, conn_quiet) = well_behaved(&tb, "2");
     let baseline = a1.fd_count();
 
@@ -394,6 +387,19 @@ fn listen_overflows(tb: &Testbed) -> u64 {
         .unwrap()
 }
 
+/// The benchmark servers in pod 1-2 that [`well_behaved`] measures against: request/response
+/// on 9000, one exchange per connection on 9001.
+fn start_load_server(tb: &Testbed) -> mesh_testbed::Background {
+    let probe = binaries::mtb_probe().unwrap();
+    let mut server = tb
+        .pod(1, 2)
+        .place
+        .spawn(probe.to_str().unwrap(), &["load-server", "9000", "9001"])
+        .unwrap();
+    server.wait_listening(9001, Duration::from_secs(5)).unwrap();
+    server
+}
+
 /// 1 KiB request/response latency and new-connection rate from pod 2-1 to pod 1-2 through
 /// the mesh (HBONE into node 1), over `secs` each.
 fn well_behaved(tb: &Testbed, secs: &str) -> (serde_json::Value, serde_json::Value) {
@@ -429,12 +435,7 @@ fn a_tls_handshake_flood_leaves_a_well_behaved_client_served() {
     let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
     let probe = binaries::mtb_probe().unwrap();
     let probe = probe.to_str().unwrap();
-    let mut server = tb
-        .pod(1, 2)
-        .place
-        .spawn(probe, &["load-server", "9000", "9001"])
-        .unwrap();
-    server.wait_listening(9001, Duration::from_secs(5)).unwrap();
+    let server = start_load_server(&tb);
     let (rr_quiet, conn_quiet) = well_behaved(&tb, "3");
 
     let hbone = SocketAddr::new(tb.pod(1, 2).ipv4.into(), 15008).to_string();

@@ -39,14 +39,27 @@ async fn tls_to_server(rig: &Rig) -> tokio_rustls::client::TlsStream<TcpStream> 
         .unwrap()
 }
 
-/// Reads one frame: (type, payload).
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+/// Reads one frame: (type, payload); None at the end of the connection.
+async fn try_read_frame(r: &mut (impl AsyncRead + Unpin)) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 9];
-    r.read_exact(&mut head).await.unwrap();
+    r.read_exact(&mut head).await.ok()?;
     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await.unwrap();
-    (head[3], payload)
+    r.read_exact(&mut payload).await.ok()?;
+    Some((head[3], payload))
+}
+
+/// Reads one frame: (type, payload).
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    try_read_frame(r).await.expect("a frame")
+}
+
+/// Checks that a client with a well-behaved connection (the rig's pool) is still served:
+/// `msg` goes through a CONNECT to `up` and comes back.
+async fn still_served(rig: &Rig, up: std::net::SocketAddr, msg: &'static [u8]) {
+    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
+    s.send.send_data(Bytes::from_static(msg), true).unwrap();
+    assert_eq!(read_all(s.recv).await.unwrap(), msg);
 }
 
 fn settings(payload: &[u8]) -> Vec<(u16, u32)> {
@@ -88,10 +101,7 @@ async fn a_silent_tls_client_is_closed_after_the_h2_handshake_timeout() {
     assert!(waited >= bound, "closed before the bound: {waited:?}");
     assert_eq!(rig.counters.count(Refusal::H2HandshakeTimeout), 1);
     // A client that speaks goes on working.
-    let up = echo().await;
-    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
-    s.send.send_data(Bytes::from_static(b"ok"), true).unwrap();
-    assert_eq!(read_all(s.recv).await.unwrap(), b"ok");
+    still_served(&rig, echo().await, b"ok").await;
 }
 
 #[tokio::test]
@@ -120,11 +130,7 @@ async fn an_oversized_header_list_is_refused_and_other_connections_are_served() 
         Err(e) => assert!(e.is_reset() || e.is_go_away(), "{e}"),
     }
     // Another connection (the pool's) is served as usual.
-    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
-    s.send
-        .send_data(Bytes::from_static(b"still"), true)
-        .unwrap();
-    assert_eq!(read_all(s.recv).await.unwrap(), b"still");
+    still_served(&rig, up, b"still").await;
 }
 
 #[tokio::test]
@@ -160,15 +166,9 @@ async fn a_rapid_reset_flood_is_cut_off_with_goaway_and_counted() {
     if e.is_go_away() {
         assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e}");
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while rig.counters.count(Refusal::H2Abuse) == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(rig.counters.count(Refusal::H2Abuse), 1, "client saw: {e}");
+    assert_eq!(counted(&rig, Refusal::H2Abuse).await, 1, "client saw: {e}");
     // Other connections are served as usual.
-    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
-    s.send.send_data(Bytes::from_static(b"calm"), true).unwrap();
-    assert_eq!(read_all(s.recv).await.unwrap(), b"calm");
+    still_served(&rig, up, b"calm").await;
 }
 
 #[tokio::test]
@@ -331,13 +331,9 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// Reads frames until GOAWAY (its error code) or the end of the connection (None).
 async fn goaway_code(r: &mut (impl AsyncRead + Unpin)) -> Option<u32> {
-    let mut head = [0u8; 9];
     loop {
-        r.read_exact(&mut head).await.ok()?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload).await.ok()?;
-        if head[3] == GOAWAY && len >= 8 {
+        let (kind, payload) = try_read_frame(r).await?;
+        if kind == GOAWAY && payload.len() >= 8 {
             return Some(u32::from_be_bytes([
                 payload[4], payload[5], payload[6], payload[7],
             ]));
@@ -383,10 +379,7 @@ async fn a_continuation_flood_is_cut_off_with_goaway_and_counted() {
     );
     writer.abort();
     // Other connections are served as usual.
-    let up = echo().await;
-    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
-    s.send.send_data(Bytes::from_static(b"calm"), true).unwrap();
-    assert_eq!(read_all(s.recv).await.unwrap(), b"calm");
+    still_served(&rig, echo().await, b"calm").await;
 }
 
 #[tokio::test]
@@ -429,12 +422,7 @@ async fn a_settings_flood_from_a_peer_that_never_reads_is_pushed_back_then_dropp
         "the server kept a connection whose peer never reads ({written} bytes taken)"
     );
     assert_eq!(rig.counters.count(Refusal::IdleTimeout), 1);
-    let up = echo().await;
-    let mut s = rig.pool.open(&rig.request(up, &rig.b).await).await.unwrap();
-    s.send
-        .send_data(Bytes::from_static(b"still"), true)
-        .unwrap();
-    assert_eq!(read_all(s.recv).await.unwrap(), b"still");
+    still_served(&rig, echo().await, b"still").await;
 }
 
 /// A server that writes `total` bytes of a known pattern to its first client and closes,
