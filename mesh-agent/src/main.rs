@@ -194,8 +194,11 @@ struct NodeArgs {
     #[arg(long, conflicts_with = "uninstall")]
     explain_datapath: bool,
     /// On SIGTERM/SIGINT, keep serving live connections for up to this long (seconds) before
-    /// exiting; readiness turns false at once. A second signal exits immediately.
-    #[arg(long, default_value_t = 5)]
+    /// exiting: the agent exits as soon as the last one ends. Readiness turns false at once. A
+    /// second signal exits immediately. Long on purpose: during an upgrade the old agent keeps
+    /// its database sessions and streams until they end (set terminationGracePeriodSeconds to
+    /// match).
+    #[arg(long, default_value_t = 3600)]
     drain_seconds: u64,
     /// Remove every kernel object the capture owns on this node, then exit.
     #[arg(long)]

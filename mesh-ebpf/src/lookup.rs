@@ -14,26 +14,20 @@
 //! is left to the kernel: a flow record exists only for a SYN our tc programs captured.
 use core::ptr::read_volatile;
 
-use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
-    macros::{map, sk_lookup},
-    maps::SockMap,
-    programs::SkLookupContext,
-};
+use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{
     Counter, FlowKey,
-    capture::{LISTENER_SLOTS, listener_slot, v4_mapped},
+    capture::{listener_slot, v4_mapped},
 };
 
-use crate::{counters, maps::MESH_FLOWS};
+use crate::{
+    counters,
+    maps::{MESH_FLOWS, MESH_LISTENERS},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
-
-/// The agent's capture listeners, one per (flow kind, family), filled by the agent at start.
-#[map(name = "MESH_LISTENERS")]
-static MESH_LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {

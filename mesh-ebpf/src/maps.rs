@@ -2,11 +2,11 @@
 //! state (enrolments, captured flows, counters) survives an agent restart.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, SockMap},
 };
 use mesh_common::{
     FlowInfo, FlowKey, PodAddrs, PodIpEntry,
-    capture::{MAX_FLOWS, MAX_NODE_ADDRS},
+    capture::{LISTENER_SLOTS, MAX_FLOWS, MAX_NODE_ADDRS},
     pods::MAX_PODS,
 };
 
@@ -27,3 +27,12 @@ pub static MESH_FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entr
 /// them are the node's business, not the mesh's (see `mesh_tc_from_pod`).
 #[map(name = "MESH_NODE_ADDRS")]
 pub static MESH_NODE_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+
+/// The capture listeners new connections go to, one per (flow kind, family): the tc programs
+/// and `mesh_sk_lookup` take the listener from here, never from a lookup by port. The newest
+/// ready agent fills it, so during an upgrade (two agents side by side, see
+/// `capture/handover.rs`) new connections go to the new agent the moment it registers, while
+/// connections the old one accepted stay its own. The kernel drops an entry when its socket
+/// closes.
+#[map(name = "MESH_LISTENERS")]
+pub static MESH_LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);

@@ -5,15 +5,20 @@
 //! then delivers it locally and TCP's own lookup finds the socket. A connection-opening SYN is
 //! assigned to the agent's IP_TRANSPARENT listener with `bpf_sk_assign`; the socket TCP creates
 //! for it keeps the original destination as its local address, which is how the agent learns it.
+//! The listener is taken from `MESH_LISTENERS` (filled by the newest ready agent), not looked up
+//! by port: two agents can listen side by side during an upgrade.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use mesh_common::{FlowInfo, FlowKey, FlowKind, capture::MARK_DELIVER_LOCAL};
+use mesh_common::{
+    FlowInfo, FlowKey, FlowKind,
+    capture::{MARK_DELIVER_LOCAL, listener_slot},
+};
 
 use crate::{
-    maps::MESH_FLOWS,
+    maps::{MESH_FLOWS, MESH_LISTENERS},
     packet::{Family, TcpSegment},
 };
 
@@ -69,7 +74,7 @@ pub enum LocalSocket {
 #[inline(always)]
 pub fn local_socket(ctx: &TcContext, seg: &TcpSegment) -> LocalSocket {
     // SAFETY: the tuple lives on our stack for the call; the returned socket is released below.
-    let sk = unsafe { lookup(ctx, seg, seg.sport_be, seg.dport_be, true) };
+    let sk = unsafe { lookup(ctx, seg) };
     if sk.is_null() {
         return LocalSocket::None;
     }
@@ -83,20 +88,16 @@ pub fn local_socket(ctx: &TcContext, seg: &TcpSegment) -> LocalSocket {
     }
 }
 
-/// Hands a SYN to the agent listener on `kind`'s port, marks it for local delivery and records
-/// the flow. `false` when no such listener exists (the agent is down).
+/// Hands a SYN to the agent listener registered for `kind` (and the segment's family), marks it
+/// for local delivery and records the flow. `false` when no agent listener is registered (the
+/// agent is down).
 ///
 /// Normally the SYN is assigned to the listener here (`bpf_sk_assign`). When an agent socket in
 /// TIME_WAIT still holds the tuple (`time_wait`: the agent closed first last time and the pod
 /// reused its port), an assigned SYN would be dropped by TCP, whose request socket cannot be
 /// hashed next to the TIME_WAIT one, so the pod would retry for a minute. Such a SYN is only
 /// marked: the kernel's TIME_WAIT handling then retires the old socket and looks up a listener,
-/// which `mesh_sk_lookup` answers from the flow record written here.
-///
-/// The listener is looked up with the segment's addresses and the listener's port. For HBONE
-/// that port is the segment's own, so with `time_wait` the segment's exact tuple would find the
-/// TIME_WAIT socket (which the full-socket lookup turns into nothing) instead of the listener;
-/// the lookup then uses source port 0, which no connection has, so only a listener matches.
+/// which `mesh_sk_lookup` answers from the flow record written here and the same map.
 #[inline(always)]
 pub fn assign_to_listener(
     ctx: &TcContext,
@@ -105,16 +106,20 @@ pub fn assign_to_listener(
     ifindex: u32,
     time_wait: bool,
 ) -> bool {
-    let sport_be = if time_wait { 0 } else { seg.sport_be };
-    // SAFETY: as above; the full-socket lookup returns a listener or an exact match.
-    let sk = unsafe { lookup(ctx, seg, sport_be, kind.port().to_be(), false) };
+    let slot = listener_slot(kind as u32, matches!(seg.family, Family::V6));
+    // SAFETY: a sockmap lookup returns a referenced socket (or null), released below. The map
+    // pointer is the map definition itself (`SockMap` is a transparent wrapper around it).
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::addr_of!(MESH_LISTENERS) as *mut _,
+            core::ptr::addr_of!(slot).cast(),
+        )
+    } as *mut bpf_sock;
     if sk.is_null() {
         return false;
     }
-    // SAFETY: non-null socket from the lookup.
-    let state = unsafe { (*sk).state };
-    let assigned = state == TCP_LISTEN
-        && (time_wait || unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0);
+    let assigned =
+        time_wait || unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0;
     // SAFETY: every socket reference from a lookup is released exactly once.
     unsafe { bpf_sk_release(sk as *mut _) };
     if !assigned {
@@ -136,47 +141,33 @@ pub fn assign_to_listener(
     true
 }
 
-/// `bpf_skc_lookup_tcp` (any socket state) or `bpf_sk_lookup_tcp` (full sockets) for the segment's
-/// addresses with ports `sport_be` -> `dport_be`, in the current namespace.
+/// `bpf_skc_lookup_tcp` (any socket state) for the segment's exact 4-tuple in the current
+/// namespace.
 #[inline(always)]
-unsafe fn lookup(
-    ctx: &TcContext,
-    seg: &TcpSegment,
-    sport_be: u16,
-    dport_be: u16,
-    any_state: bool,
-) -> *mut bpf_sock {
+unsafe fn lookup(ctx: &TcContext, seg: &TcpSegment) -> *mut bpf_sock {
     let skb = ctx.skb.skb as *mut _;
     match seg.family {
         Family::V4 => {
             let mut t = Tuple4 {
                 saddr: seg.src4(),
                 daddr: seg.dst4(),
-                sport: sport_be,
-                dport: dport_be,
+                sport: seg.sport_be,
+                dport: seg.dport_be,
             };
             let tuple = &mut t as *mut Tuple4 as *mut bpf_sock_tuple;
             let size = core::mem::size_of::<Tuple4>() as u32;
-            if any_state {
-                unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
-            } else {
-                unsafe { bpf_sk_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
-            }
+            unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
         }
         Family::V6 => {
             let mut t = Tuple6 {
                 saddr: seg.src,
                 daddr: seg.dst,
-                sport: sport_be,
-                dport: dport_be,
+                sport: seg.sport_be,
+                dport: seg.dport_be,
             };
             let tuple = &mut t as *mut Tuple6 as *mut bpf_sock_tuple;
             let size = core::mem::size_of::<Tuple6>() as u32;
-            if any_state {
-                unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
-            } else {
-                unsafe { bpf_sk_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
-            }
+            unsafe { bpf_skc_lookup_tcp(skb, tuple, size, CURRENT_NETNS, 0) }
         }
     }
 }

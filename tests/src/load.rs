@@ -226,6 +226,65 @@ pub fn connection_rate(
     })
 }
 
+/// What a paced connect loop saw (see [`connect_loop`]).
+#[derive(Debug, Serialize)]
+pub struct ConnectLoopResult {
+    pub attempts: u64,
+    pub completed: u64,
+    /// `connect` refused (RST to the SYN: no listener took it).
+    pub refused: u64,
+    /// Anything else that failed: a reset or early close after connecting, a timeout.
+    pub failed: u64,
+    /// The first few failures, for the report.
+    pub first_failures: Vec<String>,
+}
+
+/// New connections at `rate` per second for `duration`, each one 1 KiB exchange with a
+/// load server's once port: the steady arrivals an agent upgrade must not refuse.
+pub fn connect_loop(dst: SocketAddr, rate: u32, duration: Duration) -> ConnectLoopResult {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let started = Instant::now();
+    let mut next = started;
+    let mut r = ConnectLoopResult {
+        attempts: 0,
+        completed: 0,
+        refused: 0,
+        failed: 0,
+        first_failures: Vec::new(),
+    };
+    let mut buf = [7u8; MESSAGE];
+    while started.elapsed() < duration {
+        let now = Instant::now();
+        if now < next {
+            thread::sleep(next - now);
+        }
+        next += interval;
+        r.attempts += 1;
+        let at = started.elapsed().as_secs_f64();
+        let outcome = match connect(dst) {
+            Err(e) => Err((true, e)),
+            Ok(mut s) => s
+                .write_all(&buf)
+                .and_then(|()| read_full(&mut s, &mut buf))
+                .map_err(|e| (false, e)),
+        };
+        match outcome {
+            Ok(()) => r.completed += 1,
+            Err((at_connect, e)) => {
+                if at_connect && e.kind() == io::ErrorKind::ConnectionRefused {
+                    r.refused += 1;
+                } else {
+                    r.failed += 1;
+                }
+                if r.first_failures.len() < 5 {
+                    r.first_failures.push(format!("at {at:.2} s: {e}"));
+                }
+            }
+        }
+    }
+    r
+}
+
 /// A paced request stream.
 #[derive(Debug, Serialize)]
 pub struct PacedResult {

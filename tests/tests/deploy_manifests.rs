@@ -221,17 +221,18 @@ fn the_daemonset_matches_what_the_agent_uses() {
     assert_eq!(spec.host_network, Some(true));
     assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
 
-    // Ports: the capture's listeners and the metrics/readiness endpoints, nothing else.
+    // Ports: none declared. With hostNetwork a declared port is a host port to the scheduler,
+    // and the surge pod of an upgrade would stay Pending beside the old one
+    // (kubernetes/kubernetes#106417).
     let metrics: u16 = help_default(&node_help, "metrics-port").parse().unwrap();
     let readiness: u16 = help_default(&node_help, "readiness-port").parse().unwrap();
-    let want = BTreeSet::from([
-        mesh_common::capture::PORT_OUTBOUND,
-        mesh_common::capture::PORT_INBOUND_PLAINTEXT,
-        mesh_common::capture::PORT_INBOUND_HBONE,
-        metrics,
-        readiness,
-    ]);
-    assert_eq!(container_ports(agent), want);
+    assert_eq!(container_ports(agent), BTreeSet::new());
+
+    // Rollout: the new pod starts beside the old one and takes over; nothing is unavailable.
+    let strategy = &ds["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"], "RollingUpdate");
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 0);
     for probe in [&agent.readiness_probe, &agent.startup_probe] {
         let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
         assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
@@ -327,7 +328,8 @@ fn the_daemonset_matches_what_the_agent_uses() {
         deploy::node_agent_capabilities().unwrap()
     );
 
-    // Graceful termination: the grace period outlasts the agent's drain.
+    // Graceful termination: the old agent of an upgrade keeps its connections up to the
+    // drain limit (the binary's default, 1 h), and the grace period outlasts it.
     let drain: i64 = agent
         .args
         .as_ref()
@@ -337,6 +339,7 @@ fn the_daemonset_matches_what_the_agent_uses() {
         .unwrap()
         .parse()
         .unwrap();
+    assert_eq!(drain.to_string(), help_default(&node_help, "drain-seconds"));
     assert!(spec.termination_grace_period_seconds.unwrap() > drain);
     assert!(agent.resources.as_ref().unwrap().requests.is_some());
 

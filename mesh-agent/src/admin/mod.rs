@@ -92,9 +92,31 @@ impl Surface {
     }
 }
 
+/// The running endpoints; [`AdminEndpoints::stop`] closes them (a successor agent binds the
+/// same ports during a handover).
+pub struct AdminEndpoints {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdminEndpoints {
+    /// Closes every endpoint's listener (and the requests in progress) and waits until they are
+    /// closed.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Binds every endpoint (errors are returned here, not later) and serves them on a thread of
-/// their own until the process exits. Must be called inside the network namespace to serve.
-pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
+/// their own until the process exits or [`AdminEndpoints::stop`]. Must be called inside the
+/// network namespace to serve. A port still held by an agent handing over to this one is
+/// retried for a moment.
+pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<AdminEndpoints> {
     let mut binds = vec![
         (
             Surface::Admin,
@@ -128,10 +150,11 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
     for (surface, addr) in binds {
         listeners.push((
             surface,
-            bind(addr).with_context(|| format!("binding {addr}"))?,
+            bind_soon(addr).with_context(|| format!("binding {addr}"))?,
         ));
     }
-    std::thread::Builder::new()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name("mesh-admin".into())
         .spawn(move || {
             lower_priority();
@@ -164,10 +187,21 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
                     let logs = Arc::clone(&logs);
                     tasks.push(tokio::spawn(serve(surface, l, state, slots, logs)));
                 }
-                for t in tasks {
-                    let _ = t.await;
+                let all = async {
+                    for t in &mut tasks {
+                        let _ = t.await;
+                    }
+                };
+                tokio::select! {
+                    () = all => {}
+                    _ = stopped => {
+                        for t in &tasks {
+                            t.abort();
+                        }
+                    }
                 }
             });
+            // The runtime drops here, and every listener and connection with it.
         })
         .context("starting the admin thread")?;
     info!(
@@ -176,7 +210,28 @@ pub fn start(state: Arc<AdminState>, addrs: AdminAddrs) -> anyhow::Result<()> {
         readiness = addrs.readiness_port,
         "admin, metrics and readiness endpoints up"
     );
-    Ok(())
+    Ok(AdminEndpoints {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// [`bind`], retried for up to 2 s while the address is in use: the agent handing over to this
+/// one closes its endpoints before it lets go of the data path, but a listener's close can
+/// trail by a moment.
+fn bind_soon(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The endpoints yield the CPU to the data path: this thread runs at nice 19, so a scraper in a

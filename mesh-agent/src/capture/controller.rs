@@ -100,8 +100,9 @@ impl Attached {
 type LinkKey = (&'static str, LinkTarget);
 
 pub struct CaptureController {
-    /// Exclusive lock on the bpffs directory: one agent per data path.
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    /// Exclusive lock on the bpffs directory: one agent per data path. None once handed over
+    /// to a successor (see [`super::handover`]): the kernel is then the successor's to change.
+    lock: Option<super::handover::DataPathLock>,
     datapath: Datapath,
     layout: BpffsLayout,
     instance: String,
@@ -124,10 +125,14 @@ pub struct ReconcileReport {
 /// period (60 s) plus a margin, so draining connections that finish later are covered too.
 const RETIRE_TIME_WAIT_FOR: std::time::Duration = std::time::Duration::from_secs(70);
 
+/// How long a starting agent waits for a running one to hand the data path over: the running
+/// one notices within 100 ms and steps down in well under a second.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl CaptureController {
-    /// Loads the data path with its maps pinned (adopting existing ones) under `layout`, and pins
-    /// the programs. Nothing is attached until [`CaptureController::reconcile`].
-    pub fn start(layout: BpffsLayout) -> anyhow::Result<Self> {
+    /// Claims `layout`'s data path at an agent's start, before anything slow (see
+    /// [`super::handover`]): owned at once, or announced as the running agent's successor.
+    pub fn claim(layout: &BpffsLayout) -> anyhow::Result<super::handover::Claim> {
         layout
             .create()
             .with_context(|| format!("creating {}", layout.root.display()))?;
@@ -136,15 +141,14 @@ impl CaptureController {
             "{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
             layout.root.display()
         );
-        let dir = std::fs::File::open(&layout.root)
-            .with_context(|| format!("opening {}", layout.root.display()))?;
-        let lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| {
-                anyhow::anyhow!(
-                    "another agent is using {} ({e}); one agent per node and bpffs directory",
-                    layout.root.display()
-                )
-            })?;
+        super::handover::claim(&layout.root)
+    }
+
+    /// Takes the data path over as `claim` allows (at once, or once the running agent has
+    /// handed it over), loads it with its maps pinned (adopting existing ones) under `layout`,
+    /// and pins the programs. Nothing is attached until [`CaptureController::reconcile`].
+    pub fn start(layout: BpffsLayout, claim: super::handover::Claim) -> anyhow::Result<Self> {
+        let lock = super::handover::take_over(&layout.root, claim, HANDOVER_WAIT)?;
         let mut datapath =
             Datapath::load_pinned(&layout.maps()).context("loading the eBPF data path")?;
         datapath
@@ -158,7 +162,7 @@ impl CaptureController {
             .attach_splice_verdict()
             .context("attaching the splice verdict to MESH_SPLICE")?;
         Ok(Self {
-            _lock: lock,
+            lock: Some(lock),
             datapath,
             layout,
             instance: instance_name(),
@@ -166,6 +170,27 @@ impl CaptureController {
             view: Arc::default(),
             recently_left: HashMap::new(),
         })
+    }
+
+    /// Whether another agent is starting to take this data path over, or ready to (poll a few
+    /// times a second).
+    pub fn successor(&self) -> super::handover::Successor {
+        if self.lock.is_none() {
+            return super::handover::Successor::None;
+        }
+        super::handover::successor(&self.layout.root)
+    }
+
+    /// Hands the data path to the waiting successor: from now on this controller changes
+    /// nothing in the kernel (reconciliations, node addresses and TIME_WAIT retirement are the
+    /// successor's). What this agent attached stays until the successor replaces it.
+    pub fn hand_over(&mut self) {
+        self.lock = None;
+    }
+
+    /// Whether this agent still owns the data path (it has not handed it over).
+    pub fn owns_data_path(&self) -> bool {
+        self.lock.is_some()
     }
 
     pub fn view(&self) -> SharedCaptureView {
@@ -185,6 +210,9 @@ impl CaptureController {
     /// is treated as a remote destination by the capture meanwhile, and refused by the agent
     /// (see `node::upstream`), never relayed from the node's address.
     pub fn sync_node_addresses(&mut self) -> Result<(), String> {
+        if !self.owns_data_path() {
+            return Ok(());
+        }
         let want = crate::ebpf::node_addresses()
             .map_err(|e| format!("listing the node's addresses: {e}"))?;
         let change = self
@@ -199,8 +227,13 @@ impl CaptureController {
 
     /// Converges maps, attachments and pins to `desired`. New attachments are made before old ones
     /// are removed, so an interface is never left uncaptured in between.
+    /// After [`CaptureController::hand_over`] it changes nothing and says so.
     pub fn reconcile(&mut self, desired: &DesiredCapture) -> ReconcileReport {
         let mut report = ReconcileReport::default();
+        if !self.owns_data_path() {
+            info!("configuration change left to the agent that took the data path over");
+            return report;
+        }
         let mut view = CaptureView::default();
         if let Err(e) = self.sync_node_addresses() {
             report.errors.push(e);
@@ -427,6 +460,9 @@ impl CaptureController {
     /// [`RETIRE_TIME_WAIT_FOR`]: once a pod is no longer captured, a SYN of its meeting one is
     /// dropped by the node and the pod hangs for up to a minute. Returns how many.
     pub fn retire_time_wait(&mut self) -> Result<usize, String> {
+        if !self.owns_data_path() {
+            return Ok(0);
+        }
         let now = std::time::Instant::now();
         self.recently_left.retain(|_, until| *until > now);
         let ips: HashSet<IpAddr> = self.recently_left.keys().copied().collect();
@@ -515,7 +551,9 @@ impl CaptureController {
         Ok(key)
     }
 
-    /// Registers the agent's capture listeners with the data path (see `mesh_sk_lookup`).
+    /// Registers the agent's capture listeners in `MESH_LISTENERS`, where the tc programs and
+    /// `mesh_sk_lookup` take them from: from this moment every new connection is this agent's
+    /// (during a handover, the previous agent's listeners are replaced here).
     pub fn register_listeners(
         &mut self,
         listeners: &[super::listeners::CaptureListener],

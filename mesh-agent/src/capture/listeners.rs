@@ -1,7 +1,12 @@
-//! The agent's capture listeners: one IP_TRANSPARENT socket per port and family, bound to the
+//! The agent's capture listeners: one IP_TRANSPARENT socket per kind and family, bound to the
 //! wildcard address. The tc programs assign captured SYNs to them with `bpf_sk_assign`; because the
 //! socket is transparent, the connection TCP creates keeps the original destination as its local
 //! address, so `local_addr()` of an accepted stream *is* the original destination.
+//!
+//! The data path finds the listeners in `MESH_LISTENERS`, not by port, so the port a listener is
+//! bound to is only a label: each binds its kind's well-known port (15001/15006/15008) and, when
+//! the agent it is taking over from still holds that port (an upgrade, see `handover.rs`), an
+//! ephemeral one.
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context as _;
@@ -25,8 +30,17 @@ pub fn bind_all(kinds: &[FlowKind], backlog: i32) -> anyhow::Result<Vec<CaptureL
             std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ] {
             let addr = SocketAddr::new(ip, kind.port());
-            let listener = bind_transparent(addr, backlog)
-                .with_context(|| format!("binding the {kind:?} capture listener on {addr}"))?;
+            let listener = match bind_transparent(addr, backlog) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let listener = bind_transparent(SocketAddr::new(ip, 0), backlog)
+                        .with_context(|| format!("binding the {kind:?} capture listener"))?;
+                    tracing::info!(listener = ?kind, wanted = %addr, bound = ?listener.local_addr().ok(),
+                        "capture port held by the agent being replaced; listening on another (the data path steers by socket, not port)");
+                    listener
+                }
+                other => other
+                    .with_context(|| format!("binding the {kind:?} capture listener on {addr}"))?,
+            };
             out.push(CaptureListener { kind, listener });
         }
     }

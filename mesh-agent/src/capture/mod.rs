@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod controller;
 pub mod flows;
+pub mod handover;
 pub mod inspect;
 pub mod listeners;
 pub mod pins;
@@ -42,6 +43,9 @@ pub fn remove_all(layout: &BpffsLayout) -> anyhow::Result<()> {
         // once it is gone.
         for pin in layout.link_pins()? {
             pins::remove_link_pin(&pin.path)?;
+        }
+        for dir in handover::lock_dirs(&layout.root) {
+            remove_dir_if_present(&dir)?;
         }
         for dir in [layout.links(), layout.progs(), layout.maps()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {

@@ -58,6 +58,20 @@ pub enum HboneError {
     },
 }
 
+impl HboneError {
+    /// The server never saw the stream: the connection was going away (GOAWAY, e.g. an agent
+    /// handing over to its successor) before the stream got in, or the server refused it
+    /// unprocessed. Such a stream may be opened again on another connection.
+    fn unprocessed(&self) -> bool {
+        match self {
+            HboneError::H2 { source, .. } => {
+                source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One stream to open.
 #[derive(Clone, Debug)]
 pub struct StreamRequest {
@@ -152,8 +166,20 @@ impl Pool {
         pool
     }
 
-    /// Opens a CONNECT stream, reusing a pooled connection with room.
+    /// Opens a CONNECT stream, reusing a pooled connection with room. A stream the server did
+    /// not take because its connection was going away is opened once more, on another
+    /// connection (the old one takes no new streams).
     pub async fn open(&self, req: &StreamRequest) -> Result<PooledStream, HboneError> {
+        match self.open_once(req).await {
+            Err(e) if e.unprocessed() => {
+                debug!(addr = %req.hbone_addr, error = %e, "HBONE: stream not taken by a connection going away, opening it again");
+                self.open_once(req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn open_once(&self, req: &StreamRequest) -> Result<PooledStream, HboneError> {
         let key = PoolKey {
             client_ip: req.client.ip(),
             source: req.source.clone(),
@@ -200,9 +226,15 @@ impl Pool {
             .header("traceparent", traceparent())
             .body(())
             .expect("valid CONNECT request");
-        let h2err = |source| HboneError::H2 {
-            addr: req.hbone_addr,
-            source,
+        let h2err = |source: h2::Error| {
+            if source.is_go_away() {
+                // No new streams on it; those it has finish.
+                guard.conn().dead.store(true, Ordering::Release);
+            }
+            HboneError::H2 {
+                addr: req.hbone_addr,
+                source,
+            }
         };
         let ready = send.ready().await;
         let mut ready = match ready {

@@ -98,6 +98,30 @@ pub struct ServerContext {
     pub counters: Arc<ServerCounters>,
     /// Upstream connections per peer, across all connections.
     pub upstreams: Arc<PeerUpstreams>,
+    /// Fired when the agent hands over to a successor.
+    pub goaway: GoawaySignal,
+}
+
+/// Tells every connection of a server to send GOAWAY and finish the streams it has: the peers
+/// then open their new streams on new connections, which reach the agent that took over (see
+/// `capture::handover`). Latches: connections accepted afterwards are told at once.
+#[derive(Default)]
+pub struct GoawaySignal(tokio::sync::watch::Sender<bool>);
+
+impl GoawaySignal {
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once fired; never when there is no signal.
+    async fn fired(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+        if let Some(rx) = rx
+            && rx.wait_for(|fired| *fired).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
 }
 
 /// Serves one accepted connection (already known to be for `target`) to its end.
@@ -113,6 +137,7 @@ pub async fn serve(
         trust_domain: &ctx.trust_domain,
         limits: &ctx.limits,
         counters: &ctx.counters,
+        goaway: Some(&ctx.goaway),
     };
     let cert = Arc::clone(&target.cert);
     let identity = target.identity.clone();
@@ -130,6 +155,8 @@ pub struct ConnectionLayer<'a> {
     pub trust_domain: &'a str,
     pub limits: &'a ServerLimits,
     pub counters: &'a Arc<ServerCounters>,
+    /// When to send every peer a GOAWAY (None: only the idle GOAWAY).
+    pub goaway: Option<&'a GoawaySignal>,
 }
 
 /// The connection layer alone: TLS as `identity` (client certificates chained to `roots`, in
@@ -222,7 +249,8 @@ pub async fn serve_connection<F, Fut>(
     let peer = Arc::new(peer);
     let streams = Arc::new(OpenStreams::new());
     let mut draining = false;
-    // Armed by the idle GOAWAY: a peer that has not closed by then is not reading.
+    let mut goaway = layer.goaway.map(|g| g.0.subscribe());
+    // Armed by a GOAWAY: a peer that has not closed by then is not reading.
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     loop {
@@ -256,6 +284,13 @@ pub async fn serve_connection<F, Fut>(
                 draining = true;
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
             }
+            () = GoawaySignal::fired(&mut goaway), if !draining => {
+                debug!(client = %outer_peer, %peer, open = streams.open(),
+                    "HBONE: handing over, GOAWAY (the peer's open streams finish here)");
+                conn.graceful_shutdown();
+                draining = true;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
+            }
             () = &mut drain_deadline, if draining => {
                 if streams.open() > 0 {
                     // Streams opened before our GOAWAY reached the peer: theirs to finish.
@@ -264,7 +299,7 @@ pub async fn serve_connection<F, Fut>(
                 }
                 if let Some(suppressed) = layer.counters.refuse(Refusal::DrainTimeout) {
                     info!(client = %outer_peer, %peer, timeout = ?layer.limits.drain_timeout, suppressed,
-                        "HBONE: the peer did not take the idle GOAWAY (not reading), dropping the connection");
+                        "HBONE: the peer did not take the GOAWAY (not reading), dropping the connection");
                 }
                 break;
             }

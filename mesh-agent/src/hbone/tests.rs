@@ -25,6 +25,9 @@ pub(super) struct Rig {
     pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub counters: Arc<ServerCounters>,
     pub upstreams: Arc<PeerUpstreams>,
+    pub ctx: Arc<ServerContext>,
+    /// TCP connections the server accepted.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(super) fn id(sa: &str) -> SpiffeId {
@@ -63,14 +66,19 @@ pub(super) async fn rig_with(limits: ServerLimits, telemetry: InboundTelemetry) 
         limits,
         counters: Arc::clone(&counters),
         upstreams: Arc::clone(&upstreams),
+        goaway: Default::default(),
     });
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();
+    let server_ctx = Arc::clone(&ctx);
+    let counted = Arc::clone(&accepted);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let target = Target {
                 ip: "127.0.0.1".parse().unwrap(),
                 identity: b_cert.identity.clone(),
@@ -90,6 +98,8 @@ pub(super) async fn rig_with(limits: ServerLimits, telemetry: InboundTelemetry) 
         roots: issuer.roots(),
         counters,
         upstreams,
+        ctx: server_ctx,
+        accepted,
     }
 }
 
@@ -270,5 +280,45 @@ fn traceparent_is_w3c_shaped() {
     assert_eq!(
         (parts[0], parts[1].len(), parts[2].len(), parts[3]),
         ("00", 32, 16, "01")
+    );
+}
+
+/// An agent handing over to its successor tells its HBONE peers GOAWAY: a stream open across it
+/// finishes intact, and the next stream is opened on a new connection (which, in the node, the
+/// successor accepts) without the caller seeing an error.
+#[tokio::test]
+async fn after_a_goaway_open_streams_finish_and_new_ones_go_to_a_new_connection() {
+    let rig = rig().await;
+    let up = echo().await;
+    let req = rig.request(up, &rig.b).await;
+    let mut first = rig.pool.open(&req).await.unwrap();
+    first
+        .send
+        .send_data(Bytes::from_static(b"before the goaway, "), false)
+        .unwrap();
+    rig.ctx.goaway.fire();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = rig
+        .pool
+        .open(&req)
+        .await
+        .expect("opened on a new connection");
+    second
+        .send
+        .send_data(Bytes::from_static(b"after"), true)
+        .unwrap();
+    assert_eq!(read_all(second.recv).await.unwrap(), b"after");
+    first
+        .send
+        .send_data(Bytes::from_static(b"and after it"), true)
+        .unwrap();
+    assert_eq!(
+        read_all(first.recv).await.unwrap(),
+        b"before the goaway, and after it"
+    );
+    assert_eq!(
+        rig.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the second stream went to a new connection"
     );
 }

@@ -16,6 +16,7 @@ mod snapshot_map;
 mod sockets;
 pub mod source;
 pub mod state;
+mod succession;
 pub mod telemetry;
 mod update;
 
@@ -114,16 +115,24 @@ pub fn desired_capture(config: &LocalConfig, agent_cgroup: Option<&Path>) -> Des
 
 /// Runs the node agent until SIGINT/SIGTERM.
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
+    let layout = BpffsLayout::new(&opts.bpffs_dir);
+    // Before anything slow: a running agent closes its endpoints for us at once.
+    let claim = CaptureController::claim(&layout)?;
     let mut source = match &opts.config {
         ConfigOrigin::File(path) => source::Source::file(path, opts.reload_interval),
         ConfigOrigin::Kube(k) => source::Source::kube(k).await?,
     };
     let config = source.initial().await?;
-    let layout = BpffsLayout::new(&opts.bpffs_dir);
     let readiness = Arc::new(Readiness::new());
     readiness.config(None);
-    // Takes the data path's lock first: a second agent must not touch anything.
-    let mut controller = CaptureController::start(layout.clone())?;
+    // What can fail on a bad configuration fails here, before a running agent hands over.
+    let identity = match opts.handler {
+        HandlerMode::Mesh => Some(mesh_identity(&config, opts.ca_service.as_ref())?),
+        _ => None,
+    };
+    // The data path's lock (a running agent hands it over now that we are ready): until then
+    // this agent touches nothing.
+    let mut controller = CaptureController::start(layout.clone(), claim)?;
     routing::ensure().context("installing the capture's policy routing")?;
     let agent_cgroup = if opts.splice {
         let own = capture::cgroup::own_cgroup();
@@ -145,10 +154,6 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     // saying ready (the periodic trim would, seconds later).
     release_free_memory();
     let enforcer = Enforcer::new(policies);
-    let identity = match opts.handler {
-        HandlerMode::Mesh => Some(mesh_identity(&config, opts.ca_service.as_ref())?),
-        _ => None,
-    };
     let pool = identity.as_ref().map(|(issuer, _)| {
         crate::hbone::client::Pool::new(issuer.roots(), mesh::transparent_connector())
     });
@@ -180,6 +185,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 limits: Default::default(),
                 counters: Arc::clone(&metrics.hbone_server),
                 upstreams: Default::default(),
+                goaway: Default::default(),
             }),
             enforcer: Arc::clone(&enforcer),
             telemetry: Arc::clone(&telemetry),
@@ -249,8 +255,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         readiness: Arc::clone(&readiness),
         log: opts.log.clone(),
     });
-    crate::admin::start(Arc::clone(&admin), opts.admin)
+    let endpoints = crate::admin::start(Arc::clone(&admin), opts.admin)
         .context("starting the admin, metrics and readiness endpoints")?;
+    let mut succession = succession::Succession::new(endpoints, Arc::clone(&admin), opts.admin);
     source.applied(&admin.config.read().unwrap_or_else(|e| e.into_inner()));
     info!(handler = ?opts.handler, config = %source.describe(), bpffs = %layout.root.display(), "node agent ready");
     let updater = update::Updater {
@@ -267,12 +274,14 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
     let mut node_addrs = tokio::time::interval(NODE_ADDRS_INTERVAL);
+    let mut successor = tokio::time::interval(SUCCESSOR_POLL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = trim.tick() => release_free_memory(),
-            _ = node_addrs.tick() => {
+            _ = successor.tick() => succession.poll(&mut controller, &ctx, &metrics),
+            _ = node_addrs.tick(), if controller.owns_data_path() => {
                 if let Err(e) = controller.sync_node_addresses() {
                     warn!(error = %e, "node addresses not updated");
                 }
@@ -300,6 +309,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         &readiness,
         opts.drain,
         [&mut sigterm, &mut sigint],
+        || succession.poll(&mut controller, &ctx, &metrics),
     )
     .await;
     info!(
@@ -310,12 +320,14 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
 
 /// Shutting down: readiness turns false at once (a rollout sees it), connections keep flowing
 /// and new ones are still served, until none is left or `limit` has passed. A second signal
-/// ends it at once.
+/// ends it at once. `successor` runs every 100 ms: a successor arriving now still gets the
+/// data path.
 async fn drain(
     metrics: &Metrics,
     readiness: &Readiness,
     limit: Duration,
     [sigterm, sigint]: [&mut tokio::signal::unix::Signal; 2],
+    mut successor: impl FnMut(),
 ) {
     readiness.draining();
     let deadline = tokio::time::Instant::now() + limit;
@@ -340,7 +352,7 @@ async fn drain(
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(SUCCESSOR_POLL) => successor(),
             _ = sigterm.recv() => return,
             _ = sigint.recv() => return,
         }
@@ -409,6 +421,8 @@ pub fn tune_allocator() {
 
 /// How often freed heap memory is handed back to the kernel.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the agent checks whether a successor is waiting for the data path.
+const SUCCESSOR_POLL: Duration = Duration::from_millis(100);
 /// How often the node's own addresses are re-read into the data path between reconciliations.
 const NODE_ADDRS_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -274,6 +274,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
                         trust_domain: &td,
                         limits: &limits,
                         counters: &counters,
+                        goaway: None,
                     };
                     let on_stream = |req, respond, peer, addrs| {
                         inbound::stream(Arc::clone(&wp), req, respond, peer, addrs)

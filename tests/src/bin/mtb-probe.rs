@@ -80,6 +80,11 @@ fn main() -> Result<()> {
             conc.parse().context("concurrency")?,
             Duration::from_secs_f64(secs.parse().context("seconds")?),
         )?),
+        ["connect-loop", dst, rate, secs] => print_json(&load::connect_loop(
+            dst.parse().context("destination")?,
+            rate.parse().context("rate")?,
+            Duration::from_secs_f64(secs.parse().context("seconds")?),
+        )),
         ["paced", dst, rps, secs] => print_json(&load::paced(
             dst.parse().context("destination")?,
             rps.parse().context("rate")?,
@@ -111,7 +116,7 @@ fn main() -> Result<()> {
             http(port, name)
         }
         _ => bail!(
-            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | hold <addr:port> <count>"
+            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | connect-loop <addr:port> <rate> <secs> | hold <addr:port> <count>"
         ),
     }
 }

@@ -220,6 +220,102 @@ impl Agent {
     }
 
     fn spawn(&mut self, tb: &Testbed) -> Result<()> {
+        let mut p = self.launch(tb)?;
+        for port in [15001, 15006, 15008] {
+            if let Err(e) = p.wait_listening(port, Duration::from_secs(20)) {
+                let out = p.kill()?;
+                bail!(
+                    "{e:#}\nagent stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        self.process = Some(p);
+        Ok(())
+    }
+
+    /// Starts a second agent on this agent's node with the same configuration and bpffs
+    /// directory, as the new pod of an upgrade does, and waits until it has taken the data path
+    /// over: every link pin is its own and the readiness endpoint, which the old agent closes
+    /// when it hands over, answers 200. Returns the new agent and how long the takeover took.
+    pub fn start_successor(&self, tb: &Testbed) -> Result<(Agent, Duration)> {
+        let config = self.config.with_extension("next.yaml");
+        std::fs::copy(&self.config, &config)?;
+        let mut next = Agent {
+            node: self.node,
+            handler: self.handler,
+            config,
+            bpffs: self.bpffs.clone(),
+            ca_dir: self.ca_dir.clone(),
+            nofile: self.nofile,
+            process: None,
+        };
+        let started = Instant::now();
+        let mut p = next.launch(tb)?;
+        let suffix = format!("p{}", p.pid());
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            let links: Vec<String> = std::fs::read_dir(self.bpffs.join("links"))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let all_new = !links.is_empty() && links.iter().all(|l| l.ends_with(&suffix));
+            let ready = all_new
+                && mesh_testbed::http::http_get(
+                    &tb.node(self.node).place,
+                    "127.0.0.1:15021".parse().unwrap(),
+                    "GET",
+                    "/healthz/ready",
+                )
+                .is_ok_and(|(status, _)| status.contains("200"));
+            if ready {
+                next.process = Some(p);
+                return Ok((next, started.elapsed()));
+            }
+            if Instant::now() > deadline || p.try_wait()?.is_some() {
+                let out = p.kill()?;
+                bail!(
+                    "node{}: the successor did not take over (links {links:?})\nits stderr:\n{}",
+                    self.node,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Agent::wait_exit`]).
+    pub fn signal_stop(&self) -> Result<()> {
+        let pid = self.process.as_ref().context("agent not running")?.pid();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(())
+    }
+
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|p| p.try_wait().is_ok_and(|s| s.is_none()))
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself; its exit status and log.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(std::process::ExitStatus, String)> {
+        let out = self
+            .process
+            .take()
+            .context("agent not running")?
+            .wait(timeout)?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Spawns `mesh-agent node` for this agent (no waiting).
+    fn launch(&self, tb: &Testbed) -> Result<Background> {
         let bin = binaries::mesh_agent()?;
         let bin = bin.to_str().context("agent path")?;
         // prlimit sets the limit and execs the agent (same pid).
@@ -241,18 +337,7 @@ impl Agent {
             // The capture tests cover the splice too.
             "--splice",
         ]);
-        let mut p = tb.node(self.node).place.spawn(program, &args)?;
-        for port in [15001, 15006, 15008] {
-            if let Err(e) = p.wait_listening(port, Duration::from_secs(20)) {
-                let out = p.kill()?;
-                bail!(
-                    "{e:#}\nagent stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-        self.process = Some(p);
-        Ok(())
+        tb.node(self.node).place.spawn(program, &args)
     }
 
     /// Rewrites the config with a new enrolled set and waits until the kernel maps show it.

@@ -248,6 +248,10 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
             // production default (mesh handler, no splicing) unless --splice.
             "--reload-interval-ms",
             "100",
+            // The bench ends with SIGTERM: a connection a trial left open must not hold the
+            // teardown for the production drain limit (1 h).
+            "--drain-seconds",
+            "5",
         ];
         if args.splice {
             agent_args.push("--splice");

@@ -1,0 +1,89 @@
+//! The running agent's side of a handover to a successor (see `capture::handover`): polled from
+//! the main loop and, after SIGTERM, while draining — a rollout may stop the old pod before the
+//! new agent is ready.
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::handler::HandlerContext;
+use crate::{
+    admin::{AdminAddrs, AdminEndpoints, AdminState},
+    capture::{CaptureController, handover::Successor},
+    metrics::Metrics,
+};
+
+pub(super) struct Succession {
+    /// None while closed for a starting successor (it binds the same ports).
+    endpoints: Option<AdminEndpoints>,
+    admin: Arc<AdminState>,
+    addrs: AdminAddrs,
+    handed_over: bool,
+}
+
+impl Succession {
+    pub(super) fn new(
+        endpoints: AdminEndpoints,
+        admin: Arc<AdminState>,
+        addrs: AdminAddrs,
+    ) -> Self {
+        Self {
+            endpoints: Some(endpoints),
+            admin,
+            addrs,
+            handed_over: false,
+        }
+    }
+
+    /// One look at the successor's progress, acting on it.
+    pub(super) fn poll(
+        &mut self,
+        controller: &mut CaptureController,
+        ctx: &HandlerContext,
+        metrics: &Metrics,
+    ) {
+        if self.handed_over {
+            return;
+        }
+        match controller.successor() {
+            Successor::None => {
+                if self.endpoints.is_some() {
+                    return;
+                }
+                match crate::admin::start(Arc::clone(&self.admin), self.addrs) {
+                    Ok(e) => {
+                        info!(
+                            "the successor left before taking over: admin, metrics and readiness endpoints open again"
+                        );
+                        self.endpoints = Some(e);
+                    }
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "the successor left, but the endpoints could not be opened again")
+                    }
+                }
+            }
+            Successor::Starting => {
+                if let Some(mut e) = self.endpoints.take() {
+                    e.stop();
+                    info!(
+                        "a successor is starting: admin, metrics and readiness endpoints closed for it"
+                    );
+                }
+            }
+            Successor::Ready => {
+                if let Some(mut e) = self.endpoints.take() {
+                    e.stop();
+                }
+                // Peers open their next streams on new connections, which reach the successor.
+                if let Some(mesh) = &ctx.mesh {
+                    mesh.server.goaway.fire();
+                }
+                controller.hand_over();
+                self.handed_over = true;
+                info!(
+                    connections = metrics.traffic.in_flight(),
+                    "a newer agent is taking over: data path handed over; serving this agent's connections until they end (exit on SIGTERM once they have, or at --drain-seconds)"
+                );
+            }
+        }
+    }
+}

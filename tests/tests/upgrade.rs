@@ -1,0 +1,285 @@
+//! Agent upgrades and crashes (issue #18): a new agent started beside the running one takes the
+//! data path over without refusing a connection, the old one keeps the connections it owns
+//! until they end and exits when told to; an agent killed with SIGKILL is replaced by a restarted
+//! one while the capture fails closed (refusals, never plaintext on the fabric).
+mod support;
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_testbed::{
+    Background, Place, Testbed, TestbedSpec, binaries, can_run,
+    probe::{Probe, ProbeServer},
+};
+use support::{Agent, TempDir, pods, sniffer::Sniffer};
+
+const SPEC: TestbedSpec = TestbedSpec {
+    nodes: 2,
+    pods_per_node: 2,
+};
+const ENROLLED: [(usize, usize); 4] = [(1, 1), (1, 2), (2, 1), (2, 2)];
+
+/// How long the connections held across the upgrade live (the issue's two minutes).
+const HELD: Duration = Duration::from_secs(120);
+/// Pace of the long transfer: 256 KiB every 100 ms (about 300 MiB in all).
+const CHUNK: u64 = 256 << 10;
+const CHUNK_EVERY: Duration = Duration::from_millis(100);
+/// New connections per second in each connect loop.
+const LOOP_RATE: &str = "20";
+
+struct Mesh {
+    tb: Testbed,
+    ca: TempDir,
+    a1: Agent,
+    a2: Agent,
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let tb = Testbed::build(SPEC).unwrap();
+        let ca = TempDir::with_ca(&tb.info().run);
+        let enrolled = pods(&ENROLLED);
+        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+        Mesh { tb, ca, a1, a2 }
+    }
+}
+
+/// A load server (`once` port 9001: one 1 KiB exchange per connection) in `place`.
+fn load_server(place: &Place) -> Background {
+    let probe = binaries::mtb_probe().unwrap();
+    let mut server = place
+        .spawn(probe.to_str().unwrap(), &["load-server", "9000", "9001"])
+        .unwrap();
+    server.wait_listening(9001, Duration::from_secs(5)).unwrap();
+    server
+}
+
+/// A paced connect loop from `from` to `to`:9001 for `secs`, in the pod (its cgroup too).
+fn connect_loop(from: &Place, to: SocketAddr, secs: u64) -> Background {
+    let probe = binaries::mtb_probe().unwrap();
+    from.spawn(
+        probe.to_str().unwrap(),
+        &[
+            "connect-loop",
+            &SocketAddr::new(to.ip(), 9001).to_string(),
+            LOOP_RATE,
+            &secs.to_string(),
+        ],
+    )
+    .unwrap()
+}
+
+/// The loop's report, after checking it saw no refusal and no failure at all.
+fn loop_report(what: &str, bg: Background, secs: u64) -> serde_json::Value {
+    let out = bg.wait(Duration::from_secs(secs + 60)).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("{what}: {report}");
+    assert!(
+        report["attempts"].as_u64().unwrap() > 100,
+        "{what}: {report}"
+    );
+    assert_eq!(
+        report["refused"], 0,
+        "{what}: refusals during the upgrade: {report}"
+    );
+    assert_eq!(
+        report["failed"], 0,
+        "{what}: failures during the upgrade: {report}"
+    );
+    report
+}
+
+#[test]
+fn an_upgrade_refuses_nothing_and_drops_nothing() {
+    if !can_run("agent upgrade side by side", &["ip"]) {
+        return;
+    }
+    let Mesh {
+        tb,
+        ca,
+        a1: old,
+        a2,
+    } = Mesh::start();
+    let servers: Vec<_> = tb
+        .pods()
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let loads: Vec<_> = tb.pods().iter().map(|p| load_server(&p.place)).collect();
+    let p = |n, i| tb.pod(n, i);
+    let dst = |n, i| SocketAddr::new(p(n, i).ip(false), 8080);
+    let loop_secs = HELD.as_secs() + 10;
+
+    // Connections the old agent owns: a long transfer out of node 1 (its outbound relay), an
+    // idle connection into node 1 (its HBONE server), each for two minutes.
+    let transfer = {
+        let mut probe = Probe::connect(&p(1, 1).place, dst(2, 1), Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+        probe.hello().unwrap();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let mut sent = 0;
+            while started.elapsed() < HELD {
+                probe.send(CHUNK).unwrap();
+                sent += CHUNK;
+                thread::sleep(CHUNK_EVERY);
+            }
+            probe.finish(sent).map(|()| sent)
+        })
+    };
+    let idle = {
+        let mut probe = Probe::connect(&p(2, 2).place, dst(1, 2), Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+        probe.hello().unwrap();
+        probe.send(1000).unwrap();
+        thread::spawn(move || {
+            thread::sleep(HELD);
+            probe.finish(2000)
+        })
+    };
+    // New connections throughout: out of node 1, into node 1, and on node 1.
+    let loops = [
+        (
+            "node1 -> node2",
+            connect_loop(&p(1, 1).place, dst(2, 2), loop_secs),
+        ),
+        (
+            "node2 -> node1",
+            connect_loop(&p(2, 1).place, dst(1, 1), loop_secs),
+        ),
+        (
+            "node1 -> node1",
+            connect_loop(&p(1, 2).place, dst(1, 1), loop_secs),
+        ),
+    ];
+    thread::sleep(Duration::from_secs(5));
+
+    // The new agent starts beside the old one and takes over.
+    let (mut new, took) = old.start_successor(&tb).unwrap();
+    eprintln!(
+        "takeover: {:.0} ms from the new agent's start to its readiness",
+        took.as_secs_f64() * 1e3
+    );
+    let mut old = old;
+    assert!(
+        old.running(),
+        "the old agent keeps running after handing over"
+    );
+    // As the DaemonSet controller does once the new pod is ready.
+    old.signal_stop().unwrap();
+    thread::sleep(Duration::from_secs(10));
+    assert!(
+        old.running(),
+        "the old agent must stay while its connections live"
+    );
+    // New connections are the new agent's, in both directions: its metrics count them. Into
+    // node 1 that takes node 2's agent leaving the old agent's HBONE connection (GOAWAY).
+    let scrape = support::metrics::scrape(&tb, 1);
+    let from_node2 = p(2, 1).name();
+    for (what, labels) in [
+        ("out of node 1", vec![("reporter", "source")]),
+        (
+            "into node 1 from node 2",
+            vec![("reporter", "destination"), ("source_workload", from_node2)],
+        ),
+    ] {
+        let opened = support::metrics::sum(&scrape, "istio_tcp_connections_opened", &labels);
+        assert!(
+            opened > 0.0,
+            "the new agent serves new connections {what} (opened {opened})"
+        );
+    }
+    let sent = transfer
+        .join()
+        .unwrap()
+        .expect("the long transfer completes intact");
+    idle.join()
+        .unwrap()
+        .expect("the idle connection completes intact");
+    eprintln!(
+        "held across the upgrade: {} MiB transfer, one idle connection",
+        sent >> 20
+    );
+    // Its last connections ended: the old agent exits by itself.
+    let (status, log) = old.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "old agent: {status}\n{log}");
+    assert!(log.contains("data path handed over"), "{log}");
+    for (what, bg) in loops {
+        loop_report(what, bg, loop_secs);
+    }
+    assert!(new.running(), "the new agent serves on");
+    drop((servers, loads, new, a2));
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}
+
+#[test]
+fn after_sigkill_a_restarted_agent_serves_again_and_nothing_leaks_in_plaintext() {
+    if !can_run("agent crash and restart", &["ip", "tcpdump"]) {
+        return;
+    }
+    let Mesh {
+        tb,
+        ca,
+        a1: mut agent,
+        a2,
+    } = Mesh::start();
+    let _servers: Vec<_> = tb
+        .pods()
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let client = &tb.pod(1, 1).place;
+    let dst = SocketAddr::new(tb.pod(2, 1).ip(false), 8080);
+    let sniffer = Sniffer::start(&tb.info().fabric, "br0");
+    agent.kill().unwrap();
+    // While no agent runs, the pod's connections are refused (fail closed), never sent as is.
+    for _ in 0..5 {
+        match Probe::connect(client, dst, Duration::from_secs(2)).unwrap() {
+            Ok(p) => {
+                let r = p.finish_with_marker("PLAINTEXT-WHILE-DOWN", 4096);
+                assert!(r.is_err(), "a connection was served with no agent running");
+            }
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+        }
+    }
+    // The restart: from exec to the first connection served through the mesh.
+    let started = Instant::now();
+    agent.restart(&tb, &pods(&ENROLLED)).unwrap();
+    let served = loop {
+        if let Ok(Ok(mut p)) = Probe::connect(client, dst, Duration::from_secs(2))
+            && p.hello().is_ok()
+            && p.finish_with_marker("MESH-AFTER-RESTART", 4096).is_ok()
+        {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never served again"
+        );
+        thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "restart after SIGKILL: first connection served {:.0} ms after the new agent's exec",
+        served.as_secs_f64() * 1e3
+    );
+    let seen = sniffer.stop();
+    assert!(
+        !seen.contains("PLAINTEXT-WHILE-DOWN"),
+        "plaintext on the fabric:\n{seen}"
+    );
+    assert!(
+        !seen.contains("MESH-AFTER-RESTART"),
+        "plaintext on the fabric:\n{seen}"
+    );
+    drop((agent, a2));
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}
