@@ -9,6 +9,7 @@
 
 pub mod addressing;
 pub mod binaries;
+pub mod bpf_test_run;
 pub mod cgroup;
 pub mod deploy;
 pub mod fakeapi;

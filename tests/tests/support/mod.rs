@@ -15,6 +15,7 @@ use mesh_testbed::{Background, Pod, Testbed, binaries};
 
 pub mod http;
 pub mod metrics;
+pub mod pktgen;
 pub mod sniffer;
 
 /// A pod by (node, index), 1-based like the testbed.
