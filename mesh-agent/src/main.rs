@@ -83,6 +83,10 @@ enum CaCommand {
     Serve {
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
+        /// Prometheus metrics of the CA (`/metrics`: refusals on the CA port); as istiod's
+        /// monitoring port.
+        #[arg(long, default_value = "0.0.0.0:15014")]
+        metrics_listen: std::net::SocketAddr,
         /// The CA's namespace (its Secrets and the root ConfigMap live there).
         #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
         namespace: String,
@@ -296,6 +300,7 @@ fn main() -> anyhow::Result<()> {
             command:
                 CaCommand::Serve {
                     listen,
+                    metrics_listen,
                     namespace,
                     trust_domain,
                     node_agent,
@@ -347,7 +352,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     tokio::spawn(mesh_agent::controller::run(client.clone(), settings));
                 }
-                mesh_agent::ca::CaService::new(
+                let service = mesh_agent::ca::CaService::new(
                     client,
                     std::sync::Arc::new(ca),
                     mesh_agent::ca::CaSettings {
@@ -356,10 +361,17 @@ fn main() -> anyhow::Result<()> {
                         node_agent,
                         max_ttl: Duration::from_secs(max_ttl_seconds),
                         dns_names,
+                        bounds: Default::default(),
                     },
-                )
-                .serve()
-                .await
+                );
+                let metrics = tokio::net::TcpListener::bind(metrics_listen)
+                    .await
+                    .with_context(|| format!("binding the CA's metrics on {metrics_listen}"))?;
+                tokio::spawn(mesh_agent::ca::limits::serve_metrics(
+                    metrics,
+                    service.registry(),
+                ));
+                service.serve().await
             })
         }
         Command::Ca {

@@ -374,7 +374,22 @@ fn the_ca_deployment_services_and_rbac_match_the_binary() {
         .find_map(|a| a.strip_prefix("--listen="))
         .map_or_else(|| help_default(&ca_help, "listen"), str::to_owned);
     let listen_port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(container_ports(ca), BTreeSet::from([listen_port]));
+    let metrics_port: u16 = help_default(&ca_help, "metrics-listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        container_ports(ca),
+        BTreeSet::from([listen_port, metrics_port])
+    );
+    let ca_annotations =
+        &find(&objs, "Deployment", "mesh-ca")["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        ca_annotations["prometheus.io/port"],
+        metrics_port.to_string()
+    );
     assert!(ca_help.contains("[env: POD_NAMESPACE="));
     assert!(ca.env.iter().flatten().any(|e| e.name == "POD_NAMESPACE"));
     let psc = spec.security_context.as_ref().unwrap();

@@ -81,6 +81,8 @@ fn start_ca(api: &FakeApi, work: &Path) -> Ca {
     let log = work.join("ca.log");
     let child = Command::new(binaries::mesh_agent().unwrap())
         .args(["ca", "serve", "--listen", &format!("127.0.0.1:{port}")])
+        // Not the host's 15014: other tests and agents may run on this machine.
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(["--namespace", "mesh-system", "--pod-name", "mesh-ca-0"])
         .arg("--kubeconfig")
         .arg(&kc)

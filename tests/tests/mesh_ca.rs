@@ -62,6 +62,10 @@ struct Rig {
     address: String,
     root_pem: String,
     dir: std::path::PathBuf,
+    /// Where the CA listens, its refusal counters and its metrics endpoint.
+    listen: std::net::SocketAddr,
+    counters: Arc<mesh_agent::ca::limits::CaCounters>,
+    metrics: std::net::SocketAddr,
 }
 
 impl Drop for Rig {
@@ -77,6 +81,10 @@ async fn client(api: &FakeApi) -> kube::Client {
 /// The cluster: node agents on node-a and node-b, workloads `demo/web` on node-a and
 /// `demo/db` on node-b, and an ordinary pod `demo/sleep` on node-a.
 async fn rig() -> Rig {
+    rig_with(Default::default()).await
+}
+
+async fn rig_with(bounds: mesh_agent::ca::limits::CaBounds) -> Rig {
     let api = FakeApi::start();
     for p in [
         pod(NS, "mesh-agent-a", "mesh-agent", "node-a"),
@@ -129,8 +137,17 @@ async fn rig() -> Rig {
             node_agent: (NS.into(), "mesh-agent".into()),
             max_ttl: Duration::from_secs(86_400),
             dns_names: vec!["localhost".into()],
+            bounds,
         },
     );
+    let listen = listener.local_addr().unwrap();
+    let counters = service.counters();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = metrics_listener.local_addr().unwrap();
+    tokio::spawn(mesh_agent::ca::limits::serve_metrics(
+        metrics_listener,
+        service.registry(),
+    ));
     tokio::spawn(service.serve_on(listener));
     let root_pem =
         api.get("configmaps", NS, "istio-ca-root-cert").unwrap()["data"]["root-cert.pem"]
@@ -144,6 +161,9 @@ async fn rig() -> Rig {
         address: format!("https://localhost:{port}"),
         root_pem,
         dir,
+        listen,
+        counters,
+        metrics,
     }
 }
 
@@ -399,4 +419,90 @@ async fn an_istio_cacerts_secret_is_used_when_present() {
         api.get("secrets", NS, "mesh-ca-root").is_none(),
         "no root of our own next to cacerts"
     );
+}
+
+/// The CA port's bounds (issue #18): a pod holding idle connections gets its share and no more,
+/// its connections are closed when their TLS handshake does not come, garbage instead of TLS is
+/// refused, every refusal is counted in the CA's metrics — and a node agent renews throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_garbage_connections_are_bounded_while_agents_renew() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rig = rig_with(mesh_agent::ca::limits::CaBounds {
+        per_source: 8,
+        handshake_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let refused = |reason| rig.counters.refused(reason);
+    // 12 idle connections from one (other) source: 8 held, 4 reset at once.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        // A refused one may be reset before connect() even returns.
+        match s.connect(rig.listen).await {
+            Ok(c) => idle.push(c),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while refused("endpoint_per_source") < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "per-source refusals never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Meanwhile an agent on another address gets its certificate.
+    let web = id("demo", "web");
+    let chain = rig
+        .issuer("agent-a")
+        .sign(&csr_for(&web.uri()), &web, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(verified_identity(&chain, &rig.root_pem), web.uri());
+    // The held ones never start TLS: closed after the handshake time.
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed,
+        idle.len(),
+        "every idle connection closed (reset or timed out)"
+    );
+    assert_eq!(refused("tls_handshake_timeout"), 8);
+    // Plain text where a ClientHello belongs.
+    let mut garbage = tokio::net::TcpStream::connect(rig.listen).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = garbage.read_to_end(&mut rest).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while refused("tls_handshake_error") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the garbage was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The same figures on the CA's metrics endpoint.
+    let mut m = tokio::net::TcpStream::connect(rig.metrics).await.unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).await.unwrap();
+    for line in [
+        "mesh_connections_refused_total{listener=\"ca\",reason=\"endpoint_per_source\"} 4",
+        "mesh_connections_refused_total{listener=\"ca\",reason=\"tls_handshake_timeout\"} 8",
+        "mesh_connections_refused_total{listener=\"ca\",reason=\"tls_handshake_error\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }

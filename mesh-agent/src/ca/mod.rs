@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod client;
 pub mod csr;
+pub mod limits;
 pub mod root;
 
 /// The generated gRPC code.
@@ -45,6 +46,8 @@ pub struct CaSettings {
     pub max_ttl: Duration,
     /// DNS names of the CA's own serving certificate.
     pub dns_names: Vec<String>,
+    /// Bounds on the port (see [`limits`]).
+    pub bounds: limits::CaBounds,
 }
 
 /// The service.
@@ -52,15 +55,31 @@ pub struct CaService {
     client: Client,
     ca: Arc<LocalCa>,
     settings: CaSettings,
+    counters: Arc<limits::CaCounters>,
+    registry: Arc<prometheus_client::registry::Registry>,
 }
 
 impl CaService {
     pub fn new(client: Client, ca: Arc<LocalCa>, settings: CaSettings) -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counters = limits::CaCounters::register(&mut registry);
         Self {
             client,
             ca,
             settings,
+            counters,
+            registry: Arc::new(registry),
         }
+    }
+
+    /// The port's refusal counters (tests, reports).
+    pub fn counters(&self) -> Arc<limits::CaCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The CA's metrics, for [`limits::serve_metrics`].
+    pub fn registry(&self) -> Arc<prometheus_client::registry::Registry> {
+        Arc::clone(&self.registry)
     }
 
     /// Serves until the process stops (TLS with a certificate for `settings.dns_names`).
@@ -77,14 +96,21 @@ impl CaService {
             .ca
             .sign_server(&self.settings.dns_names, Duration::from_secs(365 * 86_400))
             .context("issuing the CA's own serving certificate")?;
-        let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(chain, key));
+        let tls = server_tls(&chain, &key)?;
         let addr = listener.local_addr()?;
-        info!(%addr, names = ?self.settings.dns_names, "CA serving IstioCertificateService");
+        info!(%addr, names = ?self.settings.dns_names, bounds = ?self.settings.bounds, "CA serving IstioCertificateService");
+        let bounds = self.settings.bounds;
+        let incoming = limits::admitted(listener, tls, bounds, Arc::clone(&self.counters));
         tonic::transport::Server::builder()
-            .tls_config(tls)?
+            .timeout(bounds.request_timeout)
+            .concurrency_limit_per_connection(bounds.streams_per_connection as usize)
+            .max_concurrent_streams(bounds.streams_per_connection)
+            .max_connection_age(bounds.max_connection_age)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_max_pending_accept_reset_streams(Some(32))
             .add_service(IstioCertificateServiceServer::new(self))
-            .serve_with_incoming(tokio_stream_from(listener))
+            .serve_with_incoming(incoming)
             .await
             .context("serving the CA")
     }
@@ -135,6 +161,23 @@ impl CaService {
     }
 }
 
+/// The CA's serving TLS configuration (HTTP/2 only, as gRPC needs).
+fn server_tls(chain_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the CA's serving certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the CA's serving key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the CA's serving certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The `ImpersonatedIdentity` string of the request's metadata, if any.
 fn impersonated(req: &IstioCertificateRequest) -> Option<String> {
     let field = req.metadata.as_ref()?.fields.get(IMPERSONATED_IDENTITY)?;
@@ -175,14 +218,4 @@ impl IstioCertificateService for CaService {
             }
         }
     }
-}
-
-/// Accepted connections as the stream tonic serves.
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |l| async move {
-        let conn = l.accept().await.map(|(s, _)| s);
-        Some((conn, l))
-    })
 }
