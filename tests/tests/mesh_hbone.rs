@@ -7,10 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::Counter;
 use mesh_testbed::{
-    Place, Testbed, TestbedSpec, binaries, can_run,
+    Place, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, TempDir, pods, sniffer::Sniffer};
+use support::{Mesh, finish, sniffer::Sniffer};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -18,31 +18,6 @@ const SPEC: TestbedSpec = TestbedSpec {
 };
 /// Pods 1 and 2 of each node are enrolled, pod 3 is not.
 const ENROLLED: [(usize, usize); 4] = [(1, 1), (1, 2), (2, 1), (2, 2)];
-
-/// A testbed with an agent per node in `mesh` mode sharing a fresh CA.
-struct Mesh {
-    tb: Testbed,
-    ca: TempDir,
-    a1: Agent,
-    a2: Agent,
-}
-
-impl Mesh {
-    fn start() -> Self {
-        let tb = Testbed::build(SPEC).unwrap();
-        let ca = TempDir::with_ca(&tb.info().run);
-        let enrolled = pods(&ENROLLED);
-        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
-        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
-        Mesh { tb, ca, a1, a2 }
-    }
-}
-
-/// Removes the CA and checks the testbed leaves nothing behind (agents already dropped).
-fn finish(tb: Testbed, ca: TempDir) {
-    drop(ca);
-    tb.teardown_verified().unwrap();
-}
 
 /// Sends `bytes` of payload carrying `marker` text and checks it arrived intact; returns what
 /// the server said it saw as the client address.
@@ -62,7 +37,7 @@ fn pods_talk_through_hbone_across_nodes_and_directly_on_one_node() {
     if !can_run("HBONE mesh", &["ip", "tcpdump"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     let _servers: Vec<_> = tb
         .pods()
         .iter()
@@ -136,7 +111,7 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
     if !can_run("HBONE large transfer", &["ip"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     let probe = binaries::mtb_probe().unwrap();
     let mut srv = tb
         .pod(2, 1)
@@ -172,7 +147,7 @@ fn a_service_vip_spreads_over_its_endpoints_on_both_nodes() {
     if !can_run("HBONE services", &["ip"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     // svc-slot1 (10.96.0.1 / fd00:96::1, port 80 -> 8080) selects pod 1 of each node.
     let _servers: Vec<_> = tb
         .pods()
@@ -212,7 +187,7 @@ fn ten_thousand_sequential_connections_and_resets_leak_nothing() {
     if !can_run("HBONE connection churn", &["ip"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
     let _srv = ProbeServer::start(&server.place, &[8080]).unwrap();
     let dst = SocketAddr::new(server.ipv4.into(), 8080);
@@ -329,7 +304,7 @@ fn a_thousand_concurrent_connections_through_hbone() {
     if !can_run("HBONE concurrency", &["ip"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     let _servers: Vec<_> = [tb.pod(2, 1), tb.pod(2, 2)]
         .iter()
         .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
@@ -409,7 +384,7 @@ fn a_pod_reusing_a_port_the_agent_holds_in_time_wait_connects_at_once() {
     if !can_run("HBONE TIME_WAIT reuse", &["ip"]) {
         return;
     }
-    let Mesh { tb, ca, a1, a2 } = Mesh::start();
+    let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
     let probe = binaries::mtb_probe().unwrap();
     let mut servers = Vec::new();
     for (n, i) in [(2, 1), (1, 2)] {

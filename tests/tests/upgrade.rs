@@ -11,10 +11,10 @@ use std::{
 };
 
 use mesh_testbed::{
-    Background, Place, Testbed, TestbedSpec, binaries, can_run,
+    Background, Place, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
 };
-use support::{Agent, TempDir, pods, sniffer::Sniffer};
+use support::{Mesh, finish, pods, sniffer::Sniffer};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
@@ -29,24 +29,6 @@ const CHUNK: u64 = 256 << 10;
 const CHUNK_EVERY: Duration = Duration::from_millis(100);
 /// New connections per second in each connect loop.
 const LOOP_RATE: &str = "20";
-
-struct Mesh {
-    tb: Testbed,
-    ca: TempDir,
-    a1: Agent,
-    a2: Agent,
-}
-
-impl Mesh {
-    fn start() -> Self {
-        let tb = Testbed::build(SPEC).unwrap();
-        let ca = TempDir::with_ca(&tb.info().run);
-        let enrolled = pods(&ENROLLED);
-        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
-        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
-        Mesh { tb, ca, a1, a2 }
-    }
-}
 
 /// A load server (`once` port 9001: one 1 KiB exchange per connection) in `place`.
 fn load_server(place: &Place) -> Background {
@@ -104,7 +86,7 @@ fn an_upgrade_refuses_nothing_and_drops_nothing() {
         ca,
         a1: old,
         a2,
-    } = Mesh::start();
+    } = Mesh::start(SPEC, &ENROLLED);
     let servers: Vec<_> = tb
         .pods()
         .iter()
@@ -216,8 +198,7 @@ fn an_upgrade_refuses_nothing_and_drops_nothing() {
     }
     assert!(new.running(), "the new agent serves on");
     drop((servers, loads, new, a2));
-    drop(ca);
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }
 
 #[test]
@@ -230,7 +211,7 @@ fn after_sigkill_a_restarted_agent_serves_again_and_nothing_leaks_in_plaintext()
         ca,
         a1: mut agent,
         a2,
-    } = Mesh::start();
+    } = Mesh::start(SPEC, &ENROLLED);
     let _servers: Vec<_> = tb
         .pods()
         .iter()
@@ -280,6 +261,5 @@ fn after_sigkill_a_restarted_agent_serves_again_and_nothing_leaks_in_plaintext()
         "plaintext on the fabric:\n{seen}"
     );
     drop((agent, a2));
-    drop(ca);
-    tb.teardown_verified().unwrap();
+    finish(tb, ca);
 }

@@ -496,6 +496,31 @@ impl Drop for Agent {
     }
 }
 
+/// A testbed of two nodes with a `mesh` agent each, sharing a fresh CA.
+pub struct Mesh {
+    pub tb: Testbed,
+    pub ca: TempDir,
+    pub a1: Agent,
+    pub a2: Agent,
+}
+
+impl Mesh {
+    pub fn start(spec: mesh_testbed::TestbedSpec, enrolled: &[PodId]) -> Self {
+        let tb = Testbed::build(spec).unwrap();
+        let ca = TempDir::with_ca(&tb.info().run);
+        let enrolled = pods(enrolled);
+        let a1 = Agent::start_with_ca(&tb, 1, "mesh", &enrolled, Some(ca.path())).unwrap();
+        let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+        Mesh { tb, ca, a1, a2 }
+    }
+}
+
+/// Removes the CA and checks the testbed leaves nothing behind (agents already dropped).
+pub fn finish(tb: Testbed, ca: TempDir) {
+    drop(ca);
+    tb.teardown_verified().unwrap();
+}
+
 /// The set of pods, as a `BTreeSet`.
 pub fn pods(ids: &[PodId]) -> BTreeSet<PodId> {
     ids.iter().copied().collect()

@@ -13,6 +13,11 @@
 //!   ingress), so every SYN takes the agent-down path, where dropping a SYN it cannot turn
 //!   into a RST is as good a refusal as the RST.
 //!
+//! [`frame_to`] and [`judge_inbound`] do the same for `mesh_tc_to_pods` (uplinks and other pods'
+//! interfaces): TCP towards the enrolled pod that cannot be parsed safely must be dropped (it
+//! would reach the pod around the capture); everything else passes, SYNs to the pod excepted
+//! (captured — or, in the harness, dropped as with no agent).
+//!
 //! Shapes are biased towards the edges (the pod's address off by one bit, truncation inside a
 //! header, fragment bits, link-local sources) rather than uniformly random bytes.
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -407,4 +412,75 @@ fn chain_hides_tcp(f: &[u8]) -> bool {
         next = nh;
     }
     false
+}
+
+/// A frame arriving from the network or another pod, towards `pod` more often than not.
+pub fn frame_to(rng: &mut Rng, pod: &Pod) -> Vec<u8> {
+    let (mut f, _) = frame(rng, pod);
+    if rng.chance(60) {
+        let ethertype = u16::from_be_bytes([f[12], f[13]]);
+        let (at, addr): (usize, &[u8]) = match ethertype {
+            ETH_P_IP => (14 + 16, &pod.ipv4.octets()),
+            ETH_P_IPV6 => (14 + 24, &pod.ipv6.octets()),
+            _ => return f,
+        };
+        // As far as the frame goes.
+        for (i, b) in addr.iter().enumerate() {
+            if let Some(slot) = f.get_mut(at + i) {
+                *slot = *b;
+            }
+        }
+    }
+    f
+}
+
+/// What `mesh_tc_to_pods` must do with `f`, from its bytes alone.
+pub fn judge_inbound(f: &[u8], pod: &Pod) -> Expect {
+    let at = |i: usize| f.get(i).copied();
+    let slice = |i: usize, n: usize| f.get(i..i + n);
+    const L3: usize = 14;
+    let ethertype = u16::from_be_bytes([f[12], f[13]]);
+    // (is TCP?, parseable?, destination if readable, TCP flags if parseable)
+    let (dst, parsed): (Option<bool>, Option<Option<u8>>) = match ethertype {
+        ETH_P_IP => {
+            let Some(proto) = at(L3 + 9) else {
+                return Expect::Either;
+            };
+            if proto != IPPROTO_TCP {
+                return Expect::Pass;
+            }
+            let dst = slice(L3 + 16, 4).map(|d| d == pod.ipv4.octets());
+            let ihl = usize::from(f[L3] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([f[L3 + 6], f[L3 + 7]]);
+            let ok = frag & 0x3fff == 0 && ihl >= 20 && dst.is_some();
+            (dst, Some(ok.then(|| at(L3 + ihl + 13)).flatten()))
+        }
+        ETH_P_IPV6 => {
+            let Some(next) = at(L3 + 6) else {
+                return Expect::Either;
+            };
+            let dst = slice(L3 + 24, 16).map(|d| d == pod.ipv6.octets());
+            if CHAIN_HEADERS.contains(&next) {
+                return match (chain_hides_tcp(f), dst) {
+                    (true, Some(true)) => Expect::Drop("unparseable TCP to the enrolled pod"),
+                    (true, Some(false)) => Expect::Pass,
+                    _ => Expect::Either,
+                };
+            }
+            if next != IPPROTO_TCP {
+                return Expect::Pass;
+            }
+            (dst, Some(dst.and(at(L3 + 40 + 13))))
+        }
+        _ => return Expect::Pass,
+    };
+    match (dst, parsed) {
+        (_, None) => Expect::Pass,
+        // Unparseable TCP: dropped towards the pod, none of our business otherwise.
+        (Some(true), Some(None)) => Expect::Drop("unparseable TCP to the enrolled pod"),
+        (Some(false), Some(None)) => Expect::Pass,
+        (None, Some(None)) => Expect::Either,
+        (Some(true), Some(Some(flags))) => tcp_verdict(flags),
+        (_, Some(Some(_))) => Expect::Pass,
+    }
 }
