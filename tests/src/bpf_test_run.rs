@@ -1,13 +1,16 @@
 //! Running a pinned tc program on a packet we make, through the kernel's `BPF_PROG_TEST_RUN`: the
 //! verifier-checked program, its real maps, no interface or traffic needed. What the program
 //! answers (`TC_ACT_*`) is what it would do with that frame on the interface named in the
-//! context.
+//! context. Also [`tcx_ingress_programs`]: what is attached to an interface (the Debian
+//! bpftool predates tcx).
 use std::{ffi::CString, os::fd::FromRawFd, os::fd::OwnedFd, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_TCX_INGRESS: u32 = 46;
 
 /// `TC_ACT_SHOT`: the frame is dropped.
 pub const TC_ACT_SHOT: i32 = 2;
@@ -43,6 +46,35 @@ struct TestRun {
     cpu: u32,
     batch_size: u32,
     _pad: u32,
+}
+
+/// `bpf_attr.query` for `BPF_PROG_QUERY`.
+#[repr(C)]
+#[derive(Default)]
+struct Query {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// How many programs the tcx ingress chain of interface `ifindex` (in the calling thread's
+/// network namespace) holds.
+pub fn tcx_ingress_programs(ifindex: u32) -> Result<u32> {
+    let mut attr = Query {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        ..Query::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr).context("BPF_PROG_QUERY")?;
+    Ok(attr.count)
 }
 
 /// `struct __sk_buff` up to `ifindex`: the only field set (the kernel zero-fills the rest).

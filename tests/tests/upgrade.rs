@@ -154,6 +154,19 @@ fn an_upgrade_refuses_nothing_and_drops_nothing() {
         old.running(),
         "the old agent keeps running after handing over"
     );
+    // Only the new agent's program is on the pod's interface: the old agent let go of its
+    // links, so they went when the new one replaced their pins.
+    let veth = p(1, 1).host_veth.clone();
+    let programs = tb
+        .node(1)
+        .place
+        .in_netns(move || -> anyhow::Result<u32> {
+            let ifindex = mesh_agent::ebpf::ifindex_of(&veth)?;
+            mesh_testbed::bpf_test_run::tcx_ingress_programs(ifindex)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(programs, 1, "programs in the pod interface's tcx chain");
     // As the DaemonSet controller does once the new pod is ready.
     old.signal_stop().unwrap();
     thread::sleep(Duration::from_secs(10));

@@ -186,6 +186,11 @@ impl CaptureController {
     /// successor's). What this agent attached stays until the successor replaces it.
     pub fn hand_over(&mut self) {
         self.lock = None;
+        // Our link descriptors go (the pins keep the links attached): once the successor has
+        // attached its own and removed our pins, nothing holds ours and the kernel detaches
+        // them. Kept, they would leave our programs in each interface's tcx chain, behind the
+        // successor's, until this process exits.
+        self.attached.clear();
     }
 
     /// Whether this agent still owns the data path (it has not handed it over).
