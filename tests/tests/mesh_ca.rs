@@ -435,6 +435,18 @@ async fn idle_and_garbage_connections_are_bounded_while_agents_renew() {
     })
     .await;
     let refused = |reason| rig.counters.refused(reason);
+    // Refusals are counted by the CA's accept task: wait (5 s at most) for `n` of `reason`.
+    let counted = |reason, n| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while refused(reason) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{reason}: {} refusals counted, {n} expected",
+                refused(reason)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     // 12 idle connections from one (other) source: 8 held, 4 reset at once.
     let mut idle = Vec::new();
     for _ in 0..12 {
@@ -446,14 +458,7 @@ async fn idle_and_garbage_connections_are_bounded_while_agents_renew() {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while refused("endpoint_per_source") < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "per-source refusals never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    counted("endpoint_per_source", 4).await;
     // Meanwhile an agent on another address gets its certificate.
     let web = id("demo", "web");
     let chain = rig
@@ -483,14 +488,7 @@ async fn idle_and_garbage_connections_are_bounded_while_agents_renew() {
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut rest = Vec::new();
     let _ = garbage.read_to_end(&mut rest).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while refused("tls_handshake_error") < 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the garbage was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    counted("tls_handshake_error", 1).await;
     // The same figures on the CA's metrics endpoint.
     let mut m = tokio::net::TcpStream::connect(rig.metrics).await.unwrap();
     m.write_all(b"GET /metrics HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")

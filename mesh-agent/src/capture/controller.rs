@@ -173,11 +173,8 @@ impl CaptureController {
     }
 
     /// Whether another agent is starting to take this data path over, or ready to (poll a few
-    /// times a second).
+    /// times a second while this agent owns it).
     pub fn successor(&self) -> super::handover::Successor {
-        if self.lock.is_none() {
-            return super::handover::Successor::None;
-        }
         super::handover::successor(&self.layout.root)
     }
 

@@ -62,10 +62,18 @@ fn starting_path(root: &Path) -> PathBuf {
     root.join("successor-starting")
 }
 
+fn handover_path(root: &Path) -> PathBuf {
+    root.join("handover")
+}
+
 /// `<dir>/handover` and `<dir>/successor-starting`, for `--uninstall`.
 pub fn lock_dirs(root: &Path) -> [PathBuf; 2] {
-    [root.join("handover"), starting_path(root)]
+    [handover_path(root), starting_path(root)]
 }
+
+/// How long a successor retries its own announcement locks: the owner holds them (shared) only
+/// for a moment at a time while it checks; longer means another successor holds them.
+const ANNOUNCE_WAIT: Duration = Duration::from_millis(500);
 
 /// Takes the data path lock of `root`, or, when another agent holds it, announces this agent as
 /// its successor (refused when another successor is already there).
@@ -76,21 +84,14 @@ pub fn claim(root: &Path) -> anyhow::Result<Claim> {
     let starting = starting_path(root);
     std::fs::create_dir_all(&starting)
         .with_context(|| format!("creating {}", starting.display()))?;
-    // The owner checks with a shared lock for a moment at a time: retry briefly past that.
-    let deadline = Instant::now() + Duration::from_millis(500);
-    loop {
-        if let Some(starting) = try_exclusive(&starting)? {
-            info!(bpffs = %root.display(), "another agent owns the data path: starting as its successor");
-            return Ok(Claim::Successor { starting });
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "another agent is already taking over {}; one agent per node and bpffs directory",
-                root.display()
-            );
-        }
-        std::thread::sleep(RETRY);
-    }
+    let Some(starting) = exclusive_within(&starting, ANNOUNCE_WAIT)? else {
+        anyhow::bail!(
+            "another agent is already taking over {}; one agent per node and bpffs directory",
+            root.display()
+        );
+    };
+    info!(bpffs = %root.display(), "another agent owns the data path: starting as its successor");
+    Ok(Claim::Successor { starting })
 }
 
 /// The data path lock: at once for an owner; for a successor, once the owner, told that this
@@ -100,39 +101,28 @@ pub fn take_over(root: &Path, claim: Claim, wait: Duration) -> anyhow::Result<Da
         Claim::Owner(lock) => return Ok(lock),
         Claim::Successor { starting } => starting,
     };
-    let handover = root.join("handover");
+    let handover = handover_path(root);
     std::fs::create_dir_all(&handover)
         .with_context(|| format!("creating {}", handover.display()))?;
-    let deadline = Instant::now() + Duration::from_millis(500);
-    let _ready = loop {
-        match try_exclusive(&handover)? {
-            Some(l) => break l,
-            None if Instant::now() < deadline => std::thread::sleep(RETRY),
-            None => anyhow::bail!("{} is held by another agent", handover.display()),
-        }
+    let Some(_ready) = exclusive_within(&handover, ANNOUNCE_WAIT)? else {
+        anyhow::bail!("{} is held by another agent", handover.display());
     };
     info!(bpffs = %root.display(), wait_s = wait.as_secs_f64(), "ready: asking the owner to hand the data path over");
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(lock) = try_exclusive(root)? {
-            info!(bpffs = %root.display(), "the previous agent handed the data path over");
-            drop(starting);
-            return Ok(lock);
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "the agent using {} did not hand the data path over within {wait:?} (an agent without upgrade support, or a hung one); stop it first",
-                root.display()
-            );
-        }
-        std::thread::sleep(RETRY);
-    }
+    let Some(lock) = exclusive_within(root, wait)? else {
+        anyhow::bail!(
+            "the agent using {} did not hand the data path over within {wait:?} (an agent without upgrade support, or a hung one); stop it first",
+            root.display()
+        );
+    };
+    info!(bpffs = %root.display(), "the previous agent handed the data path over");
+    drop(starting);
+    Ok(lock)
 }
 
 /// Whether a successor has announced itself, and how far it is. Cheap (an open and a
 /// non-blocking shared `flock` per lock), meant to be polled a few times a second.
 pub fn successor(root: &Path) -> Successor {
-    if held(&root.join("handover")) {
+    if held(&handover_path(root)) {
         Successor::Ready
     } else if held(&starting_path(root)) {
         Successor::Starting
@@ -149,6 +139,20 @@ fn held(path: &Path) -> bool {
         Flock::lock(file, FlockArg::LockSharedNonblock),
         Err((_, Errno::EWOULDBLOCK))
     )
+}
+
+/// [`try_exclusive`], tried again every [`RETRY`] for up to `wait`; None if still held then.
+fn exclusive_within(path: &Path, wait: Duration) -> anyhow::Result<Option<Flock<File>>> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(lock) = try_exclusive(path)? {
+            return Ok(Some(lock));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(RETRY);
+    }
 }
 
 /// An exclusive non-blocking `flock` on `path`; None when someone else holds a lock on it.

@@ -274,19 +274,20 @@ pub async fn serve_connection<F, Fut>(
                     drop(open);
                 });
             }
-            () = streams.idle_for(layer.limits.idle_timeout), if !draining => {
-                if let Some(suppressed) = layer.counters.refuse(Refusal::IdleTimeout) {
-                    debug!(client = %outer_peer, %peer, suppressed, "HBONE: connection idle, closing");
+            why = goaway_due(&streams, layer.limits.idle_timeout, &mut goaway), if !draining => {
+                match why {
+                    GoawayReason::Idle => {
+                        if let Some(suppressed) = layer.counters.refuse(Refusal::IdleTimeout) {
+                            debug!(client = %outer_peer, %peer, suppressed, "HBONE: connection idle, closing");
+                        }
+                    }
+                    GoawayReason::HandOver => {
+                        debug!(client = %outer_peer, %peer, open = streams.open(),
+                            "HBONE: handing over, GOAWAY (the peer's open streams finish here)");
+                    }
                 }
                 // GOAWAY; streams the client opened meanwhile are still served, then accept()
                 // ends.
-                conn.graceful_shutdown();
-                draining = true;
-                drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
-            }
-            () = GoawaySignal::fired(&mut goaway), if !draining => {
-                debug!(client = %outer_peer, %peer, open = streams.open(),
-                    "HBONE: handing over, GOAWAY (the peer's open streams finish here)");
                 conn.graceful_shutdown();
                 draining = true;
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + layer.limits.drain_timeout);
@@ -304,6 +305,26 @@ pub async fn serve_connection<F, Fut>(
                 break;
             }
         }
+    }
+}
+
+/// Why a connection is told GOAWAY.
+enum GoawayReason {
+    /// No stream for the idle timeout.
+    Idle,
+    /// The agent is handing over to its successor.
+    HandOver,
+}
+
+/// Resolves when the connection should be told GOAWAY, and why.
+async fn goaway_due(
+    streams: &OpenStreams,
+    idle: Duration,
+    handover: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> GoawayReason {
+    tokio::select! {
+        () = streams.idle_for(idle) => GoawayReason::Idle,
+        () = GoawaySignal::fired(handover) => GoawayReason::HandOver,
     }
 }
 

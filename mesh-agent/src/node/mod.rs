@@ -281,7 +281,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = trim.tick() => release_free_memory(),
             _ = successor.tick() => succession.poll(&mut controller, &ctx, &metrics),
-            _ = node_addrs.tick(), if controller.owns_data_path() => {
+            _ = node_addrs.tick() => {
                 if let Err(e) = controller.sync_node_addresses() {
                     warn!(error = %e, "node addresses not updated");
                 }

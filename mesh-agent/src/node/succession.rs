@@ -17,7 +17,6 @@ pub(super) struct Succession {
     endpoints: Option<AdminEndpoints>,
     admin: Arc<AdminState>,
     addrs: AdminAddrs,
-    handed_over: bool,
 }
 
 impl Succession {
@@ -30,7 +29,6 @@ impl Succession {
             endpoints: Some(endpoints),
             admin,
             addrs,
-            handed_over: false,
         }
     }
 
@@ -41,7 +39,8 @@ impl Succession {
         ctx: &HandlerContext,
         metrics: &Metrics,
     ) {
-        if self.handed_over {
+        if !controller.owns_data_path() {
+            // Handed over already: nothing more to give.
             return;
         }
         match controller.successor() {
@@ -78,7 +77,6 @@ impl Succession {
                     mesh.server.goaway.fire();
                 }
                 controller.hand_over();
-                self.handed_over = true;
                 info!(
                     connections = metrics.traffic.in_flight(),
                     "a newer agent is taking over: data path handed over; serving this agent's connections until they end (exit on SIGTERM once they have, or at --drain-seconds)"
