@@ -205,6 +205,12 @@ pub struct Workload {
     /// pod's same-node hops to the agent are spliced in the kernel.
     #[serde(default)]
     pub cgroup: Option<Box<std::path::Path>>,
+    /// Kubernetes mode: the pod's creation time in seconds since the epoch (0: unknown), which
+    /// settles two pods claiming one address. Kept here so that a remote pod's workload says
+    /// all discovery knows of it (no second record per pod, issue #19); it sits in what was
+    /// the struct's padding. Not part of the file format.
+    #[serde(skip)]
+    pub created: u32,
 }
 
 impl Workload {

@@ -114,6 +114,7 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                     labels: labels.into(),
                     host_network,
                     cgroup: None,
+                    created: 0,
                 };
                 d.workloads.insert(k, Some(w));
             }

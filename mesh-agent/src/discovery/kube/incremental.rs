@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use super::{
     feed::Changes,
     host::PodLocator,
-    record_store::{PodStore, ServiceStore},
+    pod_store::PodStore,
+    record_store::ServiceStore,
     slice_store::SliceStore,
     snapshot::{SnapshotSettings, service_of, workload_of},
 };
@@ -37,7 +38,7 @@ pub fn delta(
     }
     let mut delta = ConfigDelta::default();
     for (ns, name) in &pods.keys {
-        let new = match stores.pods.get(ns, name) {
+        let new = match stores.pods.get(ns, name, Some(published)) {
             Some(p) => {
                 let (w, note) = workload_of(settings, &p, locator);
                 if note.is_some() {
@@ -53,6 +54,22 @@ pub fn delta(
             .map(|i| &published.workloads[i]);
         if old != new.as_ref() {
             delta.workloads.insert((ns.clone(), name.clone()), new);
+        }
+    }
+    // A pod that lost its address to another pod is not in the configuration: when a pod
+    // holding or claiming such an address changes (lets go of it, or now ranks otherwise),
+    // the full build's rules settle who has it.
+    let lost = stores.pods.lost_addresses();
+    if !lost.is_empty() {
+        for ((ns, name), new) in &delta.workloads {
+            let old = published
+                .selection
+                .workload(published, ns, name)
+                .map(|i| &published.workloads[i]);
+            let touched = old.into_iter().chain(new).flat_map(|w| w.ips.iter());
+            if touched.into_iter().any(|ip| lost.contains(ip)) {
+                return Err("an address another pod lost");
+            }
         }
     }
     if settings.uplinks.is_empty() && delta.touches_node(published, &settings.node_name) {

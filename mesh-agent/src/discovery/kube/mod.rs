@@ -99,6 +99,7 @@ pub mod feed;
 pub mod host;
 pub mod incremental;
 pub mod pod;
+pub mod pod_store;
 pub mod published;
 pub mod record_store;
 pub mod service;
@@ -126,8 +127,9 @@ use tracing::info;
 pub use feed::{Feed, KeyBy, drive, into_reflector};
 pub use host::{HostLocator, Located, PodLocator};
 pub use pod::{PodRecord, PodView};
+pub use pod_store::PodStore;
 pub use published::{ConfigInForce, Published};
-pub use record_store::{PodStore, ServiceStore};
+pub use record_store::ServiceStore;
 pub use service::{ServiceRecord, ServiceView};
 pub use slice::EndpointSliceView;
 pub use slice_store::SliceStore;
@@ -288,15 +290,22 @@ impl KubeDiscovery {
             let mut retry = false;
             // Changes seen but not yet published (a round waiting for a first list keeps them).
             let (mut pod_changes, mut service_changes) = (Changes::default(), Changes::default());
+            // The agent refused an update: the next round builds whole.
+            let mut rebuild = false;
             loop {
+                // Deltas are computed against the configuration in force: it must include
+                // everything published before (this task is the only publisher).
+                out.settled().await;
+                rebuild |= out.take_rebuild();
+                if !rebuild {
+                    // What the configuration now says need not be kept beside it.
+                    out.with_config(|c| c.map(|c| pods.settle(c)));
+                }
                 tokio::select! {
                     () = changed.notified() => {}
                     () = tokio::time::sleep(RETRY_LOCATE), if retry => {}
                 }
                 tokio::time::sleep(DEBOUNCE).await;
-                // Deltas are computed against the configuration in force: it must include
-                // everything published before.
-                out.settled().await;
                 // Everything else than pods, Services and slices: any change means a full build.
                 let mut other = false;
                 for f in &feeds {
@@ -322,7 +331,7 @@ impl KubeDiscovery {
                 );
                 let why = if !out.in_force() {
                     "first configuration"
-                } else if out.take_rebuild() {
+                } else if std::mem::take(&mut rebuild) {
                     "the agent refused the last update"
                 } else if other {
                     "a change beyond pods and Services"
@@ -354,12 +363,13 @@ impl KubeDiscovery {
                 let started = Instant::now();
                 let objects = Objects {
                     namespaces: namespaces.state(),
-                    pods: pods.state(),
+                    pods: out.with_config(|c| pods.state(c)),
                     services: services.state(),
                     slices: slices.state(),
                     policies: policy_stores.iter().flat_map(|s| s.state()).collect(),
                 };
                 let snap = snapshot::build(&settings, &objects, &*locator, &interfaces());
+                pods.lost_address(snap.lost_address.iter().map(|&at| &objects.pods[at]));
                 retry = snap.skipped.iter().any(|s| s.contains("no host interface"));
                 info!(
                     why,

@@ -10,6 +10,9 @@ use std::net::IpAddr;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
+use crate::discovery::{
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Workload,
+};
 use crate::names::{Addresses, Labels, Name, intern};
 
 /// The fields of a Pod discovery uses. Its metadata is a view's (`super::MetaView`), with the
@@ -122,7 +125,7 @@ pub struct PodRecord {
     /// Being deleted (it loses an address conflict to a pod that is not).
     pub deleting: bool,
     /// Seconds since the epoch (0: unknown), as the API gives it; a `Time` would take 24 bytes.
-    pub created: i64,
+    pub created: u32,
     /// For pods of this node only: the key the locator finds their interface by.
     pub uid: Option<Name>,
 }
@@ -160,7 +163,7 @@ impl PodRecord {
             created: meta
                 .creation_timestamp
                 .as_ref()
-                .map_or(0, |t| t.0.as_second()),
+                .map_or(0, |t| u32::try_from(t.0.as_second()).unwrap_or(0)),
             uid: meta
                 .uid
                 .as_deref()
@@ -172,6 +175,62 @@ impl PodRecord {
     /// `namespace/name`, for reports.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its workload, but for where this node's pods are found (the caller's business), and
+    /// what to report about it. A label value the model rejects would reject the whole
+    /// configuration, so it is treated as unset and reported.
+    pub fn workload(&self) -> (Workload, Option<String>) {
+        let mut labels = self.labels.clone();
+        let mut note = None;
+        if let Some(v) = self.labels.get(DATAPLANE_MODE_LABEL)
+            && v != DATAPLANE_MODE_AMBIENT
+            && v != DATAPLANE_MODE_NONE
+        {
+            note = Some(format!(
+                "pod {}: unknown dataplane mode {v:?} ignored",
+                self.key()
+            ));
+            labels.remove(DATAPLANE_MODE_LABEL);
+        }
+        let w = Workload {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            node: self.node.clone(),
+            ips: self.ips.clone(),
+            labels,
+            host_network: self.host_network,
+            host_interface: None,
+            cgroup: None,
+            created: self.created,
+        };
+        (w, note)
+    }
+
+    /// Whether its workload is a function of the record alone, so that the workload can
+    /// stand in for it: not a pod of `this_node` with an interface to find, not being deleted
+    /// (which the workload does not say), no label ignored.
+    pub fn said_by_workload(&self, this_node: &str) -> bool {
+        (self.node != this_node || self.host_network)
+            && !self.deleting
+            && self.workload().1.is_none()
+    }
+
+    /// The record a workload was made of, for a pod whose record [`Self::said_by_workload`].
+    pub fn from_workload(w: &Workload) -> Self {
+        Self {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            node: w.node.clone(),
+            service_account: w.service_account.clone(),
+            ips: w.ips.clone(),
+            labels: w.labels.clone(),
+            host_network: w.host_network,
+            deleting: false,
+            created: w.created,
+            uid: None,
+        }
     }
 }
 

@@ -1,6 +1,6 @@
-//! Pods and Services as discovery keeps them: records (`PodRecord`, `ServiceRecord`) of what
-//! the configuration is made of, keyed by namespace and name, kept from the watcher's events
-//! in place of a kube-rs reflector store. A reflector keeps every object whole (its
+//! Services as discovery keeps them: records (`ServiceRecord`) of what the configuration is
+//! made of, keyed by namespace and name, kept from the watcher's events in place of a kube-rs
+//! reflector store; the table of records is the pod store's too (`pod_store.rs`). A reflector keeps every object whole (its
 //! `ObjectMeta` alone is ~400 bytes, its key another copy of the names), which at 100,000 pods
 //! was most of the agent's memory in Kubernetes mode (issue #19). A re-list is buffered and
 //! replaces the store when complete, as the reflector does: objects absent from the new list
@@ -13,7 +13,6 @@ use std::{
 use hashbrown::{HashTable, hash_table::Entry};
 use kube::runtime::watcher::Event;
 
-use super::pod::{PodRecord, PodView};
 use super::service::{ServiceRecord, ServiceView};
 
 /// A record's key.
@@ -22,12 +21,90 @@ pub trait Keyed {
     fn name(&self) -> &str;
 }
 
-/// The pods that make workloads.
-pub type PodStore = RecordStore<PodView, PodRecord>;
 /// The Services.
 pub type ServiceStore = RecordStore<ServiceView, ServiceRecord>;
 
 type Make<V, R> = Box<dyn Fn(&V) -> Option<R> + Send + Sync>;
+
+/// Records by namespace and name, without a stored key (the record's own fields are it).
+pub struct Table<R> {
+    hasher: std::hash::RandomState,
+    records: HashTable<R>,
+}
+
+impl<R: Keyed> Default for Table<R> {
+    fn default() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            records: HashTable::new(),
+        }
+    }
+}
+
+fn same<R: Keyed>(namespace: &str, name: &str) -> impl Fn(&R) -> bool {
+    move |r| r.namespace() == namespace && r.name() == name
+}
+
+impl<R: Keyed> Table<R> {
+    /// Puts `record` as `namespace/name`'s (None: removes it); whether there was one before.
+    pub fn put(&mut self, namespace: &str, name: &str, record: Option<R>) -> bool {
+        let hasher = self.hasher.clone();
+        let rehash = move |r: &R| hasher.hash_one((r.namespace(), r.name()));
+        let hash = self.hasher.hash_one((namespace, name));
+        match (
+            self.records.entry(hash, same(namespace, name), rehash),
+            record,
+        ) {
+            (Entry::Occupied(mut o), Some(r)) => *o.get_mut() = r,
+            (Entry::Occupied(o), None) => {
+                o.remove();
+            }
+            (Entry::Vacant(v), Some(r)) => {
+                v.insert(r);
+                return false;
+            }
+            (Entry::Vacant(_), None) => return false,
+        }
+        true
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&R> {
+        let hash = self.hasher.hash_one((namespace, name));
+        self.records.find(hash, same(namespace, name))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &R> {
+        self.records.iter()
+    }
+
+    /// Keeps the records `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&R) -> bool) {
+        self.records.retain(|r| keep(r));
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Shrinks the table once it uses less than a quarter of its room (a burst of changes
+    /// kept for a moment, then dropped).
+    pub fn shrink_if_sparse(&mut self) {
+        if self.records.capacity() > 64 && self.records.len() * 4 < self.records.capacity() {
+            self.shrink_to_fit();
+        }
+    }
+
+    /// Gives back what a table grown by a list or emptied by pruning no longer uses.
+    pub fn shrink_to_fit(&mut self) {
+        let hasher = self.hasher.clone();
+        self.records
+            .shrink_to_fit(move |r| hasher.hash_one((r.namespace(), r.name())));
+    }
+}
 
 /// The records, shared between a watcher (writes) and the snapshot builder (reads).
 pub struct RecordStore<V, R> {
@@ -37,14 +114,18 @@ pub struct RecordStore<V, R> {
 }
 
 struct Inner<R> {
-    hasher: std::hash::RandomState,
-    live: HashTable<R>,
+    live: Table<R>,
     /// A re-list in progress: the records listed so far.
-    relisting: Option<HashTable<R>>,
+    relisting: Option<Table<R>>,
 }
 
-fn same<R: Keyed>(namespace: &str, name: &str) -> impl Fn(&R) -> bool {
-    move |r| r.namespace() == namespace && r.name() == name
+/// A watched object's namespace and name.
+pub fn key_of<V: kube::Resource>(view: &V) -> (&str, &str) {
+    let meta = view.meta();
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
 }
 
 impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
@@ -52,8 +133,7 @@ impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
         Self {
             make: Box::new(make),
             inner: Mutex::new(Inner {
-                hasher: std::hash::RandomState::new(),
-                live: HashTable::new(),
+                live: Table::default(),
                 relisting: None,
             }),
         }
@@ -67,18 +147,14 @@ impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
     pub fn apply(&self, event: &Event<V>) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let rehash = {
-            let hasher = inner.hasher.clone();
-            move |r: &R| hasher.hash_one((r.namespace(), r.name()))
-        };
         let (view, table, delete) = match event {
             Event::Init => {
-                inner.relisting = Some(HashTable::new());
+                inner.relisting = Some(Table::default());
                 return;
             }
             Event::InitDone => {
                 if let Some(mut listed) = inner.relisting.take() {
-                    listed.shrink_to_fit(&rehash);
+                    listed.shrink_to_fit();
                     inner.live = listed;
                 }
                 return;
@@ -92,30 +168,14 @@ impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
             Event::Apply(view) => (view, &mut inner.live, false),
             Event::Delete(view) => (view, &mut inner.live, true),
         };
-        let meta = view.meta();
-        let (namespace, name) = (
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default(),
-        );
+        let (namespace, name) = key_of(view);
         let record = if delete { None } else { (self.make)(view) };
-        let hash = inner.hasher.hash_one((namespace, name));
-        match (table.entry(hash, same(namespace, name), rehash), record) {
-            (Entry::Occupied(mut o), Some(r)) => *o.get_mut() = r,
-            (Entry::Occupied(o), None) => {
-                o.remove();
-            }
-            (Entry::Vacant(v), Some(r)) => {
-                v.insert(r);
-            }
-            (Entry::Vacant(_), None) => {}
-        }
+        table.put(namespace, name, record);
     }
 
     /// The record of `namespace/name` (None: no such object, or one not kept).
     pub fn get(&self, namespace: &str, name: &str) -> Option<R> {
-        let inner = self.lock();
-        let hash = inner.hasher.hash_one((namespace, name));
-        inner.live.find(hash, same(namespace, name)).cloned()
+        self.lock().live.get(namespace, name).cloned()
     }
 
     /// Every record (copies: the names and labels they hold are shared, not copied).
@@ -132,14 +192,6 @@ impl<V: kube::Resource, R: Keyed + Clone> RecordStore<V, R> {
     }
 }
 
-impl PodStore {
-    /// The pod store of the agent on `node` (only its own pods keep their uid).
-    pub fn for_node(node: &str) -> Self {
-        let node = node.to_owned();
-        Self::new(move |view| PodRecord::of(view, &node))
-    }
-}
-
 impl ServiceStore {
     pub fn services() -> Self {
         Self::new(ServiceRecord::of)
@@ -149,6 +201,14 @@ impl ServiceStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::kube::{PodRecord, PodView};
+
+    /// The generic store, on pods (whose own store, `pod_store.rs`, adds to it).
+    type PodStore = RecordStore<PodView, PodRecord>;
+
+    fn store() -> PodStore {
+        PodStore::new(|v| PodRecord::of(v, "node1"))
+    }
 
     fn pod(name: &str, phase: &str) -> PodView {
         serde_json::from_value(serde_json::json!({
@@ -168,7 +228,7 @@ mod tests {
     /// Applies, deletes and pods that stop making a workload, as the watcher reports them.
     #[test]
     fn events_keep_the_records_of_live_pods() {
-        let store = PodStore::for_node("node1");
+        let store = store();
         store.apply(&Event::Apply(pod("a", "Running")));
         store.apply(&Event::Apply(pod("b", "Running")));
         assert_eq!(names(&store), ["n/a", "n/b"]);
@@ -188,7 +248,7 @@ mod tests {
     /// it is done readers see the previous contents.
     #[test]
     fn a_relist_replaces_the_store_when_done() {
-        let store = PodStore::for_node("node1");
+        let store = store();
         for name in ["a", "b"] {
             store.apply(&Event::Apply(pod(name, "Running")));
         }

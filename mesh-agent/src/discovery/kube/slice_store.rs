@@ -5,24 +5,43 @@
 //! and labels (issue #19). Slices without a Service label are not kept: nothing reads them.
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Mutex, PoisonError},
 };
 
 use kube::runtime::watcher::Event;
 
-use super::slice::{EndpointSliceView, EndpointView, SlicePort};
+use super::slice::{EndpointSliceView, SlicePort};
 use crate::names::{Name, intern};
 
 /// A Service, `(namespace, name)`.
 pub type ServiceKey = (Name, Name);
 
-/// What a Service's endpoints are read from: one slice's endpoints and ports.
+/// What a Service's endpoints are read from: one slice's ready addresses and its ports. An
+/// endpoint that is not ready is not kept (nothing reads it), and addresses are kept flat: an
+/// endpoint with its readiness took ~40 bytes, an address takes 17 (issue #19).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceRecord {
     /// The slice's own name.
     pub name: Name,
-    pub endpoints: Vec<EndpointView>,
-    pub ports: Vec<SlicePort>,
+    /// The addresses of its endpoints that are ready (or do not say).
+    pub ready: Box<[IpAddr]>,
+    pub ports: Box<[SlicePort]>,
+}
+
+impl SliceRecord {
+    fn of(name: Name, view: &EndpointSliceView) -> Self {
+        Self {
+            name,
+            ready: view
+                .endpoints
+                .iter()
+                .filter(|e| e.ready != Some(false))
+                .flat_map(|e| e.addresses.iter().copied())
+                .collect(),
+            ports: view.ports.clone().into_boxed_slice(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -62,11 +81,7 @@ impl Tables {
         let Some(service) = service else {
             return left;
         };
-        let record = SliceRecord {
-            name: name.clone(),
-            endpoints: view.endpoints.clone(),
-            ports: view.ports.clone(),
-        };
+        let record = SliceRecord::of(name.clone(), view);
         let list = self
             .by_service
             .entry((namespace.clone(), service.clone()))
@@ -164,11 +179,34 @@ mod tests {
         let mut all: Vec<String> = store
             .of("n", service)
             .iter()
-            .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.iter()))
+            .flat_map(|s| s.ready.iter())
             .map(ToString::to_string)
             .collect();
         all.sort();
         all
+    }
+
+    /// A record keeps the ready (or unsaid) addresses of every endpoint, flat, and the ports.
+    #[test]
+    fn a_record_keeps_the_ready_addresses() {
+        let view: EndpointSliceView = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "n",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3", "fd00::3"]},
+                {"addresses": ["not-an-address"], "conditions": {"ready": true}}
+            ],
+            "ports": [{"name": "http", "port": 8080}]
+        }))
+        .unwrap();
+        let store = SliceStore::default();
+        store.apply(&Event::Apply(view));
+        let records = store.of("n", "web");
+        let ready: Vec<String> = records[0].ready.iter().map(ToString::to_string).collect();
+        assert_eq!(ready, ["10.0.0.1", "10.0.0.3", "fd00::3"]);
+        assert_eq!(records[0].ports[0].port, Some(8080));
     }
 
     /// Slices are filed under their Service, replaced, moved and removed by their own name.

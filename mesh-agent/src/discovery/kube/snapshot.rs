@@ -58,6 +58,9 @@ pub struct Snapshot {
     pub config: LocalConfig,
     /// Local pods without a host interface yet, conflicting addresses, unusable objects.
     pub skipped: Vec<String>,
+    /// The pods (positions in [`Objects::pods`]) left out because another pod won their
+    /// address.
+    pub lost_address: Vec<usize>,
 }
 
 /// A pod as a workload, and what to report about it (None: a pod of this node whose interface
@@ -84,30 +87,9 @@ pub fn workload_of(
             }
         }
     }
-    let mut note = None;
-    let mut labels = p.labels.clone();
-    // A label value the model rejects would reject the whole snapshot: treat as unset.
-    if let Some(v) = p.labels.get(crate::discovery::DATAPLANE_MODE_LABEL)
-        && v != crate::discovery::DATAPLANE_MODE_AMBIENT
-        && v != crate::discovery::DATAPLANE_MODE_NONE
-    {
-        note = Some(format!(
-            "pod {}: unknown dataplane mode {v:?} ignored",
-            p.key()
-        ));
-        labels.remove(crate::discovery::DATAPLANE_MODE_LABEL);
-    }
-    let w = Workload {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        service_account: p.service_account.clone(),
-        node: p.node.clone(),
-        ips: p.ips.clone(),
-        labels,
-        host_network: p.host_network,
-        host_interface: host_interface.map(Name::from),
-        cgroup,
-    };
+    let (mut w, note) = p.workload();
+    w.host_interface = host_interface.map(Name::from);
+    w.cgroup = cgroup;
     (Some(w), note)
 }
 
@@ -169,9 +151,7 @@ pub fn service_of(
     }
     let ready: BTreeSet<IpAddr> = slices
         .iter()
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.ready != Some(false))
-        .flat_map(|e| e.addresses.iter().copied())
+        .flat_map(|s| s.ready.iter().copied())
         .collect();
     Some(Service {
         name: name.clone(),
@@ -209,18 +189,24 @@ pub fn build(
         .collect();
 
     // Pods. Where two live pods claim one address (a terminating pod and its successor), the
-    // one not being deleted wins, then the newer one.
-    let mut pods: Vec<&PodRecord> = objects.pods.iter().collect();
-    pods.sort_by_key(|p| (!p.deleting, p.created));
-    pods.reverse();
+    // one not being deleted wins, then the newer one, then the first by name (whatever order
+    // the stores hand them in).
+    let mut pods: Vec<(usize, &PodRecord)> = objects.pods.iter().enumerate().collect();
+    pods.sort_by(|(_, a), (_, b)| {
+        (!b.deleting, b.created)
+            .cmp(&(!a.deleting, a.created))
+            .then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+    });
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::new();
-    for p in pods {
+    let mut lost_address = Vec::new();
+    for (at, p) in pods {
         let (w, note) = workload_of(settings, p, locator);
         skipped.extend(note);
         let Some(w) = w else { continue };
         if let Some(other) = w.ips.iter().find_map(|ip| owner.get(ip)) {
             skipped.push(format!("pod {}: its address is also {other}'s", p.key()));
+            lost_address.push(at);
             continue;
         }
         for ip in &w.ips {
@@ -316,5 +302,6 @@ pub fn build(
             selection: Default::default(),
         },
         skipped,
+        lost_address,
     }
 }
