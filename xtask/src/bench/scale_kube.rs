@@ -157,12 +157,17 @@ impl Setup<'_> {
 
     fn record(&self, path: &'static str, outcome: &Outcome, results: &mut Results) {
         println!(
-            "  scale      {path:<10} ready {:.2} s after start, {:.2} s after the last list, RSS {:.1} MiB",
-            outcome.ready, outcome.after_list, outcome.rss
+            "  scale      {path:<10} ready {:.2} s after start, {:.2} s after the last list, RSS {:.1} MiB, {:.1} MiB {:?} later",
+            outcome.ready,
+            outcome.after_list,
+            outcome.rss,
+            outcome.rss_settled,
+            super::scale::SETTLE
         );
         results.add(NAME, "ready_s", path, value(outcome.ready));
         results.add(NAME, "ready_after_list_s", path, value(outcome.after_list));
         results.add(NAME, "rss_ready", path, value(outcome.rss));
+        results.add(NAME, "rss_settled", path, value(outcome.rss_settled));
         record_times(
             results,
             path,
@@ -237,6 +242,7 @@ struct Outcome {
     ready: f64,
     after_list: f64,
     rss: f64,
+    rss_settled: f64,
     pod_apply_ms: Vec<f64>,
     service_apply_ms: Vec<f64>,
     /// API write → applied (the discovery batches events for 100 ms first).
@@ -272,7 +278,12 @@ impl Setup<'_> {
             "--bpffs-dir",
             bpffs.to_str().context("path")?,
         ];
-        let Started { p, ready, rss } = start_agent(place, agent, &args)?;
+        let Started {
+            p,
+            ready,
+            rss,
+            rss_settled,
+        } = start_agent(place, agent, &args)?;
         let mut timed = TimedChanges::new(place)?;
         for i in 0..changes {
             let pick = (i * 7919) % n;
@@ -319,6 +330,7 @@ impl Setup<'_> {
             ready,
             after_list: ready_at - last_list,
             rss,
+            rss_settled,
             pod_apply_ms,
             service_apply_ms,
             api_ms,
