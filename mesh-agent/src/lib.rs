@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod discovery;
 pub mod ebpf;
+pub mod fuzz_checks;
 pub mod hbone;
 pub mod identity;
 pub mod l7;

@@ -7,7 +7,7 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 /// The targets, in `mesh-agent/fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 3] = ["hbone_connect", "config_file", "csr_check"];
+pub const TARGETS: [&str; 4] = ["hbone_connect", "config_file", "csr_check", "metric_labels"];
 
 #[derive(clap::Args, Debug)]
 pub struct FuzzArgs {

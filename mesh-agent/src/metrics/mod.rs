@@ -25,6 +25,27 @@ pub use traffic::{
     ServiceInfo, TrafficLabels, TrafficMetrics,
 };
 
+/// A label value as the text exposition needs it: backslash, double quote and line feed
+/// escaped. prometheus-client (0.24) writes label values as given (prometheus/client_rust#151),
+/// so one value carrying a quote or a newline would make the whole scrape unparseable, or add
+/// samples of its own; label sets holding values from configuration, certificates or requests
+/// hold them escaped.
+pub fn label_value(v: &str) -> String {
+    if !v.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        return v.to_owned();
+    }
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Counts the bytes a relay moves, by Istio's direction.
 pub trait Meter: Sync {
     /// Client-to-server bytes.

@@ -29,6 +29,30 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+impl RequestLabels {
+    /// The same labels with every value escaped for the exposition ([`super::label_value`]):
+    /// what a request carries (its host) and what peers' certificates say must not be able
+    /// to break the scrape.
+    pub fn escaped(self) -> Self {
+        let e = |v: String| super::label_value(&v);
+        Self {
+            source_workload: e(self.source_workload),
+            source_workload_namespace: e(self.source_workload_namespace),
+            source_principal: e(self.source_principal),
+            source_canonical_service: e(self.source_canonical_service),
+            destination_workload: e(self.destination_workload),
+            destination_workload_namespace: e(self.destination_workload_namespace),
+            destination_principal: e(self.destination_principal),
+            destination_canonical_service: e(self.destination_canonical_service),
+            destination_service: e(self.destination_service),
+            destination_service_name: e(self.destination_service_name),
+            destination_service_namespace: e(self.destination_service_namespace),
+            response_flags: e(self.response_flags),
+            ..self
+        }
+    }
+}
+
 /// The families.
 pub struct RequestMetrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -62,8 +86,10 @@ impl RequestMetrics {
     }
 
     /// Counts one request that took `millis`.
-    pub fn record(&self, labels: &RequestLabels, millis: f64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(millis);
+    /// Counts one request (its label values escaped here, so no caller can forget).
+    pub fn record(&self, labels: RequestLabels, millis: f64) {
+        let labels = labels.escaped();
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(millis);
     }
 }

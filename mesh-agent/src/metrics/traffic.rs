@@ -91,7 +91,7 @@ pub struct ServiceInfo {
     pub hostname: String,
 }
 
-/// Istio's standard TCP metric labels.
+/// Istio's standard TCP metric labels. Values are held escaped ([`super::label_value`]).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub reporter: Reporter,
@@ -120,7 +120,8 @@ pub struct TrafficLabels {
 }
 
 fn or_unknown(v: &Option<String>) -> String {
-    v.clone().unwrap_or_else(|| "unknown".to_owned())
+    v.as_deref()
+        .map_or_else(|| "unknown".to_owned(), super::label_value)
 }
 
 impl TrafficLabels {
@@ -141,10 +142,12 @@ impl TrafficLabels {
             source_app: or_unknown(&source.canonical_service),
             source_version: or_unknown(&source.canonical_revision),
             source_cluster: or_unknown(&source.cluster),
-            destination_service: service.map_or_else(|| "unknown".into(), |s| s.hostname.clone()),
+            destination_service: service
+                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.hostname)),
             destination_service_namespace: service
-                .map_or_else(|| "unknown".into(), |s| s.namespace.clone()),
-            destination_service_name: service.map_or_else(|| "unknown".into(), |s| s.name.clone()),
+                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.namespace)),
+            destination_service_name: service
+                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.name)),
             destination_workload: or_unknown(&destination.workload),
             destination_canonical_service: or_unknown(&destination.canonical_service),
             destination_canonical_revision: or_unknown(&destination.canonical_revision),

@@ -320,7 +320,7 @@ impl Connection {
             response_flags: outcome.flags(),
             connection_security_policy: "mutual_tls",
         };
-        self.wp.metrics.record(&labels, millis);
+        self.wp.metrics.record(labels, millis);
     }
 
     /// Opaque TCP: to the destination of the first matching `tcp[]` route (by weight, then the
