@@ -39,19 +39,23 @@ fn settings() -> SnapshotSettings {
     }
 }
 
+/// A pod as the tests make it: its address, node (1 is this one), labels (2: a dataplane mode
+/// the model rejects), whether host-network, being deleted, and its age.
+#[derive(Clone, Copy, Debug)]
+struct PodSpec {
+    pod: u8,
+    ip: u8,
+    node: u8,
+    label: u8,
+    host_network: bool,
+    deleting: bool,
+    created: u8,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
-    /// A pod created or changed: its address, node (1 is this one), labels (2: a dataplane
-    /// mode the model rejects), whether host-network, being deleted, and its age.
-    Put {
-        pod: u8,
-        ip: u8,
-        node: u8,
-        label: u8,
-        host_network: bool,
-        deleting: bool,
-        created: u8,
-    },
+    /// A pod created or changed.
+    Put(PodSpec),
     /// A pod finished (Succeeded): no longer a workload.
     Finish {
         pod: u8,
@@ -72,9 +76,9 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..12u8, 0..8u8, 1..4u8, 0..3u8, prop::bool::weighted(0.1), prop::bool::weighted(0.15), 0..5u8)
-            .prop_map(|(pod, ip, node, label, host_network, deleting, created)| Op::Put {
+            .prop_map(|(pod, ip, node, label, host_network, deleting, created)| Op::Put(PodSpec {
                 pod, ip, node, label, host_network, deleting, created,
-            }),
+            })),
         1 => (0..12u8).prop_map(|pod| Op::Finish { pod }),
         2 => (0..12u8).prop_map(|pod| Op::Delete { pod }),
         1 => prop::collection::vec(0..12u8, 0..3).prop_map(|missed| Op::Relist { missed }),
@@ -82,15 +86,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn view(
-    pod: u8,
-    ip: u8,
-    node: u8,
-    label: u8,
-    host_network: bool,
-    deleting: bool,
-    created: u8,
-) -> PodView {
+fn view(spec: &PodSpec) -> PodView {
+    let PodSpec {
+        pod,
+        ip,
+        node,
+        label,
+        host_network,
+        deleting,
+        created,
+    } = *spec;
     let mut labels = serde_json::json!({"app": format!("a{}", label % 2)});
     if label == 2 {
         labels["istio.io/dataplane-mode"] = serde_json::json!("bogus");
@@ -109,7 +114,15 @@ fn view(
 }
 
 fn finished(pod: u8) -> PodView {
-    let mut v = view(pod, 0, 2, 0, false, false, 0);
+    let mut v = view(&PodSpec {
+        pod,
+        ip: 0,
+        node: 2,
+        label: 0,
+        host_network: false,
+        deleting: false,
+        created: 0,
+    });
     v.status.as_mut().unwrap().phase = Some("Succeeded".into());
     v
 }
@@ -162,11 +175,11 @@ proptest! {
         list(&pods);
         for op in ops {
             match op {
-                Op::Put { pod, ip, node, label, host_network, deleting, created } => {
-                    let v = view(pod, ip, node, label, host_network, deleting, created);
-                    pods.insert(pod, v.clone());
+                Op::Put(spec) => {
+                    let v = view(&spec);
+                    pods.insert(spec.pod, v.clone());
                     event(Event::Apply(v));
-                    changed.insert(("n".into(), format!("p{pod}")));
+                    changed.insert(("n".into(), format!("p{}", spec.pod)));
                 }
                 Op::Finish { pod } => {
                     pods.remove(&pod);
