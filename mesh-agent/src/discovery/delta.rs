@@ -117,9 +117,8 @@ impl ConfigDelta {
         self.workloads.iter().any(|((ns, name), new)| {
             new.as_ref().is_some_and(|w| w.node == node)
                 || config
-                    .selection
-                    .workload(config, ns, name)
-                    .is_some_and(|i| config.workloads[i].node == node)
+                    .workload_named(ns, name)
+                    .is_some_and(|w| w.node == node)
         })
     }
 }
@@ -194,6 +193,13 @@ fn invalid(field: String, message: String) -> ConfigError {
 }
 
 impl LocalConfig {
+    /// The workload `namespace/name`, found through the selection index.
+    pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.selection
+            .workload(self, namespace, name)
+            .map(|i| &self.workloads[i])
+    }
+
     /// Whether `delta` may be applied: the file's rules for the entries it changes and between
     /// them and the rest, so that applying it gives a configuration a full check accepts.
     pub fn check_delta(&self, delta: &ConfigDelta) -> Result<(), ConfigError> {

@@ -85,8 +85,8 @@ impl RequestMetrics {
         std::sync::Arc::new(Self { requests, duration })
     }
 
-    /// Counts one request that took `millis`.
-    /// Counts one request (its label values escaped here, so no caller can forget).
+    /// Counts one request that took `millis` (its label values escaped here, so that no caller
+    /// can forget).
     pub fn record(&self, labels: RequestLabels, millis: f64) {
         let labels = labels.escaped();
         self.requests.get_or_create(&labels).inc();

@@ -132,6 +132,9 @@ impl TrafficLabels {
         service: Option<&ServiceInfo>,
         security: SecurityPolicy,
     ) -> Self {
+        let service_label = |field: fn(&ServiceInfo) -> &str| {
+            service.map_or_else(|| "unknown".into(), |s| super::label_value(field(s)))
+        };
         Self {
             reporter,
             source_workload: or_unknown(&source.workload),
@@ -142,12 +145,9 @@ impl TrafficLabels {
             source_app: or_unknown(&source.canonical_service),
             source_version: or_unknown(&source.canonical_revision),
             source_cluster: or_unknown(&source.cluster),
-            destination_service: service
-                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.hostname)),
-            destination_service_namespace: service
-                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.namespace)),
-            destination_service_name: service
-                .map_or_else(|| "unknown".into(), |s| super::label_value(&s.name)),
+            destination_service: service_label(|s| &s.hostname),
+            destination_service_namespace: service_label(|s| &s.namespace),
+            destination_service_name: service_label(|s| &s.name),
             destination_workload: or_unknown(&destination.workload),
             destination_canonical_service: or_unknown(&destination.canonical_service),
             destination_canonical_revision: or_unknown(&destination.canonical_revision),

@@ -48,11 +48,7 @@ pub fn delta(
             }
             None => None,
         };
-        let old = published
-            .selection
-            .workload(published, ns, name)
-            .map(|i| &published.workloads[i]);
-        if old != new.as_ref() {
+        if published.workload_named(ns, name) != new.as_ref() {
             delta.workloads.insert((ns.clone(), name.clone()), new);
         }
     }
@@ -62,10 +58,7 @@ pub fn delta(
     let lost = stores.pods.lost_addresses();
     if !lost.is_empty() {
         for ((ns, name), new) in &delta.workloads {
-            let old = published
-                .selection
-                .workload(published, ns, name)
-                .map(|i| &published.workloads[i]);
+            let old = published.workload_named(ns, name);
             let touched = old.into_iter().chain(new).flat_map(|w| w.ips.iter());
             if touched.into_iter().any(|ip| lost.contains(ip)) {
                 return Err("an address another pod lost");

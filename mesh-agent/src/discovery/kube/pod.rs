@@ -107,6 +107,12 @@ impl PodView {
     }
 }
 
+/// Whether a pod on `node` is one of `this_node`'s with an interface of its own, which the
+/// agent finds on the host (by the uid it keeps for those pods only).
+pub fn needs_locating(node: &str, host_network: bool, this_node: &str) -> bool {
+    node == this_node && !host_network
+}
+
 /// What discovery keeps of a pod: what its workload is made of, with names and labels
 /// shared (interned), and what settles two pods claiming one address. Pods that make no
 /// workload (finished, unscheduled, no address yet) are not kept at all.
@@ -167,7 +173,7 @@ impl PodRecord {
             uid: meta
                 .uid
                 .as_deref()
-                .filter(|_| node == this_node && !host_network)
+                .filter(|_| needs_locating(node, host_network, this_node))
                 .map(Name::from),
         })
     }
@@ -208,16 +214,21 @@ impl PodRecord {
         (w, note)
     }
 
-    /// Whether its workload is a function of the record alone, so that the workload can
+    /// Its workload when that is a function of the record alone, so that the workload can
     /// stand in for it: not a pod of `this_node` with an interface to find, not being deleted
     /// (which the workload does not say), no label ignored.
-    pub fn said_by_workload(&self, this_node: &str) -> bool {
-        (self.node != this_node || self.host_network)
-            && !self.deleting
-            && self.workload().1.is_none()
+    pub fn standalone_workload(&self, this_node: &str) -> Option<Workload> {
+        if needs_locating(&self.node, self.host_network, this_node) || self.deleting {
+            return None;
+        }
+        match self.workload() {
+            (w, None) => Some(w),
+            (_, Some(_)) => None,
+        }
     }
 
-    /// The record a workload was made of, for a pod whose record [`Self::said_by_workload`].
+    /// The record a workload was made of, for a pod whose record had a
+    /// [`Self::standalone_workload`].
     pub fn from_workload(w: &Workload) -> Self {
         Self {
             name: w.name.clone(),

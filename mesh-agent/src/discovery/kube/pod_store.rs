@@ -1,6 +1,6 @@
 //! The pods discovery knows, kept only where the configuration in force does not already say
 //! them (issue #19). A remote pod's workload is a function of its record alone
-//! ([`PodRecord::said_by_workload`]), so once the agent holds that workload the record is
+//! ([`PodRecord::standalone_workload`]), so once the agent holds that workload the record is
 //! dropped and read back from the workload whenever a build needs it: at 100,000 pods, records
 //! kept beside the workloads built from them cost ~140 bytes a pod. Kept: this node's pods
 //! (their interface is found by uid), pods being deleted, pods whose workload is not their
@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use kube::runtime::watcher::Event;
 
 use super::{
-    pod::{PodRecord, PodView},
+    pod::{PodRecord, PodView, needs_locating},
     record_store::{Table, key_of},
 };
 use crate::{
@@ -71,6 +71,18 @@ struct Inner {
     built_from: Option<u64>,
 }
 
+impl Inner {
+    /// Pod `view` changed (its record now `record`; None: deleted, or no longer a workload).
+    fn changed(&mut self, view: &PodView, record: Option<PodRecord>) {
+        let (namespace, name) = key_of(view);
+        let key = PodKey::new(namespace, name);
+        let gone = record.is_none().then(|| key.clone());
+        self.gone.put(namespace, name, gone);
+        self.kept.put(namespace, name, record);
+        self.unsettled.put(namespace, name, Some(key));
+    }
+}
+
 impl PodStore {
     /// The pod store of the agent on `node`.
     pub fn for_node(node: &str) -> Self {
@@ -106,25 +118,8 @@ impl PodStore {
                     inner.lists += 1;
                 }
             }
-            Event::Apply(_) | Event::Delete(_) => {
-                let (view, deleted) = match event {
-                    Event::Apply(view) => (view, false),
-                    Event::Delete(view) => (view, true),
-                    _ => unreachable!(),
-                };
-                let (namespace, name) = key_of(view);
-                let record = (!deleted)
-                    .then(|| PodRecord::of(view, &self.node))
-                    .flatten();
-                let key = PodKey::new(namespace, name);
-                if record.is_some() {
-                    inner.gone.put(namespace, name, None);
-                } else {
-                    inner.gone.put(namespace, name, Some(key.clone()));
-                }
-                inner.kept.put(namespace, name, record);
-                inner.unsettled.put(namespace, name, Some(key));
-            }
+            Event::Apply(view) => inner.changed(view, PodRecord::of(view, &self.node)),
+            Event::Delete(view) => inner.changed(view, None),
         }
     }
 
@@ -143,15 +138,13 @@ impl PodStore {
         if !inner.overlay || inner.gone.get(namespace, name).is_some() {
             return None;
         }
-        let config = config?;
-        let at = config.selection.workload(config, namespace, name)?;
-        self.stands_in(&config.workloads[at])
-            .then(|| PodRecord::from_workload(&config.workloads[at]))
+        let w = config?.workload_named(namespace, name)?;
+        self.stands_in(w).then(|| PodRecord::from_workload(w))
     }
 
     /// Whether `w` is of a pod whose record its workload can stand in for.
     fn stands_in(&self, w: &Workload) -> bool {
-        w.node != self.node || w.host_network
+        !needs_locating(&w.node, w.host_network, &self.node)
     }
 
     /// Every pod's record, with `config` the configuration in force. The caller builds a
@@ -222,21 +215,19 @@ impl PodStore {
     pub fn settle(&self, config: &LocalConfig) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let workload = |namespace: &str, name: &str| {
-            config
-                .selection
-                .workload(config, namespace, name)
-                .map(|i| &config.workloads[i])
+        let node = &self.node;
+        // The configuration says `r` as it is.
+        let said = |r: &PodRecord, standalone: &Workload| {
+            config.workload_named(&r.namespace, &r.name) == Some(standalone)
         };
         if !inner.overlay {
             if inner.built_from != Some(inner.lists) {
                 return; // no configuration built from the latest list is in force yet
             }
             // The first settle after a list: every record is compared once.
-            let node = &self.node;
             inner.kept.retain(|r| {
-                !(r.said_by_workload(node)
-                    && workload(&r.namespace, &r.name) == Some(&r.workload().0))
+                !r.standalone_workload(node)
+                    .is_some_and(|standalone| said(r, &standalone))
             });
             inner.overlay = true;
         }
@@ -244,18 +235,21 @@ impl PodStore {
         for key in unsettled.iter() {
             let (namespace, name) = (&*key.namespace, &*key.name);
             let settled = match inner.kept.get(namespace, name) {
-                // This node's pods and the like are kept for good.
-                Some(r) if !r.said_by_workload(&self.node) => true,
-                Some(r) => {
-                    let said = workload(namespace, name) == Some(&r.workload().0);
-                    if said {
-                        inner.kept.put(namespace, name, None);
+                Some(r) => match r.standalone_workload(node) {
+                    // This node's pods and the like are kept for good.
+                    None => true,
+                    Some(standalone) => {
+                        let said = said(r, &standalone);
+                        if said {
+                            inner.kept.put(namespace, name, None);
+                        }
+                        // Otherwise a change not applied yet, or an address lost: again next
+                        // time.
+                        said
                     }
-                    // Otherwise a change not applied yet, or an address lost: again next time.
-                    said
-                }
+                },
                 None => {
-                    let left = workload(namespace, name).is_none();
+                    let left = config.workload_named(namespace, name).is_none();
                     if left {
                         inner.gone.put(namespace, name, None);
                     }

@@ -237,13 +237,14 @@ proptest! {
                     // Settled with nothing pending, only what the configuration cannot say
                     // is kept.
                     store.settle(c);
-                    let workload = |r: &PodRecord| {
-                        c.selection.workload(c, &r.namespace, &r.name).map(|i| &c.workloads[i])
-                    };
                     let needed = every
                         .state()
                         .iter()
-                        .filter(|r| !r.said_by_workload(NODE) || workload(r) != Some(&r.workload().0))
+                        .filter(|r| {
+                            r.standalone_workload(NODE).is_none_or(|standalone| {
+                                c.workload_named(&r.namespace, &r.name) != Some(&standalone)
+                            })
+                        })
                         .count();
                     prop_assert_eq!(store.kept(), needed);
                 }

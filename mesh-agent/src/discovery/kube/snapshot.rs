@@ -71,7 +71,7 @@ pub fn workload_of(
     locator: &dyn PodLocator,
 ) -> (Option<Workload>, Option<String>) {
     let (mut host_interface, mut cgroup) = (None, None);
-    if p.node == settings.node_name.as_str() && !p.host_network {
+    if super::pod::needs_locating(&p.node, p.host_network, &settings.node_name) {
         match locator.locate(p.uid.as_deref().unwrap_or(""), &p.ips) {
             Some(found) => {
                 host_interface = Some(found.interface);
