@@ -182,11 +182,15 @@ struct NodeArgs {
     /// Config file polling interval, milliseconds.
     #[arg(long, default_value_t = 500)]
     reload_interval_ms: u64,
-    /// Splice same-node pod<->agent hops with sockmap (experimental: on this kernel a spliced
-    /// socket's receive queue is bounded only by the global TCP memory limit, not by its buffer
-    /// size, so a slow consumer lets a fast pod queue a lot; see docs/ARCHITECTURE.md).
+    /// Splice same-node pod<->agent hops with sockmap: sends move socket to socket in the kernel.
+    /// Bounded per socket by `--splice-queue-kib` (beyond it a send takes TCP and TCP's buffers
+    /// push back); off, with one log line, where the kernel cannot trace the sockmap's reads.
     #[arg(long)]
     splice: bool,
+    /// Most bytes redirected into one spliced socket and not yet read by its owner, KiB.
+    #[arg(long, default_value_t = mesh_common::capture::SPLICE_QUEUE_BYTES >> 10,
+          value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    splice_queue_kib: u64,
     /// Threads carrying connections. One is the default: on a node the agent shares the cores
     /// with the pods it serves, and one thread never pays for cross-thread wake-ups (measured:
     /// docs/PERFORMANCE.md). The control loop (config, reconciliation) runs on its own thread.
@@ -485,6 +489,7 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         splice: args.splice,
+        splice_queue_bytes: args.splice_queue_kib << 10,
         log,
         admin: args.admin,
         ca_service: args.kube.ca_address.map(|address| node::CaServiceOptions {

@@ -148,15 +148,47 @@ pub const SPLICE_MAP: &str = "MESH_SPLICE";
 /// Name of the LRU hash of agent->pod connections whose pod end may join the splice
 /// ([`FlowKey`] as the agent's socket is the client -> u32).
 pub const SPLICE_PEERS_MAP: &str = "MESH_SPLICE_PEERS";
-/// Name of the LRU hash [`SpliceKey`] -> splice state ([`SPLICE_STATE_ON`] / [`SPLICE_STATE_OFF`]).
-pub const SPLICE_STATE_MAP: &str = "MESH_SPLICE_STATE";
+/// Name of the hash [`SpliceKey`] -> kernel socket address of every socket in [`SPLICE_MAP`]: how a
+/// sender finds its peer's [`SpliceQueue`]. Entries leave when the socket closes.
+pub const SPLICE_SOCKETS_MAP: &str = "MESH_SPLICE_SOCKETS";
+/// Name of the hash kernel socket address -> [`SpliceQueue`] of every socket in [`SPLICE_MAP`]
+/// (the address, not the cookie: the tracepoint that counts reads passes only the address).
+pub const SPLICE_QUEUE_MAP: &str = "MESH_SPLICE_QUEUE";
 /// Capacity of the splice maps.
 pub const MAX_SPLICED: u32 = 65_536;
-/// The socket's first send was redirected: keep redirecting.
-pub const SPLICE_STATE_ON: u32 = 1;
-/// The socket's first send could not be redirected (its peer was not spliceable yet): it stays on
-/// TCP for good, so its bytes are never reordered between the two paths.
-pub const SPLICE_STATE_OFF: u32 = 2;
+/// Default bound on the bytes redirected into one socket and not yet read by its owner
+/// (`CONFIG_SPLICE_QUEUE_BYTES` overrides it). Sends beyond it take the TCP path, whose own
+/// buffers then push back on the writer.
+pub const SPLICE_QUEUE_BYTES: u64 = 4 << 20;
+/// [`SpliceQueue::flags`]: this socket sent bytes the splice could not account for (its peer
+/// was not spliceable yet): it stays on TCP for good.
+pub const SPLICE_UNTRACKED: u64 = 1;
+
+/// What a spliced socket has been sent and has read, by path, as running totals. Each field has
+/// one writer (its sender's sends, serialised by the socket lock, or its owner's reads), so plain
+/// loads and stores suffice: the BPF target has no atomic read-modify-write in `core`. A send is
+/// redirected only while `tcp_sent == tcp_read` (every byte sent over TCP has been read, so a
+/// redirected byte cannot overtake one) and `spliced_sent - spliced_read` stays within the bound.
+/// A lost update between two concurrent readers can only under-count reads: more TCP, never
+/// reordering or more queued.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceQueue {
+    /// Bytes redirected into this socket's sockmap queue.
+    pub spliced_sent: u64,
+    /// Of those, bytes its owner has read.
+    pub spliced_read: u64,
+    /// Bytes its peer sent over TCP while both were spliced.
+    pub tcp_sent: u64,
+    /// Of those, bytes its owner has read.
+    pub tcp_read: u64,
+    /// [`SPLICE_UNTRACKED`] (about this socket as a sender).
+    pub flags: u64,
+}
+
+// SAFETY: repr(C), five u64s, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SpliceQueue {}
 
 /// [`SpliceKey::side`] of a pod's socket.
 pub const SPLICE_SIDE_POD: u32 = 1;
@@ -168,6 +200,8 @@ pub const SPLICE_SIDE_AGENT: u32 = 2;
 pub const CONFIG_MAP: &str = "MESH_CONFIG";
 /// Slot of [`CONFIG_MAP`]: the agent's netns cookie (tells sk_msg which side a socket is on).
 pub const CONFIG_AGENT_NETNS_COOKIE: u32 = 0;
+/// Slot of [`CONFIG_MAP`]: the splice queue bound in bytes (0: [`SPLICE_QUEUE_BYTES`]).
+pub const CONFIG_SPLICE_QUEUE_BYTES: u32 = 1;
 /// Slots of [`CONFIG_MAP`].
 pub const CONFIG_SLOTS: u32 = 8;
 

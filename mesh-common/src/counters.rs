@@ -39,7 +39,8 @@ pub enum Counter {
     SplicedMessages = 14,
     /// Bytes moved socket-to-socket by sk_msg instead of the TCP/IP stack.
     SplicedBytes = 15,
-    /// Connections whose peer socket was not spliceable at their first send: left on TCP for good.
+    /// Sockets whose peer was not spliceable at a send (not joined yet, or gone): left on TCP for
+    /// good, since bytes the splice cannot account for must never be overtaken.
     SpliceFallbacks = 16,
     /// New SYNs whose 4-tuple is still held by an agent socket in TIME_WAIT (the agent closed
     /// first last time, the pod reused its port): handed to the kernel's TIME_WAIT handling,
@@ -56,11 +57,16 @@ pub enum Counter {
     /// SYNs from an enrolled pod to one of the node's own addresses: left to the node's stack
     /// (not captured), so the node's services see the pod's own address.
     PassedToNode = 21,
+    /// Sends on a spliced socket that took the TCP path because the peer's splice queue was at
+    /// its bound or TCP bytes sent earlier were still unread (backpressure, see splice.rs).
+    SpliceDeferredMessages = 22,
+    /// Bytes of those sends.
+    SpliceDeferredBytes = 23,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 24] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
@@ -83,6 +89,8 @@ impl Counter {
         Counter::DroppedForbiddenDestination,
         Counter::DroppedAgentPort,
         Counter::PassedToNode,
+        Counter::SpliceDeferredMessages,
+        Counter::SpliceDeferredBytes,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -118,6 +126,8 @@ impl Counter {
             Counter::DroppedForbiddenDestination => "dropped_forbidden_destination",
             Counter::DroppedAgentPort => "dropped_agent_port",
             Counter::PassedToNode => "passed_to_node",
+            Counter::SpliceDeferredMessages => "splice_deferred_messages",
+            Counter::SpliceDeferredBytes => "splice_deferred_bytes",
         }
     }
 }

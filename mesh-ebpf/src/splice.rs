@@ -1,5 +1,5 @@
 //! Same-node splicing of pod<->agent hops: both sockets of such a hop join `MESH_SPLICE` when their
-//! connection is established, and `mesh_sk_msg` then moves every `sendmsg` straight into the peer
+//! connection is established, and `mesh_sk_msg` then moves `sendmsg`s straight into the peer
 //! socket's receive queue, so the bytes never cross the TCP/IP stack (no segments, no veth).
 //!
 //! Which connections qualify:
@@ -10,23 +10,38 @@
 //!   destination in `MESH_POD_IPS` and leaves a note in `MESH_SPLICE_PEERS`, which the pod's
 //!   accepted socket (passive side, established later) finds.
 //!
-//! A socket whose first send finds no peer in the map (the peer's handshake completion raced
-//! ahead) stays on TCP for good: switching paths mid-stream could reorder bytes.
+//! **Backpressure.** A redirected send is charged to the receiver only against the global TCP
+//! memory limit, never its receive buffer, so a reader that stops would let the queue grow without
+//! bound. Each joined socket therefore has a [`SpliceQueue`] (keyed by its kernel address): the
+//! sender adds what it redirects or sends over TCP, and `mesh_splice_read` (on the
+//! `sock_recv_length` tracepoint, which every `recvmsg` passes) counts what the owner reads.
+//! A raw tracepoint, not fentry/fexit: kernels in lockdown (Secure Boot) refuse tracing programs. A send is redirected only while the receiver's
+//! redirected-but-unread bytes stay within the bound and every byte sent over TCP has been read;
+//! otherwise it takes the TCP path, whose buffers block the writer exactly as without us. The
+//! reader takes queued redirected bytes before TCP ones, so switching to TCP never reorders, and
+//! switching back waits until TCP is drained.
+//!
+//! A socket whose send finds no peer to account with (the peer's handshake completion raced
+//! behind, or the peer is not ours) stays on TCP for good (`SPLICE_UNTRACKED`).
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     helpers::bpf_get_netns_cookie,
-    macros::{map, sk_msg, sock_ops},
-    maps::{Array, LruHashMap, SockHash},
-    programs::{SkMsgContext, SockOpsContext},
+    macros::{map, raw_tracepoint, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockHash},
+    programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
     Counter, FlowKey, FlowKind,
     capture::{
-        CONFIG_AGENT_NETNS_COOKIE, CONFIG_SLOTS, MAX_SPLICED, POD_IP_ENROLLED, SPLICE_SIDE_AGENT,
-        SPLICE_SIDE_POD, SPLICE_STATE_OFF, SPLICE_STATE_ON, SpliceKey, v4_mapped,
+        CONFIG_AGENT_NETNS_COOKIE, CONFIG_SLOTS, CONFIG_SPLICE_QUEUE_BYTES, MAX_SPLICED,
+        POD_IP_ENROLLED, SPLICE_QUEUE_BYTES, SPLICE_SIDE_AGENT, SPLICE_SIDE_POD, SPLICE_UNTRACKED,
+        SpliceKey, SpliceQueue, v4_mapped,
     },
 };
 
@@ -37,6 +52,8 @@ use crate::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// `recvmsg` flag: the data stays queued.
+const MSG_PEEK: i32 = 2;
 
 #[map(name = "MESH_SPLICE")]
 static MESH_SPLICE: SockHash<SpliceKey> = SockHash::with_max_entries(MAX_SPLICED, 0);
@@ -48,16 +65,17 @@ static MESH_SPLICE_PEERS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entrie
 #[map(name = "MESH_CONFIG")]
 static MESH_CONFIG: Array<u64> = Array::with_max_entries(CONFIG_SLOTS, 0);
 
-#[map(name = "MESH_SPLICE_STATE")]
-static MESH_SPLICE_STATE: LruHashMap<SpliceKey, u32> = LruHashMap::with_max_entries(MAX_SPLICED, 0);
+/// Not LRU: an evicted entry would lose the count of unread TCP bytes, and with it the ordering.
+#[map(name = "MESH_SPLICE_SOCKETS")]
+static MESH_SPLICE_SOCKETS: HashMap<SpliceKey, u64> = HashMap::with_max_entries(MAX_SPLICED, 0);
+
+#[map(name = "MESH_SPLICE_QUEUE")]
+static MESH_SPLICE_QUEUE: HashMap<u64, SpliceQueue> = HashMap::with_max_entries(MAX_SPLICED, 0);
 
 /// sock_ops on enrolled pods' cgroups.
 #[sock_ops]
 pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        return 1;
-    }
     let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_POD) else {
         return 1;
     };
@@ -66,7 +84,7 @@ pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
         if captured_outbound(&client_view(&me)).is_some() {
             join(&ctx, me);
         }
-    } else {
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // The pod is the server: is the client the agent's delivery socket?
         let flow = client_view(&me.peer());
         // SAFETY: read-only lookup.
@@ -74,6 +92,8 @@ pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
             join(&ctx, me);
             let _ = MESH_SPLICE_PEERS.remove(&flow);
         }
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        leave_if_closed(&ctx, &me);
     }
     1
 }
@@ -82,9 +102,6 @@ pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
 #[sock_ops]
 pub fn mesh_sops_agent(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        return 1;
-    }
     let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_AGENT) else {
         return 1;
     };
@@ -96,15 +113,16 @@ pub fn mesh_sops_agent(ctx: SockOpsContext) -> u32 {
         {
             join(&ctx, me);
         }
-    } else {
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // Delivering to an enrolled pod of this node.
         // SAFETY: read-only lookup.
         let enrolled =
             unsafe { MESH_POD_IPS.get(&me.remote) }.is_some_and(|e| e.flags & POD_IP_ENROLLED != 0);
-        if enrolled {
-            join(&ctx, me);
+        if enrolled && join(&ctx, me) {
             let _ = MESH_SPLICE_PEERS.insert(&client_view(&me), &1, 0);
         }
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        leave_if_closed(&ctx, &me);
     }
     1
 }
@@ -127,33 +145,158 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let Some(me) = sk_msg_key(&ctx, side) else {
         return SK_PASS;
     };
-    // SAFETY: read-only lookup, value copied.
-    let state = unsafe { MESH_SPLICE_STATE.get(&me) }.copied();
-    if state == Some(SPLICE_STATE_OFF) {
+    // SAFETY: read-only lookups, values copied.
+    let Some(own) = (unsafe { MESH_SPLICE_SOCKETS.get(&me) }).copied() else {
+        return SK_PASS;
+    };
+    let Some(own) = MESH_SPLICE_QUEUE.get_ptr_mut(&own) else {
+        return SK_PASS;
+    };
+    // SAFETY: map value pointer; `flags` is written only by this socket's sends, which the kernel
+    // serialises (socket lock).
+    if unsafe { (*own).flags } & SPLICE_UNTRACKED != 0 {
         return SK_PASS;
     }
     let size = u64::from(ctx.size());
-    let verdict = MESH_SPLICE.redirect_msg(&ctx, me.peer(), u64::from(BPF_F_INGRESS));
-    if verdict == i64::from(SK_PASS) {
-        if state.is_none() {
-            let _ = MESH_SPLICE_STATE.insert(&me, &SPLICE_STATE_ON, 0);
-        }
-        counters::add(Counter::SplicedMessages, 1);
-        counters::add(Counter::SplicedBytes, size);
-    } else if state.is_none() {
-        let _ = MESH_SPLICE_STATE.insert(&me, &SPLICE_STATE_OFF, 0);
+    // SAFETY: read-only lookup, value copied.
+    let peer = unsafe { MESH_SPLICE_SOCKETS.get(&me.peer()) }
+        .copied()
+        .and_then(|sk_addr| MESH_SPLICE_QUEUE.get_ptr_mut(&sk_addr));
+    let Some(peer) = peer else {
+        // SAFETY: as above.
+        unsafe { (*own).flags |= SPLICE_UNTRACKED };
         counters::add(Counter::SpliceFallbacks, 1);
+        return SK_PASS;
+    };
+    let bound = match MESH_CONFIG.get(CONFIG_SPLICE_QUEUE_BYTES).copied() {
+        Some(b) if b > 0 => b,
+        _ => SPLICE_QUEUE_BYTES,
+    };
+    // SAFETY: map value pointer, valid for this run; the `*_sent` fields are this sender's (see
+    // `SpliceQueue`), the `*_read` ones are read whole (aligned u64) while the reader updates them.
+    unsafe {
+        let q = peer;
+        let spliced_sent = read_volatile(&raw const (*q).spliced_sent);
+        let queued = spliced_sent.wrapping_sub(read_volatile(&raw const (*q).spliced_read));
+        let tcp_sent = read_volatile(&raw const (*q).tcp_sent);
+        let tcp_drained = tcp_sent == read_volatile(&raw const (*q).tcp_read);
+        if tcp_drained && queued + size <= bound {
+            // Counted before the bytes are queued, so the reader never reads more than is counted.
+            write_volatile(&raw mut (*q).spliced_sent, spliced_sent + size);
+            let verdict = MESH_SPLICE.redirect_msg(&ctx, me.peer(), u64::from(BPF_F_INGRESS));
+            if verdict == i64::from(SK_PASS) {
+                counters::add(Counter::SplicedMessages, 1);
+                counters::add(Counter::SplicedBytes, size);
+                return SK_PASS;
+            }
+            // The peer left the sockhash (closing): the bytes go by TCP.
+            write_volatile(&raw mut (*q).spliced_sent, spliced_sent);
+        } else {
+            counters::add(Counter::SpliceDeferredMessages, 1);
+            counters::add(Counter::SpliceDeferredBytes, size);
+        }
+        write_volatile(&raw mut (*q).tcp_sent, tcp_sent + size);
     }
-    // Not redirected: the bytes take the TCP path as if we were not here.
     SK_PASS
 }
 
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`, at the end of every `recvmsg`: what the
+/// owner of a spliced socket read, by path. The sockmap queue is read before TCP's and a read never takes
+/// from both, so a read with redirected bytes unread took only those; and no send is redirected
+/// while TCP bytes are counted unread, so a read that took TCP bytes finds none redirected.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn mesh_splice_read(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let read: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if read <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let Some(q) = MESH_SPLICE_QUEUE.get_ptr_mut(&sk) else {
+        return 0;
+    };
+    let read = read as u64;
+    // SAFETY: map value pointer; the `*_read` fields are this reader's.
+    unsafe {
+        let spliced_read = read_volatile(&raw const (*q).spliced_read);
+        let queued = read_volatile(&raw const (*q).spliced_sent).wrapping_sub(spliced_read);
+        let from_splice = read.min(queued);
+        if from_splice > 0 {
+            write_volatile(&raw mut (*q).spliced_read, spliced_read + from_splice);
+        }
+        let tcp_read = read_volatile(&raw const (*q).tcp_read);
+        let unread_tcp = read_volatile(&raw const (*q).tcp_sent).wrapping_sub(tcp_read);
+        let from_tcp = (read - from_splice).min(unread_tcp);
+        if from_tcp > 0 {
+            write_volatile(&raw mut (*q).tcp_read, tcp_read + from_tcp);
+        }
+    }
+    0
+}
+
+/// Puts the socket in `MESH_SPLICE` with an empty queue, and asks for its state changes (to forget
+/// it at close). False when a map is full: the socket then stays on TCP.
 #[inline(always)]
-fn join(ctx: &SockOpsContext, mut me: SpliceKey) {
-    let _ = MESH_SPLICE_STATE.remove(&me);
+fn join(ctx: &SockOpsContext, mut me: SpliceKey) -> bool {
+    let Some(sk_addr) = sock_address(ctx) else {
+        return false;
+    };
+    if MESH_SPLICE_QUEUE
+        .insert(&sk_addr, &SpliceQueue::default(), u64::from(BPF_ANY))
+        .is_err()
+    {
+        return false;
+    }
     // SAFETY: the context pointer is the kernel's bpf_sock_ops for this callback.
     let ops = unsafe { &mut *ctx.ops };
-    let _ = MESH_SPLICE.update(&mut me, ops, u64::from(BPF_ANY));
+    if MESH_SPLICE
+        .update(&mut me, ops, u64::from(BPF_ANY))
+        .is_err()
+    {
+        let _ = MESH_SPLICE_QUEUE.remove(&sk_addr);
+        return false;
+    }
+    if MESH_SPLICE_SOCKETS
+        .insert(&me, &sk_addr, u64::from(BPF_ANY))
+        .is_err()
+    {
+        // In the sockhash but unknown to senders: they fall back to TCP (untracked).
+        let _ = MESH_SPLICE_QUEUE.remove(&sk_addr);
+        return false;
+    }
+    // SAFETY: field read off the valid context.
+    let flags = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).bpf_sock_ops_cb_flags) };
+    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    true
+}
+
+/// At `TCP_CLOSE`, drops the socket's entries (the sockhash drops the socket by itself).
+#[inline(always)]
+fn leave_if_closed(ctx: &SockOpsContext, me: &SpliceKey) {
+    // SAFETY: field read off the valid context (args[1] of a state callback: the new state).
+    let new_state =
+        unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
+    if new_state != BPF_TCP_CLOSE {
+        return;
+    }
+    let Some(sk_addr) = sock_address(ctx) else {
+        return;
+    };
+    // SAFETY: read-only lookup, value copied.
+    if unsafe { MESH_SPLICE_SOCKETS.get(me) }.copied() == Some(sk_addr) {
+        let _ = MESH_SPLICE_SOCKETS.remove(me);
+    }
+    let _ = MESH_SPLICE_QUEUE.remove(&sk_addr);
+}
+
+/// The socket's kernel address: the key the `sock_recv_length` tracepoint can match (it passes no
+/// cookie). Unique while the socket lives; its entries leave at `TCP_CLOSE`, before the memory can
+/// be reused. Storing it needs CAP_PERFMON (the verifier's pointer-leak rule).
+#[inline(always)]
+fn sock_address(ctx: &SockOpsContext) -> Option<u64> {
+    // SAFETY: field read off the valid context.
+    let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) };
+    (!sk.is_null()).then_some(sk as u64)
 }
 
 /// The ifindex recorded for a captured outbound flow, if this is one.

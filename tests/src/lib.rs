@@ -23,6 +23,7 @@ pub mod place;
 pub mod privilege;
 pub mod probe;
 pub mod rawtcp;
+pub mod stall;
 mod sys;
 mod testbed;
 pub mod tlsflood;

@@ -65,7 +65,8 @@ pub fn payload_digest(bytes: u64) -> String {
     h.hex()
 }
 
-fn fill(offset: u64, buf: &mut [u8]) {
+/// Fills `buf` with the probe payload from byte `offset` on.
+pub fn fill(offset: u64, buf: &mut [u8]) {
     for (i, b) in buf.iter_mut().enumerate() {
         *b = pattern_byte(offset + i as u64);
     }

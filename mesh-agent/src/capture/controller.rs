@@ -127,6 +127,11 @@ const RETIRE_TIME_WAIT_FOR: std::time::Duration = std::time::Duration::from_secs
 
 /// How long a starting agent waits for a running one to hand the data path over: the running
 /// one notices within 100 ms and steps down in well under a second.
+/// Version of the splice queue accounting's map semantics. An agent keeps a pinned
+/// `mesh_splice_read` of its own version (another attachment would count reads twice); bump it
+/// when `SpliceQueue`'s meaning changes.
+const SPLICE_READ_VERSION: &str = "v1";
+
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl CaptureController {
@@ -170,6 +175,28 @@ impl CaptureController {
             view: Arc::default(),
             recently_left: HashMap::new(),
         })
+    }
+
+    /// Makes same-node splicing safe to turn on: the bound on what one spliced socket may hold
+    /// unread, and the read accounting that enforces it (`mesh_splice_read`, pinned and shared
+    /// with later agents of the same accounting version). Without the accounting there is no
+    /// backpressure, so an error here means splicing must stay off.
+    pub fn enable_splice(&mut self, queue_bytes: u64) -> anyhow::Result<()> {
+        self.datapath
+            .set_splice_queue_bytes(queue_bytes)
+            .context("setting the splice queue bound")?;
+        let pin = self.layout.link_path(
+            crate::ebpf::programs::SPLICE_READ,
+            &LinkTarget::Trace,
+            SPLICE_READ_VERSION,
+        );
+        let attached = self.datapath.attach_splice_reader(&pin).with_context(|| {
+            format!("attaching the splice read accounting at {}", pin.display())
+        })?;
+        if attached {
+            info!(pin = %pin.display(), "splice read accounting attached");
+        }
+        Ok(())
     }
 
     /// Whether another agent is starting to take this data path over, or ready to (poll a few
@@ -586,9 +613,12 @@ impl CaptureController {
             .values()
             .filter_map(|a| a.pin_path().map(|p| p.to_owned()))
             .collect();
-        let foreign = pins
-            .into_iter()
-            .filter(|p| !ours.contains(&p.path) && !keep_targets.contains(&p.target));
+        // Tracing links are shared by agent instances (see `enable_splice`).
+        let foreign = pins.into_iter().filter(|p| {
+            !ours.contains(&p.path)
+                && !keep_targets.contains(&p.target)
+                && p.target != LinkTarget::Trace
+        });
         for pin in foreign {
             info!(pin = %pin.path.display(), instance = %pin.instance, "removing link pin left by an earlier agent");
             if let Err(e) = remove_link_pin(&pin.path) {

@@ -71,14 +71,29 @@ pub struct MapOccupancy {
 }
 
 /// The hash-type maps whose number of entries means something (arrays are always full).
-const COUNTED_MAPS: [&str; 6] = [
+const COUNTED_MAPS: [&str; 7] = [
     PODS_MAP,
     POD_IPS_MAP,
     mesh_common::capture::FLOWS_MAP,
     mesh_common::capture::SPLICE_MAP,
     mesh_common::capture::SPLICE_PEERS_MAP,
-    mesh_common::capture::SPLICE_STATE_MAP,
+    mesh_common::capture::SPLICE_SOCKETS_MAP,
+    mesh_common::capture::SPLICE_QUEUE_MAP,
 ];
+
+impl PinnedMaps {
+    /// Every spliced socket's [`SpliceQueue`] (bytes sent to it and read by it, by path): what
+    /// the splice's bound is enforced on.
+    pub fn splice_queues(&self) -> anyhow::Result<Vec<mesh_common::capture::SpliceQueue>> {
+        let map = HashMap::<MapData, u64, mesh_common::capture::SpliceQueue>::try_from(
+            Map::HashMap(self.open(mesh_common::capture::SPLICE_QUEUE_MAP)?),
+        )?;
+        Ok(map
+            .iter()
+            .map(|r| r.map(|(_, q)| q))
+            .collect::<Result<_, _>>()?)
+    }
+}
 
 impl PinnedMaps {
     /// Entries and capacity of every hash-type map, counting at most `limit` keys per map. Each

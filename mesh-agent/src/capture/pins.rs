@@ -7,6 +7,8 @@
 //! <dir>/links/<program>-if<ifindex>-<instance>   one tcx attachment
 //! <dir>/links/<program>-cg<cgroup id>-<instance> one cgroup (sock_ops) attachment
 //! <dir>/links/<program>-ns<netns inode>-<instance> the node namespace's sk_lookup
+//! <dir>/links/<program>-trace-<version>    a tracing program (the splice's read accounting),
+//!                                          shared by every agent instance of that version
 //! ```
 use std::{
     fs,
@@ -37,6 +39,8 @@ pub enum LinkTarget {
     Cgroup(u64),
     /// The network namespace with this inode number (sk_lookup).
     Netns(u64),
+    /// A kernel function (fexit); kept across agent instances, never reconciled away.
+    Trace,
     Unknown,
 }
 
@@ -46,6 +50,7 @@ impl LinkTarget {
             LinkTarget::Interface(i) => format!("if{i}"),
             LinkTarget::Cgroup(c) => format!("cg{c}"),
             LinkTarget::Netns(n) => format!("ns{n}"),
+            LinkTarget::Trace => "trace".to_owned(),
             LinkTarget::Unknown => "unknown".to_owned(),
         }
     }
@@ -57,6 +62,8 @@ impl LinkTarget {
             LinkTarget::Cgroup(c)
         } else if let Some(n) = s.strip_prefix("ns").and_then(|n| n.parse().ok()) {
             LinkTarget::Netns(n)
+        } else if s == "trace" {
+            LinkTarget::Trace
         } else {
             LinkTarget::Unknown
         }
@@ -70,6 +77,7 @@ impl LinkTarget {
             }
             LinkTarget::Cgroup(c) => format!("cgroup id {c}"),
             LinkTarget::Netns(n) => format!("socket lookup of network namespace {n}"),
+            LinkTarget::Trace => "kernel function exit (shared by agent instances)".to_owned(),
             LinkTarget::Unknown => "unknown target".to_owned(),
         }
     }
@@ -220,6 +228,12 @@ mod tests {
         let path = layout.link_path("mesh_sops_pod", &LinkTarget::Cgroup(77), "i");
         let pin = parse_link_name(path.file_name().unwrap().to_str().unwrap(), path.clone());
         assert_eq!(pin.target, LinkTarget::Cgroup(77));
+        let path = layout.link_path("mesh_splice_read", &LinkTarget::Trace, "v1");
+        let pin = parse_link_name(path.file_name().unwrap().to_str().unwrap(), path.clone());
+        assert_eq!(
+            (pin.target, pin.instance.as_str()),
+            (LinkTarget::Trace, "v1")
+        );
         assert!(!instance_name().contains('.'));
         assert_eq!(parse_link_name("junk", path).instance, "?");
     }

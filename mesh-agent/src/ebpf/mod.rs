@@ -39,6 +39,11 @@ pub mod programs {
     pub const SOCK_OPS_AGENT: &str = "mesh_sops_agent";
     /// sk_msg verdict on the splice sockhash: moves sends socket to socket.
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// Raw tracepoint on [`SPLICE_READ_TRACEPOINT`]: what the owner of a spliced socket reads
+    /// leaves its splice queue count (the splice's backpressure).
+    pub const SPLICE_READ: &str = "mesh_splice_read";
+    /// Passed at the end of every `recvmsg` (Linux ≥ 6.3).
+    pub const SPLICE_READ_TRACEPOINT: &str = "sock_recv_length";
     /// sk_lookup on the node's network namespace: the listener for captured SYNs that TCP's
     /// TIME_WAIT handling looks up itself.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
@@ -47,14 +52,15 @@ pub mod programs {
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
     mesh_common::capture::FLOWS_MAP,
     mesh_common::capture::SPLICE_MAP,
     mesh_common::capture::SPLICE_PEERS_MAP,
-    mesh_common::capture::SPLICE_STATE_MAP,
+    mesh_common::capture::SPLICE_SOCKETS_MAP,
+    mesh_common::capture::SPLICE_QUEUE_MAP,
     mesh_common::capture::CONFIG_MAP,
     mesh_common::capture::LISTENERS_MAP,
     mesh_common::capture::NODE_ADDRS_MAP,

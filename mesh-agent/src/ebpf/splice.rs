@@ -1,12 +1,15 @@
-//! Attaching the splice programs: `mesh_sops_pod` / `mesh_sops_agent` (sock_ops) to cgroups, and
-//! `mesh_sk_msg` to the `MESH_SPLICE` sockhash.
+//! Attaching the splice programs: `mesh_sops_pod` / `mesh_sops_agent` (sock_ops) to cgroups,
+//! `mesh_sk_msg` to the `MESH_SPLICE` sockhash, and `mesh_splice_read` (the queue accounting that
+//! bounds what a spliced socket can hold) to the `sock_recv_length` tracepoint.
 use std::{fs::File, path::Path};
 
 use aya::{
     maps::{Array, SockHash},
     programs::{CgroupAttachMode, Program, SkMsg, SockOps, links::FdLink},
 };
-use mesh_common::capture::{CONFIG_AGENT_NETNS_COOKIE, CONFIG_MAP, SPLICE_MAP, SpliceKey};
+use mesh_common::capture::{
+    CONFIG_AGENT_NETNS_COOKIE, CONFIG_MAP, CONFIG_SPLICE_QUEUE_BYTES, SPLICE_MAP, SpliceKey,
+};
 
 use super::{Datapath, DatapathError, programs, tc::Link};
 
@@ -98,6 +101,42 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `mesh_splice_read` (raw tracepoint `sock_recv_length`), which counts what the owner
+    /// of a spliced socket reads: without it the splice has no bound and must stay off. The link is
+    /// pinned at `pin` and outlives the agent, so spliced sockets stay accounted across a restart;
+    /// an existing pin is kept rather than replaced, because two attachments would both subtract.
+    /// Returns whether it attached now.
+    pub fn attach_splice_reader(&mut self, pin: &Path) -> Result<bool, DatapathError> {
+        if pin.exists() {
+            return Ok(false);
+        }
+        let name = programs::SPLICE_READ;
+        let err = |source| DatapathError::Program { name, source };
+        let prog = match self
+            .ebpf_mut()
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+        {
+            Program::RawTracePoint(p) => p,
+            _ => return Err(unexpected_type(name)),
+        };
+        if prog.fd().is_err() {
+            prog.load().map_err(err)?;
+        }
+        let id = prog.attach(programs::SPLICE_READ_TRACEPOINT).map_err(err)?;
+        let link = FdLink::from(prog.take_link(id).map_err(err)?);
+        link.pin(pin).map_err(|source| DatapathError::Pin {
+            path: pin.to_owned(),
+            source,
+        })?;
+        Ok(true)
+    }
+
+    /// Sets the bound on bytes redirected into one spliced socket and not yet read.
+    pub fn set_splice_queue_bytes(&mut self, bytes: u64) -> Result<(), DatapathError> {
+        self.set_config(CONFIG_SPLICE_QUEUE_BYTES, bytes)
+    }
+
     /// Tells the programs the agent's network-namespace cookie (the calling thread's namespace):
     /// sk_msg tells agent sockets from pod sockets by it.
     pub fn set_agent_netns(&mut self) -> Result<(), DatapathError> {
@@ -105,20 +144,22 @@ impl Datapath {
             cgroup: "SO_NETNS_COOKIE".into(),
             source,
         })?;
+        self.set_config(CONFIG_AGENT_NETNS_COOKIE, cookie)
+    }
+
+    fn set_config(&mut self, slot: u32, value: u64) -> Result<(), DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            name: CONFIG_MAP,
+            source,
+        };
         let map = self
             .ebpf_mut()
             .map_mut(CONFIG_MAP)
             .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
-        let mut array = Array::<_, u64>::try_from(map).map_err(|source| DatapathError::Map {
-            name: CONFIG_MAP,
-            source,
-        })?;
-        array
-            .set(CONFIG_AGENT_NETNS_COOKIE, cookie, 0)
-            .map_err(|source| DatapathError::Map {
-                name: CONFIG_MAP,
-                source,
-            })
+        Array::<_, u64>::try_from(map)
+            .map_err(map_err)?
+            .set(slot, value, 0)
+            .map_err(map_err)
     }
 
     pub(super) fn sock_ops(&mut self, name: &'static str) -> Result<&mut SockOps, DatapathError> {

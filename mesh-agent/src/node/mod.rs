@@ -59,6 +59,8 @@ pub struct NodeOptions {
     pub reload_interval: Duration,
     /// Splice same-node pod<->agent hops with sockmap (needs cgroup v2).
     pub splice: bool,
+    /// Bound on the bytes redirected into one spliced socket and not yet read.
+    pub splice_queue_bytes: u64,
     /// The process's log filter (the admin API changes it).
     pub log: LogControl,
     /// Ports of the admin, metrics and readiness endpoints.
@@ -136,10 +138,20 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     routing::ensure().context("installing the capture's policy routing")?;
     let agent_cgroup = if opts.splice {
         let own = capture::cgroup::own_cgroup();
-        if own.is_none() {
-            warn!("no cgroup v2 membership found: same-node splicing is off");
+        match (&own, controller.enable_splice(opts.splice_queue_bytes)) {
+            (None, _) => {
+                warn!("no cgroup v2 membership found: same-node splicing is off");
+                None
+            }
+            (Some(_), Err(e)) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "same-node splicing is off: this kernel cannot bound it"
+                );
+                None
+            }
+            (Some(_), Ok(())) => own,
         }
-        own
     } else {
         None
     };

@@ -18,6 +18,9 @@
 //! mtb-probe hold <addr:port> <count>           open <count> idle connections and hold them: prints
 //!                                              {"opened","failed"}, then the sockets' TCP states
 //!                                              for each line read on stdin; closes all at EOF
+//! mtb-probe sink <port> <hold-secs>            one connection: read nothing for a while, then
+//!                                              read to EOF (see mesh_testbed::stall)
+//! mtb-probe stall-send <addr:port> <bytes>     write until blocked, say how much, write the rest
 //! ```
 use std::{net::SocketAddr, time::Duration};
 
@@ -111,12 +114,20 @@ fn main() -> Result<()> {
             name,
             rest.first().is_some_and(|m| *m == "fail"),
         ),
+        ["sink", port, hold] => print_json(&mesh_testbed::stall::sink(
+            port.parse().context("port")?,
+            Duration::from_secs_f64(hold.parse().context("seconds")?),
+        )?),
+        ["stall-send", dst, bytes] => print_json(&mesh_testbed::stall::stall_send(
+            dst.parse().context("destination")?,
+            bytes.parse().context("byte count")?,
+        )?),
         ["http", port, name] => {
             let port: u16 = port.parse().context("port")?;
             http(port, name)
         }
         _ => bail!(
-            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | connect-loop <addr:port> <rate> <secs> | hold <addr:port> <count>"
+            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | connect-loop <addr:port> <rate> <secs> | hold <addr:port> <count> | sink <port> <hold-secs> | stall-send <addr:port> <bytes>"
         ),
     }
 }
