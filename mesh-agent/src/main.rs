@@ -132,6 +132,13 @@ enum CaCommand {
 }
 
 /// Kubernetes mode (no --config).
+/// A feature that is on unless turned off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Debug)]
 struct KubeArgs {
     /// This node's name (the DaemonSet passes spec.nodeName).
@@ -182,11 +189,14 @@ struct NodeArgs {
     /// Config file polling interval, milliseconds.
     #[arg(long, default_value_t = 500)]
     reload_interval_ms: u64,
-    /// Splice same-node pod<->agent hops with sockmap: sends move socket to socket in the kernel.
-    /// Bounded per socket by `--splice-queue-kib` (beyond it a send takes TCP and TCP's buffers
-    /// push back); off, with one log line, where the kernel cannot trace the sockmap's reads.
-    #[arg(long)]
-    splice: bool,
+    /// Splice pod<->agent hops of this node with sockmap: sends move socket to socket in the
+    /// kernel. On by default; bounded per socket by `--splice-queue-kib` (beyond it a send takes
+    /// TCP, whose buffers push back). Where the kernel cannot (no cgroup v2, no sockmap, no
+    /// `sock_recv_length` tracepoint) the agent says so once and carries on without. `--splice`
+    /// alone means on.
+    #[arg(long, value_enum, default_value = "on", num_args = 0..=1,
+          default_missing_value = "on", require_equals = true)]
+    splice: Switch,
     /// Most bytes redirected into one spliced socket and not yet read by its owner, KiB.
     #[arg(long, default_value_t = mesh_common::capture::SPLICE_QUEUE_BYTES >> 10,
           value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
@@ -488,7 +498,7 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
         bpffs_dir: args.bpffs_dir,
         handler: args.handler,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
-        splice: args.splice,
+        splice: args.splice == Switch::On,
         splice_queue_bytes: args.splice_queue_kib << 10,
         log,
         admin: args.admin,

@@ -128,8 +128,23 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     let mut test = cargo(&["test"]);
     if !extra.is_empty() {
         test.args(extra);
+        return cmd::run(&mut test);
     }
-    cmd::run(&mut test)
+    cmd::run(&mut test)?;
+    // Splicing is on by default, so the run above covered it; these suites once more without,
+    // for kernels where it is off (or `--splice=off`).
+    println!("• test again with the agents' --splice=off (capture and mesh suites)");
+    let mut off = cargo(&[
+        "test",
+        "-p",
+        "mesh-testbed",
+        "--test",
+        "capture_flows",
+        "--test",
+        "mesh_hbone",
+    ]);
+    off.env("MESH_TEST_SPLICE", "off");
+    cmd::run(&mut off)
 }
 
 /// Runs setup when a quick check finds anything missing, so `test`/`build` work on a fresh clone.

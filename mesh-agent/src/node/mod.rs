@@ -57,7 +57,7 @@ pub struct NodeOptions {
     pub handler: HandlerMode,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
-    /// Splice same-node pod<->agent hops with sockmap (needs cgroup v2).
+    /// Splice this node's pod<->agent hops with sockmap (needs cgroup v2 and the pods' cgroups).
     pub splice: bool,
     /// Bound on the bytes redirected into one spliced socket and not yet read.
     pub splice_queue_bytes: u64,
@@ -136,7 +136,13 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     // this agent touches nothing.
     let mut controller = CaptureController::start(layout.clone(), claim)?;
     routing::ensure().context("installing the capture's policy routing")?;
-    let agent_cgroup = if opts.splice {
+    let kubernetes = matches!(opts.config, ConfigOrigin::Kube(_));
+    let agent_cgroup = if opts.splice && kubernetes {
+        // Pods' cgroups are not known in Kubernetes mode (yet): only the agent's half of each
+        // hop could join, and it would find no peer.
+        info!("same-node splicing is off in Kubernetes mode: the pods' cgroups are not known");
+        None
+    } else if opts.splice {
         let own = capture::cgroup::own_cgroup();
         match (&own, controller.enable_splice(opts.splice_queue_bytes)) {
             (None, _) => {

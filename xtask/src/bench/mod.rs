@@ -55,11 +55,11 @@ pub struct BenchArgs {
     /// Keep the agents' logs in this directory.
     #[arg(long)]
     logs: Option<PathBuf>,
-    /// Run the agents with `--splice` (same-node pod<->agent hops through sockmap; off by
-    /// default in the agent, see docs/ARCHITECTURE.md "Splicing"): the same_node mesh figures
-    /// are then the spliced path's.
-    #[arg(long)]
-    splice: bool,
+    /// Splicing of the pod<->agent hops through sockmap, `on` (the agent's default: the pods'
+    /// cgroups are in the configs) or `off` (the agents run with `--splice=off`: their relay
+    /// carries every hop), for the figures without it.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    splice: String,
     /// Use the dev-profile binaries (`cargo xtask test` has just built them; mesh-agent is
     /// compiled at opt-level 2 there, its dependencies are not) instead of a release build:
     /// CI's smoke run proves the harness without a second full build. The header says
@@ -75,6 +75,12 @@ pub struct BenchArgs {
     /// (a profile, an allocator); full runs leave it out.
     #[arg(long, value_delimiter = ',')]
     scale_sizes: Vec<usize>,
+}
+
+impl BenchArgs {
+    fn spliced(&self) -> bool {
+        self.splice == "on"
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -210,7 +216,7 @@ fn machine_header(args: &BenchArgs) -> Result<Value> {
         "mode": if quick { "quick" } else { "full" },
         "trials": if quick { 3 } else { 5 },
         "seconds_per_test": if quick { 2 } else { 5 },
-        "agent_splice": args.splice,
+        "agent_splice": args.spliced(),
         "build": if args.dev_build { "dev" } else { "release" },
     }))
 }
@@ -235,7 +241,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         let config = work.join(format!("node{node}.yaml"));
         std::fs::write(
             &config,
-            config_yaml(tb, node, &ca, BenchPath::Plain, args.splice),
+            config_yaml(tb, node, &ca, BenchPath::Plain, args.spliced()),
         )?;
         let bpffs = tb.bpffs_dir().join(format!("agent-node{node}"));
         let mut agent_args = vec![
@@ -245,7 +251,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
             "--bpffs-dir",
             bpffs.to_str().context("path")?,
             // Only how fast enrolment follows the file between trials; the data path is the
-            // production default (mesh handler, no splicing) unless --splice.
+            // production default (mesh handler, splicing on) unless --splice off.
             "--reload-interval-ms",
             "100",
             // The bench ends with SIGTERM: a connection a trial left open must not hold the
@@ -253,8 +259,8 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
             "--drain-seconds",
             "5",
         ];
-        if args.splice {
-            agent_args.push("--splice");
+        if !args.spliced() {
+            agent_args.push("--splice=off");
         }
         let mut p = tb
             .node(node)
@@ -295,7 +301,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         _servers: servers,
         secs: if args.quick { 2.0 } else { 5.0 },
         perf: args.perf.clone(),
-        splice: args.splice,
+        splice: args.spliced(),
     };
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()

@@ -148,9 +148,9 @@ impl Results {
             header["mode"].as_str().unwrap_or("?"),
         );
         out += if header["agent_splice"].as_bool() == Some(true) {
-            "Agents ran with `--splice`: the same-node mesh path is spliced (sockmap).\n\n"
+            "Agents ran with production defaults: the pod<->agent hops are spliced (sockmap, bounded).\n\n"
         } else {
-            "Agents ran with production defaults: the same-node mesh path is the agent's relay (splicing is off by default).\n\n"
+            "Agents ran with `--splice=off`: the agent's relay carries every pod<->agent hop.\n\n"
         };
         out += "| figure | target | plain | mesh | measured | met |\n|---|---|---|---|---|---|\n";
         let fmt = |v: Option<f64>, unit: &str| match v {
