@@ -217,3 +217,101 @@ fn a_reader_that_stops_blocks_the_writer_within_the_bound() {
     drop(agent);
     tb.teardown_verified().unwrap();
 }
+
+/// Entries of the splice maps in the agent's pinned `maps` directory: (sockets, queues).
+fn splice_entries(agent: &Agent) -> (u64, u64) {
+    use mesh_common::capture::{SPLICE_QUEUE_MAP, SPLICE_SOCKETS_MAP};
+    let occupancy = agent.maps().occupancy(10_000);
+    let entries = |name: &str| {
+        occupancy
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(0, |m| m.entries)
+    };
+    (entries(SPLICE_SOCKETS_MAP), entries(SPLICE_QUEUE_MAP))
+}
+
+/// Writes one entry into a pinned map with bpftool (hex bytes, as the kernel stores them).
+fn map_update(map: &std::path::Path, key: &[u8], value: &[u8]) {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+    let mut args = vec!["map".to_owned(), "update".into(), "pinned".into()];
+    args.push(map.display().to_string());
+    args.push("key".into());
+    args.push("hex".into());
+    args.extend(hex(key));
+    args.push("value".into());
+    args.push("hex".into());
+    args.extend(hex(value));
+    let out = std::process::Command::new("bpftool")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Splice entries leave with their socket: at `TCP_CLOSE` when a sock_ops program sees it, or by
+/// the agent's sweep when none did (a pod that left the capture, an agent restarted with
+/// `--splice=off`). The sweep is given such leftovers (written as they would be left) and must
+/// remove them — and nothing of a live connection.
+#[test]
+fn splice_entries_leave_with_their_socket() {
+    if !can_run("sockmap splicing (entries)", &["ip", "bpftool"]) {
+        return;
+    }
+    use mesh_agent::capture::splice_sweep::SpliceSweeper;
+    use mesh_common::capture::{SPLICE_QUEUE_MAP, SPLICE_SOCKETS_MAP};
+    let tb = Testbed::build(SPEC).unwrap();
+    let agent = Agent::start(&tb, 1, "passthrough", &pods(&[(1, 1)])).unwrap();
+    let (server, client) = (tb.pod(1, 1), tb.pod(1, 2));
+    let probe = binaries::mtb_probe().unwrap();
+    let mut srv = server
+        .place
+        .spawn(probe.to_str().unwrap(), &["serve", "8080"])
+        .unwrap();
+    srv.wait_listening(8080, Duration::from_secs(10)).unwrap();
+    let dst = SocketAddr::new(server.ipv4.into(), 8080);
+    let mut p = Probe::connect(&client.place, dst, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    p.hello().unwrap();
+    // The agent's delivery socket and the server's socket joined.
+    assert_eq!(splice_entries(&agent), (2, 2));
+    // What a socket that closed unseen leaves: its entry (a key no longer in the sockhash) and
+    // its queue.
+    let maps = agent.bpffs.join("maps");
+    let gone_address = 0xffff_8880_dead_0000u64.to_ne_bytes();
+    let mut gone_key = [0u8; 40];
+    gone_key[..36].fill(0x5a);
+    gone_key[36] = 1; // side: pod
+    map_update(&maps.join(SPLICE_SOCKETS_MAP), &gone_key, &gone_address);
+    map_update(&maps.join(SPLICE_QUEUE_MAP), &gone_address, &[0u8; 40]);
+    assert_eq!(splice_entries(&agent), (3, 3));
+    let mut sweeper = SpliceSweeper::default();
+    let first = sweeper.sweep(&maps).unwrap();
+    let second = sweeper.sweep(&maps).unwrap();
+    // The queue goes on the second look (a joining socket has its queue before its entry).
+    assert_eq!((first.sockets, first.queues), (1, 0), "{first:?}");
+    assert_eq!((second.sockets, second.queues), (0, 1), "{second:?}");
+    assert_eq!(
+        splice_entries(&agent),
+        (2, 2),
+        "the sweep took a live socket's entries"
+    );
+    // The connection ends: both sockets are seen closing.
+    p.finish(1 << 20).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while splice_entries(&agent) != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            splice_entries(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop((srv, agent));
+    tb.teardown_verified().unwrap();
+}

@@ -111,6 +111,7 @@ pub struct CaptureController {
     /// Addresses of pods that left the mesh recently, until when their TIME_WAIT sockets are
     /// retired.
     recently_left: HashMap<IpAddr, std::time::Instant>,
+    splice_sweeper: super::splice_sweep::SpliceSweeper,
 }
 
 /// Per-item problems of one reconciliation (the rest of the desired state still applies).
@@ -174,6 +175,7 @@ impl CaptureController {
             attached: BTreeMap::new(),
             view: Arc::default(),
             recently_left: HashMap::new(),
+            splice_sweeper: super::splice_sweep::SpliceSweeper::default(),
         })
     }
 
@@ -238,6 +240,23 @@ impl CaptureController {
     /// addresses). Called by every reconciliation and periodically: an address added between two
     /// is treated as a remote destination by the capture meanwhile, and refused by the agent
     /// (see `node::upstream`), never relayed from the node's address.
+    /// Removes the splice entries of sockets that closed unseen (see [`super::splice_sweep`]);
+    /// only while this agent owns the data path.
+    pub fn sweep_splice(&mut self) -> anyhow::Result<super::splice_sweep::SweepReport> {
+        if !self.owns_data_path() {
+            return Ok(Default::default());
+        }
+        let report = self.splice_sweeper.sweep(&self.layout.maps())?;
+        if report != Default::default() {
+            info!(
+                sockets = report.sockets,
+                queues = report.queues,
+                "removed splice entries of sockets that closed unseen"
+            );
+        }
+        Ok(report)
+    }
+
     pub fn sync_node_addresses(&mut self) -> Result<(), String> {
         if !self.owns_data_path() {
             return Ok(());

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod listeners;
 pub mod pins;
 pub mod routing;
+pub mod splice_sweep;
 pub mod time_wait;
 
 use std::{fmt::Write as _, path::Path};

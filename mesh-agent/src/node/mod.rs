@@ -293,12 +293,18 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
     let mut node_addrs = tokio::time::interval(NODE_ADDRS_INTERVAL);
     let mut successor = tokio::time::interval(SUCCESSOR_POLL);
+    let mut splice_sweep = tokio::time::interval(SPLICE_SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = trim.tick() => release_free_memory(),
             _ = successor.tick() => succession.poll(&mut controller, &ctx, &metrics),
+            _ = splice_sweep.tick() => {
+                if let Err(e) = controller.sweep_splice() {
+                    warn!(error = format!("{e:#}"), "splice entries not swept");
+                }
+            }
             _ = node_addrs.tick() => {
                 if let Err(e) = controller.sync_node_addresses() {
                     warn!(error = %e, "node addresses not updated");
@@ -439,6 +445,8 @@ pub fn tune_allocator() {
 
 /// How often freed heap memory is handed back to the kernel.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// How often splice entries of sockets that closed unseen are looked for (a walk of two maps).
+const SPLICE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the agent checks whether a successor is waiting for the data path.
 const SUCCESSOR_POLL: Duration = Duration::from_millis(100);
 /// How often the node's own addresses are re-read into the data path between reconciliations.

@@ -256,9 +256,11 @@ impl Agent {
         let suffix = format!("p{}", p.pid());
         let deadline = started + Duration::from_secs(30);
         loop {
+            // The splice's tracing link is shared by agent instances, not taken over.
             let links: Vec<String> = std::fs::read_dir(self.bpffs.join("links"))?
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.contains("-trace-"))
                 .collect();
             let all_new = !links.is_empty() && links.iter().all(|l| l.ends_with(&suffix));
             let ready = all_new
