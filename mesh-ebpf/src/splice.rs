@@ -15,11 +15,12 @@
 //! bound. Each joined socket therefore has a [`SpliceQueue`] (keyed by its kernel address): the
 //! sender adds what it redirects or sends over TCP, and `mesh_splice_read` (on the
 //! `sock_recv_length` tracepoint, which every `recvmsg` passes) counts what the owner reads.
-//! A raw tracepoint, not fentry/fexit: kernels in lockdown (Secure Boot) refuse tracing programs. A send is redirected only while the receiver's
-//! redirected-but-unread bytes stay within the bound and every byte sent over TCP has been read;
-//! otherwise it takes the TCP path, whose buffers block the writer exactly as without us. The
-//! reader takes queued redirected bytes before TCP ones, so switching to TCP never reorders, and
-//! switching back waits until TCP is drained.
+//! A raw tracepoint, not fentry/fexit: kernels in lockdown (Secure Boot) refuse tracing programs.
+//! A send is redirected only while the receiver's redirected-but-unread bytes stay within the
+//! bound and every byte sent over TCP has been read; otherwise it takes the TCP path, whose
+//! buffers block the writer exactly as without us. The reader takes queued redirected bytes
+//! before TCP ones, so switching to TCP never reorders, and switching back waits until TCP is
+//! drained.
 //!
 //! A socket whose send finds no peer to account with (the peer's handshake completion raced
 //! behind, or the peer is not ours) stays on TCP for good (`SPLICE_UNTRACKED`).
@@ -76,6 +77,9 @@ static MESH_SPLICE_QUEUE: HashMap<u64, SpliceQueue> = HashMap::with_max_entries(
 #[sock_ops]
 pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    if !handled(op) {
+        return 1;
+    }
     let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_POD) else {
         return 1;
     };
@@ -102,6 +106,9 @@ pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
 #[sock_ops]
 pub fn mesh_sops_agent(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    if !handled(op) {
+        return 1;
+    }
     let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_AGENT) else {
         return 1;
     };
@@ -232,6 +239,14 @@ pub fn mesh_splice_read(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// The sock_ops callbacks the splice acts on (the others are left before reading any field).
+#[inline(always)]
+fn handled(op: u32) -> bool {
+    op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        || op == BPF_SOCK_OPS_STATE_CB
 }
 
 /// Puts the socket in `MESH_SPLICE` with an empty queue, and asks for its state changes (to forget
