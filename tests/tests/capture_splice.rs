@@ -92,6 +92,16 @@ fn outbound_hop_is_spliced_and_carries_a_gibibyte_intact() {
     tb.teardown_verified().unwrap();
 }
 
+/// A probe server as a process in `place` (in the pod's cgroup, where sock_ops sees it), listening.
+fn probe_server(place: &Place, port: u16) -> mesh_testbed::place::Background {
+    let probe = binaries::mtb_probe().unwrap();
+    let mut srv = place
+        .spawn(probe.to_str().unwrap(), &["serve", &port.to_string()])
+        .unwrap();
+    srv.wait_listening(port, Duration::from_secs(10)).unwrap();
+    srv
+}
+
 #[test]
 fn delivery_hop_to_an_enrolled_pod_is_spliced() {
     if !can_run("sockmap splicing (delivery)", &["ip"]) {
@@ -100,13 +110,7 @@ fn delivery_hop_to_an_enrolled_pod_is_spliced() {
     let tb = Testbed::build(SPEC).unwrap();
     let agent = Agent::start(&tb, 1, "passthrough", &pods(&[(1, 1)])).unwrap();
     let (server, client) = (tb.pod(1, 1), tb.pod(1, 2));
-    // The server runs as a process in the enrolled pod's cgroup.
-    let probe = binaries::mtb_probe().unwrap();
-    let mut srv = server
-        .place
-        .spawn(probe.to_str().unwrap(), &["serve", "8080"])
-        .unwrap();
-    srv.wait_listening(8080, Duration::from_secs(10)).unwrap();
+    let srv = probe_server(&server.place, 8080);
     let before = agent.counters();
     let bytes = 64u64 << 20;
     let dst = SocketAddr::new(server.ipv4.into(), 8080);
@@ -267,12 +271,7 @@ fn splice_entries_leave_with_their_socket() {
     let tb = Testbed::build(SPEC).unwrap();
     let agent = Agent::start(&tb, 1, "passthrough", &pods(&[(1, 1)])).unwrap();
     let (server, client) = (tb.pod(1, 1), tb.pod(1, 2));
-    let probe = binaries::mtb_probe().unwrap();
-    let mut srv = server
-        .place
-        .spawn(probe.to_str().unwrap(), &["serve", "8080"])
-        .unwrap();
-    srv.wait_listening(8080, Duration::from_secs(10)).unwrap();
+    let srv = probe_server(&server.place, 8080);
     let dst = SocketAddr::new(server.ipv4.into(), 8080);
     let mut p = Probe::connect(&client.place, dst, Duration::from_secs(5))
         .unwrap()
