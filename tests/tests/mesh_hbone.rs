@@ -149,7 +149,7 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
     // Both pod-side hops are spliced unless the run turned splicing off (ARCHITECTURE
     // "Splicing"): every byte went one way or the other, a good share spliced (how much depends on
     // how far the reader lags; see capture_splice.rs for the bound itself).
-    if std::env::var("MESH_TEST_SPLICE").as_deref() != Ok("off") {
+    if support::spliced() {
         for (hop, d) in [
             ("client pod -> agent 1", &d1),
             ("agent 2 -> server pod", &d2),

@@ -21,7 +21,7 @@ impl PinnedMaps {
         }
     }
 
-    fn open(&self, name: &str) -> anyhow::Result<MapData> {
+    pub(crate) fn open(&self, name: &str) -> anyhow::Result<MapData> {
         let path = self.dir.join(name);
         MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
     }

@@ -39,7 +39,7 @@ pub enum LinkTarget {
     Cgroup(u64),
     /// The network namespace with this inode number (sk_lookup).
     Netns(u64),
-    /// A kernel function (fexit); kept across agent instances, never reconciled away.
+    /// A tracepoint (raw); kept across agent instances, never reconciled away.
     Trace,
     Unknown,
 }
@@ -77,7 +77,7 @@ impl LinkTarget {
             }
             LinkTarget::Cgroup(c) => format!("cgroup id {c}"),
             LinkTarget::Netns(n) => format!("socket lookup of network namespace {n}"),
-            LinkTarget::Trace => "kernel function exit (shared by agent instances)".to_owned(),
+            LinkTarget::Trace => "raw tracepoint (shared by agent instances)".to_owned(),
             LinkTarget::Unknown => "unknown target".to_owned(),
         }
     }

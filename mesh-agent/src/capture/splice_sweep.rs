@@ -6,7 +6,7 @@
 //! missing entry only ever sends bytes by TCP.
 use std::{collections::HashSet, path::Path};
 
-use anyhow::Context as _;
+use super::inspect::PinnedMaps;
 use aya::maps::{HashMap, Map, MapData, SockHash};
 use mesh_common::capture::{
     SPLICE_MAP, SPLICE_QUEUE_MAP, SPLICE_SOCKETS_MAP, SpliceKey, SpliceQueue,
@@ -27,24 +27,18 @@ pub struct SpliceSweeper {
     suspects: HashSet<u64>,
 }
 
-fn open(maps_dir: &Path, name: &str) -> anyhow::Result<MapData> {
-    let path = maps_dir.join(name);
-    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
-}
-
 impl SpliceSweeper {
     pub fn sweep(&mut self, maps_dir: &Path) -> anyhow::Result<SweepReport> {
         let mut report = SweepReport::default();
-        let mut queues = HashMap::<MapData, u64, SpliceQueue>::try_from(Map::HashMap(open(
-            maps_dir,
-            SPLICE_QUEUE_MAP,
-        )?))?;
-        let mut sockets = HashMap::<MapData, SpliceKey, u64>::try_from(Map::HashMap(open(
-            maps_dir,
-            SPLICE_SOCKETS_MAP,
-        )?))?;
+        let maps = PinnedMaps::new(maps_dir);
+        let mut queues = HashMap::<MapData, u64, SpliceQueue>::try_from(Map::HashMap(
+            maps.open(SPLICE_QUEUE_MAP)?,
+        ))?;
+        let mut sockets = HashMap::<MapData, SpliceKey, u64>::try_from(Map::HashMap(
+            maps.open(SPLICE_SOCKETS_MAP)?,
+        ))?;
         let spliced =
-            SockHash::<MapData, SpliceKey>::try_from(Map::SockHash(open(maps_dir, SPLICE_MAP)?))?;
+            SockHash::<MapData, SpliceKey>::try_from(Map::SockHash(maps.open(SPLICE_MAP)?))?;
         // Order matters. Queue keys first: a queue entry made after this read is not judged.
         // Then the socket entries, then the sockhash: a socket enters the sockhash before its
         // socket entry is written, so an entry read here whose key is not in the sockhash read

@@ -143,20 +143,21 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         info!("same-node splicing is off in Kubernetes mode: the pods' cgroups are not known");
         None
     } else if opts.splice {
-        let own = capture::cgroup::own_cgroup();
-        match (&own, controller.enable_splice(opts.splice_queue_bytes)) {
-            (None, _) => {
+        match capture::cgroup::own_cgroup() {
+            None => {
                 warn!("no cgroup v2 membership found: same-node splicing is off");
                 None
             }
-            (Some(_), Err(e)) => {
-                warn!(
-                    error = format!("{e:#}"),
-                    "same-node splicing is off: this kernel cannot bound it"
-                );
-                None
-            }
-            (Some(_), Ok(())) => own,
+            Some(own) => match controller.enable_splice(opts.splice_queue_bytes) {
+                Ok(()) => Some(own),
+                Err(e) => {
+                    warn!(
+                        error = format!("{e:#}"),
+                        "same-node splicing is off: this kernel cannot bound it"
+                    );
+                    None
+                }
+            },
         }
     } else {
         None

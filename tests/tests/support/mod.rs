@@ -338,8 +338,7 @@ impl Agent {
             "--reload-interval-ms",
             "100",
         ]);
-        // Splicing is the agent's default; `cargo xtask test` runs some suites once more without.
-        if std::env::var("MESH_TEST_SPLICE").as_deref() == Ok("off") {
+        if !spliced() {
             args.push("--splice=off");
         }
         tb.node(self.node).place.spawn(program, &args)
@@ -526,6 +525,12 @@ pub fn finish(tb: Testbed, ca: TempDir) {
 }
 
 /// The set of pods, as a `BTreeSet`.
+/// Whether agents run spliced: the agent's default; `cargo xtask test` runs some suites once more
+/// with `MESH_TEST_SPLICE=off`.
+pub fn spliced() -> bool {
+    std::env::var("MESH_TEST_SPLICE").as_deref() != Ok("off")
+}
+
 pub fn pods(ids: &[PodId]) -> BTreeSet<PodId> {
     ids.iter().copied().collect()
 }
