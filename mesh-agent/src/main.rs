@@ -201,11 +201,20 @@ struct NodeArgs {
     #[arg(long, default_value_t = mesh_common::capture::SPLICE_QUEUE_BYTES >> 10,
           value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
     splice_queue_kib: u64,
-    /// Threads carrying connections. One is the default: on a node the agent shares the cores
-    /// with the pods it serves, and one thread never pays for cross-thread wake-ups (measured:
-    /// docs/PERFORMANCE.md). The control loop (config, reconciliation) runs on its own thread.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    worker_threads: u16,
+    /// Kubernetes mode: the host's cgroup v2 hierarchy, where each local pod's cgroup is found
+    /// by its UID (kubelet's naming) so its hops can be spliced. A container sees only its own
+    /// cgroup at /sys/fs/cgroup: the DaemonSet mounts the host's at /host/sys/fs/cgroup and
+    /// passes that. Default: where this process sees cgroup v2. A pod whose cgroup is not found
+    /// is carried without splicing.
+    #[arg(long)]
+    pod_cgroup_root: Option<PathBuf>,
+    /// Threads carrying connections: a count, or `auto` (the default): one per four cores this
+    /// process may use (CPU limit included), between 1 and 4. The agent shares the cores with
+    /// the pods it serves, and on small nodes one thread never pays for cross-thread wake-ups
+    /// (measured: docs/PERFORMANCE.md). `mesh-agent status` shows the choice. The control loop
+    /// (config, reconciliation) runs on its own thread.
+    #[arg(long, default_value = "auto")]
+    worker_threads: node::workers::WorkerThreads,
     #[command(flatten)]
     admin: node::AdminAddrs,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
@@ -283,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                                 cert_ttl_seconds: 86_400,
                             }),
                     },
+                    pod_cgroup_root: None,
                 }),
             };
             let opts = mesh_agent::waypoint::WaypointOptions {
@@ -493,6 +503,7 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
                         cert_ttl_seconds: 86_400,
                     }),
                 },
+                pod_cgroup_root: args.pod_cgroup_root,
             }),
         },
         bpffs_dir: args.bpffs_dir,
@@ -508,11 +519,13 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
             token: args.kube.ca_token,
         }),
         drain: Duration::from_secs(args.drain_seconds),
+        worker_threads: args.worker_threads.choose_here(),
     };
     node::tune_allocator();
+    tracing::info!(worker_threads = %opts.worker_threads, "connection threads");
     // `block_on` runs the control loop on this thread; connections run on the workers.
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads.into())
+        .worker_threads(opts.worker_threads.count)
         .thread_name("mesh-data")
         .enable_all()
         .build()

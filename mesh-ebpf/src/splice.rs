@@ -73,11 +73,14 @@ static MESH_SPLICE_SOCKETS: HashMap<SpliceKey, u64> = HashMap::with_max_entries(
 #[map(name = "MESH_SPLICE_QUEUE")]
 static MESH_SPLICE_QUEUE: HashMap<u64, SpliceQueue> = HashMap::with_max_entries(MAX_SPLICED, 0);
 
-/// sock_ops on enrolled pods' cgroups.
+/// sock_ops on enrolled pods' cgroups, or once on a cgroup holding every pod of the node
+/// (Kubernetes mode: the node's cgroup root, which holds the agent too).
 #[sock_ops]
 pub fn mesh_sops_pod(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if !handled(op) {
+    if !handled(op) || in_agent_netns(&ctx) {
+        // The agent's own sockets (its program handles them) and host-network processes', which
+        // are never a pod's side of a hop.
         return 1;
     }
     let Some(me) = sock_ops_key(&ctx, SPLICE_SIDE_POD) else {
@@ -407,6 +410,18 @@ fn key_of(f: &SockFields, side: u32) -> Option<SpliceKey> {
         remote_port,
         side,
     })
+}
+
+/// Whether the socket lives in the agent's network namespace (the node's).
+#[inline(always)]
+fn in_agent_netns(ctx: &SockOpsContext) -> bool {
+    // SAFETY: helper on the valid context; map read copied out.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut _) };
+    let agent_netns = MESH_CONFIG
+        .get(CONFIG_AGENT_NETNS_COOKIE)
+        .copied()
+        .unwrap_or(0);
+    agent_netns != 0 && netns == agent_netns
 }
 
 #[inline(always)]

@@ -104,14 +104,20 @@ impl Testbed {
             .collect();
         let pods: Vec<Pod> = (1..=spec.nodes)
             .flat_map(|i| (1..=spec.pods_per_node).map(move |k| (i, k)))
-            .map(|(i, k)| Pod {
-                index: k,
-                node: i,
-                place: place(format!("node{i}-pod{k}")),
-                iface: "eth0".into(),
-                host_veth: format!("veth-pod{k}"),
-                ipv4: addr::pod_ipv4(i, k),
-                ipv6: addr::pod_ipv6(i, k),
+            .map(|(i, k)| {
+                let mut pod = Pod {
+                    index: k,
+                    node: i,
+                    place: place(format!("node{i}-pod{k}")),
+                    iface: "eth0".into(),
+                    host_veth: format!("veth-pod{k}"),
+                    ipv4: addr::pod_ipv4(i, k),
+                    ipv6: addr::pod_ipv6(i, k),
+                };
+                // As kubelet lays them out (cgroupfs driver): below one directory per node.
+                pod.place.cgroup =
+                    pod_cgroup_root(&cgroup_dir, i).join(format!("pod{}", pod.uid()));
+                pod
             })
             .collect();
         let info = TestbedInfo {
@@ -212,6 +218,12 @@ impl Testbed {
         &self.info.fabric
     }
 
+    /// The cgroup directory holding node `node`'s pods' cgroups, as a Kubernetes node's
+    /// hierarchy holds kubelet's (what `mesh-agent node --pod-cgroup-root` searches).
+    pub fn pod_cgroup_root(&self, node: usize) -> PathBuf {
+        pod_cgroup_root(&self.info.cgroup_dir, node)
+    }
+
     /// A bpffs directory for this run's pins; removed at teardown.
     pub fn bpffs_dir(&self) -> &Path {
         &self.info.bpffs_dir
@@ -299,6 +311,11 @@ impl Drop for Testbed {
             crate::privilege::report(&format!("testbed {}: teardown failed: {e:#}", self.run));
         }
     }
+}
+
+/// The directory holding node `node`'s pods' cgroups (its `kubepods`).
+fn pod_cgroup_root(run_cgroup_dir: &Path, node: usize) -> PathBuf {
+    run_cgroup_dir.join(format!("node{node}-kubepods"))
 }
 
 /// Creates the place's netns (with sysctls a node or pod needs) and cgroup.

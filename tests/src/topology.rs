@@ -43,6 +43,12 @@ impl Pod {
         &self.place.name
     }
 
+    /// The UID the pod has in an API server double: its cgroup is named after it as kubelet
+    /// names pods' cgroups (`pod<uid>`, cgroupfs driver).
+    pub fn uid(&self) -> String {
+        format!("00000000-0000-4000-8000-{:06}{:06}", self.node, self.index)
+    }
+
     /// The pod's address in the requested family.
     pub fn ip(&self, v6: bool) -> IpAddr {
         if v6 {

@@ -5,7 +5,11 @@
 //! and defaults, read from `mesh-agent --help`; the kinds discovery watches; the CA's names).
 //! The Dockerfile is checked for the properties the issue asks for. Each capability the
 //! DaemonSet grants is shown to be needed (root: the eBPF object does not load without it).
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use k8s_openapi::{
     api::{
@@ -282,6 +286,18 @@ fn the_daemonset_matches_what_the_agent_uses() {
     let (m, vol, _) = mount_of(&bpffs);
     assert_eq!(vol.host_path.as_ref().unwrap().path, "/sys/fs/bpf");
     assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
+
+    // Splicing finds pods' cgroups in the host's hierarchy, mounted read-only where the flag
+    // points.
+    let root = agent
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--pod-cgroup-root="))
+        .expect("the DaemonSet passes --pod-cgroup-root");
+    let (m, vol, rel) = mount_of(root);
+    assert_eq!(vol.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
+    assert_eq!((m.read_only, rel), (Some(true), PathBuf::new()));
 
     let (_, vol, rel) = mount_of(&help_default(&node_help, "ca-root"));
     let cm = vol.config_map.unwrap();

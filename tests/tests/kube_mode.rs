@@ -4,7 +4,9 @@
 //! flip enrols a running pod; enrolled pods carry the redirection annotation. The agents run
 //! with exactly the capabilities the DaemonSet in deploy/ grants them, nothing more, and get
 //! their workloads' certificates from `mesh-agent ca serve` (run as the CA Deployment runs it)
-//! with projected-token authentication, as in a cluster.
+//! with projected-token authentication, as in a cluster. Their pods' cgroups are found by UID
+//! under `--pod-cgroup-root` (the host's hierarchy, as the DaemonSet mounts it), so the
+//! pod-side hops are spliced.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -41,7 +43,7 @@ fn pod(p: &Pod) -> Value {
     let ns = if p.index == 1 { "mesh" } else { "apps" };
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": p.name(), "namespace": ns, "uid": format!("uid-{}", p.name()), "labels": {"app": p.name()}},
+        "metadata": {"name": p.name(), "namespace": ns, "uid": p.uid(), "labels": {"app": p.name()}},
         "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": format!("sa-{}", p.name()),
                  "containers": [{"name": "app", "image": "mtb-probe"}]},
         "status": {"phase": "Running", "podIP": p.ipv4.to_string(),
@@ -127,6 +129,8 @@ fn run(tb: &Testbed, work: &Path) {
                     .unwrap(),
                 "--bpffs-dir",
                 bpffs.to_str().unwrap(),
+                "--pod-cgroup-root",
+                tb.pod_cgroup_root(n).to_str().unwrap(),
             ],
         );
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -180,7 +184,7 @@ fn run(tb: &Testbed, work: &Path) {
         .iter()
         .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
         .collect();
-    let before = maps[1].counters().unwrap();
+    let before = (maps[0].counters().unwrap(), maps[1].counters().unwrap());
     let dst = SocketAddr::new(tb.pod(2, 1).ipv4.into(), 8080);
     let mut probe = Probe::connect(&tb.pod(1, 1).place, dst, Duration::from_secs(5))
         .unwrap()
@@ -197,8 +201,65 @@ fn run(tb: &Testbed, work: &Path) {
         tb.pod(1, 1).ipv4
     );
     probe.finish(64 << 10).unwrap();
-    let after = maps[1].counters().unwrap().since(&before);
+    let after = maps[1].counters().unwrap().since(&before.1);
     assert!(after.get(Counter::CapturedInboundHbone) >= 1, "{after:?}");
+
+    // Processes in the pods (in their cgroups, where sock_ops sees their sockets; the probe
+    // above runs in the test's own process): the pod-side hop at each end is spliced, each
+    // pod's cgroup found by its UID. Every byte went one way or the other, part of it in the
+    // kernel; mtb-probe checks the digest.
+    let probe_bin = binaries::mtb_probe().unwrap();
+    let mut server = tb
+        .pod(2, 1)
+        .place
+        .spawn(probe_bin.to_str().unwrap(), &["serve", "8090"])
+        .unwrap();
+    server
+        .wait_listening(8090, Duration::from_secs(10))
+        .unwrap();
+    let before = (maps[0].counters().unwrap(), maps[1].counters().unwrap());
+    let bytes = 16u64 << 20;
+    let bulk_dst = SocketAddr::new(tb.pod(2, 1).ipv4.into(), 8090);
+    let out = tb
+        .pod(1, 1)
+        .place
+        .output(
+            probe_bin.to_str().unwrap(),
+            &["send", &bulk_dst.to_string(), &bytes.to_string()],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = tb
+        .node(1)
+        .place
+        .run(bin.to_str().unwrap(), &["status"])
+        .unwrap();
+    for (hop, d) in [
+        (
+            "client pod -> agent 1",
+            maps[0].counters().unwrap().since(&before.0),
+        ),
+        (
+            "agent 2 -> server pod",
+            maps[1].counters().unwrap().since(&before.1),
+        ),
+    ] {
+        let (spliced, deferred) = (
+            d.get(Counter::SplicedBytes),
+            d.get(Counter::SpliceDeferredBytes),
+        );
+        assert!(spliced + deferred >= bytes, "{hop}: {d:?}\n{status}");
+        assert!(spliced > 0, "{hop}: {d:?}\n{status}");
+    }
+    drop(server);
+    assert!(
+        status.contains("splicing on: ") && status.contains("(1 of 1 enrolled pods)"),
+        "{status}"
+    );
     // Both ends' certificates came from the mesh CA, asked by each node's agent for its pod,
     // after a TokenReview of the agent's token.
     assert!(

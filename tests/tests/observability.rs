@@ -395,6 +395,22 @@ fn scraped_counters_match_the_traffic_exactly_and_the_admin_api_stays_on_the_nod
         .collect();
     assert_eq!(enrolled_pods.len(), 2, "{dump}");
     assert_eq!(dump["policies"]["authorizationPolicies"], 1);
+    // How it runs: threads chosen by the cores (no --worker-threads), splicing as launched.
+    let runtime = &dump["runtime"];
+    assert!(
+        runtime["workerThreads"].as_u64() >= Some(1)
+            && runtime["workerThreadsReason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("auto: ")),
+        "{runtime}"
+    );
+    let splice_word = if support::spliced() { "on: " } else { "off: " };
+    assert!(
+        runtime["splice"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(splice_word)),
+        "{runtime}"
+    );
     let (_, certs) = http_get(node1, admin, "GET", "/certs").unwrap();
     assert!(certs.contains(&principal(p(1, 1))), "{certs}");
     let (status, body) = http_get(node1, admin, "POST", "/logging?level=debug").unwrap();
@@ -419,7 +435,9 @@ fn scraped_counters_match_the_traffic_exactly_and_the_admin_api_stays_on_the_nod
     assert!(
         status.contains("READY")
             && status.contains(&format!("mesh/{}", p(1, 1).name()))
-            && status.contains(&principal(p(1, 2))),
+            && status.contains(&principal(p(1, 2)))
+            && status.contains("worker threads ")
+            && status.contains(&format!("splicing {splice_word}")),
         "{status}"
     );
     let top = node1

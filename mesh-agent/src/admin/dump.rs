@@ -58,7 +58,7 @@ pub fn config_dump(state: &AdminState) -> Value {
         .by_ifindex
         .iter()
         .map(|(ifindex, p)| {
-            json!({"pod": p.key, "interface": p.host_iface, "ifindex": ifindex, "ips": p.ips})
+            json!({"pod": p.key, "interface": p.host_iface, "ifindex": ifindex, "ips": p.ips, "cgroup": p.cgroup})
         })
         .collect();
     enrolled.sort_by(|a, b| a["pod"].as_str().cmp(&b["pod"].as_str()));
@@ -74,6 +74,11 @@ pub fn config_dump(state: &AdminState) -> Value {
             "uplinks": config.node.uplinks,
         },
         "handler": state.handler,
+        "runtime": {
+            "workerThreads": state.runtime.worker_threads.count,
+            "workerThreadsReason": state.runtime.worker_threads.reason,
+            "splice": state.runtime.splice,
+        },
         "ready": ready,
         "notReady": not_ready,
         "enrolled": enrolled,

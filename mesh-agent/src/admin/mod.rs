@@ -52,6 +52,16 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub log: LogControl,
+    pub runtime: RuntimeSummary,
+}
+
+/// How the agent runs, as chosen at start: what an operator asks first when figures surprise
+/// them (`mesh-agent status`).
+#[derive(Clone, Debug)]
+pub struct RuntimeSummary {
+    pub worker_threads: crate::node::workers::WorkerChoice,
+    /// `on: …` with the bound, or `off: ` and why.
+    pub splice: String,
 }
 
 /// Where the endpoints listen.

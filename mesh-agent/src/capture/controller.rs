@@ -354,7 +354,12 @@ impl CaptureController {
             }
             enrolled_ifindexes.insert(ifindex);
             view.by_ifindex.insert(ifindex, pod.clone());
-            if let Some(cgroup) = &pod.cgroup {
+            // The pod's side of splicing, only while the agent's side is there to meet it.
+            let splice_cgroup = pod
+                .cgroup
+                .as_ref()
+                .filter(|_| desired.agent_cgroup.is_some());
+            if let Some(cgroup) = splice_cgroup {
                 match self.ensure_sock_ops(SOCK_OPS_POD, cgroup) {
                     Ok(key) => {
                         wanted_links.insert(key);

@@ -26,12 +26,25 @@ pub fn render(dump: &Value, certs: &Value) -> String {
         format!("NOT READY ({})", join(&dump["notReady"]))
     };
     out += &format!(
-        "node {} · handler {} · {ready} · log filter {}\n\n",
+        "node {} · handler {} · {ready} · log filter {}\n",
         s(&dump["node"]["name"]),
         s(&dump["handler"]),
         s(&dump["logFilter"])
     );
     let enrolled = dump["enrolled"].as_array().cloned().unwrap_or_default();
+    let splice = s(&dump["runtime"]["splice"]);
+    // A pod's hops are spliced when its cgroup is known (config, or found by UID).
+    let with_cgroup = enrolled.iter().filter(|p| p["cgroup"].is_string()).count();
+    let pods = if splice.starts_with("on") {
+        format!(" ({with_cgroup} of {} enrolled pods)", enrolled.len())
+    } else {
+        String::new()
+    };
+    out += &format!(
+        "worker threads {} ({}) · splicing {splice}{pods}\n\n",
+        s(&dump["runtime"]["workerThreads"]),
+        s(&dump["runtime"]["workerThreadsReason"]),
+    );
     let identity_of = |pod: &str| {
         dump["workloads"]
             .as_array()

@@ -19,6 +19,7 @@ pub mod state;
 mod succession;
 pub mod telemetry;
 mod update;
+pub mod workers;
 
 use std::{
     path::{Path, PathBuf},
@@ -69,6 +70,8 @@ pub struct NodeOptions {
     pub ca_service: Option<CaServiceOptions>,
     /// On SIGTERM/SIGINT, how long live connections may take to finish before the agent exits.
     pub drain: Duration,
+    /// The runtime's worker threads and why that many (reported by the admin API).
+    pub worker_threads: workers::WorkerChoice,
 }
 
 /// Where the mesh CA is and how to authenticate to it.
@@ -136,31 +139,25 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     // this agent touches nothing.
     let mut controller = CaptureController::start(layout.clone(), claim)?;
     routing::ensure().context("installing the capture's policy routing")?;
-    let kubernetes = matches!(opts.config, ConfigOrigin::Kube(_));
-    let agent_cgroup = if opts.splice && kubernetes {
-        // Pods' cgroups are not known in Kubernetes mode (yet): only the agent's half of each
-        // hop could join, and it would find no peer.
-        info!("same-node splicing is off in Kubernetes mode: the pods' cgroups are not known");
-        None
-    } else if opts.splice {
-        match capture::cgroup::own_cgroup() {
-            None => {
-                warn!("no cgroup v2 membership found: same-node splicing is off");
-                None
+    let (agent_cgroup, splice) = match splice_cgroup(opts.splice) {
+        Err(why) => (None, format!("off: {why}")),
+        Ok(own) => match controller.enable_splice(opts.splice_queue_bytes) {
+            Ok(()) => (
+                Some(own),
+                format!(
+                    "on: at most {} KiB queued per socket",
+                    opts.splice_queue_bytes >> 10
+                ),
+            ),
+            Err(e) => {
+                let e = format!("{e:#}");
+                warn!(
+                    error = e,
+                    "same-node splicing is off: this kernel cannot bound it"
+                );
+                (None, format!("off: this kernel cannot bound it ({e})"))
             }
-            Some(own) => match controller.enable_splice(opts.splice_queue_bytes) {
-                Ok(()) => Some(own),
-                Err(e) => {
-                    warn!(
-                        error = format!("{e:#}"),
-                        "same-node splicing is off: this kernel cannot bound it"
-                    );
-                    None
-                }
-            },
-        }
-    } else {
-        None
+        },
     };
     direct::set_kernel_splice(agent_cgroup.is_none());
     let first = controller.reconcile(&desired_capture(&config, agent_cgroup.as_deref()));
@@ -273,6 +270,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         readiness: Arc::clone(&readiness),
         log: opts.log.clone(),
+        runtime: crate::admin::RuntimeSummary {
+            worker_threads: opts.worker_threads.clone(),
+            splice,
+        },
     });
     let endpoints = crate::admin::start(Arc::clone(&admin), opts.admin)
         .context("starting the admin, metrics and readiness endpoints")?;
@@ -446,6 +447,19 @@ pub fn tune_allocator() {
 
 /// How often freed heap memory is handed back to the kernel.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// The agent's own cgroup, where its side of splicing attaches, or why splicing stays off.
+/// (The pods' side attaches to each enrolled pod's cgroup: from the config file, or found by
+/// the pod's UID under `--pod-cgroup-root` in Kubernetes mode.)
+fn splice_cgroup(splice: bool) -> Result<PathBuf, String> {
+    if !splice {
+        return Err("--splice=off".into());
+    }
+    capture::cgroup::own_cgroup().ok_or_else(|| {
+        warn!("no cgroup v2 membership found: same-node splicing is off");
+        "no cgroup v2 membership found".to_owned()
+    })
+}
+
 /// How often splice entries of sockets that closed unseen are looked for (a walk of two maps).
 const SPLICE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the agent checks whether a successor is waiting for the data path.

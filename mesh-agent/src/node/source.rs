@@ -25,6 +25,9 @@ pub struct KubeSource {
     /// A kubeconfig file; None: in-cluster (the pod's service account), or $KUBECONFIG.
     pub kubeconfig: Option<PathBuf>,
     pub settings: SnapshotSettings,
+    /// The host's cgroup v2 hierarchy, where local pods' cgroups are looked up by UID (for
+    /// splicing); None: where this process sees cgroup v2 mounted.
+    pub pod_cgroup_root: Option<PathBuf>,
 }
 
 /// The configuration source of a running agent.
@@ -77,7 +80,7 @@ impl Source {
         let discovery = KubeDiscovery::start(
             client.clone(),
             k.settings.clone(),
-            Arc::new(HostLocator::new()),
+            Arc::new(HostLocator::new(k.pod_cgroup_root.clone())),
             Arc::new(host::interfaces),
         );
         Ok(Self::Kube {

@@ -32,17 +32,13 @@ pub struct HostLocator {
 }
 
 impl HostLocator {
-    pub fn new() -> Self {
+    /// Looks pods' cgroups up under `cgroup_root` (the host's cgroup v2 hierarchy; a container
+    /// mounts it from the host), or where this process sees cgroup v2 mounted.
+    pub fn new(cgroup_root: Option<PathBuf>) -> Self {
         Self {
-            cgroup_root: crate::capture::cgroup::cgroup2_mount(),
+            cgroup_root: cgroup_root.or_else(crate::capture::cgroup::cgroup2_mount),
             cache: Mutex::default(),
         }
-    }
-}
-
-impl Default for HostLocator {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
