@@ -3,11 +3,14 @@
 //! A 2-node × 3-pod testbed, one release-built agent per node with production defaults, and two
 //! scenarios: `cross_node` (node1-pod1 → node2-pod1) and `same_node` (node1-pod1 → node1-pod2).
 //! Each trial measures every test on the `plain` path (the same pods, not enrolled) and then on
-//! the `mesh` path (enrolled), so slow drifts of the machine hit both alike. Figures: iperf3
+//! the `mesh` path (enrolled), so slow drifts of the machine hit both alike; a full run also
+//! measures the mesh path with the agents in other configurations (`agents.rs`: splicing off,
+//! two worker threads), each its own path in the results. Figures: iperf3
 //! throughput with 1 and 16 streams, 1 KiB request/response latency (HDR histogram), new
 //! connections per second at concurrency 1 and 8, agent CPU per 1,000 req/s at a fixed rate,
 //! and the agents' RSS idle and under load (from /proc). A third scenario, `l7` (see `l7.rs`),
 //! adds a `waypoint` path: HTTP through a `mesh-agent waypoint`.
+mod agents;
 mod l7;
 mod report;
 mod sampler;
@@ -55,11 +58,12 @@ pub struct BenchArgs {
     /// Keep the agents' logs in this directory.
     #[arg(long)]
     logs: Option<PathBuf>,
-    /// Splicing of the pod<->agent hops through sockmap, `on` (the agent's default: the pods'
-    /// cgroups are in the configs) or `off` (the agents run with `--splice=off`: their relay
-    /// carries every hop), for the figures without it.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    splice: String,
+    /// Agent configurations the mesh path is measured in (repeatable): `default` (production
+    /// defaults: splicing on, worker threads auto), `splice-off` (`--splice=off`), `threads-2`
+    /// (`--worker-threads 2`). Default: all of them, or `default` alone with `--quick`.
+    /// Switching between them restarts the agents.
+    #[arg(long = "variant", value_parser = ["default", "splice-off", "threads-2"])]
+    variants: Vec<String>,
     /// Use the dev-profile binaries (`cargo xtask test` has just built them; mesh-agent is
     /// compiled at opt-level 2 there, its dependencies are not) instead of a release build:
     /// CI's smoke run proves the harness without a second full build. The header says
@@ -78,23 +82,40 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    fn spliced(&self) -> bool {
-        self.splice == "on"
+    /// The agent variants to measure, in order.
+    fn variants(&self) -> Vec<&'static agents::Variant> {
+        if self.variants.is_empty() {
+            return if self.quick {
+                vec![agents::DEFAULT]
+            } else {
+                agents::VARIANTS.iter().collect()
+            };
+        }
+        self.variants
+            .iter()
+            .filter_map(|n| agents::variant(n))
+            .collect()
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BenchPath {
     Plain,
-    Mesh,
+    /// Enrolled, through agents in this configuration.
+    Mesh(&'static agents::Variant),
 }
 
 impl BenchPath {
     fn name(self) -> &'static str {
         match self {
             Self::Plain => "plain",
-            Self::Mesh => "mesh",
+            Self::Mesh(v) => v.path,
         }
+    }
+
+    /// The mesh path with production defaults.
+    fn is_default_mesh(self) -> bool {
+        self == Self::Mesh(agents::DEFAULT)
     }
 }
 
@@ -216,7 +237,7 @@ fn machine_header(args: &BenchArgs) -> Result<Value> {
         "mode": if quick { "quick" } else { "full" },
         "trials": if quick { 3 } else { 5 },
         "seconds_per_test": if quick { 2 } else { 5 },
-        "agent_splice": args.spliced(),
+        "variants": args.variants().iter().map(|v| json!({"path": v.path, "agent_args": v.args, "what": v.what})).collect::<Vec<_>>(),
         "build": if args.dev_build { "dev" } else { "release" },
     }))
 }
@@ -226,52 +247,28 @@ struct Rig<'a> {
     tb: &'a Testbed,
     probe: PathBuf,
     agents: Vec<AgentProcess>,
+    /// The configuration `agents` run in.
+    variant: &'static agents::Variant,
+    agent_bin: PathBuf,
+    work: PathBuf,
+    logs: Option<PathBuf>,
     _servers: Vec<Background>,
     secs: f64,
     perf: Option<PathBuf>,
-    /// Agents splice same-node hops (pods' cgroups are in their configs).
-    splice: bool,
 }
 
 fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
     let (agent, probe) = (bin.join("mesh-agent"), bin.join("mtb-probe"));
     let ca = throwaway_ca(&agent, work)?;
-    let mut agents = Vec::new();
     for node in 1..=2 {
-        let config = work.join(format!("node{node}.yaml"));
         std::fs::write(
-            &config,
-            config_yaml(tb, node, &ca, BenchPath::Plain, args.spliced()),
+            agents::config_path(work, node),
+            config_yaml(tb, node, &ca, BenchPath::Plain),
         )?;
-        let bpffs = tb.bpffs_dir().join(format!("agent-node{node}"));
-        let mut agent_args = vec![
-            "node",
-            "--config",
-            config.to_str().context("path")?,
-            "--bpffs-dir",
-            bpffs.to_str().context("path")?,
-            // Only how fast enrolment follows the file between trials; the data path is the
-            // production default (mesh handler, splicing on) unless --splice off.
-            "--reload-interval-ms",
-            "100",
-            // The bench ends with SIGTERM: a connection a trial left open must not hold the
-            // teardown for the production drain limit (1 h).
-            "--drain-seconds",
-            "5",
-        ];
-        if !args.spliced() {
-            agent_args.push("--splice=off");
-        }
-        let mut p = tb
-            .node(node)
-            .place
-            .spawn(agent.to_str().context("path")?, &agent_args)?;
-        for port in [15001, 15006, 15008] {
-            p.wait_listening(port, Duration::from_secs(20))
-                .with_context(|| format!("agent of node{node}"))?;
-        }
-        agents.push(AgentProcess::new(node, p, config, bpffs));
     }
+    let variants = args.variants();
+    let first = variants.first().copied().unwrap_or(agents::DEFAULT);
+    let running = agents::start(tb, &agent, work, first)?;
     let mut servers = Vec::new();
     for s in &SCENARIOS {
         let pod = tb.pod(s.server.0, s.server.1);
@@ -290,69 +287,107 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
     let run_l7 = args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == l7::NAME);
     let mut waypoint_pid = None;
     if run_l7 {
-        let started = l7::start(tb, bin, &agents[0].config)?;
+        let started = l7::start(tb, bin, &running[0].config)?;
         waypoint_pid = started.last().map(Background::pid);
         servers.extend(started);
     }
     let mut rig = Rig {
         tb,
         probe,
-        agents,
+        agents: running,
+        variant: first,
+        agent_bin: agent,
+        work: work.to_owned(),
+        logs: args.logs.clone(),
         _servers: servers,
         secs: if args.quick { 2.0 } else { 5.0 },
         perf: args.perf.clone(),
-        splice: args.spliced(),
     };
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == s.name))
         .collect();
-    let outcome = measure(&rig, &scenarios, waypoint_pid, &ca, args.quick);
-    for a in rig.agents.drain(..) {
-        let node = a.node;
-        let log = a.stop()?;
-        if let Some(dir) = &args.logs {
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join(format!("agent-node{node}.log")), log)?;
-        }
-    }
+    let outcome = measure(
+        &mut rig,
+        &scenarios,
+        &variants,
+        waypoint_pid,
+        &ca,
+        args.quick,
+    );
+    let running = std::mem::take(&mut rig.agents);
+    agents::stop(running, rig.variant, args.logs.as_deref())?;
     outcome
 }
 
-/// The warm-up and every trial.
+/// The warm-up and every trial: per trial the plain path, then the mesh path in each variant.
 fn measure(
-    rig: &Rig<'_>,
+    rig: &mut Rig<'_>,
     scenarios: &[&Scenario],
+    variants: &[&'static agents::Variant],
     waypoint: Option<u32>,
     ca: &Path,
     quick: bool,
 ) -> Result<Results> {
-    // Warm-up on the mesh path: certificates issued, pools and caches as in steady state.
-    rig.set_path(BenchPath::Mesh, ca)?;
-    for s in scenarios {
-        rig.rr(s, 1.0)?;
-    }
+    rig.warm_up(scenarios, ca)?;
     let trials = if quick { 3 } else { 5 };
     let mut results = Results::default();
     for trial in 1..=trials {
-        for path in [BenchPath::Plain, BenchPath::Mesh] {
+        let paths =
+            std::iter::once(BenchPath::Plain).chain(variants.iter().map(|v| BenchPath::Mesh(v)));
+        for path in paths {
+            if let BenchPath::Mesh(v) = path {
+                rig.switch_agents(v, scenarios, ca)?;
+            }
             rig.set_path(path, ca)?;
             println!("• trial {trial}/{trials}, {} path", path.name());
             for s in scenarios {
                 rig.scenario(s, path, &mut results)?;
             }
+            // The waypoint sits behind the production-default agents only.
             if let Some(pid) = waypoint {
                 match path {
                     BenchPath::Plain => rig.l7("plain", pid, &mut results)?,
-                    BenchPath::Mesh => {
+                    p if p.is_default_mesh() => {
                         rig.l7("mesh", pid, &mut results)?;
                         rig.l7("waypoint", pid, &mut results)?;
                     }
+                    BenchPath::Mesh(_) => {}
                 }
             }
         }
     }
     Ok(results)
+}
+
+impl Rig<'_> {
+    /// On the mesh path, a short request/response per scenario: certificates issued, pools
+    /// and caches as in steady state.
+    fn warm_up(&self, scenarios: &[&Scenario], ca: &Path) -> Result<()> {
+        self.set_path(BenchPath::Mesh(self.variant), ca)?;
+        for s in scenarios {
+            self.rr(s, 1.0)?;
+        }
+        Ok(())
+    }
+
+    /// Restarts both agents in `variant` (and warms them up) unless they already run in it.
+    fn switch_agents(
+        &mut self,
+        variant: &'static agents::Variant,
+        scenarios: &[&Scenario],
+        ca: &Path,
+    ) -> Result<()> {
+        if self.variant == variant {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.agents);
+        agents::stop(old, self.variant, self.logs.as_deref())?;
+        println!("• agents restarted: {}", variant.what);
+        self.agents = agents::start(self.tb, &self.agent_bin, &self.work, variant)?;
+        self.variant = variant;
+        self.warm_up(scenarios, ca)
+    }
 }
 
 impl Rig<'_> {
@@ -363,16 +398,13 @@ impl Rig<'_> {
     /// Rewrites both agents' configs for `path` and waits until the capture follows.
     fn set_path(&self, path: BenchPath, ca: &Path) -> Result<()> {
         for a in &self.agents {
-            std::fs::write(
-                &a.config,
-                config_yaml(self.tb, a.node, ca, path, self.splice),
-            )?;
+            std::fs::write(&a.config, config_yaml(self.tb, a.node, ca, path))?;
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         for a in &self.agents {
             let want = match path {
                 BenchPath::Plain => 0,
-                BenchPath::Mesh => MESH_PODS.iter().filter(|p| p.0 == a.node).count(),
+                BenchPath::Mesh(_) => MESH_PODS.iter().filter(|p| p.0 == a.node).count(),
             };
             while a.enrolled_links() != want {
                 ensure!(
@@ -473,7 +505,7 @@ impl Rig<'_> {
         let first = !results
             .trials
             .contains_key(&(s.name.to_owned(), "throughput_1", path.name()));
-        if path != BenchPath::Mesh || s.name != "cross_node" || !first {
+        if !path.is_default_mesh() || s.name != "cross_node" || !first {
             return Ok(None);
         }
         std::fs::create_dir_all(dir)?;
@@ -535,7 +567,7 @@ impl Rig<'_> {
                 p99: Some(p99),
             },
         );
-        if path == BenchPath::Mesh {
+        if path.is_default_mesh() {
             let (rr, scrapes) = self.rr_while_scraping(s)?;
             let (p50, p99) = (
                 rr["p50_us"].as_f64().context("p50")?,
@@ -555,7 +587,7 @@ impl Rig<'_> {
         }
         let once = match path {
             BenchPath::Plain => ONCE_PORT_PLAIN,
-            BenchPath::Mesh => ONCE_PORT_MESH,
+            BenchPath::Mesh(_) => ONCE_PORT_MESH,
         };
         for (test, conc) in [("connrate_c1", "1"), ("connrate_c8", "8")] {
             let v = self.client_json(s, &["connrate", &self.server_addr(s, once), conc, &secs])?;
@@ -656,12 +688,12 @@ fn value(v: f64) -> Trial {
 }
 
 /// Every pod in namespace `bench`; on the mesh path the scenario pods carry Istio's enrolment
-/// label, on the plain path no pod does. With `splice`, pods' cgroups are given (the agent
-/// splices the hops of pods whose cgroup it knows).
-fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bool) -> String {
+/// label, on the plain path no pod does. Pods' cgroups are given: an agent that splices
+/// splices the hops of pods whose cgroup it knows.
+fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath) -> String {
     let enrolled: BTreeSet<(usize, usize)> = match path {
         BenchPath::Plain => BTreeSet::new(),
-        BenchPath::Mesh => MESH_PODS.into_iter().collect(),
+        BenchPath::Mesh(_) => MESH_PODS.into_iter().collect(),
     };
     let mut y = format!(
         // The plain path un-enrols every pod on purpose.
@@ -686,11 +718,7 @@ fn config_yaml(tb: &Testbed, node: usize, ca: &Path, path: BenchPath, splice: bo
         } else {
             format!(", labels: {{{}}}", labels.join(", "))
         };
-        let cgroup = if splice {
-            format!(", cgroup: {}", p.place.cgroup.display())
-        } else {
-            String::new()
-        };
+        let cgroup = format!(", cgroup: {}", p.place.cgroup.display());
         y += &format!(
             "  - {{name: {}, namespace: bench, serviceAccount: sa-{}, node: node{}, ips: [{}, \"{}\"], hostInterface: {}{cgroup}{label}}}\n",
             p.name(),

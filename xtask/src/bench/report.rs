@@ -147,11 +147,16 @@ impl Results {
             header["trials"],
             header["mode"].as_str().unwrap_or("?"),
         );
-        out += if header["agent_splice"].as_bool() == Some(true) {
-            "Agents ran with production defaults: the pod<->agent hops are spliced (sockmap, bounded).\n\n"
-        } else {
-            "Agents ran with `--splice=off`: the agent's relay carries every pod<->agent hop.\n\n"
-        };
+        let variants = header["variants"].as_array().cloned().unwrap_or_default();
+        out += "Agent configurations measured on the mesh path (the targets are judged on `mesh`):\n\n";
+        for v in &variants {
+            out += &format!(
+                "- `{}`: {}\n",
+                v["path"].as_str().unwrap_or("?"),
+                v["what"].as_str().unwrap_or("?")
+            );
+        }
+        out += "\n";
         out += "| figure | target | plain | mesh | measured | met |\n|---|---|---|---|---|---|\n";
         let fmt = |v: Option<f64>, unit: &str| match v {
             Some(x) if x.is_finite() => match unit {
@@ -274,6 +279,8 @@ impl Results {
             m.map_or("—", |x| if x <= 0.03 { "yes" } else { "**no**" }),
         );
         out += &self.l7_rows(&fmt);
+        let mesh_paths: Vec<&str> = variants.iter().filter_map(|v| v["path"].as_str()).collect();
+        out += &self.variant_table(&mesh_paths, &fmt);
         for scenario in ["cross_node", "same_node"] {
             let (plain, scraped) = (
                 (
@@ -300,7 +307,14 @@ impl Results {
                 out += &format!("- {s} {t} {p}: {why}\n");
             }
         }
-        out += "\nAll figures (median, min–max over trials):\n\n| scenario | test | plain | mesh | waypoint |\n|---|---|---|---|---|\n";
+        let mut columns = vec!["plain"];
+        columns.extend(self.paths().filter(|p| *p != "plain" && *p != "waypoint"));
+        columns.push("waypoint");
+        out += &format!(
+            "\nAll figures (median, min–max over trials):\n\n| scenario | test | {} |\n|{}\n",
+            columns.join(" | "),
+            "---|".repeat(columns.len() + 2)
+        );
         let mut keys: Vec<(&String, &'static str)> =
             self.trials.keys().map(|(s, t, _)| (s, *t)).collect();
         keys.dedup();
@@ -326,18 +340,129 @@ impl Results {
                         c
                     })
             };
-            out += &format!(
-                "| {s} | {t} | {} | {} | {} |\n",
-                cell("plain"),
-                cell("mesh"),
-                cell("waypoint")
-            );
+            let cells: Vec<String> = columns.iter().copied().map(&cell).collect();
+            out += &format!("| {s} | {t} | {} |\n", cells.join(" | "));
         }
         out
     }
 }
 
 impl Results {
+    /// Every path measured, in first-seen key order.
+    fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut all: Vec<&'static str> = self.trials.keys().map(|(_, _, p)| *p).collect();
+        all.retain(|p| seen.insert(*p));
+        // `mesh` (production defaults) before its variants.
+        all.sort_by_key(|p| (*p != "mesh", *p));
+        all.into_iter()
+    }
+
+    /// The headline figures of each agent configuration against plain, side by side: what
+    /// splicing and a second thread change, measured in the same run.
+    fn variant_table(&self, paths: &[&str], fmt: &dyn Fn(Option<f64>, &str) -> String) -> String {
+        if paths.len() < 2 {
+            return String::new();
+        }
+        let mut out = format!(
+            "\nAgent configurations side by side (medians; ratio to plain, or added latency):\n\n| figure | plain | {} |\n|{}\n",
+            paths.join(" | "),
+            "---|".repeat(paths.len() + 2)
+        );
+        let rows: [(&str, &str, &str); 11] = [
+            (
+                "cross-node throughput, 1 stream",
+                "cross_node",
+                "throughput_1",
+            ),
+            (
+                "cross-node throughput, 16 streams",
+                "cross_node",
+                "throughput_16",
+            ),
+            (
+                "same-node throughput, 1 stream",
+                "same_node",
+                "throughput_1",
+            ),
+            (
+                "same-node throughput, 16 streams",
+                "same_node",
+                "throughput_16",
+            ),
+            (
+                "1 KiB request/response p50, cross-node",
+                "cross_node",
+                "rr_1kib",
+            ),
+            (
+                "1 KiB request/response p50, same node",
+                "same_node",
+                "rr_1kib",
+            ),
+            (
+                "new connections/s, c1, cross-node",
+                "cross_node",
+                "connrate_c1",
+            ),
+            (
+                "new connections/s, c8, cross-node",
+                "cross_node",
+                "connrate_c8",
+            ),
+            (
+                "new connections/s, c1, same node",
+                "same_node",
+                "connrate_c1",
+            ),
+            (
+                "new connections/s, c8, same node",
+                "same_node",
+                "connrate_c8",
+            ),
+            (
+                "agent CPU per 1,000 req/s, cross-node",
+                "cross_node",
+                "cpu_per_1k_rps",
+            ),
+        ];
+        for (label, scenario, test) in rows {
+            let plain = self.median(scenario, test, "plain");
+            let mut cells = Vec::new();
+            for path in paths {
+                let m = self.median(scenario, test, path);
+                cells.push(match (test, plain, m) {
+                    (_, _, None) => "—".to_owned(),
+                    ("cpu_per_1k_rps", _, m) => fmt(m, unit(test)),
+                    ("rr_1kib", Some(p), Some(m)) => {
+                        format!("{} (+{:.0} µs)", fmt(Some(m), "us"), m - p)
+                    }
+                    (_, Some(p), Some(m)) => {
+                        format!("{} ({:.0}%)", fmt(Some(m), unit(test)), m / p * 100.0)
+                    }
+                    (_, None, m) => fmt(m, unit(test)),
+                });
+            }
+            out += &format!(
+                "| {label} | {} | {} |\n",
+                fmt(plain, unit(test)),
+                cells.join(" | ")
+            );
+        }
+        let rss = |path: &str| {
+            ["cross_node", "same_node"]
+                .iter()
+                .filter_map(|s| self.median(s, "rss_load", path))
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
+        };
+        let cells: Vec<String> = paths.iter().map(|p| fmt(rss(p), "mib")).collect();
+        out += &format!(
+            "| agent RSS under load (largest agent) | — | {} |\n",
+            cells.join(" | ")
+        );
+        out
+    }
+
     /// The L7 targets (issue #16): the waypoint against the L4 mesh on the same run.
     fn l7_rows(&self, fmt: &dyn Fn(Option<f64>, &str) -> String) -> String {
         let mut out = String::new();
@@ -410,5 +535,37 @@ mod tests {
         assert_eq!(rec["p99"], 70.0);
         assert_eq!(rec["trials"].as_array().unwrap().len(), 3);
         assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), 2.5);
+    }
+
+    #[test]
+    fn variants_get_their_own_columns_against_plain() {
+        let mut r = Results::default();
+        for (path, gbit) in [("plain", 10.0), ("mesh", 11.0), ("mesh_splice_off", 8.0)] {
+            r.add(
+                "same_node",
+                "throughput_1",
+                path,
+                Trial {
+                    value: gbit,
+                    p50: None,
+                    p99: None,
+                },
+            );
+        }
+        let fmt = |v: Option<f64>, _: &str| v.map_or("—".into(), |x| format!("{x:.2}"));
+        let table = r.variant_table(&["mesh", "mesh_splice_off"], &fmt);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| same-node throughput, 1 stream"))
+            .unwrap();
+        assert_eq!(
+            row,
+            "| same-node throughput, 1 stream | 10.00 | 11.00 (110%) | 8.00 (80%) |"
+        );
+        assert!(r.variant_table(&["mesh"], &fmt).is_empty());
+        assert_eq!(
+            r.paths().collect::<Vec<_>>(),
+            ["mesh", "mesh_splice_off", "plain"]
+        );
     }
 }
