@@ -17,6 +17,8 @@ use crate::place::Place;
 pub struct Transfer {
     /// Bytes the client wrote (iperf3's server-side count can lag it on short runs).
     pub bytes_sent: u64,
+    /// Bytes the server reported receiving (`-n` runs end when all were sent and received).
+    pub bytes_received: u64,
     /// Client address as the client saw its own socket.
     pub local: IpAddr,
     /// Server address the client was connected to.
@@ -73,6 +75,9 @@ fn parse_client_json(text: &str) -> Result<Transfer> {
         bytes_sent: json["end"]["sum_sent"]["bytes"]
             .as_u64()
             .context("iperf3 JSON has no end.sum_sent.bytes")?,
+        bytes_received: json["end"]["sum_received"]["bytes"]
+            .as_u64()
+            .context("iperf3 JSON has no end.sum_received.bytes")?,
         local: addr("local_host")?,
         remote: addr("remote_host")?,
     })
