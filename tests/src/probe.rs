@@ -19,6 +19,37 @@ use serde_json::Value;
 
 use crate::place::Place;
 
+/// `mtb-probe serve port` as a process in `place` — in its cgroup, where the agent's sock_ops
+/// sees its sockets (a [`ProbeServer`] runs in the test's own process) — once it listens.
+pub fn serve_process(place: &Place, port: u16) -> Result<crate::Background> {
+    let probe = crate::binaries::mtb_probe()?;
+    let mut server = place.spawn(
+        probe.to_str().context("path")?,
+        &["serve", &port.to_string()],
+    )?;
+    server.wait_listening(port, Duration::from_secs(10))?;
+    Ok(server)
+}
+
+/// `mtb-probe send dst bytes` as a process in `place` (in its cgroup, see [`serve_process`]):
+/// its report (`seconds`, the server's hello...). Fails unless the server saw every byte
+/// intact.
+pub fn send_process(place: &Place, dst: SocketAddr, bytes: u64) -> Result<Value> {
+    let probe = crate::binaries::mtb_probe()?;
+    let out = place.output(
+        probe.to_str().context("path")?,
+        &["send", &dst.to_string(), &bytes.to_string()],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "mtb-probe send {dst} from {}: {}",
+            place.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("mtb-probe send report")
+}
+
 /// FNV-1a 64 (the agent's report digest), streaming.
 #[derive(Clone, Copy, Debug)]
 pub struct Fnv(u64);

@@ -13,7 +13,10 @@ use std::{
 };
 
 use mesh_common::{Counter, capture::SPLICE_QUEUE_BYTES};
-use mesh_testbed::{Place, Testbed, TestbedSpec, binaries, can_run, probe::Probe};
+use mesh_testbed::{
+    Place, Testbed, TestbedSpec, binaries, can_run,
+    probe::{self, Probe},
+};
 use support::{Agent, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
@@ -33,21 +36,9 @@ fn out_segs(place: &Place) -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
-/// Runs `mtb-probe send` as a process in `place` (so in its cgroup, where sock_ops sees it).
+/// `mtb-probe send` as a process in `place`.
 fn send_from(place: &Place, dst: SocketAddr, bytes: u64) -> serde_json::Value {
-    let probe = binaries::mtb_probe().unwrap();
-    let out = place
-        .output(
-            probe.to_str().unwrap(),
-            &["send", &dst.to_string(), &bytes.to_string()],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mtb-probe send {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    probe::send_process(place, dst, bytes).unwrap()
 }
 
 #[test]
@@ -92,14 +83,9 @@ fn outbound_hop_is_spliced_and_carries_a_gibibyte_intact() {
     tb.teardown_verified().unwrap();
 }
 
-/// A probe server as a process in `place` (in the pod's cgroup, where sock_ops sees it), listening.
+/// A probe server as a process in `place`, listening.
 fn probe_server(place: &Place, port: u16) -> mesh_testbed::place::Background {
-    let probe = binaries::mtb_probe().unwrap();
-    let mut srv = place
-        .spawn(probe.to_str().unwrap(), &["serve", &port.to_string()])
-        .unwrap();
-    srv.wait_listening(port, Duration::from_secs(10)).unwrap();
-    srv
+    probe::serve_process(place, port).unwrap()
 }
 
 #[test]

@@ -21,7 +21,7 @@ use mesh_testbed::{
     deploy::{node_agent_capabilities, with_only_capabilities},
     fakeapi::{FakeApi, TokenUser},
     http::http_get,
-    probe::{Probe, ProbeServer},
+    probe::{self, Probe, ProbeServer},
 };
 use serde_json::{Value, json};
 
@@ -208,31 +208,11 @@ fn run(tb: &Testbed, work: &Path) {
     // above runs in the test's own process): the pod-side hop at each end is spliced, each
     // pod's cgroup found by its UID. Every byte went one way or the other, part of it in the
     // kernel; mtb-probe checks the digest.
-    let probe_bin = binaries::mtb_probe().unwrap();
-    let mut server = tb
-        .pod(2, 1)
-        .place
-        .spawn(probe_bin.to_str().unwrap(), &["serve", "8090"])
-        .unwrap();
-    server
-        .wait_listening(8090, Duration::from_secs(10))
-        .unwrap();
+    let server = probe::serve_process(&tb.pod(2, 1).place, 8090).unwrap();
     let before = (maps[0].counters().unwrap(), maps[1].counters().unwrap());
     let bytes = 16u64 << 20;
     let bulk_dst = SocketAddr::new(tb.pod(2, 1).ipv4.into(), 8090);
-    let out = tb
-        .pod(1, 1)
-        .place
-        .output(
-            probe_bin.to_str().unwrap(),
-            &["send", &bulk_dst.to_string(), &bytes.to_string()],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    probe::send_process(&tb.pod(1, 1).place, bulk_dst, bytes).unwrap();
     let status = tb
         .node(1)
         .place

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use mesh_common::{Counter, capture::SPLICE_QUEUE_BYTES};
 use mesh_testbed::{
     Place, TestbedSpec, binaries, can_run,
-    probe::{Probe, ProbeServer},
+    probe::{self, Probe, ProbeServer},
 };
 use support::{Mesh, finish, sniffer::Sniffer};
 
@@ -112,30 +112,11 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
         return;
     }
     let Mesh { tb, ca, a1, a2 } = Mesh::start(SPEC, &ENROLLED);
-    let probe = binaries::mtb_probe().unwrap();
-    let mut srv = tb
-        .pod(2, 1)
-        .place
-        .spawn(probe.to_str().unwrap(), &["serve", "8080"])
-        .unwrap();
-    srv.wait_listening(8080, Duration::from_secs(10)).unwrap();
+    let srv = probe::serve_process(&tb.pod(2, 1).place, 8080).unwrap();
     let dst = SocketAddr::new(tb.pod(2, 1).ipv4.into(), 8080);
     let before = (a1.counters(), a2.counters());
     let bytes = 1u64 << 30;
-    let out = tb
-        .pod(1, 1)
-        .place
-        .output(
-            probe.to_str().unwrap(),
-            &["send", &dst.to_string(), &bytes.to_string()],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = probe::send_process(&tb.pod(1, 1).place, dst, bytes).unwrap();
     let (d1, d2) = (
         a1.counters().since(&before.0),
         a2.counters().since(&before.1),
