@@ -224,10 +224,10 @@ mod tests {
     fn parses_client_report_and_unmaps_v4_in_v6() {
         let t = parse_client_json(
             r#"{"start":{"connected":[{"local_host":"::ffff:10.240.1.11","remote_host":"10.240.2.11"}]},
-                "end":{"sum_sent":{"bytes":1048576}}}"#,
+                "end":{"sum_sent":{"bytes":1048576},"sum_received":{"bytes":1040000}}}"#,
         )
         .unwrap();
-        assert_eq!(t.bytes_sent, 1 << 20);
+        assert_eq!((t.bytes_sent, t.bytes_received), (1 << 20, 1_040_000));
         assert_eq!(t.local.to_string(), "10.240.1.11");
         assert_eq!(t.remote.to_string(), "10.240.2.11");
     }
