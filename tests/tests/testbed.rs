@@ -79,6 +79,7 @@ fn processes_join_their_place_and_closures_run_in_its_netns() {
     // A spawned process is in the pod's cgroup and netns.
     let sleeper = pod.place.spawn("sleep", &["30"]).unwrap();
     let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", sleeper.pid())).unwrap();
+    // Below the run's directory, where kubelet's cgroupfs driver would put it.
     let run_dir = tb
         .info()
         .cgroup_dir
@@ -86,8 +87,13 @@ fn processes_join_their_place_and_closures_run_in_its_netns() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
+    let want = format!("{run_dir}/node{}-kubepods/pod{}", pod.node, pod.uid());
+    let member = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("");
     assert!(
-        cgroup.contains(&format!("{run_dir}/{}", pod.name())),
+        member.ends_with(&want) && pod.place.cgroup.ends_with(member.trim_start_matches('/')),
         "cgroup of spawned process: {cgroup}"
     );
     let ns = fs::read_link(format!("/proc/{}/ns/net", sleeper.pid())).unwrap();
