@@ -143,11 +143,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     // Our side: agent sockets live in the agent's network namespace, pod sockets in pods'.
     // SAFETY: helper on the valid context; map read copied out.
     let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) };
-    let agent_netns = MESH_CONFIG
-        .get(CONFIG_AGENT_NETNS_COOKIE)
-        .copied()
-        .unwrap_or(0);
-    let side = if agent_netns != 0 && netns == agent_netns {
+    let side = if is_agent_netns(netns) {
         SPLICE_SIDE_AGENT
     } else {
         SPLICE_SIDE_POD
@@ -417,6 +413,12 @@ fn key_of(f: &SockFields, side: u32) -> Option<SpliceKey> {
 fn in_agent_netns(ctx: &SockOpsContext) -> bool {
     // SAFETY: helper on the valid context; map read copied out.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut _) };
+    is_agent_netns(netns)
+}
+
+/// Whether netns cookie `netns` is the agent's (written to `MESH_CONFIG` at start; unset: no).
+#[inline(always)]
+fn is_agent_netns(netns: u64) -> bool {
     let agent_netns = MESH_CONFIG
         .get(CONFIG_AGENT_NETNS_COOKIE)
         .copied()
