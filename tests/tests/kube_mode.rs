@@ -8,7 +8,7 @@
 //! under `--pod-cgroup-root` (the host's hierarchy, as the DaemonSet mounts it), so the
 //! pod-side hops are spliced.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
@@ -18,9 +18,7 @@ use mesh_agent::capture::PinnedMaps;
 use mesh_common::Counter;
 use mesh_testbed::{
     Background, Pod, Testbed, TestbedSpec, binaries, can_run,
-    deploy::{node_agent_capabilities, with_only_capabilities},
-    fakeapi::{FakeApi, TokenUser},
-    http::http_get,
+    kubemesh::{self, KubeMesh, namespace, readiness},
     probe::{self, Probe, ProbeServer},
 };
 use serde_json::{Value, json};
@@ -30,25 +28,9 @@ const SPEC: TestbedSpec = TestbedSpec {
     pods_per_node: 2,
 };
 
-fn namespace(name: &str, ambient: bool) -> Value {
-    let mut labels = json!({"kubernetes.io/metadata.name": name});
-    if ambient {
-        labels["istio.io/dataplane-mode"] = json!("ambient");
-    }
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
 /// Pod 1 of each node in `mesh` (enrolled by its namespace), pod 2 in `apps` (not yet).
 fn pod(p: &Pod) -> Value {
-    let ns = if p.index == 1 { "mesh" } else { "apps" };
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": p.name(), "namespace": ns, "uid": p.uid(), "labels": {"app": p.name()}},
-        "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": format!("sa-{}", p.name()),
-                 "containers": [{"name": "app", "image": "mtb-probe"}]},
-        "status": {"phase": "Running", "podIP": p.ipv4.to_string(),
-                   "podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]}
-    })
+    kubemesh::pod(p, if p.index == 1 { "mesh" } else { "apps" })
 }
 
 fn enrolled_ifindexes(maps: &PinnedMaps) -> BTreeSet<u32> {
@@ -85,64 +67,21 @@ fn agents_in_kubernetes_mode_enrol_pods_found_on_the_host_and_follow_label_flips
 fn run(tb: &Testbed, work: &Path) {
     // The API server double listens on node1's uplink address: both agents reach it over the
     // testbed's LAN, from their own namespaces (their own traffic is never captured).
-    let node1 = tb.node(1);
-    let listener = node1
-        .place
-        .in_netns(|| std::net::TcpListener::bind((node1.ipv4, 0)))
-        .unwrap()
-        .unwrap();
-    let api = FakeApi::start_on(listener);
+    let bin = binaries::mesh_agent().unwrap();
+    let km = KubeMesh::new(tb, work, &bin).unwrap();
+    let api = &km.api;
     for ns in [namespace("mesh", true), namespace("apps", false)] {
         api.apply(ns);
     }
     for p in tb.pods() {
         api.apply(pod(p));
     }
-    let bin = binaries::mesh_agent().unwrap();
-    let kc = api.write_kubeconfig(work);
-    let (ca, ca_address) = start_ca(tb, &api, &bin, &kc, work);
+    let ca = km.start_ca(&[]).unwrap();
     // The agents start while the CA is down (it published its root first, as in a cluster).
     let first_ca_run = ca.terminate(Duration::from_secs(10)).unwrap();
-    let caps = node_agent_capabilities().unwrap();
-    assert!(!caps.is_empty());
-    let mut agents: Vec<Background> = Vec::new();
-    for n in 1..=2 {
-        let bpffs = tb.bpffs_dir().join(format!("agent-node{n}"));
-        // With only the capabilities the DaemonSet grants (deploy/base/node-agent.yaml): if
-        // the data path needed more, the agent would fail here.
-        let argv = with_only_capabilities(
-            &caps,
-            bin.to_str().unwrap(),
-            &[
-                "node",
-                "--kubeconfig",
-                kc.to_str().unwrap(),
-                "--node-name",
-                &format!("node{n}"),
-                "--ca-address",
-                &ca_address,
-                "--ca-root",
-                work.join("istio/root-cert.pem").to_str().unwrap(),
-                "--ca-token",
-                work.join(format!("tokens-node{n}/istio-ca-token"))
-                    .to_str()
-                    .unwrap(),
-                "--bpffs-dir",
-                bpffs.to_str().unwrap(),
-                "--pod-cgroup-root",
-                tb.pod_cgroup_root(n).to_str().unwrap(),
-            ],
-        );
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut a = tb.node(n).place.spawn("setpriv", &argv).unwrap();
-        for port in [15001, 15006, 15008] {
-            if let Err(e) = a.wait_listening(port, Duration::from_secs(30)) {
-                let out = a.kill().unwrap();
-                panic!("node{n}: {e:#}\n{}", String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        agents.push(a);
-    }
+    // With only the capabilities the DaemonSet grants (deploy/base/node-agent.yaml): if the
+    // data path needed more, the agent would fail here.
+    let mut agents: Vec<Background> = (1..=2).map(|n| km.start_agent(n, &[]).unwrap()).collect();
     // Not ready without certificates; ready once the CA is back, with no configuration change
     // (the agents keep asking).
     for n in 1..=2 {
@@ -154,7 +93,7 @@ fn run(tb: &Testbed, work: &Path) {
             },
         );
     }
-    let ca = spawn_ca(tb, &kc, work);
+    let ca = km.start_ca(&[]).unwrap();
     for n in 1..=2 {
         wait_for(&format!("node{n} to be ready once the CA is back"), || {
             readiness(tb, n).0.contains("200")
@@ -328,104 +267,5 @@ fn run(tb: &Testbed, work: &Path) {
         );
     }
     assert!(!log.contains("refused"), "{log}");
-    drop(api);
-}
-
-/// `mesh-agent ca serve` as the CA Deployment runs it (uid 65532, no capabilities), on node1's
-/// address, with the API server double; the node agents' pods and bound tokens registered, the
-/// published root and the tokens written where the agents read them (the DaemonSet's mounts).
-fn start_ca(
-    tb: &Testbed,
-    api: &FakeApi,
-    bin: &Path,
-    kc: &Path,
-    work: &Path,
-) -> (Background, String) {
-    for n in 1..=2 {
-        let name = format!("mesh-agent-node{n}");
-        api.apply(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "mesh-system", "uid": format!("uid-{name}")},
-            "spec": {"nodeName": format!("node{n}"), "serviceAccountName": "mesh-agent",
-                     "hostNetwork": true, "containers": [{"name": "mesh-agent", "image": "mesh-agent"}]},
-            "status": {"phase": "Running", "podIP": tb.node(n).ipv4.to_string()}
-        }));
-        let token = format!("token-of-{name}");
-        api.add_token(
-            &token,
-            TokenUser {
-                username: "system:serviceaccount:mesh-system:mesh-agent".into(),
-                audiences: vec![mesh_agent::ca::auth::CA_AUDIENCE.into()],
-                extra: BTreeMap::from([
-                    (
-                        "authentication.kubernetes.io/pod-name".into(),
-                        vec![name.clone()],
-                    ),
-                    (
-                        "authentication.kubernetes.io/pod-uid".into(),
-                        vec![format!("uid-{name}")],
-                    ),
-                ]),
-            },
-        );
-        let dir = work.join(format!("tokens-node{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("istio-ca-token"), token).unwrap();
-    }
-    // A copy anyone may execute: the checkout may sit where uid 65532 cannot reach.
-    std::fs::copy(bin, work.join("mesh-agent-ca")).unwrap();
-    let ca = spawn_ca(tb, kc, work);
-    let root = api
-        .get("configmaps", "mesh-system", "istio-ca-root-cert")
-        .expect("the CA published its root")["data"]["root-cert.pem"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    std::fs::create_dir_all(work.join("istio")).unwrap();
-    std::fs::write(work.join("istio/root-cert.pem"), root).unwrap();
-    (ca, format!("https://{}:15012", tb.node(1).ipv4))
-}
-
-/// The CA process on node1 (uid 65532, no capabilities), listening.
-fn spawn_ca(tb: &Testbed, kc: &Path, work: &Path) -> Background {
-    let ca_bin = work.join("mesh-agent-ca");
-    let node1 = tb.node(1);
-    let listen = format!("{}:15012", node1.ipv4);
-    let args = [
-        "--reuid=65532",
-        "--regid=65532",
-        "--clear-groups",
-        "--bounding-set=-all",
-        "--inh-caps=-all",
-        "--no-new-privs",
-        "--",
-        ca_bin.to_str().unwrap(),
-        "ca",
-        "serve",
-        "--listen",
-        &listen,
-        "--namespace",
-        "mesh-system",
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-        "--dns-name",
-        &node1.ipv4.to_string(),
-    ];
-    let mut ca = node1.place.spawn("setpriv", &args).unwrap();
-    if let Err(e) = ca.wait_listening(15012, Duration::from_secs(30)) {
-        let out = ca.kill().unwrap();
-        panic!("the CA: {e:#}\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    ca
-}
-
-/// node`n`'s readiness: (status line, body).
-fn readiness(tb: &Testbed, n: usize) -> (String, String) {
-    http_get(
-        &tb.node(n).place,
-        "127.0.0.1:15021".parse().unwrap(),
-        "GET",
-        "/healthz/ready",
-    )
-    .unwrap_or_default()
+    drop(km);
 }

@@ -6,6 +6,7 @@ mod demo;
 mod demo_l7;
 mod fuzz;
 mod setup;
+mod soak;
 mod testbed;
 
 use std::{env, path::PathBuf, process::Command};
@@ -65,6 +66,11 @@ enum Cmd {
     /// Fuzz the agent's parsers of untrusted input (cargo-fuzz, nightly): each target for
     /// `--seconds` (10 minutes by default), with a summary of executions.
     Fuzz(fuzz::FuzzArgs),
+    /// Chaos and soak (as root): thousands of long-lived connections and steady churn on a
+    /// 2-node testbed for `--minutes` while agents are upgraded, killed and restarted, the CA
+    /// stopped and started, certificates rotated and policies changed; checks every connection,
+    /// the agents' memory and descriptors, and the fabric for plaintext.
+    Soak(soak::SoakArgs),
     /// A minikube cluster with the mesh on it (needs Docker, minikube, kubectl).
     Minikube {
         #[command(subcommand)]
@@ -100,6 +106,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
+        Cmd::Soak(args) => soak::run(args),
         Cmd::Image { tag, dry_run } => cluster::image(&tag, dry_run),
         Cmd::Kind { command } => cluster::run(cluster::Flavor::Kind, command),
         Cmd::Minikube { command } => cluster::run(cluster::Flavor::Minikube, command),

@@ -21,6 +21,9 @@
 //! mtb-probe sink <port> <hold-secs>            one connection: read nothing for a while, then
 //!                                              read to EOF (see mesh_testbed::stall)
 //! mtb-probe stall-send <addr:port> <bytes>     write until blocked, say how much, write the rest
+//! mtb-probe soak-client <plan-json>            the soak's long-lived and churn connections (see
+//!                                              mesh_testbed::soak): its report (JSON)
+//! mtb-probe soak-server <port>...              the soak's echo server
 //! ```
 use std::{net::SocketAddr, time::Duration};
 
@@ -122,12 +125,21 @@ fn main() -> Result<()> {
             dst.parse().context("destination")?,
             bytes.parse().context("byte count")?,
         )?),
+        ["soak-client", plan] => print_json(&mesh_testbed::soak::run_client(
+            serde_json::from_str(plan).context("soak plan (JSON)")?,
+        )?),
+        ["soak-server", ports @ ..] if !ports.is_empty() => mesh_testbed::soak::serve(
+            &ports
+                .iter()
+                .map(|p| p.parse().context("port"))
+                .collect::<Result<Vec<u16>>>()?,
+        ),
         ["http", port, name] => {
             let port: u16 = port.parse().context("port")?;
             http(port, name)
         }
         _ => bail!(
-            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | connect-loop <addr:port> <rate> <secs> | hold <addr:port> <count> | sink <port> <hold-secs> | stall-send <addr:port> <bytes>"
+            "usage: mtb-probe send <addr:port> <bytes> | serve <port> | http <port> <name> | load-server <rr-port> <once-port> | rr <addr:port> <secs> | connrate <addr:port> <conc> <secs> | paced <addr:port> <rps> <secs> | connect-loop <addr:port> <rate> <secs> | hold <addr:port> <count> | sink <port> <hold-secs> | stall-send <addr:port> <bytes> | soak-client <plan-json> | soak-server <port>..."
         ),
     }
 }

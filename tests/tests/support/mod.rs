@@ -252,39 +252,16 @@ impl Agent {
             process: None,
         };
         let started = Instant::now();
-        let mut p = next.launch(tb)?;
-        let suffix = format!("p{}", p.pid());
-        let deadline = started + Duration::from_secs(30);
-        loop {
-            // The splice's tracing link is shared by agent instances, not taken over.
-            let links: Vec<String> = std::fs::read_dir(self.bpffs.join("links"))?
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| !name.contains("-trace-"))
-                .collect();
-            let all_new = !links.is_empty() && links.iter().all(|l| l.ends_with(&suffix));
-            let ready = all_new
-                && mesh_testbed::http::http_get(
-                    &tb.node(self.node).place,
-                    "127.0.0.1:15021".parse().unwrap(),
-                    "GET",
-                    "/healthz/ready",
-                )
-                .is_ok_and(|(status, _)| status.contains("200"));
-            if ready {
-                next.process = Some(p);
-                return Ok((next, started.elapsed()));
-            }
-            if Instant::now() > deadline || p.try_wait()?.is_some() {
-                let out = p.kill()?;
-                bail!(
-                    "node{}: the successor did not take over (links {links:?})\nits stderr:\n{}",
-                    self.node,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let p = next.launch(tb)?;
+        let p = mesh_testbed::kubemesh::wait_takeover(
+            tb,
+            self.node,
+            &self.bpffs,
+            p,
+            Duration::from_secs(30),
+        )?;
+        next.process = Some(p);
+        Ok((next, started.elapsed()))
     }
 
     /// Sends SIGTERM and returns at once (see [`Agent::wait_exit`]).

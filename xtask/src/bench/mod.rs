@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 use crate::{cargo, cmd, ensure_setup, setup, workspace_root};
 use report::{Results, Trial};
 use sampler::AgentProcess;
+pub use sampler::rss_mib_of;
 
 const RR_PORT: u16 = 7001;
 /// Connection-rate servers, one port per path: the tuples of one path's closed connections
