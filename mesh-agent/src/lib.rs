@@ -16,6 +16,7 @@ pub mod identity;
 pub mod l7;
 pub mod log_limit;
 pub mod logging;
+pub mod memory_cap;
 pub mod metrics;
 pub mod names;
 pub mod node;

@@ -215,6 +215,12 @@ struct NodeArgs {
     /// (config, reconciliation) runs on its own thread.
     #[arg(long, default_value = "auto")]
     worker_threads: node::workers::WorkerThreads,
+    /// Above this much resident memory (MiB), every listener refuses new connections and
+    /// established ones carry on, instead of an OOM kill resetting them all. `auto`: 80% of
+    /// the agent's cgroup memory limit (the DaemonSet's 512Mi gives 409 MiB), none without
+    /// one; `off`: no cap.
+    #[arg(long, default_value = "auto")]
+    max_memory_mib: mesh_agent::memory_cap::MemoryCapChoice,
     #[command(flatten)]
     admin: node::AdminAddrs,
     /// Print every kernel object the capture owns on this node (pins, links, rules, routes), then exit.
@@ -520,6 +526,7 @@ fn node(args: NodeArgs, log: mesh_agent::logging::LogControl) -> anyhow::Result<
         }),
         drain: Duration::from_secs(args.drain_seconds),
         worker_threads: args.worker_threads.choose_here(),
+        memory_cap: args.max_memory_mib,
     };
     node::tune_allocator();
     tracing::info!(worker_threads = %opts.worker_threads, "connection threads");

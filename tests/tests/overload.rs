@@ -489,3 +489,71 @@ fn a_tls_handshake_flood_leaves_a_well_behaved_client_served() {
     drop(ca);
     tb.teardown_verified().unwrap();
 }
+
+/// The memory cap: an agent above it (here 1 MiB, so from the start) refuses every new
+/// connection, out of its node's pods and into them over HBONE, each counted by listener with
+/// reason `memory` and logged, and `status` says what the cap is; the other node's agent, with
+/// room, serves on. (That connections admitted before the cap was crossed are kept is checked
+/// where admission is decided, in node/admission.rs.)
+#[test]
+fn above_its_memory_cap_an_agent_refuses_new_connections_counted_and_logged() {
+    if !can_run("memory cap", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let ca = TempDir::with_ca(&tb.info().run);
+    let enrolled = pods(&ENROLLED);
+    let mut a1 =
+        Agent::start_with_flags(&tb, 1, &enrolled, ca.path(), &["--max-memory-mib", "1"]).unwrap();
+    let a2 = Agent::start_with_ca(&tb, 2, "mesh", &enrolled, Some(ca.path())).unwrap();
+    let _servers: Vec<_> = tb
+        .pods()
+        .iter()
+        .map(|p| ProbeServer::start(&p.place, &[8080]).unwrap())
+        .collect();
+    let dst = |n, i| SocketAddr::new(tb.pod(n, i).ipv4.into(), 8080);
+    let served = |from: (usize, usize), to: SocketAddr| {
+        Probe::connect(&tb.pod(from.0, from.1).place, to, Duration::from_secs(5))
+            .unwrap()
+            .map_err(anyhow::Error::from)
+            .and_then(|mut p| p.hello().and_then(|_| p.finish(4096)))
+            .is_ok()
+    };
+    assert!(
+        !served((1, 1), dst(2, 1)),
+        "out of node 1: served above the cap"
+    );
+    assert!(
+        !served((2, 1), dst(1, 1)),
+        "into node 1: served above the cap"
+    );
+    assert!(served((2, 1), dst(2, 2)), "node 2 has room and serves");
+    let m = scrape(&tb, 1);
+    for listener in ["outbound", "inbound_hbone"] {
+        let refused = sum(
+            &m,
+            "mesh_connections_refused",
+            &[("listener", listener), ("reason", "memory")],
+        );
+        assert!(refused >= 1.0, "{listener}: {refused} refusals for memory");
+    }
+    let status = tb
+        .node(1)
+        .place
+        .run(
+            binaries::mesh_agent().unwrap().to_str().unwrap(),
+            &["status"],
+        )
+        .unwrap();
+    assert!(
+        status.contains("memory cap 1 MiB (--max-memory-mib)"),
+        "{status}"
+    );
+    let log = a1.stop().unwrap();
+    assert!(
+        log.contains("refusing connection") && log.contains("memory is above its cap"),
+        "{log}"
+    );
+    drop(a2);
+    tb.teardown_verified().unwrap();
+}

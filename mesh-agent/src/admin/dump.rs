@@ -78,6 +78,7 @@ pub fn config_dump(state: &AdminState) -> Value {
             "workerThreads": state.runtime.worker_threads.count,
             "workerThreadsReason": state.runtime.worker_threads.reason,
             "splice": state.runtime.splice,
+            "memoryCap": state.runtime.memory_cap,
         },
         "ready": ready,
         "notReady": not_ready,

@@ -62,6 +62,8 @@ pub struct RuntimeSummary {
     pub worker_threads: crate::node::workers::WorkerChoice,
     /// `on: …` with the bound, or `off: ` and why.
     pub splice: String,
+    /// The memory cap above which new connections are refused, and how it was chosen.
+    pub memory_cap: String,
 }
 
 /// Where the endpoints listen.

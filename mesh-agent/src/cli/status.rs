@@ -41,9 +41,10 @@ pub fn render(dump: &Value, certs: &Value) -> String {
         String::new()
     };
     out += &format!(
-        "worker threads {} ({}) · splicing {splice}{pods}\n\n",
+        "worker threads {} ({}) · splicing {splice}{pods} · memory cap {}\n\n",
         s(&dump["runtime"]["workerThreads"]),
         s(&dump["runtime"]["workerThreadsReason"]),
+        s(&dump["runtime"]["memoryCap"]),
     );
     let identity_of = |pod: &str| {
         dump["workloads"]

@@ -87,10 +87,12 @@ pub enum Refusal {
     /// The peer took no GOAWAY within [`ServerLimits::drain_timeout`] of the idle close and
     /// has no stream open: it is not reading, and the connection is dropped.
     DrainTimeout,
+    /// The agent's memory is above its cap ([`crate::memory_cap`]): new streams get 503.
+    MemoryCap,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::TlsHandshakeError,
         Refusal::TlsHandshakeTimeout,
         Refusal::H2HandshakeTimeout,
@@ -99,6 +101,7 @@ impl Refusal {
         Refusal::PeerUpstreamLimit,
         Refusal::H2Abuse,
         Refusal::DrainTimeout,
+        Refusal::MemoryCap,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +114,7 @@ impl Refusal {
             Refusal::PeerUpstreamLimit => "peer_upstream_limit",
             Refusal::H2Abuse => "h2_abuse",
             Refusal::DrainTimeout => "drain_timeout",
+            Refusal::MemoryCap => "memory",
         }
     }
 }

@@ -100,6 +100,8 @@ pub struct ServerContext {
     pub upstreams: Arc<PeerUpstreams>,
     /// Fired when the agent hands over to a successor.
     pub goaway: GoawaySignal,
+    /// Above it, new streams are refused (503) and open ones kept.
+    pub memory: Arc<crate::memory_cap::MemoryCap>,
 }
 
 /// Tells every connection of a server to send GOAWAY and finish the streams it has: the peers
@@ -449,6 +451,15 @@ async fn stream(
         admission.decision.policy.as_deref(),
         admission.decision.reason.as_str(),
     );
+    if ctx.memory.over() {
+        if let Some(suppressed) = ctx.counters.refuse(Refusal::MemoryCap) {
+            warn!(%peer, client = %client.ip(), suppressed,
+                "HBONE: memory above the agent's cap, refusing new streams (503)");
+        }
+        reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        telemetry.fail(ResponseFlags::ConnectFailed, "memory above the agent's cap");
+        return;
+    }
     let Some(_slot) = ctx
         .upstreams
         .acquire(peer, client.ip(), ctx.limits.max_upstreams_per_peer)

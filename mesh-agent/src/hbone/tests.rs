@@ -67,6 +67,7 @@ pub(super) async fn rig_with(limits: ServerLimits, telemetry: InboundTelemetry) 
         counters: Arc::clone(&counters),
         upstreams: Arc::clone(&upstreams),
         goaway: Default::default(),
+        memory: crate::memory_cap::MemoryCap::unlimited(),
     });
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -10,11 +10,12 @@ use prometheus_client::{
 };
 
 /// Why the agent refused (or could not accept) a connection.
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 6] = [
     "handshake_per_source",
     "handshake_global",
     "pending_per_source",
     "fd_reserve",
+    "memory",
     "accept_error",
 ];
 

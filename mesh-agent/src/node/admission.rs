@@ -20,7 +20,9 @@
 //!   each (their socket and the upstream one); the reserve stays for the outbound listener,
 //!   its upstream sockets, HBONE client connections and the agent's own files.
 //!
-//! Outbound (15001) connections come from enrolled pods of this node and are never refused
+//! Before all of them, on every listener, outbound (15001) included: **the memory cap**
+//! ([`crate::memory_cap`]): above it, new connections are refused and established ones kept.
+//! Otherwise outbound connections come from enrolled pods of this node and are never refused
 //! here. Every refusal is counted (`mesh_connections_refused_total{listener,reason}`) and
 //! logged at most once a second with the number left unlogged.
 use std::{
@@ -34,7 +36,7 @@ use mesh_common::FlowKind;
 use tracing::{info, warn};
 
 use super::handler::listener_name;
-use crate::{log_limit::LogLimiter, metrics::AdmissionMetrics};
+use crate::{log_limit::LogLimiter, memory_cap::MemoryCap, metrics::AdmissionMetrics};
 
 /// HBONE TLS handshakes in flight from one source address.
 pub const HANDSHAKES_PER_SOURCE: usize = 64;
@@ -58,6 +60,8 @@ pub enum Refusal {
     ConnectsPerSource,
     #[error("inbound connections reached their file-descriptor budget")]
     FdReserve,
+    #[error("the agent's memory is above its cap (--max-memory-mib)")]
+    Memory,
 }
 
 impl Refusal {
@@ -68,6 +72,7 @@ impl Refusal {
             Refusal::HandshakesGlobal => "handshake_global",
             Refusal::ConnectsPerSource => "pending_per_source",
             Refusal::FdReserve => "fd_reserve",
+            Refusal::Memory => "memory",
         }
     }
 }
@@ -151,6 +156,8 @@ struct Counts {
 /// The admission service the accept loops call.
 pub struct AdmissionControl {
     limits: Limits,
+    /// Above it, every listener refuses new connections (`crate::memory_cap`).
+    memory: Arc<MemoryCap>,
     counts: Mutex<Counts>,
     metrics: Arc<AdmissionMetrics>,
     /// One line a second for refusals and one for accept failures (a flood is counted, not logged).
@@ -177,13 +184,18 @@ pub struct SetupPermit {
 }
 
 impl AdmissionControl {
-    pub fn new(limits: Limits, metrics: Arc<AdmissionMetrics>) -> Arc<Self> {
+    pub fn new(
+        limits: Limits,
+        metrics: Arc<AdmissionMetrics>,
+        memory: Arc<MemoryCap>,
+    ) -> Arc<Self> {
         metrics.fd_limit.set(gauge_value(limits.fd_limit));
         metrics
             .inbound_fd_budget
             .set(gauge_value(limits.inbound_fds));
         Arc::new(Self {
             limits,
+            memory,
             counts: Mutex::default(),
             metrics,
             logs: LogLimiter::new(1, LOG_INTERVAL),
@@ -198,24 +210,18 @@ impl AdmissionControl {
     /// refusal is already counted and logged; the caller resets the connection).
     pub fn admit(self: &Arc<Self>, kind: FlowKind, source: IpAddr) -> Result<Admitted, Refusal> {
         let source = source.to_canonical();
+        // Refuse new, keep old: established connections are never touched here.
+        if self.memory.over() {
+            return Err(self.refused(kind, source, Refusal::Memory));
+        }
         let stage = match kind {
             FlowKind::Outbound => return Ok(Admitted::default()),
             FlowKind::InboundHbone => Stage::Handshake,
             FlowKind::InboundPlaintext => Stage::Connect,
         };
-        let result = self.take(stage, source);
-        if let Err(refusal) = result {
-            self.metrics.refused(listener_name(kind), refusal.reason());
-            if let Some(unlogged) = self.logs.allow("refusal") {
-                warn!(
-                    listener = listener_name(kind),
-                    %source,
-                    reason = refusal.reason(),
-                    unlogged,
-                    "refusing connection: {refusal}"
-                );
-            }
-        }
+        let result = self
+            .take(stage, source)
+            .map_err(|refusal| self.refused(kind, source, refusal));
         result.map(|()| Admitted {
             connection: Some(ConnectionPermit {
                 ctl: Arc::clone(self),
@@ -226,6 +232,21 @@ impl AdmissionControl {
                 stage,
             }),
         })
+    }
+
+    /// Counts and (rate-limited) logs a refusal.
+    fn refused(&self, kind: FlowKind, source: IpAddr, refusal: Refusal) -> Refusal {
+        self.metrics.refused(listener_name(kind), refusal.reason());
+        if let Some(unlogged) = self.logs.allow("refusal") {
+            warn!(
+                listener = listener_name(kind),
+                %source,
+                reason = refusal.reason(),
+                unlogged,
+                "refusing connection: {refusal}"
+            );
+        }
+        refusal
     }
 
     /// Takes a setup slot and the descriptor share, all or nothing.
@@ -335,7 +356,7 @@ fn gauge_value(v: u64) -> i64 {
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Raises the open-files limit and builds the admission service from it; logs the figures.
-pub fn start(metrics: Arc<AdmissionMetrics>) -> Arc<AdmissionControl> {
+pub fn start(metrics: Arc<AdmissionMetrics>, memory: Arc<MemoryCap>) -> Arc<AdmissionControl> {
     let limit = match raise_fd_limit() {
         Ok(l) => {
             info!(
@@ -360,7 +381,7 @@ pub fn start(metrics: Arc<AdmissionMetrics>) -> Arc<AdmissionControl> {
         connects_per_source = limits.connects_per_source,
         "connection admission limits"
     );
-    AdmissionControl::new(limits, metrics)
+    AdmissionControl::new(limits, metrics, memory)
 }
 
 #[cfg(test)]
@@ -370,7 +391,10 @@ mod tests {
 
     fn control(limits: Limits) -> (Arc<AdmissionControl>, Arc<AdmissionMetrics>) {
         let metrics = Arc::new(AdmissionMetrics::default());
-        (AdmissionControl::new(limits, Arc::clone(&metrics)), metrics)
+        (
+            AdmissionControl::new(limits, Arc::clone(&metrics), MemoryCap::unlimited()),
+            metrics,
+        )
     }
 
     fn refused(m: &AdmissionMetrics, listener: &'static str, reason: &'static str) -> u64 {
@@ -381,6 +405,38 @@ mod tests {
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn above_the_memory_cap_every_listener_refuses_new_connections_and_admitted_ones_stay() {
+        let metrics = Arc::new(AdmissionMetrics::default());
+        let memory = MemoryCap::new(Some(100 << 20));
+        memory.set_resident(50 << 20);
+        let ctl = AdmissionControl::new(
+            Limits::from_fd_limit(1 << 20),
+            Arc::clone(&metrics),
+            Arc::clone(&memory),
+        );
+        let held = ctl.admit(FlowKind::InboundHbone, A).unwrap();
+        assert_eq!(ctl.in_flight(), (1, 1, FDS_PER_INBOUND));
+        memory.set_resident((100 << 20) + 1);
+        let kinds = [
+            FlowKind::Outbound,
+            FlowKind::InboundPlaintext,
+            FlowKind::InboundHbone,
+        ];
+        for kind in kinds {
+            assert_eq!(ctl.admit(kind, B).err(), Some(Refusal::Memory));
+            assert_eq!(refused(&metrics, listener_name(kind), "memory"), 1);
+        }
+        // Nothing taken by the refusals; what was admitted before is still held.
+        assert_eq!(ctl.in_flight(), (1, 1, FDS_PER_INBOUND));
+        drop(held);
+        assert_eq!(ctl.in_flight(), (0, 0, 0));
+        memory.set_resident(99 << 20);
+        for kind in kinds {
+            assert!(ctl.admit(kind, B).is_ok(), "{kind:?} under the cap");
+        }
+    }
 
     #[test]
     fn the_reserve_is_a_quarter_with_a_floor() {

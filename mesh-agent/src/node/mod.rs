@@ -72,6 +72,8 @@ pub struct NodeOptions {
     pub drain: Duration,
     /// The runtime's worker threads and why that many (reported by the admin API).
     pub worker_threads: workers::WorkerChoice,
+    /// `--max-memory-mib`: above the cap new connections are refused (`crate::memory_cap`).
+    pub memory_cap: crate::memory_cap::MemoryCapChoice,
 }
 
 /// Where the mesh CA is and how to authenticate to it.
@@ -182,6 +184,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         runtime: tokio::runtime::Handle::current(),
     }));
     let telemetry = telemetry::Telemetry::new(Arc::clone(&metrics), Arc::clone(&mesh_state));
+    // Before anything accepts: above the cap, every listener refuses new connections.
+    let (memory_limit, memory_cap) = opts.memory_cap.resolve();
+    info!(cap = %memory_cap, "memory cap (new connections are refused above it)");
+    let memory = crate::memory_cap::MemoryCap::new(memory_limit);
+    memory.spawn_sampler();
     let mesh = match (&identity, &pool) {
         (Some((issuer, certs)), Some(pool)) => Some(Arc::new(mesh::MeshContext {
             state: Arc::clone(&mesh_state),
@@ -202,6 +209,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                 counters: Arc::clone(&metrics.hbone_server),
                 upstreams: Default::default(),
                 goaway: Default::default(),
+                memory: Arc::clone(&memory),
             }),
             enforcer: Arc::clone(&enforcer),
             telemetry: Arc::clone(&telemetry),
@@ -217,7 +225,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         telemetry,
     });
     // Before any listener: the limits are derived from the open-files limit.
-    let admission = admission::start(Arc::clone(&metrics.admission));
+    let admission = admission::start(Arc::clone(&metrics.admission), Arc::clone(&memory));
     let kinds = [
         FlowKind::Outbound,
         FlowKind::InboundPlaintext,
@@ -273,6 +281,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         runtime: crate::admin::RuntimeSummary {
             worker_threads: opts.worker_threads.clone(),
             splice,
+            memory_cap,
         },
     });
     let endpoints = crate::admin::start(Arc::clone(&admin), opts.admin)

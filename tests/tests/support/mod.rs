@@ -30,6 +30,8 @@ pub struct Agent {
     ca_dir: Option<PathBuf>,
     /// RLIMIT_NOFILE (soft, hard) to start the agent with (`prlimit`), instead of the test's.
     nofile: Option<(u64, u64)>,
+    /// Extra command-line flags of the agent.
+    flags: Vec<String>,
     process: Option<Background>,
 }
 
@@ -178,7 +180,27 @@ impl Agent {
             enrolled,
             Some(ca_dir),
             &yaml,
-            Some(nofile),
+            (Some(nofile), &[]),
+        )
+    }
+
+    /// A `mesh` agent started with extra command-line `flags`.
+    pub fn start_with_flags(
+        tb: &Testbed,
+        node: usize,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: &Path,
+        flags: &[&str],
+    ) -> Result<Self> {
+        let yaml = config_yaml_with_ca(tb, node, enrolled, Some(ca_dir));
+        Self::start_inner(
+            tb,
+            node,
+            "mesh",
+            enrolled,
+            Some(ca_dir),
+            &yaml,
+            (None, flags),
         )
     }
 
@@ -190,7 +212,7 @@ impl Agent {
         ca_dir: Option<&Path>,
         yaml: &str,
     ) -> Result<Self> {
-        Self::start_inner(tb, node, handler, enrolled, ca_dir, yaml, None)
+        Self::start_inner(tb, node, handler, enrolled, ca_dir, yaml, (None, &[]))
     }
 
     fn start_inner(
@@ -200,7 +222,7 @@ impl Agent {
         enrolled: &BTreeSet<PodId>,
         ca_dir: Option<&Path>,
         yaml: &str,
-        nofile: Option<(u64, u64)>,
+        (nofile, flags): (Option<(u64, u64)>, &[&str]),
     ) -> Result<Self> {
         let dir = tb.bpffs_dir().join(format!("agent-node{node}"));
         let config =
@@ -213,6 +235,7 @@ impl Agent {
             bpffs: dir,
             ca_dir: ca_dir.map(Path::to_owned),
             nofile,
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
             process: None,
         };
         agent.spawn(tb)?;
@@ -249,6 +272,7 @@ impl Agent {
             bpffs: self.bpffs.clone(),
             ca_dir: self.ca_dir.clone(),
             nofile: self.nofile,
+            flags: self.flags.clone(),
             process: None,
         };
         let started = Instant::now();
@@ -318,6 +342,7 @@ impl Agent {
         if !spliced() {
             args.push("--splice=off");
         }
+        args.extend(self.flags.iter().map(String::as_str));
         tb.node(self.node).place.spawn(program, &args)
     }
 
