@@ -304,9 +304,13 @@ impl Schedule {
     }
 }
 
-/// What the capture of the fabric saw of the applications: packets to or from their `ports`,
-/// and occurrences of the chunks' marker anywhere in it.
-pub fn plaintext(pcap: &Path, ports: &[u16]) -> Result<Value> {
+/// How many of the applications' packets the report shows, when there are any.
+const PLAINTEXT_EXAMPLES: usize = 40;
+
+/// What the capture of the fabric saw of the applications: packets to or from their `ports`
+/// (the first few timed from `since_ms`, the start of the load), and occurrences of the
+/// chunks' marker anywhere in it.
+pub fn plaintext(pcap: &Path, ports: &[u16], since_ms: u64) -> Result<Value> {
     let bytes = std::fs::read(pcap).with_context(|| format!("reading {}", pcap.display()))?;
     let marker_hits = bytes
         .windows(MARKER.len())
@@ -318,7 +322,7 @@ pub fn plaintext(pcap: &Path, ports: &[u16]) -> Result<Value> {
         .collect::<Vec<_>>()
         .join(" or ");
     let out = std::process::Command::new("tcpdump")
-        .args(["-n", "-r", pcap.to_str().context("path")?, &filter])
+        .args(["-n", "-tt", "-r", pcap.to_str().context("path")?, &filter])
         .output()
         .context("tcpdump -r")?;
     if !out.status.success() {
@@ -328,10 +332,23 @@ pub fn plaintext(pcap: &Path, ports: &[u16]) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let app_packets = String::from_utf8_lossy(&out.stdout).lines().count();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The first few, timed from the start of the load, to tell which fault let them through.
+    let first: Vec<String> = text
+        .lines()
+        .take(PLAINTEXT_EXAMPLES)
+        .map(|line| {
+            let (stamp, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match stamp.parse::<f64>() {
+                Ok(s) => format!("t={:.3}s {rest}", s - since_ms as f64 / 1000.0),
+                Err(_) => line.to_owned(),
+            }
+        })
+        .collect();
     Ok(json!({
         "capture_bytes": bytes.len(),
-        "app_port_packets": app_packets,
+        "app_port_packets": text.lines().count(),
         "marker_hits": marker_hits,
+        "first_app_port_packets": first,
     }))
 }

@@ -118,6 +118,62 @@ pub fn run(args: SoakArgs) -> Result<()> {
     Ok(())
 }
 
+/// Copies what a failed soak leaves to read — the fabric capture, the CA's and every agent's
+/// log — out of the scratch directory (removed at the end) into `target/soak-evidence/<pid>`.
+fn keep_evidence(pcap: &Path, ca_log: &str, agent_logs: &[faults::AgentLog]) -> Result<PathBuf> {
+    let dir = workspace_root()
+        .join("target/soak-evidence")
+        .join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::copy(pcap, dir.join("fabric.pcap")).context("keeping the fabric capture")?;
+    std::fs::write(dir.join("ca.log"), ca_log)?;
+    for (i, (who, log)) in agent_logs.iter().enumerate() {
+        let name = format!(
+            "{:02}-{}.log",
+            i + 1,
+            who.replace(['(', ')'], "").replace(' ', "-")
+        );
+        std::fs::write(dir.join(name), log)?;
+    }
+    Ok(dir)
+}
+
+/// The data path's counters on node `n` that say how the capture failed closed over the run
+/// (pinned, so they span every agent the node had): `{reason: count}`.
+fn datapath_events(tb: &Testbed, n: usize) -> Value {
+    const REASONS: [&str; 5] = [
+        "dropped_orphaned",
+        "refused_no_listener",
+        "dropped_no_listener",
+        "passed_uncaptured",
+        "dropped_spoofed",
+    ];
+    let body = mesh_testbed::http::http_get(
+        &tb.node(n).place,
+        "127.0.0.1:15020".parse().expect("address"),
+        "GET",
+        "/metrics",
+    )
+    .map(|(_, body)| body)
+    .unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("mesh_ebpf_events_total{reason=\"") else {
+            continue;
+        };
+        let Some((reason, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if REASONS.contains(&reason) {
+            out.insert(
+                reason.to_owned(),
+                json!(value.trim().parse::<f64>().unwrap_or(-1.0)),
+            );
+        }
+    }
+    Value::Object(out)
+}
+
 /// One resource sample of every agent process of a node.
 fn sample(pids: &[u32]) -> Value {
     let rss: f64 = pids.iter().map(|&p| crate::bench::rss_mib_of(p)).sum();
@@ -267,8 +323,9 @@ fn soak(tb: &Testbed, bin: &Path, work: &Path, args: &SoakArgs) -> Result<Value>
     let _ = sampler.join();
     let end_resources: Vec<Value> = (1..=2).map(|n| sample(&agents.pids(n))).collect();
 
+    let datapath: Vec<Value> = (1..=2).map(|n| datapath_events(tb, n)).collect();
     let capture = sniffer.terminate(Duration::from_secs(10))?;
-    let plaintext = faults::plaintext(&pcap, &[OPEN_PORT, DENIED_PORT])
+    let plaintext = faults::plaintext(&pcap, &[OPEN_PORT, DENIED_PORT], soak_start)
         .context(String::from_utf8_lossy(&capture.stderr).into_owned())?;
     let (ca_log, agent_logs) = schedule.finish(agents)?;
     drop(servers);
@@ -285,11 +342,20 @@ fn soak(tb: &Testbed, bin: &Path, work: &Path, args: &SoakArgs) -> Result<Value>
         end_resources: &end_resources,
         curve: &curve.lock().map(|c| c.clone()).unwrap_or_default(),
         plaintext: &plaintext,
+        datapath: &datapath,
         ca_log: &ca_log,
         agent_logs: &agent_logs,
     });
     let mut failures = report::judge(&doc, FD_MARGIN, RSS_MARGIN_MIB);
     failures.extend(leftovers);
+    if !failures.is_empty() {
+        let kept = keep_evidence(&pcap, &ca_log, &agent_logs)?;
+        println!(
+            "• the soak failed: capture and logs kept in {}",
+            kept.display()
+        );
+        doc["evidence"] = json!(kept);
+    }
     doc["failures"] = json!(failures);
     Ok(doc)
 }

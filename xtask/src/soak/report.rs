@@ -26,6 +26,8 @@ pub struct Inputs<'a> {
     pub end_resources: &'a [Value],
     pub curve: &'a [Value],
     pub plaintext: &'a Value,
+    /// Per node, the data path's fail-closed counters at the end.
+    pub datapath: &'a [Value],
     pub ca_log: &'a str,
     pub agent_logs: &'a [super::faults::AgentLog],
 }
@@ -119,6 +121,7 @@ pub fn assemble(i: Inputs<'_>) -> Value {
             "curve_5s": i.curve,
         },
         "plaintext": i.plaintext,
+        "datapath_events": i.datapath,
         "agent_logs_with_panics": panicked,
         "agents_run": i.agent_logs.len(),
     })
@@ -263,6 +266,25 @@ pub fn markdown(doc: &Value) -> String {
         "\nFabric capture (everything but HBONE's port): {} packets of the applications' ports, {} occurrences of the payload marker, {} bytes captured.\n",
         p["app_port_packets"], p["marker_hits"], p["capture_bytes"]
     );
+    if let Some(nodes) = doc["datapath_events"].as_array() {
+        for (n, events) in nodes.iter().enumerate() {
+            md += &format!(
+                "Data path of node{} (fail-closed counters): {events}\n",
+                n + 1
+            );
+        }
+    }
+    if let Some(first) = p["first_app_port_packets"]
+        .as_array()
+        .filter(|f| !f.is_empty())
+    {
+        md += "\nThe first of them (t from the start of the load):\n\n```\n";
+        for line in first {
+            md += line.as_str().unwrap_or_default();
+            md += "\n";
+        }
+        md += "```\n";
+    }
     let failures = doc["failures"].as_array().cloned().unwrap_or_default();
     md += &if failures.is_empty() {
         "\n**Passed.**\n".to_owned()
