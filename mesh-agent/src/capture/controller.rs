@@ -103,6 +103,9 @@ pub struct CaptureController {
     /// Exclusive lock on the bpffs directory: one agent per data path. None once handed over
     /// to a successor (see [`super::handover`]): the kernel is then the successor's to change.
     lock: Option<super::handover::DataPathLock>,
+    /// A successor's *starting* announcement, let go once its listeners are registered: the
+    /// previous agent sends its peers GOAWAY only then.
+    announcement: Option<nix::fcntl::Flock<std::fs::File>>,
     datapath: Datapath,
     layout: BpffsLayout,
     instance: String,
@@ -154,7 +157,7 @@ impl CaptureController {
     /// handed it over), loads it with its maps pinned (adopting existing ones) under `layout`,
     /// and pins the programs. Nothing is attached until [`CaptureController::reconcile`].
     pub fn start(layout: BpffsLayout, claim: super::handover::Claim) -> anyhow::Result<Self> {
-        let lock = super::handover::take_over(&layout.root, claim, HANDOVER_WAIT)?;
+        let takeover = super::handover::take_over(&layout.root, claim, HANDOVER_WAIT)?;
         let mut datapath =
             Datapath::load_pinned(&layout.maps()).context("loading the eBPF data path")?;
         datapath
@@ -168,7 +171,8 @@ impl CaptureController {
             .attach_splice_verdict()
             .context("attaching the splice verdict to MESH_SPLICE")?;
         Ok(Self {
-            lock: Some(lock),
+            lock: Some(takeover.lock),
+            announcement: takeover.announcement,
             datapath,
             layout,
             instance: instance_name(),
@@ -616,6 +620,9 @@ impl CaptureController {
             self.datapath
                 .register_listener(l.kind, ipv6, &l.listener)
                 .with_context(|| format!("registering the {:?} listener", l.kind))?;
+        }
+        if self.announcement.take().is_some() {
+            info!("listeners registered: the previous agent may now send its peers GOAWAY");
         }
         Ok(())
     }

@@ -94,6 +94,9 @@ pub struct StreamRequest {
     pub service_host: Option<String>,
 }
 
+/// How many times a stream a going-away connection did not take is opened again.
+const UNPROCESSED_RETRIES: usize = 2;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     client_ip: IpAddr,
@@ -107,6 +110,9 @@ struct Pooled {
     active: AtomicUsize,
     dead: Arc<AtomicBool>,
     last_used: Mutex<Instant>,
+    /// When it was made: a stream refused by a connection going away is retried only on a
+    /// newer one.
+    born: Instant,
 }
 
 /// A stream in use. Its [`StreamSlot`] frees the stream's place in the pooled connection when
@@ -167,26 +173,38 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream, reusing a pooled connection with room. A stream the server did
-    /// not take because its connection was going away is opened once more, on another
-    /// connection (the old one takes no new streams).
+    /// not take because its connection was going away is opened again on a connection made
+    /// after that (a peer agent handing over tells every pooled connection GOAWAY at once, so
+    /// another pooled one would refuse it too), up to [`UNPROCESSED_RETRIES`] times: a peer
+    /// may still accept a connection it then tells GOAWAY at once.
     pub async fn open(&self, req: &StreamRequest) -> Result<PooledStream, HboneError> {
-        match self.open_once(req).await {
-            Err(e) if e.unprocessed() => {
-                debug!(addr = %req.hbone_addr, error = %e, "HBONE: stream not taken by a connection going away, opening it again");
-                self.open_once(req).await
+        let mut retries = 0;
+        let mut newer_than = None;
+        loop {
+            match self.open_once(req, newer_than).await {
+                Err(e) if e.unprocessed() && retries < UNPROCESSED_RETRIES => {
+                    retries += 1;
+                    newer_than = Some(Instant::now());
+                    debug!(addr = %req.hbone_addr, error = %e, retries, "HBONE: stream not taken by a connection going away, opening it again on a new one");
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
-    async fn open_once(&self, req: &StreamRequest) -> Result<PooledStream, HboneError> {
+    /// One try; only on a connection made after `newer_than`, when given.
+    async fn open_once(
+        &self,
+        req: &StreamRequest,
+        newer_than: Option<Instant>,
+    ) -> Result<PooledStream, HboneError> {
         let key = PoolKey {
             client_ip: req.client.ip(),
             source: req.source.clone(),
             destination: req.destination.clone(),
             hbone_addr: req.hbone_addr,
         };
-        let conn = match self.reserve(&key) {
+        let conn = match self.reserve(&key, newer_than) {
             Some(c) => c,
             None => {
                 let gate = Arc::clone(
@@ -198,7 +216,7 @@ impl Pool {
                 );
                 let _dialing = gate.lock().await;
                 // Whoever dialed while we waited may have left room for us.
-                match self.reserve(&key) {
+                match self.reserve(&key, newer_than) {
                     Some(c) => c,
                     None => {
                         let c = self.dial(req).await?;
@@ -290,10 +308,11 @@ impl Pool {
         conns.retain(|_, l| !l.is_empty());
     }
 
-    fn reserve(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
+    /// A slot on a live pooled connection of `key` (made after `newer_than`, when given).
+    fn reserve(&self, key: &PoolKey, newer_than: Option<Instant>) -> Option<Arc<Pooled>> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.get(key)?.iter().find_map(|c| {
-            if c.dead.load(Ordering::Acquire) {
+            if c.dead.load(Ordering::Acquire) || newer_than.is_some_and(|t| c.born <= t) {
                 return None;
             }
             // Claim a slot if there is one.
@@ -344,6 +363,7 @@ impl Pool {
             active: AtomicUsize::new(1),
             dead,
             last_used: Mutex::new(Instant::now()),
+            born: Instant::now(),
         }))
     }
 }

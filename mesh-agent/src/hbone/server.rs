@@ -106,7 +106,8 @@ pub struct ServerContext {
 
 /// Tells every connection of a server to send GOAWAY and finish the streams it has: the peers
 /// then open their new streams on new connections, which reach the agent that took over (see
-/// `capture::handover`). Latches: connections accepted afterwards are told at once.
+/// `capture::handover`; fired once the successor's listeners are registered). Latches:
+/// connections accepted afterwards (left in the accept queue) are told at once.
 #[derive(Default)]
 pub struct GoawaySignal(tokio::sync::watch::Sender<bool>);
 

@@ -323,3 +323,42 @@ async fn after_a_goaway_open_streams_finish_and_new_ones_go_to_a_new_connection(
         "the second stream went to a new connection"
     );
 }
+
+/// A peer handing over tells every pooled connection GOAWAY at once: a new stream is opened on
+/// a new connection, not tried on the other pooled connections that are going away too (the
+/// soak caught a stream refused three times that way, under 10,000 connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_goaway_on_every_pooled_connection_a_new_stream_still_gets_through() {
+    let rig = rig().await;
+    let up = echo().await;
+    let req = rig.request(up, &rig.b).await;
+    let mut held = Vec::new();
+    for _ in 0..250 {
+        held.push(rig.pool.open(&req).await.unwrap());
+    }
+    assert_eq!(
+        rig.pool.stats().connections,
+        3,
+        "250 streams on 3 connections"
+    );
+    // Every connection keeps some streams open and has room for more.
+    let held: Vec<_> = held.into_iter().step_by(2).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.ctx.goaway.fire();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut next = rig
+        .pool
+        .open(&req)
+        .await
+        .expect("opened on a new connection");
+    next.send
+        .send_data(Bytes::from_static(b"through"), true)
+        .unwrap();
+    assert_eq!(read_all(next.recv).await.unwrap(), b"through");
+    assert_eq!(
+        rig.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "one new connection, not a retry on each going-away one"
+    );
+    drop(held);
+}

@@ -17,6 +17,8 @@ pub(super) struct Succession {
     endpoints: Option<AdminEndpoints>,
     admin: Arc<AdminState>,
     addrs: AdminAddrs,
+    /// Handed over, peers not yet told GOAWAY: waiting for the successor's listeners.
+    goaway_pending: bool,
 }
 
 impl Succession {
@@ -29,6 +31,7 @@ impl Succession {
             endpoints: Some(endpoints),
             admin,
             addrs,
+            goaway_pending: false,
         }
     }
 
@@ -40,7 +43,19 @@ impl Succession {
         metrics: &Metrics,
     ) {
         if !controller.owns_data_path() {
-            // Handed over already: nothing more to give.
+            // Handed over already. Once the successor's listeners are registered (it lets go of
+            // its announcement then; or it died), new connections reach it: peers open their
+            // next streams on new connections. Told earlier, they would reach this agent again
+            // and be told GOAWAY at once.
+            if self.goaway_pending && controller.successor() == Successor::None {
+                self.goaway_pending = false;
+                if let Some(mesh) = &ctx.mesh {
+                    mesh.server.goaway.fire();
+                }
+                info!(
+                    "the successor serves new connections: HBONE peers told GOAWAY (their open streams finish here)"
+                );
+            }
             return;
         }
         match controller.successor() {
@@ -72,11 +87,8 @@ impl Succession {
                 if let Some(mut e) = self.endpoints.take() {
                     e.stop();
                 }
-                // Peers open their next streams on new connections, which reach the successor.
-                if let Some(mesh) = &ctx.mesh {
-                    mesh.server.goaway.fire();
-                }
                 controller.hand_over();
+                self.goaway_pending = true;
                 info!(
                     connections = metrics.traffic.in_flight(),
                     "a newer agent is taking over: data path handed over; serving this agent's connections until they end (exit on SIGTERM once they have, or at --drain-seconds)"
