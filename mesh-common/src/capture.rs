@@ -23,6 +23,16 @@ pub const FLOWS_MAP: &str = "MESH_FLOWS";
 /// flood evicts the oldest unaccepted entries (the agent then refuses those connections).
 pub const MAX_FLOWS: u32 = 65_536;
 
+/// Name of the LRU hash [`FlowKey`] -> `u32` (unused) of connections the agent holds, as their
+/// segments are seen at the hook that checks them: written for every captured SYN and for the
+/// SYN-ACK a pod answers an agent's connection with. A later segment of such a connection that
+/// no live socket holds (the agent was killed, or it closed the connection first) is dropped
+/// instead of passing uncaptured: the application's plaintext never leaves the node.
+pub const CAPTURED_MAP: &str = "MESH_CAPTURED";
+/// Capacity of [`CAPTURED_MAP`]. LRU: on a node holding more connections than this, the oldest
+/// are forgotten, and their segments after an agent's death pass as before.
+pub const MAX_CAPTURED: u32 = 65_536;
+
 /// Name of the sockmap holding the agent's capture listeners, at [`listener_slot`]: where
 /// `mesh_sk_lookup` finds the listener for a captured SYN the kernel looks up itself (one whose
 /// tuple meets an agent socket in TIME_WAIT).

@@ -62,11 +62,14 @@ pub enum Counter {
     SpliceDeferredMessages = 22,
     /// Bytes of those sends.
     SpliceDeferredBytes = 23,
+    /// Segments of a connection the agent held (see `MESH_CAPTURED`) that no live socket holds
+    /// any more — the agent was killed, or closed it first: dropped, never passed uncaptured.
+    DroppedOrphaned = 24,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 24] = [
+    pub const ALL: [Counter; 25] = [
         Counter::ObservedIpv4Packets,
         Counter::ObservedIpv6Packets,
         Counter::ObservedOtherPackets,
@@ -91,6 +94,7 @@ impl Counter {
         Counter::PassedToNode,
         Counter::SpliceDeferredMessages,
         Counter::SpliceDeferredBytes,
+        Counter::DroppedOrphaned,
     ];
 
     /// Number of slots the map is created with; leaves room to add counters without resizing.
@@ -128,6 +132,7 @@ impl Counter {
             Counter::PassedToNode => "passed_to_node",
             Counter::SpliceDeferredMessages => "splice_deferred_messages",
             Counter::SpliceDeferredBytes => "splice_deferred_bytes",
+            Counter::DroppedOrphaned => "dropped_orphaned",
         }
     }
 }

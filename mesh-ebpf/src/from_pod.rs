@@ -15,7 +15,9 @@
 //!    trust).
 //! 5. Any other new connection (SYN) goes to the outbound listener, with the interface recorded in the
 //!    flow table as the source identity; if the agent is down the SYN is answered with a RST.
-//! 6. Other TCP (connections older than the enrolment) passes untouched.
+//! 6. Other TCP passes untouched (connections older than the enrolment), except segments of a
+//!    connection the agent held that no socket holds any more (the agent was killed, or closed
+//!    it first): those are dropped, so a captured connection's bytes never leave in plaintext.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
@@ -70,11 +72,16 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
     }
     let holder = steer::local_socket(&ctx, &seg);
     if holder == steer::LocalSocket::Live {
+        steer::remember_if_answering_agent(&seg);
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;
     }
     if !seg.is_pure_syn() {
+        if steer::was_held_by_agent(&seg) {
+            counters::add(Counter::DroppedOrphaned, 1);
+            return TC_ACT_SHOT as i32;
+        }
         counters::add(Counter::PassedUncaptured, 1);
         return TC_ACT_UNSPEC;
     }
@@ -84,6 +91,7 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
             counters::add(Counter::DroppedAgentPort, 1);
             return TC_ACT_SHOT as i32;
         }
+        steer::forget_held(&seg);
         counters::add(Counter::PassedToNode, 1);
         return TC_ACT_UNSPEC;
     }

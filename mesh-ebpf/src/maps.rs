@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     FlowInfo, FlowKey, PodAddrs, PodIpEntry,
-    capture::{LISTENER_SLOTS, MAX_FLOWS, MAX_NODE_ADDRS},
+    capture::{LISTENER_SLOTS, MAX_CAPTURED, MAX_FLOWS, MAX_NODE_ADDRS},
     pods::MAX_PODS,
 };
 
@@ -22,6 +22,11 @@ pub static MESH_POD_IPS: HashMap<[u8; 16], PodIpEntry> = HashMap::with_max_entri
 /// Captured connections the agent has not yet accepted: who sent the SYN, and why it was captured.
 #[map(name = "MESH_FLOWS")]
 pub static MESH_FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Connections the agent holds, keyed as their segments are seen where they are checked (see
+/// `mesh_common::capture::CAPTURED_MAP`): segments of one no live socket holds are dropped.
+#[map(name = "MESH_CAPTURED")]
+pub static MESH_CAPTURED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_CAPTURED, 0);
 
 /// This node's own addresses (IPv4 v4-mapped), kept current by the agent: pods' connections to
 /// them are the node's business, not the mesh's (see `mesh_tc_from_pod`).

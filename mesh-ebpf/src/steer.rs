@@ -18,8 +18,8 @@ use mesh_common::{
 };
 
 use crate::{
-    maps::{MESH_FLOWS, MESH_LISTENERS},
-    packet::{Family, TcpSegment},
+    maps::{MESH_CAPTURED, MESH_FLOWS, MESH_LISTENERS},
+    packet::{Family, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
 };
 
 /// Lookup in the namespace of the device the packet is on (`BPF_F_CURRENT_NETNS`).
@@ -125,20 +125,63 @@ pub fn assign_to_listener(
     if !assigned {
         return false;
     }
-    let key = FlowKey {
-        src: seg.src,
-        dst: seg.dst,
-        sport: u16::from_be(seg.sport_be),
-        dport: u16::from_be(seg.dport_be),
-    };
+    let key = flow_key(seg);
     let info = FlowInfo {
         ifindex,
         kind: kind as u32,
     };
     // A full LRU map evicts its oldest entry; the insert itself cannot fail for lack of room.
     let _ = MESH_FLOWS.insert(&key, &info, 0);
+    let _ = MESH_CAPTURED.insert(&key, &1, 0);
     mark_local(ctx);
     true
+}
+
+/// The segment's connection as `MESH_FLOWS` and `MESH_CAPTURED` key it (ports host order).
+#[inline(always)]
+fn flow_key(seg: &TcpSegment) -> FlowKey {
+    FlowKey {
+        src: seg.src,
+        dst: seg.dst,
+        sport: u16::from_be(seg.sport_be),
+        dport: u16::from_be(seg.dport_be),
+    }
+}
+
+/// Called for a segment a live local socket holds: a SYN-ACK there answers an agent's own
+/// connection (to a pod, or out of the node in a pod's name), which from now on is one the
+/// agent holds. Captured SYNs are remembered by [`assign_to_listener`].
+#[inline(always)]
+pub fn remember_if_answering_agent(seg: &TcpSegment) {
+    if seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+        let _ = MESH_CAPTURED.insert(&flow_key(seg), &1, 0);
+    }
+}
+
+/// Whether the segment belongs to a connection the agent held: with no live socket holding it
+/// any more (the agent was killed, or closed the connection first), it must not pass
+/// uncaptured — it would carry the application's bytes in plaintext.
+#[inline(always)]
+pub fn was_held_by_agent(seg: &TcpSegment) -> bool {
+    // SAFETY: read-only map lookup.
+    unsafe { MESH_CAPTURED.get(&flow_key(seg)) }.is_some()
+}
+
+/// A new connection that is not captured (a draining pod's, one to the node itself) may reuse
+/// the tuple of one the agent held: its later segments, both ways, are its own, not an
+/// orphan's. Both orientations go (its SYN's, and its replies', which an agent's own connection
+/// with the same tuple left behind).
+#[inline(always)]
+pub fn forget_held(seg: &TcpSegment) {
+    let key = flow_key(seg);
+    let _ = MESH_CAPTURED.remove(&key);
+    let reply = FlowKey {
+        src: key.dst,
+        dst: key.src,
+        sport: key.dport,
+        dport: key.sport,
+    };
+    let _ = MESH_CAPTURED.remove(&reply);
 }
 
 /// `bpf_skc_lookup_tcp` (any socket state) for the segment's exact 4-tuple in the current

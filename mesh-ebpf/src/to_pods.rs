@@ -7,7 +7,9 @@
 //! - a SYN to port 15008 goes to the HBONE listener, any other SYN to the inbound plaintext
 //!   listener (where PeerAuthentication decides); with the agent down it is dropped (fail closed;
 //!   the client's retransmission succeeds once the agent is back);
-//! - segments of connections older than the enrolment pass;
+//! - segments of connections older than the enrolment pass, but not those of a connection the
+//!   agent held that no socket holds any more (the agent was killed or closed it first): they
+//!   are dropped rather than handed to the pod uncaptured;
 //! - a pod that was un-enrolled stays in the address map as "draining": its connections the agent
 //!   already owns keep reaching the agent, its new ones are not captured.
 //!
@@ -58,12 +60,23 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     }
     let holder = steer::local_socket(&ctx, &seg);
     if holder == steer::LocalSocket::Live {
+        steer::remember_if_answering_agent(&seg);
         steer::mark_local(&ctx);
         counters::add(Counter::SteeredToSocket, 1);
         return TC_ACT_OK as i32;
     }
     let enrolled = to_pod.is_some_and(|p| p.flags & POD_IP_ENROLLED != 0);
-    if !seg.is_pure_syn() || !enrolled {
+    if !seg.is_pure_syn() {
+        if steer::was_held_by_agent(&seg) {
+            counters::add(Counter::DroppedOrphaned, 1);
+            return TC_ACT_SHOT as i32;
+        }
+        counters::add(Counter::PassedUncaptured, 1);
+        return TC_ACT_UNSPEC;
+    }
+    if !enrolled {
+        // A draining pod's new connection, or one to it: not captured, and none of the agent's.
+        steer::forget_held(&seg);
         counters::add(Counter::PassedUncaptured, 1);
         return TC_ACT_UNSPEC;
     }

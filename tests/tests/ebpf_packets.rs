@@ -179,3 +179,112 @@ fn generated_frames_get_the_verdict_their_bytes_call_for() {
     drop(agent);
     tb.teardown_verified().unwrap();
 }
+
+/// An IPv4 TCP segment (ACK|PSH, `payload` after the header) from `src` to `dst`, as a pod
+/// would put it on its interface.
+fn tcp_segment(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0u8; 14];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 20 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // DF, no fragment offset
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&2000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // ACK|PSH
+    tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Segments of a connection the agent held, once no socket holds it (the agent closed it, or
+/// died), are dropped: passed on as "older than the enrolment" they would carry the pod's bytes
+/// out in plaintext (the soak saw that after SIGKILLs). A segment of a connection the agent
+/// never held still passes.
+#[test]
+fn segments_of_a_connection_the_agent_held_are_dropped_once_no_socket_holds_it() {
+    if !can_run("eBPF orphaned segments", &["ip"]) {
+        return;
+    }
+    let tb = Testbed::build(SPEC).unwrap();
+    let enrolled = pods(&[(1, 1)]);
+    let agent = Agent::start(&tb, 1, "passthrough", &enrolled).unwrap();
+    let enrolled_if = *agent.ifindexes(&tb, &enrolled).unwrap().first().unwrap();
+    let (client, server) = (tb.pod(1, 1), tb.pod(1, 2));
+    let dst = std::net::SocketAddrV4::new(server.ipv4, 9200);
+    let listener = server
+        .place
+        .in_netns(move || std::net::TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    // One captured connection, exchanged over and closed by both ends.
+    let src = client
+        .place
+        .in_netns(move || -> std::io::Result<std::net::SocketAddr> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(dst)?;
+            let (mut accepted, _) = listener.accept()?;
+            s.write_all(b"hello")?;
+            let mut buf = [0u8; 5];
+            accepted.read_exact(&mut buf)?;
+            let local = s.local_addr()?;
+            drop(accepted);
+            drop(s);
+            Ok(local)
+        })
+        .unwrap()
+        .unwrap();
+    let std::net::SocketAddr::V4(src) = src else {
+        panic!("{src}")
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let prog = PinnedProgram::open(&agent.bpffs().join("progs").join("mesh_tc_from_pod")).unwrap();
+    let payload = b"MESH-SOAK-PLAIN: late bytes";
+    let (held, never) = tb
+        .node(1)
+        .place
+        .in_netns(move || {
+            let late = tcp_segment(src, dst, payload);
+            let other = std::net::SocketAddrV4::new(*src.ip(), src.port().wrapping_add(1));
+            let unrelated = tcp_segment(other, dst, payload);
+            (
+                prog.run_tc(&late, enrolled_if).unwrap(),
+                prog.run_tc(&unrelated, enrolled_if).unwrap(),
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        held,
+        Some(TC_ACT_SHOT),
+        "a late segment of the connection the agent held passed"
+    );
+    assert!(
+        never.is_some_and(|v| v != TC_ACT_SHOT),
+        "a segment of a connection the agent never held was dropped: {never:?}"
+    );
+    drop(agent);
+    tb.teardown_verified().unwrap();
+}

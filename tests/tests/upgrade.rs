@@ -13,6 +13,7 @@ use std::{
 use mesh_testbed::{
     Background, Place, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
+    soak::{ClientPlan, MARKER},
 };
 use support::{Mesh, finish, pods, sniffer::Sniffer};
 
@@ -232,7 +233,48 @@ fn after_sigkill_a_restarted_agent_serves_again_and_nothing_leaks_in_plaintext()
         .collect();
     let client = &tb.pod(1, 1).place;
     let dst = SocketAddr::new(tb.pod(2, 1).ip(false), 8080);
-    let sniffer = Sniffer::start(&tb.info().fabric, "br0");
+    // Connections busy both ways through node 1 when its agent dies: out of pod 1.1, and into
+    // pod 1.2. What the pods send before they see the agent's reset (and what was in flight)
+    // has no socket left to go to, and must not leave the node as it is.
+    let probe = binaries::mtb_probe().unwrap();
+    let probe = probe.to_str().unwrap();
+    let echo: Vec<Background> = [(2, 1), (1, 2)]
+        .iter()
+        .map(|&(n, p)| {
+            let mut s = tb
+                .pod(n, p)
+                .place
+                .spawn(probe, &["soak-server", "8090"])
+                .unwrap();
+            s.wait_listening(8090, Duration::from_secs(5)).unwrap();
+            s
+        })
+        .collect();
+    let busy: Vec<Background> = [((1, 1), (2, 1)), ((2, 2), (1, 2))]
+        .iter()
+        .map(|&(from, to)| {
+            let plan = ClientPlan {
+                targets: vec![SocketAddr::new(tb.pod(to.0, to.1).ip(false), 8090)],
+                connections: 4,
+                lifetime_ms: (20_000, 20_000),
+                interval_ms: (0, 2),
+                chunk: 8 << 10,
+                churn_per_sec: 0,
+                duration_ms: 4_000,
+                ramp_ms: 50,
+                stall_ms: 10_000,
+                seed: 7,
+            };
+            let plan = serde_json::to_string(&plan).unwrap();
+            tb.pod(from.0, from.1)
+                .place
+                .spawn(probe, &["soak-client", &plan])
+                .unwrap()
+        })
+        .collect();
+    // Everything but HBONE: the applications' own ports must not show up at all.
+    let sniffer = Sniffer::start_filtered(&tb.info().fabric, "br0", "tcp and not port 15008");
+    thread::sleep(Duration::from_millis(1000));
     agent.kill().unwrap();
     // While no agent runs, the pod's connections are refused (fail closed), never sent as is.
     for _ in 0..5 {
@@ -264,7 +306,23 @@ fn after_sigkill_a_restarted_agent_serves_again_and_nothing_leaks_in_plaintext()
         "restart after SIGKILL: first connection served {:.0} ms after the new agent's exec",
         served.as_secs_f64() * 1e3
     );
+    for client in busy {
+        let out = client.wait(Duration::from_secs(30)).unwrap();
+        let report: mesh_testbed::soak::ClientReport = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        // The kill met them busy: they carried bytes, and it ended them.
+        assert!(
+            report.bytes > 0 && !report.not_completed.is_empty(),
+            "the busy connections were not busy when the agent died: {report:?}"
+        );
+    }
+    drop(echo);
     let seen = sniffer.stop();
+    let marker = String::from_utf8_lossy(MARKER);
+    assert!(
+        !seen.contains(&*marker),
+        "bytes of connections the killed agent held crossed the fabric in plaintext:\n{seen}"
+    );
     assert!(
         !seen.contains("PLAINTEXT-WHILE-DOWN"),
         "plaintext on the fabric:\n{seen}"

@@ -71,10 +71,11 @@ pub struct MapOccupancy {
 }
 
 /// The hash-type maps whose number of entries means something (arrays are always full).
-const COUNTED_MAPS: [&str; 7] = [
+const COUNTED_MAPS: [&str; 8] = [
     PODS_MAP,
     POD_IPS_MAP,
     mesh_common::capture::FLOWS_MAP,
+    mesh_common::capture::CAPTURED_MAP,
     mesh_common::capture::SPLICE_MAP,
     mesh_common::capture::SPLICE_PEERS_MAP,
     mesh_common::capture::SPLICE_SOCKETS_MAP,

@@ -52,11 +52,12 @@ pub mod programs {
 }
 
 /// Names of the maps in [`OBJECT`]; all of them are pinned when the agent runs with a bpffs dir.
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 12] = [
     mesh_common::COUNTERS_MAP,
     mesh_common::PODS_MAP,
     mesh_common::capture::POD_IPS_MAP,
     mesh_common::capture::FLOWS_MAP,
+    mesh_common::capture::CAPTURED_MAP,
     mesh_common::capture::SPLICE_MAP,
     mesh_common::capture::SPLICE_PEERS_MAP,
     mesh_common::capture::SPLICE_SOCKETS_MAP,

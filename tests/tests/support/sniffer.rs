@@ -10,10 +10,16 @@ pub struct Sniffer(Background);
 impl Sniffer {
     /// Starts capturing TCP on `iface` in `place`, and gives tcpdump time to attach.
     pub fn start(place: &Place, iface: &str) -> Sniffer {
+        Self::start_filtered(place, iface, "tcp")
+    }
+
+    /// [`Sniffer::start`] with a capture filter of one's own, e.g. everything but HBONE when
+    /// the mesh itself is busy.
+    pub fn start_filtered(place: &Place, iface: &str, filter: &str) -> Sniffer {
         let bg = place
             .spawn(
                 "tcpdump",
-                &["-i", iface, "-n", "-l", "-A", "-s", "0", "tcp"],
+                &["-i", iface, "-n", "-l", "-A", "-s", "0", filter],
             )
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
