@@ -78,12 +78,7 @@ pub fn mesh_tc_from_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     if !seg.is_pure_syn() {
-        if steer::was_held_by_agent(&seg) {
-            counters::add(Counter::DroppedOrphaned, 1);
-            return TC_ACT_SHOT as i32;
-        }
-        counters::add(Counter::PassedUncaptured, 1);
-        return TC_ACT_UNSPEC;
+        return steer::unheld_segment(&seg);
     }
     // SAFETY: read-only map lookup.
     if unsafe { MESH_NODE_ADDRS.get(&seg.dst) }.is_some() {

@@ -8,16 +8,17 @@
 //! The listener is taken from `MESH_LISTENERS` (filled by the newest ready agent), not looked up
 //! by port: two agents can listen side by side during an upgrade.
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_tuple},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
 use mesh_common::{
-    FlowInfo, FlowKey, FlowKind,
+    Counter, FlowInfo, FlowKey, FlowKind,
     capture::{MARK_DELIVER_LOCAL, listener_slot},
 };
 
 use crate::{
+    counters,
     maps::{MESH_CAPTURED, MESH_FLOWS, MESH_LISTENERS},
     packet::{Family, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
 };
@@ -158,13 +159,19 @@ pub fn remember_if_answering_agent(seg: &TcpSegment) {
     }
 }
 
-/// Whether the segment belongs to a connection the agent held: with no live socket holding it
-/// any more (the agent was killed, or closed the connection first), it must not pass
-/// uncaptured — it would carry the application's bytes in plaintext.
+/// The verdict on a segment that opens nothing (not a pure SYN) and that no live socket holds.
+/// Of a connection the agent held (it was killed, or closed the connection first), it is
+/// dropped: passed uncaptured, it would carry the application's bytes in plaintext. Otherwise
+/// it belongs to a connection older than the enrolment, which passes untouched.
 #[inline(always)]
-pub fn was_held_by_agent(seg: &TcpSegment) -> bool {
+pub fn unheld_segment(seg: &TcpSegment) -> i32 {
     // SAFETY: read-only map lookup.
-    unsafe { MESH_CAPTURED.get(&flow_key(seg)) }.is_some()
+    if unsafe { MESH_CAPTURED.get(&flow_key(seg)) }.is_some() {
+        counters::add(Counter::DroppedOrphaned, 1);
+        return TC_ACT_SHOT as i32;
+    }
+    counters::add(Counter::PassedUncaptured, 1);
+    TC_ACT_UNSPEC
 }
 
 /// A new connection that is not captured (a draining pod's, one to the node itself) may reuse

@@ -67,12 +67,7 @@ pub fn mesh_tc_to_pods(ctx: TcContext) -> i32 {
     }
     let enrolled = to_pod.is_some_and(|p| p.flags & POD_IP_ENROLLED != 0);
     if !seg.is_pure_syn() {
-        if steer::was_held_by_agent(&seg) {
-            counters::add(Counter::DroppedOrphaned, 1);
-            return TC_ACT_SHOT as i32;
-        }
-        counters::add(Counter::PassedUncaptured, 1);
-        return TC_ACT_UNSPEC;
+        return steer::unheld_segment(&seg);
     }
     if !enrolled {
         // A draining pod's new connection, or one to it: not captured, and none of the agent's.

@@ -147,6 +147,20 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
     finish(tb, ca);
 }
 
+/// The most bytes that can be written and not yet read on a path of `tcp_connections` (each
+/// holding up to its send and receive buffers' autotuning maxima, `tcp_wmem`/`tcp_rmem`) and
+/// an HBONE stream (its 4 MiB flow-control window, `hbone::STREAM_WINDOW`).
+fn in_flight_budget(tcp_connections: u64) -> u64 {
+    let max = |sysctl: &str| {
+        std::fs::read_to_string(sysctl)
+            .ok()
+            .and_then(|v| v.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .unwrap_or(6 << 20)
+    };
+    tcp_connections * (max("/proc/sys/net/ipv4/tcp_rmem") + max("/proc/sys/net/ipv4/tcp_wmem"))
+        + (4 << 20)
+}
+
 /// A real bulk client through the default data path: iperf3 moves 256 MiB same-node (both hops
 /// on agent 1) and cross-node (one pod-side hop per agent), every byte received, and with
 /// splicing on (the default) each pod-side hop carries part of it in the kernel.
@@ -169,11 +183,13 @@ fn iperf3_moves_256_mib_spliced_same_node_and_cross_node() {
         )
         .unwrap_or_else(|e| panic!("iperf3 {what}: {e:#}"));
         // iperf3's server stops counting when the client says it is done, which is when the
-        // last byte is written, not read: up to the buffers in between (a few MB) go
-        // uncounted. Intactness is the checksummed transfers' job (capture_splice.rs, above).
+        // last byte is written, not read: what the buffers in between hold goes uncounted (CI
+        // once saw 33 MB of 256 MiB cross-node). Intactness is the checksummed transfers' job
+        // (capture_splice.rs, above).
+        let tcp_hops = if same_node { 2 } else { 3 };
         assert!(
-            t.bytes_sent >= bytes && t.bytes_received >= bytes / 100 * 95,
-            "{what}: {t:?}"
+            t.bytes_sent >= bytes && t.bytes_received + in_flight_budget(tcp_hops) >= bytes,
+            "{what}: {t:?}, more missing than {tcp_hops} TCP connections and an HBONE stream can hold"
         );
         let (d1, d2) = (
             a1.counters().since(&before.0),

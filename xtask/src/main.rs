@@ -172,6 +172,20 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// Builds every binary (release, or dev with `dev_build`) for the bench and the soak; the
+/// directory they are in.
+fn build_binaries(dev_build: bool) -> Result<PathBuf> {
+    if dev_build {
+        println!("• build (dev profile, --dev-build)");
+        cmd::run(&mut cargo(&["build", "--bins"]))?;
+        Ok(workspace_root().join("target/debug"))
+    } else {
+        println!("• build (release)");
+        cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
+        Ok(workspace_root().join("target/release"))
+    }
+}
+
 fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(args).current_dir(workspace_root());

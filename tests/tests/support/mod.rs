@@ -172,16 +172,7 @@ impl Agent {
         ca_dir: &Path,
         nofile: (u64, u64),
     ) -> Result<Self> {
-        let yaml = config_yaml_with_ca(tb, node, enrolled, Some(ca_dir));
-        Self::start_inner(
-            tb,
-            node,
-            "mesh",
-            enrolled,
-            Some(ca_dir),
-            &yaml,
-            (Some(nofile), &[]),
-        )
+        Self::start_mesh_with(tb, node, enrolled, ca_dir, (Some(nofile), &[]))
     }
 
     /// A `mesh` agent started with extra command-line `flags`.
@@ -192,16 +183,19 @@ impl Agent {
         ca_dir: &Path,
         flags: &[&str],
     ) -> Result<Self> {
+        Self::start_mesh_with(tb, node, enrolled, ca_dir, (None, flags))
+    }
+
+    /// A `mesh` agent on the plain configuration, with an RLIMIT_NOFILE and extra flags.
+    fn start_mesh_with(
+        tb: &Testbed,
+        node: usize,
+        enrolled: &BTreeSet<PodId>,
+        ca_dir: &Path,
+        extra: (Option<(u64, u64)>, &[&str]),
+    ) -> Result<Self> {
         let yaml = config_yaml_with_ca(tb, node, enrolled, Some(ca_dir));
-        Self::start_inner(
-            tb,
-            node,
-            "mesh",
-            enrolled,
-            Some(ca_dir),
-            &yaml,
-            (None, flags),
-        )
+        Self::start_inner(tb, node, "mesh", enrolled, Some(ca_dir), &yaml, extra)
     }
 
     pub fn start_with_config(

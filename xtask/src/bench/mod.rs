@@ -27,7 +27,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use mesh_testbed::{Background, Pod, Testbed, TestbedSpec};
 use serde_json::{Value, json};
 
-use crate::{cargo, cmd, ensure_setup, setup, workspace_root};
+use crate::{cmd, ensure_setup, setup, workspace_root};
 use report::{Results, Trial};
 use sampler::AgentProcess;
 pub use sampler::rss_mib_of;
@@ -149,15 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let started = Instant::now();
     ensure_setup()?;
-    let bin = if args.dev_build {
-        println!("• build (dev profile, --dev-build)");
-        cmd::run(&mut cargo(&["build", "--bins"]))?;
-        workspace_root().join("target/debug")
-    } else {
-        println!("• build (release)");
-        cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
-        workspace_root().join("target/release")
-    };
+    let bin = crate::build_binaries(args.dev_build)?;
     let header = machine_header(&args)?;
     println!("• machine: {header}");
     let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));

@@ -27,7 +27,7 @@ use mesh_testbed::{
 };
 use serde_json::{Value, json};
 
-use crate::{cargo, cmd, ensure_setup, setup, workspace_root};
+use crate::{ensure_setup, setup, workspace_root};
 use faults::{Agents, Schedule};
 
 #[derive(clap::Args, Debug)]
@@ -78,15 +78,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     );
     ensure!(args.minutes >= 1.0, "--minutes: at least 1");
     ensure_setup()?;
-    let bin = if args.dev_build {
-        println!("• build (dev profile, --dev-build)");
-        cmd::run(&mut cargo(&["build", "--bins"]))?;
-        workspace_root().join("target/debug")
-    } else {
-        println!("• build (release)");
-        cmd::run(&mut cargo(&["build", "--release", "--bins"]))?;
-        workspace_root().join("target/release")
-    };
+    let bin = crate::build_binaries(args.dev_build)?;
     let work = std::env::temp_dir().join(format!("mesh-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
