@@ -116,6 +116,13 @@ impl GoawaySignal {
         self.0.send_replace(true);
     }
 
+    /// Tests: connections accepted from now on are not told, as if they reached the agent that
+    /// took over (the connections told already stay told).
+    #[cfg(test)]
+    pub fn stand_in_for_successor(&self) {
+        self.0.send_replace(false);
+    }
+
     /// Resolves once fired; never when there is no signal.
     async fn fired(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
         if let Some(rx) = rx

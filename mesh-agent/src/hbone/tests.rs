@@ -299,6 +299,7 @@ async fn after_a_goaway_open_streams_finish_and_new_ones_go_to_a_new_connection(
         .unwrap();
     rig.ctx.goaway.fire();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    rig.ctx.goaway.stand_in_for_successor();
     let mut second = rig
         .pool
         .open(&req)
@@ -346,6 +347,7 @@ async fn after_a_goaway_on_every_pooled_connection_a_new_stream_still_gets_throu
     tokio::time::sleep(Duration::from_millis(100)).await;
     rig.ctx.goaway.fire();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    rig.ctx.goaway.stand_in_for_successor();
     let mut next = rig
         .pool
         .open(&req)
