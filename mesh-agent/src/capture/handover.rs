@@ -132,8 +132,8 @@ pub fn take_over(root: &Path, claim: Claim, wait: Duration) -> anyhow::Result<Ta
 }
 
 /// The data path lock, and for a successor its *starting* announcement, held until its
-/// listeners are registered ([`Takeover::listeners_registered`]): the previous owner waits for
-/// it to go before it sends its peers GOAWAY.
+/// listeners are registered (`CaptureController::register_listeners` lets it go): the previous
+/// owner waits for it to go before it sends its peers GOAWAY.
 pub struct Takeover {
     pub lock: DataPathLock,
     pub announcement: Option<Flock<File>>,
