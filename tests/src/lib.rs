@@ -18,6 +18,7 @@ pub mod http;
 pub mod httpapp;
 pub mod kubemesh;
 pub mod load;
+pub mod metrics;
 pub mod naming;
 pub mod netns;
 pub mod place;

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_testbed::{Testbed, TestbedSpec, can_run, http::http_get};
+use mesh_testbed::{Testbed, TestbedSpec, can_run, metrics};
 use support::{Agent, config_yaml, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
@@ -97,18 +97,9 @@ fn replace(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename into place");
 }
 
-fn metric(tb: &Testbed, name_and_labels: &str) -> f64 {
-    let (status, body) = http_get(
-        &tb.node(1).place,
-        "127.0.0.1:15020".parse().unwrap(),
-        "GET",
-        "/metrics",
-    )
-    .expect("scrape the agent");
-    assert!(status.contains("200"), "/metrics: {status}");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
+/// Node 1's agent's one series of `name` with the label `key="value"`.
+fn metric(tb: &Testbed, name: &str, (key, value): (&str, &str)) -> f64 {
+    metrics::value(&metrics::scrape(tb, 1), name, &[(key, value)])
 }
 
 #[test]
@@ -147,7 +138,7 @@ fn a_reload_racing_a_slow_writer_never_unenrols_and_unenrol_all_must_be_explicit
     );
     assert_eq!(seen.last(), Some(&want_three), "{seen:?}");
     assert_eq!(
-        metric(&tb, "mesh_config_reloads_total{outcome=\"rejected\"}"),
+        metric(&tb, "mesh_config_reloads", ("outcome", "rejected")),
         0.0,
         "no partial file should even have been read"
     );
@@ -156,11 +147,7 @@ fn a_reload_racing_a_slow_writer_never_unenrols_and_unenrol_all_must_be_explicit
     let checker = Checker::start(&agent);
     replace(&agent.config, &config_yaml(&tb, 1, &BTreeSet::new()));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(
-        &tb,
-        "mesh_config_rejections_total{reason=\"unenrolls_all\"}",
-    ) < 1.0
-    {
+    while metric(&tb, "mesh_config_rejections", ("reason", "unenrolls_all")) < 1.0 {
         assert!(
             Instant::now() < deadline,
             "the un-enrol-all file was not refused"
@@ -176,7 +163,7 @@ fn a_reload_racing_a_slow_writer_never_unenrols_and_unenrol_all_must_be_explicit
         "the refused file changed the capture"
     );
     assert_eq!(
-        metric(&tb, "mesh_config_reloads_total{outcome=\"rejected\"}"),
+        metric(&tb, "mesh_config_reloads", ("outcome", "rejected")),
         1.0
     );
 

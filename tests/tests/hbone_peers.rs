@@ -19,12 +19,9 @@ use mesh_agent::{
     identity::{CertManager, CertificateIssuer, LocalCa, LocalIssuer, SpiffeId},
     tls,
 };
+use mesh_testbed::metrics::{scrape, value};
 use mesh_testbed::{Pod, Testbed, TestbedSpec, can_run, probe::ProbeServer};
-use support::{
-    Agent, TempDir, config_yaml_with_ca,
-    metrics::{scrape, value},
-    pods,
-};
+use support::{Agent, TempDir, config_yaml_with_ca, pods};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,

@@ -271,7 +271,7 @@ fn waypoint_requests(tb: &Testbed, labels: &[(&str, &str)]) -> f64 {
     .unwrap();
     assert!(status.contains("200"), "waypoint /metrics: {status}");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
-    support::metrics::sum(&scrape, "istio_requests", labels)
+    mesh_testbed::metrics::sum(&scrape, "istio_requests", labels)
 }
 
 #[test]
@@ -539,8 +539,8 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         .rewrite_config(&config(&rig.tb, 1, rig.ca.path(), false, ""))
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let before = support::metrics::sum(
-        &support::metrics::scrape(&rig.tb, 2),
+    let before = mesh_testbed::metrics::sum(
+        &mesh_testbed::metrics::scrape(&rig.tb, 2),
         "mesh_policy_decisions",
         &[("reason", "waypoint_bypassed")],
     );
@@ -564,8 +564,8 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         outsider.status, 200,
         "plaintext reached a waypoint-bound pod: {outsider:?}"
     );
-    let after = support::metrics::sum(
-        &support::metrics::scrape(&rig.tb, 2),
+    let after = mesh_testbed::metrics::sum(
+        &mesh_testbed::metrics::scrape(&rig.tb, 2),
         "mesh_policy_decisions",
         &[("reason", "waypoint_bypassed")],
     );

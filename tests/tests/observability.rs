@@ -13,12 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mesh_testbed::metrics::{scrape, value};
 use mesh_testbed::{Pod, Testbed, TestbedSpec, can_run, http::http_get};
-use support::{
-    Agent, PodId, TempDir,
-    metrics::{scrape, value},
-    pods,
-};
+use support::{Agent, PodId, TempDir, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,

@@ -19,15 +19,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use mesh_testbed::metrics::{scrape, sum};
 use mesh_testbed::{
     Place, Testbed, TestbedSpec, binaries, can_run,
     probe::{Probe, ProbeServer},
 };
-use support::{
-    Agent, TempDir,
-    metrics::{scrape, sum},
-    pods,
-};
+use support::{Agent, TempDir, pods};
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,

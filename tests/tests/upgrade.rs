@@ -177,7 +177,7 @@ fn an_upgrade_refuses_nothing_and_drops_nothing() {
     );
     // New connections are the new agent's, in both directions: its metrics count them. Into
     // node 1 that takes node 2's agent leaving the old agent's HBONE connection (GOAWAY).
-    let scrape = support::metrics::scrape(&tb, 1);
+    let scrape = mesh_testbed::metrics::scrape(&tb, 1);
     let from_node2 = p(2, 1).name();
     for (what, labels) in [
         ("out of node 1", vec![("reporter", "source")]),
@@ -186,7 +186,7 @@ fn an_upgrade_refuses_nothing_and_drops_nothing() {
             vec![("reporter", "destination"), ("source_workload", from_node2)],
         ),
     ] {
-        let opened = support::metrics::sum(&scrape, "istio_tcp_connections_opened", &labels);
+        let opened = mesh_testbed::metrics::sum(&scrape, "istio_tcp_connections_opened", &labels);
         assert!(
             opened > 0.0,
             "the new agent serves new connections {what} (opened {opened})"

@@ -14,7 +14,6 @@ use mesh_agent::{capture::PinnedMaps, ebpf::CounterSnapshot};
 use mesh_testbed::{Background, Pod, Testbed, binaries};
 
 pub mod http;
-pub mod metrics;
 pub mod pktgen;
 pub mod sniffer;
 

@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use mesh_testbed::{Background, Pod, Testbed, TestbedSpec};
+use mesh_testbed::{Background, Pod, Testbed, TestbedSpec, metrics};
 use serde_json::{Value, json};
 
 use crate::{cmd, ensure_setup, setup, workspace_root};
@@ -454,6 +454,20 @@ impl Rig<'_> {
         Ok((rr?, scrapes as f64 / started.elapsed().as_secs_f64()))
     }
 
+    /// (spliced, deferred) bytes of both nodes' data paths so far (`mesh_ebpf_events`, pinned
+    /// counters); None if an agent does not answer.
+    fn splice_bytes(&self) -> Option<(f64, f64)> {
+        let mut total = (0.0, 0.0);
+        for node in 1..=2 {
+            let scrape = metrics::scrape_place(&self.tb.node(node).place).ok()?;
+            let events =
+                |reason| metrics::value(&scrape, "mesh_ebpf_events", &[("reason", reason)]);
+            total.0 += events("spliced_bytes");
+            total.1 += events("splice_deferred_bytes");
+        }
+        Some(total)
+    }
+
     fn iperf3(&self, s: &Scenario, streams: u32) -> Result<f64> {
         let (client, server) = (self.pod(s.client), self.pod(s.server));
         let port = IPERF_PORT.to_string();
@@ -537,8 +551,25 @@ impl Rig<'_> {
                 f64::NAN
             }
         };
+        let splice_before = self.splice_bytes();
         let t1 = throughput("throughput_1", 1);
         let t16 = throughput("throughput_16", 16);
+        if let (BenchPath::Mesh(_), Some((s0, d0)), Some((s1, d1))) =
+            (path, splice_before, self.splice_bytes())
+        {
+            // The share of the bulk bytes the pod<->agent hops moved socket to socket; the rest
+            // took TCP because the reading side was a bound behind (docs/ARCHITECTURE.md
+            // "Splicing"). A speed figure, so it is measured here and not asserted in tests.
+            let (spliced, deferred) = (s1 - s0, d1 - d0);
+            if spliced + deferred > 0.0 {
+                results.add(
+                    s.name,
+                    "splice_share",
+                    p,
+                    value(100.0 * spliced / (spliced + deferred)),
+                );
+            }
+        }
 
         let rr = self.rr(s, self.secs)?;
         if let Some(mut child) = perf {

@@ -33,6 +33,7 @@ pub fn unit(test: &str) -> &'static str {
         "ready_s" | "ready_after_list_s" => "s",
         "update_ms" | "update_service_ms" | "update_file_ms" | "update_api_ms" => "ms",
         "bytes_per_workload" => "bytes",
+        "splice_share" => "percent",
         _ => "mib",
     }
 }
@@ -166,6 +167,7 @@ impl Results {
                 "scrapes_s" => format!("{x:.0} scrapes/s"),
                 "req_s" => format!("{x:.0} req/s"),
                 "cores" => format!("{x:.4} cores"),
+                "percent" => format!("{x:.1} %"),
                 _ => format!("{x:.1} MiB"),
             },
             _ => "—".to_owned(),

@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use mesh_testbed::{
     Testbed, TestbedSpec,
     http::http_get,
+    metrics,
     place::{Background, Place},
 };
 
@@ -246,17 +247,8 @@ pub fn percentiles(ms: &[f64]) -> Option<super::report::Trial> {
 
 /// `mesh_config_reloads{outcome="applied"}` of the agent in `place`.
 pub fn applied_count(place: &mesh_testbed::place::Place) -> Option<u64> {
-    let (_, body) = http_get(
-        place,
-        "127.0.0.1:15020".parse().expect("literal"),
-        "GET",
-        "/metrics",
-    )
-    .ok()?;
-    body.lines()
-        .find(|l| l.starts_with("mesh_config_reloads_total{outcome=\"applied\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.trim().parse().ok())
+    let scrape = metrics::scrape_place(place).ok()?;
+    Some(metrics::value(&scrape, "mesh_config_reloads", &[("outcome", "applied")]) as u64)
 }
 
 /// The `apply_us` of each "configuration applied" line of a log, with its kind.

@@ -23,6 +23,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use mesh_testbed::{
     Testbed, TestbedSpec,
     kubemesh::{self, KubeMesh},
+    metrics,
     soak::{ClientPlan, ClientReport, now_ms},
 };
 use serde_json::{Value, json};
@@ -140,30 +141,16 @@ fn datapath_events(tb: &Testbed, n: usize) -> Value {
         "passed_uncaptured",
         "dropped_spoofed",
     ];
-    let body = mesh_testbed::http::http_get(
-        &tb.node(n).place,
-        "127.0.0.1:15020".parse().expect("address"),
-        "GET",
-        "/metrics",
-    )
-    .map(|(_, body)| body)
-    .unwrap_or_default();
-    let mut out = serde_json::Map::new();
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix("mesh_ebpf_events_total{reason=\"") else {
-            continue;
-        };
-        let Some((reason, value)) = rest.split_once("\"} ") else {
-            continue;
-        };
-        if REASONS.contains(&reason) {
-            out.insert(
-                reason.to_owned(),
-                json!(value.trim().parse::<f64>().unwrap_or(-1.0)),
-            );
-        }
+    match metrics::scrape_place(&tb.node(n).place) {
+        Ok(scrape) => REASONS
+            .iter()
+            .map(|r| {
+                let v = metrics::value(&scrape, "mesh_ebpf_events", &[("reason", r)]);
+                ((*r).to_owned(), json!(v))
+            })
+            .collect(),
+        Err(e) => json!({ "error": format!("{e:#}") }),
     }
-    Value::Object(out)
 }
 
 /// One resource sample of every agent process of a node.

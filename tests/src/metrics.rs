@@ -1,20 +1,35 @@
 //! Reading an agent's Prometheus exposition (`:15020/metrics` in the node's namespace), shared by
-//! the end-to-end tests that check counters.
-use mesh_testbed::{Testbed, http::http_get};
-use prometheus_parse::{Sample, Scrape, Value};
+//! the end-to-end tests that check counters and by the bench and soak, which report some of them.
+use anyhow::{Context as _, bail};
+pub use prometheus_parse::Scrape;
+use prometheus_parse::{Sample, Value};
 
-/// One parsed scrape of node `node`'s agent; a failure if it does not answer 200 or parse.
-pub fn scrape(tb: &Testbed, node: usize) -> Scrape {
+use crate::{Place, Testbed, http::http_get};
+
+/// Where every agent serves its metrics, in its node's namespace (DESIGN.md §7).
+const METRICS_ADDR: &str = "127.0.0.1:15020";
+
+/// One parsed scrape of the agent serving in `place`; an error if it does not answer 200 or its
+/// exposition does not parse.
+pub fn scrape_place(place: &Place) -> anyhow::Result<Scrape> {
     let (status, body) = http_get(
-        &tb.node(node).place,
-        "127.0.0.1:15020".parse().unwrap(),
+        place,
+        METRICS_ADDR.parse().expect("literal"),
         "GET",
         "/metrics",
     )
-    .unwrap();
-    assert!(status.contains("200"), "node{node} /metrics: {status}");
+    .context("GET /metrics")?;
+    if !status.contains("200") {
+        bail!("/metrics answered {status}");
+    }
     Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .unwrap_or_else(|e| panic!("node{node}: the exposition does not parse: {e}\n{body}"))
+        .with_context(|| format!("the exposition does not parse:\n{body}"))
+}
+
+/// One parsed scrape of node `node`'s agent; a failure (panic) if it does not answer or parse —
+/// for tests, where that is the finding.
+pub fn scrape(tb: &Testbed, node: usize) -> Scrape {
+    scrape_place(&tb.node(node).place).unwrap_or_else(|e| panic!("node{node}: {e:#}"))
 }
 
 /// The samples of `metric` (OpenMetrics `_total` included) whose labels include all of `want`.
