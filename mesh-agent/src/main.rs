@@ -266,6 +266,18 @@ struct WaypointArgs {
     /// Threads serving requests.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// On SIGTERM/SIGINT, keep serving open connections for up to this long (seconds), then
+    /// exit; it exits sooner once none is left. Readiness turns false at once, clients are told
+    /// to move on (HBONE GOAWAY, HTTP `connection: close`); a second signal exits at once.
+    /// Long on purpose: opaque TCP through the waypoint (a database session) is never cut by
+    /// a rollout (set terminationGracePeriodSeconds to match).
+    #[arg(long, default_value_t = 3600)]
+    drain_seconds: u64,
+    /// After the signal, keep accepting new connections for this long (seconds) even with none
+    /// open: the clients' agents learn that this pod is going through the API a moment after
+    /// the kubelet signals it (Istio's terminationDrainDuration plays this part).
+    #[arg(long, default_value_t = 5)]
+    drain_accept_seconds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -317,6 +329,10 @@ fn main() -> anyhow::Result<()> {
                 metrics_port: args.metrics_port,
                 readiness_port: args.readiness_port,
                 reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
+                drain: mesh_agent::waypoint::drain::DrainTimes {
+                    accept_for: Duration::from_secs(args.drain_accept_seconds),
+                    limit: Duration::from_secs(args.drain_seconds),
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.worker_threads.into())

@@ -218,10 +218,15 @@ impl Background {
 
     /// Asks the process to stop (SIGTERM) and waits for it to exit.
     pub fn terminate(self, timeout: Duration) -> Result<Output> {
+        self.sigterm()?;
+        self.wait(timeout)
+    }
+
+    /// Sends SIGTERM and returns at once: for a drain the caller watches.
+    pub fn sigterm(&self) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .with_context(|| format!("signalling {}", self.what))?;
-        self.wait(timeout)
+            .with_context(|| format!("signalling {}", self.what))
     }
 
     /// Kills the process and returns its output so far.

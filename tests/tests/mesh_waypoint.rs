@@ -5,9 +5,10 @@
 //!
 //! Topology (two nodes, four pods each; namespace `mesh` is ambient):
 //! - node 1: (1,1) client, (1,2) the waypoint (not captured: `dataplane-mode: none`),
-//!   (1,3) a broken `reviews` pod (answers 503), (1,4) reviews v3
+//!   (1,3) a broken `reviews` pod (answers 503), (1,4) reviews v3, (1,5) the waypoint's
+//!   replacement in a rollout
 //! - node 2: (2,1) reviews v1, (2,2) reviews v2, (2,3) ratings (the pod itself bound to the
-//!   waypoint), (2,4) an outsider (namespace `plain`, not in the mesh)
+//!   waypoint), (2,4) an outsider (namespace `plain`, not in the mesh), (2,5) unused
 //!
 //! Service `reviews` (ports http 9080, grpc 9081, tcp 7000) carries `istio.io/use-waypoint`.
 mod support;
@@ -32,8 +33,11 @@ use support::{
 
 const SPEC: TestbedSpec = TestbedSpec {
     nodes: 2,
-    pods_per_node: 4,
+    pods_per_node: 5,
 };
+/// The waypoint's pod, and the one that replaces it in the rollout.
+const WAYPOINT_POD: PodId = (1, 2);
+const NEW_WAYPOINT_POD: PodId = (1, 5);
 const REVIEWS_VIP: &str = "10.96.0.10";
 const REVIEWS_VIP6: &str = "fd00:96::10";
 const ENROLLED_NODE1: [PodId; 3] = [(1, 1), (1, 3), (1, 4)];
@@ -42,6 +46,9 @@ const ENROLLED_NODE2: [PodId; 3] = [(2, 1), (2, 2), (2, 3)];
 #[path = "mesh_waypoint/objects.rs"]
 mod objects;
 use objects::*;
+#[path = "mesh_waypoint/rollout.rs"]
+mod rollout;
+use rollout::waypoint_rollout;
 
 struct Rig {
     tb: Testbed,
@@ -49,13 +56,23 @@ struct Rig {
     agents: Vec<Agent>,
     waypoint_config: std::path::PathBuf,
     waypoint: Option<Background>,
+    /// The waypoint's pods as the configs list them.
+    waypoint_pods: Vec<PodId>,
     apps: Vec<(PodId, Background)>,
     _probes: Vec<ProbeServer>,
 }
 
 /// The config of `node` (the waypoint reads node 1's): `bound` says whether the Service and the
-/// ratings pod carry their `istio.io/use-waypoint` labels.
-fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> String {
+/// ratings pod carry their `istio.io/use-waypoint` labels; `waypoints` are the pods labelled as
+/// the waypoint's.
+fn config(
+    tb: &Testbed,
+    node: usize,
+    ca: &Path,
+    waypoints: &[PodId],
+    bound: bool,
+    objects: &str,
+) -> String {
     let bind = if bound {
         "istio.io/use-waypoint: waypoint"
     } else {
@@ -69,15 +86,17 @@ fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> S
     y += &format!(
         "services:\n  - {{name: reviews, namespace: mesh, vips: [{REVIEWS_VIP}, \"{REVIEWS_VIP6}\"], labels: {{{bind}}}, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: grpc, port: 9081, targetPort: 8080}}, {{name: tcp-probe, port: 7000, targetPort: 9090}}]}}\n  - {{name: ratings, namespace: mesh, vips: [10.96.0.11], selector: {{app: ratings}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n  - {{name: reviews-v2, namespace: mesh, vips: [10.96.0.12], selector: {{app: reviews, version: v2}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\nworkloads:\n"
     );
-    let roles: [(PodId, &str, &str, String); 8] = [
-        ((1, 1), "mesh", "sa-client", "app: productpage".into()),
+    let waypoint_roles = waypoints.iter().map(|&id| {
         (
-            (1, 2),
+            id,
             "mesh",
             "waypoint",
             "gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none"
-                .into(),
-        ),
+                .to_owned(),
+        )
+    });
+    let roles = [
+        ((1, 1), "mesh", "sa-client", "app: productpage".into()),
         (
             (1, 3),
             "mesh",
@@ -110,7 +129,7 @@ fn config(tb: &Testbed, node: usize, ca: &Path, bound: bool, objects: &str) -> S
         ),
         ((2, 4), "plain", "default", "app: outsider".into()),
     ];
-    for ((n, i), ns, sa, labels) in roles {
+    for ((n, i), ns, sa, labels) in roles.into_iter().chain(waypoint_roles) {
         let pod = tb.pod(n, i);
         y += &format!(
             "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{n}, ips: [{}, \"{}\"], hostInterface: {}, labels: {{{labels}}}}}\n",
@@ -130,14 +149,18 @@ impl Rig {
         let agents = [(1, &ENROLLED_NODE1[..]), (2, &ENROLLED_NODE2[..])]
             .into_iter()
             .map(|(n, enrolled)| {
-                let yaml = config(&tb, n, ca.path(), true, "");
+                let yaml = config(&tb, n, ca.path(), &[WAYPOINT_POD], true, "");
                 Agent::start_with_config(&tb, n, "mesh", &pods(enrolled), Some(ca.path()), &yaml)
                     .unwrap()
             })
             .collect();
         let waypoint_config =
             std::env::temp_dir().join(format!("mesh-e2e-{}-waypoint.yaml", tb.info().run));
-        std::fs::write(&waypoint_config, config(&tb, 1, ca.path(), true, ALL_TO_V1)).unwrap();
+        std::fs::write(
+            &waypoint_config,
+            config(&tb, 1, ca.path(), &[WAYPOINT_POD], true, ALL_TO_V1),
+        )
+        .unwrap();
         let probe = binaries::mtb_probe().unwrap();
         let probe = probe.to_str().unwrap();
         let apps = [
@@ -168,18 +191,19 @@ impl Rig {
             agents,
             waypoint_config,
             waypoint: None,
+            waypoint_pods: vec![WAYPOINT_POD],
             apps,
             _probes: probes,
         };
-        rig.start_waypoint();
+        rig.waypoint = Some(rig.start_waypoint(WAYPOINT_POD));
         rig
     }
 
-    fn start_waypoint(&mut self) {
+    /// A waypoint process in pod `id` (which the config must list as one), listening.
+    fn start_waypoint(&self, (n, i): PodId) -> Background {
         let bin = binaries::mesh_agent().unwrap();
-        let mut p = self
-            .tb
-            .pod(1, 2)
+        let pod = self.tb.pod(n, i);
+        let mut p = pod
             .place
             .spawn(
                 bin.to_str().unwrap(),
@@ -189,8 +213,12 @@ impl Rig {
                     self.waypoint_config.to_str().unwrap(),
                     "--gateway",
                     "mesh/waypoint",
+                    "--pod",
+                    pod.name(),
                     "--reload-interval-ms",
                     "100",
+                    "--drain-accept-seconds",
+                    "1",
                 ],
             )
             .unwrap();
@@ -198,17 +226,25 @@ impl Rig {
             let out = p.kill().unwrap();
             panic!("{e:#}\nwaypoint: {}", String::from_utf8_lossy(&out.stderr));
         }
-        self.waypoint = Some(p);
+        p
+    }
+
+    /// Node `node`'s config with the waypoint pods of the moment.
+    fn config(&self, node: usize, bound: bool, objects: &str) -> String {
+        config(
+            &self.tb,
+            node,
+            self.ca.path(),
+            &self.waypoint_pods,
+            bound,
+            objects,
+        )
     }
 
     /// New routing objects for the waypoint; waits until it serves them (`probe` answers
     /// `want`).
     fn set_routes(&self, objects: &str, check: impl Fn() -> bool) {
-        std::fs::write(
-            &self.waypoint_config,
-            config(&self.tb, 1, self.ca.path(), true, objects),
-        )
-        .unwrap();
+        std::fs::write(&self.waypoint_config, self.config(1, true, objects)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !check() {
             assert!(
@@ -282,7 +318,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     let mut rig = Rig::start();
     let client_pod = rig.pod(1, 1).clone();
     let client = &client_pod;
-    let waypoint_ip = rig.pod(1, 2).ipv4;
+    let waypoint_ip = rig.pod(WAYPOINT_POD.0, WAYPOINT_POD.1).ipv4;
     // Sniffers: the LAN between the nodes and the waypoint pod's own link.
     let sniff_fabric = Sniffer::start(&rig.tb.info().fabric, "br0");
     let sniff_waypoint = Sniffer::start(&rig.pod(1, 2).place, "any");
@@ -515,7 +551,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
     rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/sa-client]}}]}]
 ";
     rig.agents[1]
-        .rewrite_config(&config(&rig.tb, 2, rig.ca.path(), true, only_client))
+        .rewrite_config(&rig.config(2, true, only_client))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -530,13 +566,13 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         std::thread::sleep(Duration::from_millis(200));
     }
     rig.agents[1]
-        .rewrite_config(&config(&rig.tb, 2, rig.ca.path(), true, ""))
+        .rewrite_config(&rig.config(2, true, ""))
         .unwrap();
 
     // 10. Bypass refusal: node 1's agent without the bindings sends straight to the pods; node
     //     2's agent refuses what should have come through the waypoint.
     rig.agents[0]
-        .rewrite_config(&config(&rig.tb, 1, rig.ca.path(), false, ""))
+        .rewrite_config(&rig.config(1, false, ""))
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let before = mesh_testbed::metrics::sum(
@@ -574,7 +610,7 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         "bypass refusals counted: {before} -> {after}"
     );
     rig.agents[0]
-        .rewrite_config(&config(&rig.tb, 1, rig.ca.path(), true, ""))
+        .rewrite_config(&rig.config(1, true, ""))
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
@@ -637,9 +673,14 @@ fn waypoint_routes_shifts_faults_retries_breaks_mirrors_and_is_never_bypassed() 
         "the in-flight request survived the reload"
     );
 
-    // 14. The waypoint gone: clients get errors, nothing reaches the pods around it.
+    // 14. A rollout of the waypoint (a Deployment's: the new pod ready first, then the old one
+    //     signalled while the agents still list it) refuses nothing and cuts nothing.
+    let old_log = waypoint_rollout(&mut rig);
+
+    // 15. The waypoint gone: clients get errors, nothing reaches the pods around it.
     let log = rig.waypoint.take().unwrap().kill().unwrap();
-    let wp_log = String::from_utf8_lossy(&log.stderr).into_owned();
+    let wp_log = String::from_utf8_lossy(&old_log.stderr).into_owned()
+        + &String::from_utf8_lossy(&log.stderr);
     let a = curl(client, &reviews("/after-kill"), &[]);
     assert_ne!(a.status, 200, "served without the waypoint: {a:?}");
     let a = curl(client, &format!("http://{ratings}:8080/after-kill"), &[]);

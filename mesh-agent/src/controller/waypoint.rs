@@ -23,6 +23,10 @@ pub const WAYPOINT_ROLE_BINDING: &str = "mesh-waypoints";
 pub const WAYPOINT_CLASS: &str = "mesh-waypoint";
 pub const CONTROLLER_NAME: &str = "mesh-agent.io/waypoint-controller";
 
+/// How long a waypoint pod being replaced keeps serving what it has open (`--drain-seconds`);
+/// its grace period is a minute longer, so the kubelet never cuts a drain short.
+const WAYPOINT_DRAIN_SECONDS: u64 = 3600;
+
 /// The GatewayClass, created at start as istiod creates `istio-waypoint`.
 pub fn gateway_class() -> Value {
     json!({
@@ -178,6 +182,7 @@ impl WaypointGateway {
                 format!("--ca-address={}", t.ca_address),
                 format!("--trust-domain={}", t.trust_domain),
                 "--log-format=json",
+                format!("--drain-seconds={WAYPOINT_DRAIN_SECONDS}"),
             ],
             "env": [
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -217,12 +222,15 @@ impl WaypointGateway {
             "metadata": self.meta(&[]),
             "spec": {
                 "replicas": 1,
+                // The new pod is ready before the old one is told to go (and the old one then
+                // refuses nothing and cuts nothing: waypoint::drain).
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                 "selector": {"matchLabels": {GATEWAY_NAME_LABEL: self.name}},
                 "template": {
                     "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                     "spec": {
                         "serviceAccountName": self.name,
-                        "terminationGracePeriodSeconds": 30,
+                        "terminationGracePeriodSeconds": WAYPOINT_DRAIN_SECONDS + 60,
                         "containers": [container],
                         "volumes": [
                             {"name": "istio-ca-root-cert", "configMap": {"name": super::root_cert::ROOT_CONFIGMAP}},
@@ -316,10 +324,13 @@ impl GatewayStatus {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::{
-        apps::v1::Deployment,
-        core::v1::{Service, ServiceAccount},
-        rbac::v1::ClusterRoleBinding,
+    use k8s_openapi::{
+        api::{
+            apps::v1::Deployment,
+            core::v1::{Service, ServiceAccount},
+            rbac::v1::ClusterRoleBinding,
+        },
+        apimachinery::pkg::util::intstr::IntOrString,
     };
 
     use super::*;
@@ -402,6 +413,15 @@ spec:
             args.contains(&"--gateway=demo/waypoint".to_owned()),
             "{args:?}"
         );
+        // A rollout: the new pod first, the old one drains for as long as the kubelet waits.
+        assert!(
+            args.contains(&"--drain-seconds=3600".to_owned()),
+            "{args:?}"
+        );
+        assert_eq!(pod.termination_grace_period_seconds, Some(3660));
+        let rolling = spec.strategy.unwrap().rolling_update.unwrap();
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+        assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
         let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
         assert_eq!(pod_labels[GATEWAY_NAME_LABEL], "waypoint");
         assert_eq!(pod_labels["istio.io/dataplane-mode"], "none");

@@ -106,14 +106,20 @@ pub struct ServerContext {
 
 /// Tells every connection of a server to send GOAWAY and finish the streams it has: the peers
 /// then open their new streams on new connections, which reach the agent that took over (see
-/// `capture::handover`; fired once the successor's listeners are registered). Latches:
-/// connections accepted afterwards (left in the accept queue) are told at once.
+/// `capture::handover`; fired once the successor's listeners are registered) or, for a
+/// draining waypoint, the pods their agents list (`waypoint::drain`). Latches: connections
+/// accepted afterwards are told at once.
 #[derive(Default)]
 pub struct GoawaySignal(tokio::sync::watch::Sender<bool>);
 
 impl GoawaySignal {
     pub fn fire(&self) {
         self.0.send_replace(true);
+    }
+
+    /// Its state (`true` once fired), for those that act on it beyond the HBONE layer.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
     }
 
     /// Tests: connections accepted from now on are not told, as if they reached the agent that

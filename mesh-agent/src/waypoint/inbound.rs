@@ -146,17 +146,31 @@ impl Connection {
         }
     }
 
+    /// Serves the client's HTTP connection; once the waypoint drains, asks it to close after
+    /// a request (see [`super::drain`]).
     async fn serve_http(self, io: Prefixed<StreamIo>) {
+        let drain = Arc::clone(&self.wp.drain);
+        let requests = Arc::new(tokio::sync::Notify::new());
         let this = Arc::new(self);
-        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let this = Arc::clone(&this);
-            async move { Ok::<_, std::convert::Infallible>(this.request(req).await) }
-        });
+        let service = {
+            let requests = Arc::clone(&requests);
+            hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                requests.notify_one();
+                let this = Arc::clone(&this);
+                async move { Ok::<_, std::convert::Infallible>(this.request(req).await) }
+            })
+        };
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .await
-        {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.close_after_a_request(&requests) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "waypoint: client connection ended");
         }
     }

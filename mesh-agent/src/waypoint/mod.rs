@@ -6,6 +6,7 @@
 //! DestinationRules, HTTPRoutes) comes from the local config file and is reloaded when it
 //! changes; requests in flight finish with the config they started with.
 pub mod attach;
+pub mod drain;
 pub mod inbound;
 pub mod state;
 pub mod upstream;
@@ -63,6 +64,8 @@ pub struct WaypointOptions {
     pub metrics_port: u16,
     pub readiness_port: u16,
     pub reload_interval: Duration,
+    /// How a SIGTERM is taken (see [`drain`]).
+    pub drain: drain::DrainTimes,
 }
 
 /// The configuration feed: a file or the API.
@@ -147,6 +150,8 @@ pub struct Waypoint {
     pub metrics: Arc<RequestMetrics>,
     /// Round-robin position for opaque TCP.
     tcp_next: AtomicUsize,
+    /// Set off by SIGTERM: every connection is asked to let its clients move on.
+    pub drain: Arc<drain::Drain>,
 }
 
 impl Waypoint {
@@ -233,9 +238,16 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
         upstream,
         metrics,
         tcp_next: AtomicUsize::new(0),
+        drain: Arc::new(drain::Drain::default()),
     });
     let registry = Arc::new(registry);
-    serve_admin(opts.metrics_port, opts.readiness_port, registry).await?;
+    serve_admin(
+        opts.metrics_port,
+        opts.readiness_port,
+        registry,
+        Arc::clone(&wp.drain),
+    )
+    .await?;
 
     let listener = bind_dual(opts.hbone_port)
         .with_context(|| format!("binding the HBONE port {}", opts.hbone_port))?;
@@ -269,12 +281,14 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
                     me.clone(),
                 );
                 tokio::spawn(async move {
+                    let _live = wp.drain.enter();
+                    let drain = Arc::clone(&wp.drain);
                     let layer = ConnectionLayer {
                         roots: &roots,
                         trust_domain: &td,
                         limits: &limits,
                         counters: &counters,
-                        goaway: None,
+                        goaway: Some(&drain.goaway),
                     };
                     let on_stream = |req, respond, peer, addrs| {
                         inbound::stream(Arc::clone(&wp), req, respond, peer, addrs)
@@ -284,6 +298,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
             }
         }
     };
+    let drain = Arc::clone(&wp.drain);
     let reload = async move {
         loop {
             match feed.next().await {
@@ -303,11 +318,7 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
     tokio::select! {
         () = accept => Ok(()),
         () = reload => Ok(()),
-        r = tokio::signal::ctrl_c() => {
-            r.context("waiting for a signal")?;
-            info!("waypoint: stopping");
-            Ok(())
-        }
+        r = drain.on_signal(opts.drain) => r,
     }
 }
 
@@ -350,6 +361,7 @@ async fn serve_admin(
     metrics_port: u16,
     readiness_port: u16,
     registry: Arc<Registry>,
+    drain: Arc<drain::Drain>,
 ) -> anyhow::Result<()> {
     use crate::admin::limits::{self, Bounds, Slots};
     use http_body_util::Full;
@@ -359,7 +371,7 @@ async fn serve_admin(
         let registry = Arc::clone(&registry);
         // The node agent's bounds (admin/limits.rs): these ports face every pod too.
         let slots = Slots::new(Bounds::default());
-        let logs = Arc::clone(&logs);
+        let (logs, drain) = (Arc::clone(&logs), Arc::clone(&drain));
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, peer)) = listener.accept().await else {
@@ -375,9 +387,9 @@ async fn serve_admin(
                         continue;
                     }
                 };
-                let registry = Arc::clone(&registry);
+                let (registry, drain) = (Arc::clone(&registry), Arc::clone(&drain));
                 let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let registry = Arc::clone(&registry);
+                    let (registry, drain) = (Arc::clone(&registry), Arc::clone(&drain));
                     async move {
                         let path = req.uri().path();
                         let (status, body, ctype) = if metrics
@@ -387,7 +399,11 @@ async fn serve_admin(
                             let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
                             (200, out, crate::metrics::CONTENT_TYPE)
                         } else if !metrics && path == "/healthz/ready" {
-                            (200, "ready\n".to_owned(), "text/plain")
+                            if drain.started() {
+                                (503, "draining\n".to_owned(), "text/plain")
+                            } else {
+                                (200, "ready\n".to_owned(), "text/plain")
+                            }
                         } else {
                             (404, "not found\n".to_owned(), "text/plain")
                         };
