@@ -56,20 +56,20 @@ struct Rig {
     agents: Vec<Agent>,
     waypoint_config: std::path::PathBuf,
     waypoint: Option<Background>,
-    /// The waypoint's pods as the configs list them.
-    waypoint_pods: Vec<PodId>,
+    /// The waypoint's pods as the configs list them, and whether each is terminating.
+    waypoint_pods: Vec<(PodId, bool)>,
     apps: Vec<(PodId, Background)>,
     _probes: Vec<ProbeServer>,
 }
 
 /// The config of `node` (the waypoint reads node 1's): `bound` says whether the Service and the
 /// ratings pod carry their `istio.io/use-waypoint` labels; `waypoints` are the pods labelled as
-/// the waypoint's.
+/// the waypoint's, and whether each is terminating (deleted, draining).
 fn config(
     tb: &Testbed,
     node: usize,
     ca: &Path,
-    waypoints: &[PodId],
+    waypoints: &[(PodId, bool)],
     bound: bool,
     objects: &str,
 ) -> String {
@@ -86,7 +86,7 @@ fn config(
     y += &format!(
         "services:\n  - {{name: reviews, namespace: mesh, vips: [{REVIEWS_VIP}, \"{REVIEWS_VIP6}\"], labels: {{{bind}}}, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: grpc, port: 9081, targetPort: 8080}}, {{name: tcp-probe, port: 7000, targetPort: 9090}}]}}\n  - {{name: ratings, namespace: mesh, vips: [10.96.0.11], selector: {{app: ratings}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n  - {{name: reviews-v2, namespace: mesh, vips: [10.96.0.12], selector: {{app: reviews, version: v2}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\nworkloads:\n"
     );
-    let waypoint_roles = waypoints.iter().map(|&id| {
+    let waypoint_roles = waypoints.iter().map(|&(id, _)| {
         (
             id,
             "mesh",
@@ -131,8 +131,9 @@ fn config(
     ];
     for ((n, i), ns, sa, labels) in roles.into_iter().chain(waypoint_roles) {
         let pod = tb.pod(n, i);
+        let terminating = waypoints.contains(&((n, i), true));
         y += &format!(
-            "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{n}, ips: [{}, \"{}\"], hostInterface: {}, labels: {{{labels}}}}}\n",
+            "  - {{name: {}, namespace: {ns}, serviceAccount: {sa}, node: node{n}, ips: [{}, \"{}\"], hostInterface: {}, terminating: {terminating}, labels: {{{labels}}}}}\n",
             pod.name(),
             pod.ipv4,
             pod.ipv6,
@@ -149,7 +150,7 @@ impl Rig {
         let agents = [(1, &ENROLLED_NODE1[..]), (2, &ENROLLED_NODE2[..])]
             .into_iter()
             .map(|(n, enrolled)| {
-                let yaml = config(&tb, n, ca.path(), &[WAYPOINT_POD], true, "");
+                let yaml = config(&tb, n, ca.path(), &[(WAYPOINT_POD, false)], true, "");
                 Agent::start_with_config(&tb, n, "mesh", &pods(enrolled), Some(ca.path()), &yaml)
                     .unwrap()
             })
@@ -158,7 +159,7 @@ impl Rig {
             std::env::temp_dir().join(format!("mesh-e2e-{}-waypoint.yaml", tb.info().run));
         std::fs::write(
             &waypoint_config,
-            config(&tb, 1, ca.path(), &[WAYPOINT_POD], true, ALL_TO_V1),
+            config(&tb, 1, ca.path(), &[(WAYPOINT_POD, false)], true, ALL_TO_V1),
         )
         .unwrap();
         let probe = binaries::mtb_probe().unwrap();
@@ -191,7 +192,7 @@ impl Rig {
             agents,
             waypoint_config,
             waypoint: None,
-            waypoint_pods: vec![WAYPOINT_POD],
+            waypoint_pods: vec![(WAYPOINT_POD, false)],
             apps,
             _probes: probes,
         };

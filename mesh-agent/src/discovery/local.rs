@@ -197,6 +197,11 @@ pub struct Workload {
     pub labels: Labels,
     #[serde(default)]
     pub host_network: bool,
+    /// The pod is being deleted and still runs, draining (Kubernetes: its deletionTimestamp is
+    /// set). Its connections are served as any pod's, but a waypoint's terminating pod is sent
+    /// no new connections while the waypoint has a pod that is not.
+    #[serde(default)]
+    pub terminating: bool,
     /// The pod's interface in the node's network namespace (host side of its veth). Required for
     /// pods of this node that are not host-network.
     #[serde(default)]

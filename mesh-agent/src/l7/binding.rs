@@ -166,11 +166,23 @@ impl Waypoints {
     }
 
     /// The pods of waypoint `r` (labelled with its name in its namespace, as istiod labels
-    /// the Deployment it creates).
+    /// the Deployment it creates), terminating ones included: their identities stay the
+    /// waypoint's while they drain.
     pub fn pods<'a>(config: &'a LocalConfig, r: &WaypointRef) -> Vec<&'a Workload> {
         config
             .selection
             .labelled(config, &r.namespace, GATEWAY_NAME_LABEL, &r.name)
+    }
+
+    /// The pods of waypoint `r` new connections go to: those not terminating, or, when every
+    /// pod is, all of them (a draining waypoint still serves; Kubernetes' terminating
+    /// endpoints fallback does the same for Services).
+    pub fn serving_pods<'a>(config: &'a LocalConfig, r: &WaypointRef) -> Vec<&'a Workload> {
+        let mut pods = Self::pods(config, r);
+        if pods.iter().any(|p| !p.terminating) {
+            pods.retain(|p| !p.terminating);
+        }
+        pods
     }
 }
 
@@ -234,6 +246,46 @@ fn waypoint(obj: &RawObject) -> Result<Option<Waypoint>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rollout: the old pod terminating beside the new one gets no new connections; alone
+    /// (every pod terminating) it still does, as Kubernetes' terminating endpoints do.
+    #[test]
+    fn new_connections_skip_a_terminating_waypoint_pod_unless_all_are() {
+        let config = |old_terminating: bool, new_terminating: bool| {
+            LocalConfig::parse(&format!(
+                "node: {{name: n1}}\nnamespaces: [{{name: ns}}]\nworkloads:\n\
+                 - {{name: wp-old, namespace: ns, node: n2, ips: [10.0.0.1], terminating: {old_terminating}, labels: {{{GATEWAY_NAME_LABEL}: wp}}}}\n\
+                 - {{name: wp-new, namespace: ns, node: n2, ips: [10.0.0.2], terminating: {new_terminating}, labels: {{{GATEWAY_NAME_LABEL}: wp}}}}\n"
+            ))
+            .unwrap()
+        };
+        let r = WaypointRef {
+            name: "wp".into(),
+            namespace: "ns".into(),
+        };
+        let names = |c: &LocalConfig, serving: bool| {
+            let pods = if serving {
+                Waypoints::serving_pods(c, &r)
+            } else {
+                Waypoints::pods(c, &r)
+            };
+            let mut names: Vec<String> = pods.iter().map(|p| p.name.to_string()).collect();
+            names.sort();
+            names
+        };
+        let both = ["wp-new", "wp-old"];
+        let c = config(false, false);
+        assert_eq!(names(&c, true), both);
+        let c = config(true, false);
+        assert_eq!(names(&c, true), ["wp-new"]);
+        assert_eq!(
+            names(&c, false),
+            both,
+            "identities: both pods are the waypoint's"
+        );
+        let c = config(true, true);
+        assert_eq!(names(&c, true), both, "all draining: they still serve");
+    }
 
     fn gateway(name: &str, ns: &str, class: &str, waypoint_for: Option<&str>) -> RawObject {
         let labels = waypoint_for.map_or(String::new(), |f| {

@@ -86,7 +86,7 @@ impl WaypointRoute {
             },
             Binding::Waypoint(r) => Self::Via {
                 waypoint: format!("{}/{}", r.namespace, r.name),
-                pods: Waypoints::pods(config, &r)
+                pods: Waypoints::serving_pods(config, &r)
                     .into_iter()
                     .flat_map(|p| p.ips.iter().map(move |ip| (*ip, config.identity_of(p))))
                     .collect(),

@@ -113,6 +113,7 @@ fn delta_of(ops: &[Op]) -> ConfigDelta {
                     ips: ips.into(),
                     labels: labels.into(),
                     host_network,
+                    terminating: false,
                     cgroup: None,
                     created: 0,
                 };

@@ -9,7 +9,8 @@ use mesh_testbed::probe::Probe;
 use super::{ALL_TO_V1, NEW_WAYPOINT_POD, REVIEWS_VIP, Rig, WAYPOINT_POD, reviews};
 
 /// Step 14: a TCP connection opened through the old waypoint stays open (idle) across the
-/// rollout and then carries 8 MiB intact; a loop of new connections and a keep-alive client
+/// rollout (the old pod signalled, then listed as terminating, then gone once it exited) and
+/// then carries 8 MiB intact; a loop of new connections and a keep-alive client
 /// (10 requests/s on one connection while it lasts) see only 200s throughout, first from the
 /// old waypoint, at the end from the new one — the keep-alive one because the draining waypoint
 /// closed its connection after a request; the old one exits by itself once the TCP connection
@@ -73,7 +74,7 @@ pub(super) fn waypoint_rollout(rig: &mut Rig) -> std::process::Output {
     std::thread::sleep(Duration::from_millis(500));
 
     // The new pod joins and is ready (serving HBONE); the agents list both.
-    rig.waypoint_pods = vec![WAYPOINT_POD, NEW_WAYPOINT_POD];
+    rig.waypoint_pods = vec![(WAYPOINT_POD, false), (NEW_WAYPOINT_POD, false)];
     let write_all = |rig: &Rig| {
         std::fs::write(&rig.waypoint_config, rig.config(1, true, ALL_TO_V1)).unwrap();
         for (i, agent) in rig.agents.iter().enumerate() {
@@ -84,12 +85,13 @@ pub(super) fn waypoint_rollout(rig: &mut Rig) -> std::process::Output {
     let new = rig.start_waypoint(NEW_WAYPOINT_POD);
     std::thread::sleep(Duration::from_millis(1000));
 
-    // The old one is told to go while the agents still send to it, and leaves their configs a
-    // second later (the endpoints update reaching them).
+    // The old one is told to go while the agents still send to it, and is listed as terminating
+    // a second later (its deletion reaching them: still a waypoint pod, sent no new
+    // connections).
     let mut old = rig.waypoint.replace(new).unwrap();
     old.sigterm().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    rig.waypoint_pods = vec![NEW_WAYPOINT_POD];
+    rig.waypoint_pods = vec![(WAYPOINT_POD, true), (NEW_WAYPOINT_POD, false)];
     write_all(rig);
     // Past the old waypoint's accept window (1 s here): it stays for the connection it holds.
     std::thread::sleep(Duration::from_millis(2500));
@@ -110,6 +112,9 @@ pub(super) fn waypoint_rollout(rig: &mut Rig) -> std::process::Output {
     assert!(out.status.success(), "{}\n{log}", out.status);
     assert!(log.contains("waypoint: draining"), "{log}");
     assert!(log.contains("waypoint: drained, exiting"), "{log}");
+    // The pod object goes once its process has exited.
+    rig.waypoint_pods = vec![(NEW_WAYPOINT_POD, false)];
+    write_all(rig);
 
     let failed: Vec<&String> = seen.iter().filter(|s| !s.ends_with("\n200")).collect();
     assert!(
@@ -124,9 +129,15 @@ pub(super) fn waypoint_rollout(rig: &mut Rig) -> std::process::Output {
         seen.iter().filter(|s| s.contains(&saw)).count()
     };
     assert!(via(old_ip) > 0 && via(new_ip) > 0, "{seen:?}");
+    // The last 20 came well after the agents listed the old pod as terminating: none of them
+    // went to it (were it still chosen, round robin would send it half).
+    let late: Vec<bool> = seen[seen.len() - 20..]
+        .iter()
+        .map(|s| s.contains(&format!("saw {new_ip}")))
+        .collect();
     assert!(
-        seen.last().unwrap().contains(&format!("saw {new_ip}")),
-        "the last request still went through the old waypoint: {seen:?}"
+        late.iter().all(|&new| new),
+        "new connections still went to the terminating waypoint (true: the new one): {late:?}"
     );
     eprintln!(
         "rollout: {} requests, all 200 ({} through the old waypoint, {} through the new)",

@@ -207,6 +207,7 @@ impl PodRecord {
             ips: self.ips.clone(),
             labels,
             host_network: self.host_network,
+            terminating: self.deleting,
             host_interface: None,
             cgroup: None,
             created: self.created,
@@ -344,6 +345,10 @@ mod tests {
         );
         assert_eq!(r.labels["app"], "a");
         assert!(r.deleting && r.created == 0);
+        assert!(
+            r.workload().0.terminating,
+            "its workload says it is draining"
+        );
         assert_eq!(
             r.uid.as_deref(),
             Some("u1"),
