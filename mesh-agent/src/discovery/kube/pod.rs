@@ -217,7 +217,7 @@ impl PodRecord {
 
     /// Its workload when that is a function of the record alone, so that the workload can
     /// stand in for it: not a pod of `this_node` with an interface to find, not being deleted
-    /// (which the workload does not say), no label ignored.
+    /// (such pods are few and short-lived, so their records are simply kept), no label ignored.
     pub fn standalone_workload(&self, this_node: &str) -> Option<Workload> {
         if needs_locating(&self.node, self.host_network, this_node) || self.deleting {
             return None;
