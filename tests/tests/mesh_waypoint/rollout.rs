@@ -4,7 +4,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_testbed::probe::Probe;
+use mesh_testbed::{http::http_get, probe::Probe};
 
 use super::{ALL_TO_V1, NEW_WAYPOINT_POD, REVIEWS_VIP, Rig, WAYPOINT_POD, reviews};
 
@@ -88,9 +88,26 @@ pub(super) fn waypoint_rollout(rig: &mut Rig) -> std::process::Output {
     // The old one is told to go while the agents still send to it, and is listed as terminating
     // a second later (its deletion reaching them: still a waypoint pod, sent no new
     // connections).
+    let old_place = &rig.tb.pod(WAYPOINT_POD.0, WAYPOINT_POD.1).place;
+    let ready = || {
+        http_get(
+            old_place,
+            "127.0.0.1:15021".parse().unwrap(),
+            "GET",
+            "/healthz/ready",
+        )
+        .unwrap()
+        .0
+    };
+    assert!(ready().contains("200"), "{}", ready());
     let mut old = rig.waypoint.replace(new).unwrap();
     old.sigterm().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
+    let status = ready();
+    assert!(
+        status.contains("503"),
+        "a draining waypoint is not ready: {status}"
+    );
     rig.waypoint_pods = vec![(WAYPOINT_POD, true), (NEW_WAYPOINT_POD, false)];
     write_all(rig);
     // Past the old waypoint's accept window (1 s here): it stays for the connection it holds.
