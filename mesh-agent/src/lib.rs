@@ -9,6 +9,7 @@ pub mod capture;
 pub mod cli;
 pub mod controller;
 pub mod discovery;
+pub mod drain;
 pub mod ebpf;
 pub mod fuzz_checks;
 pub mod hbone;

@@ -329,7 +329,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_port: args.metrics_port,
                 readiness_port: args.readiness_port,
                 reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
-                drain: mesh_agent::waypoint::drain::DrainTimes {
+                drain: mesh_agent::drain::DrainTimes {
                     accept_for: Duration::from_secs(args.drain_accept_seconds),
                     limit: Duration::from_secs(args.drain_seconds),
                 },

@@ -117,6 +117,11 @@ impl GoawaySignal {
         self.0.send_replace(true);
     }
 
+    /// Whether it has fired.
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
+
     /// Its state (`true` once fired), for those that act on it beyond the HBONE layer.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
         self.0.subscribe()

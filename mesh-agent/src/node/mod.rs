@@ -361,11 +361,10 @@ async fn drain(
     metrics: &Metrics,
     readiness: &Readiness,
     limit: Duration,
-    [sigterm, sigint]: [&mut tokio::signal::unix::Signal; 2],
-    mut successor: impl FnMut(),
+    signals: [&mut tokio::signal::unix::Signal; 2],
+    successor: impl FnMut(),
 ) {
     readiness.draining();
-    let deadline = tokio::time::Instant::now() + limit;
     let live = metrics.traffic.in_flight();
     if live > 0 {
         info!(
@@ -374,23 +373,18 @@ async fn drain(
             "draining"
         );
     }
-    loop {
-        let live = metrics.traffic.in_flight();
-        if live <= 0 {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            warn!(
-                connections = live,
-                "drain time over: closing the connections still open"
-            );
-            return;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(SUCCESSOR_POLL) => successor(),
-            _ = sigterm.recv() => return,
-            _ = sigint.recv() => return,
-        }
+    let open = || usize::try_from(metrics.traffic.in_flight()).unwrap_or(0);
+    let times = crate::drain::DrainTimes {
+        accept_for: Duration::ZERO,
+        limit,
+    };
+    let drained =
+        crate::drain::until_drained(open, times, SUCCESSOR_POLL, signals, successor).await;
+    if let crate::drain::Drained::TimeOver { open } = drained {
+        warn!(
+            connections = open,
+            "drain time over: closing the connections still open"
+        );
     }
 }
 

@@ -11,7 +11,7 @@
 //! - the listener keeps accepting for [`DrainTimes::accept_for`], and everything open keeps
 //!   being served (opaque TCP through the waypoint, long streams) until it ends;
 //! - the process exits once that window is over and no connection is left, or at
-//!   [`DrainTimes::limit`], or at a second signal.
+//!   [`DrainTimes::limit`], or at a second signal ([`crate::drain`], as the node agent).
 use std::{
     sync::{
         Arc,
@@ -23,23 +23,16 @@ use std::{
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
-    time::Instant,
 };
 use tracing::{info, warn};
 
-use crate::hbone::server::GoawaySignal;
+use crate::{
+    drain::{DrainTimes, Drained, until_drained},
+    hbone::server::GoawaySignal,
+};
 
 /// How often the drain looks at the connections left.
 const POLL: Duration = Duration::from_millis(100);
-
-/// How long a draining waypoint stays.
-#[derive(Clone, Copy, Debug)]
-pub struct DrainTimes {
-    /// Keep accepting new connections for this long after the signal, however few are open.
-    pub accept_for: Duration,
-    /// Exit at the latest this long after the signal, closing what is still open.
-    pub limit: Duration,
-}
 
 /// The waypoint's drain state, shared by the listener, every connection and the admin port.
 #[derive(Default)]
@@ -68,7 +61,7 @@ impl Drain {
 
     /// Whether the drain has begun (readiness answers 503 from then on).
     pub fn started(&self) -> bool {
-        *self.goaway.subscribe().borrow()
+        self.goaway.is_fired()
     }
 
     /// Resolves once the drain has begun and the connection has taken a request (`requests`
@@ -76,11 +69,8 @@ impl Drain {
     /// that has not read its first request would drop that request; closing one idle between
     /// requests is the usual keep-alive race, which clients retry.
     pub async fn close_after_a_request(&self, requests: &Notify) {
-        let mut started = self.goaway.subscribe();
-        if started.wait_for(|s| *s).await.is_err() {
-            // No sender: never.
-            std::future::pending::<()>().await;
-        }
+        // Cannot fail: the sender is `self.goaway`, alive while `self` is borrowed.
+        let _ = self.goaway.subscribe().wait_for(|s| *s).await;
         requests.notified().await;
     }
 
@@ -92,7 +82,6 @@ impl Drain {
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}
         }
-        let started = Instant::now();
         self.goaway.fire();
         info!(
             connections = self.live.load(Ordering::Relaxed),
@@ -100,28 +89,18 @@ impl Drain {
             limit_s = times.limit.as_secs_f64(),
             "waypoint: draining (readiness false, peers told GOAWAY, still accepting)"
         );
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
-                _ = sigterm.recv() => { warn!("waypoint: second signal, exiting now"); return Ok(()); }
-                _ = sigint.recv() => { warn!("waypoint: second signal, exiting now"); return Ok(()); }
+        let open = || self.live.load(Ordering::Relaxed);
+        match until_drained(open, times, POLL, [&mut sigterm, &mut sigint], || {}).await {
+            Drained::Empty { after } => {
+                info!(after_s = after.as_secs_f64(), "waypoint: drained, exiting");
             }
-            let (live, elapsed) = (self.live.load(Ordering::Relaxed), started.elapsed());
-            if live == 0 && elapsed >= times.accept_for {
-                info!(
-                    after_s = elapsed.as_secs_f64(),
-                    "waypoint: drained, exiting"
-                );
-                return Ok(());
-            }
-            if elapsed >= times.limit {
-                warn!(
-                    connections = live,
-                    "waypoint: drain time over, closing the connections still open"
-                );
-                return Ok(());
-            }
+            Drained::TimeOver { open } => warn!(
+                connections = open,
+                "waypoint: drain time over, closing the connections still open"
+            ),
+            Drained::Signalled => warn!("waypoint: second signal, exiting now"),
         }
+        Ok(())
     }
 }
 

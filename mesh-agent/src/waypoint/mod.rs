@@ -65,7 +65,7 @@ pub struct WaypointOptions {
     pub readiness_port: u16,
     pub reload_interval: Duration,
     /// How a SIGTERM is taken (see [`drain`]).
-    pub drain: drain::DrainTimes,
+    pub drain: crate::drain::DrainTimes,
 }
 
 /// The configuration feed: a file or the API.
@@ -282,13 +282,12 @@ pub async fn run(opts: WaypointOptions) -> anyhow::Result<()> {
                 );
                 tokio::spawn(async move {
                     let _live = wp.drain.enter();
-                    let drain = Arc::clone(&wp.drain);
                     let layer = ConnectionLayer {
                         roots: &roots,
                         trust_domain: &td,
                         limits: &limits,
                         counters: &counters,
-                        goaway: Some(&drain.goaway),
+                        goaway: Some(&wp.drain.goaway),
                     };
                     let on_stream = |req, respond, peer, addrs| {
                         inbound::stream(Arc::clone(&wp), req, respond, peer, addrs)
