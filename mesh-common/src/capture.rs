@@ -170,6 +170,11 @@ pub const MAX_SPLICED: u32 = 65_536;
 /// (`CONFIG_SPLICE_QUEUE_BYTES` overrides it). Sends beyond it take the TCP path, whose own
 /// buffers then push back on the writer.
 pub const SPLICE_QUEUE_BYTES: u64 = 4 << 20;
+/// The largest message one `sendmsg` hands an sk_msg program: the kernel builds it from at most
+/// `MAX_SKB_FRAGS` fragments (17 by default, 45 at most: `CONFIG_MAX_SKB_FRAGS`) of the
+/// socket's page fragment, at most 32 KiB each. So a connection's first
+/// `SPLICE_QUEUE_BYTES - MAX_SK_MSG_BYTES` bytes are always spliced.
+pub const MAX_SK_MSG_BYTES: u64 = 45 * (32 << 10);
 /// [`SpliceQueue::flags`]: this socket sent bytes the splice could not account for (its peer
 /// was not spliceable yet): it stays on TCP for good.
 pub const SPLICE_UNTRACKED: u64 = 1;

@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{Counter, capture::SPLICE_QUEUE_BYTES};
+use mesh_common::{
+    Counter,
+    capture::{MAX_SK_MSG_BYTES, SPLICE_QUEUE_BYTES},
+};
 use mesh_testbed::{
     Place, Testbed, TestbedSpec, binaries, can_run,
     probe::{self, Probe},
@@ -35,11 +38,6 @@ fn out_segs(place: &Place) -> u64 {
         .unwrap();
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
-
-/// The largest message one `sendmsg` hands the sk_msg program: the kernel builds it from at
-/// most `MAX_SKB_FRAGS` fragments (17 by default, 45 at most: `CONFIG_MAX_SKB_FRAGS`) of the
-/// socket's page fragment, at most 32 KiB each.
-const LARGEST_MESSAGE: u64 = 45 * (32 << 10);
 
 /// `mtb-probe send` as a process in `place`.
 fn send_from(place: &Place, dst: SocketAddr, bytes: u64) -> serde_json::Value {
@@ -74,7 +72,7 @@ fn outbound_hop_is_spliced_and_carries_a_gibibyte_intact() {
         // much more depends on how often the agent falls that far behind: a speed figure, which
         // `cargo xtask bench` reports as `splice_share` (CI saw 89.5% here).
         assert!(
-            spliced >= (SPLICE_QUEUE_BYTES - LARGEST_MESSAGE).min(bytes),
+            spliced >= (SPLICE_QUEUE_BYTES - MAX_SK_MSG_BYTES).min(bytes),
             "v6={v6} {d:?}"
         );
         assert_eq!(d.get(Counter::SpliceFallbacks), 0, "v6={v6} {d:?}");

@@ -5,7 +5,10 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_common::{Counter, capture::SPLICE_QUEUE_BYTES};
+use mesh_common::{
+    Counter,
+    capture::{MAX_SK_MSG_BYTES, SPLICE_QUEUE_BYTES},
+};
 use mesh_testbed::{
     Place, TestbedSpec, binaries, can_run,
     probe::{self, Probe, ProbeServer},
@@ -128,8 +131,10 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
         d2.get(Counter::SplicedBytes),
     );
     // Both pod-side hops are spliced unless the run turned splicing off (ARCHITECTURE
-    // "Splicing"): every byte went one way or the other, a good share spliced (how much depends on
-    // how far the reader lags; see capture_splice.rs for the bound itself).
+    // "Splicing"): every byte went one way or the other, and at least the first bound's worth
+    // (less one message) was spliced. How much more depends on how far the reader lags behind
+    // a writer that never pauses — a speed figure, `splice_share` in `cargo xtask bench` (CI
+    // saw 1.46% on the client hop, against the 2% this test used to ask).
     if support::spliced() {
         for (hop, d) in [
             ("client pod -> agent 1", &d1),
@@ -140,7 +145,10 @@ fn a_gibibyte_crosses_the_hbone_tunnel_intact() {
                 d.get(Counter::SpliceDeferredBytes),
             );
             assert!(spliced + deferred >= bytes, "{hop}: {d:?}");
-            assert!(spliced >= bytes / 50, "{hop}: {d:?}");
+            assert!(
+                spliced >= SPLICE_QUEUE_BYTES - MAX_SK_MSG_BYTES,
+                "{hop}: {d:?}"
+            );
         }
     }
     drop((srv, a1, a2));
