@@ -198,8 +198,8 @@ pub struct Workload {
     #[serde(default)]
     pub host_network: bool,
     /// The pod is being deleted and still runs, draining (Kubernetes: its deletionTimestamp is
-    /// set). Its connections are served as any pod's, but a waypoint's terminating pod is sent
-    /// no new connections while the waypoint has a pod that is not.
+    /// set). Its connections are served as any pod's, but it is sent no new ones while the
+    /// Service or waypoint it belongs to has a pod that is not ([`serving`]).
     #[serde(default)]
     pub terminating: bool,
     /// The pod's interface in the node's network namespace (host side of its veth). Required for
@@ -237,6 +237,18 @@ impl Workload {
         .unwrap_or_else(|| arcstr::literal!("latest"));
         (name, version)
     }
+}
+
+/// The pods of a group (a Service's endpoints, a waypoint's pods) that new connections go to:
+/// those not terminating, or all of them when every one is. Kubernetes does the same with its
+/// EndpointSlice conditions (ready endpoints, else serving terminating ones: KEP-1669), so a
+/// pod that drains during a rollout keeps what it has and gets nothing new while a replacement
+/// runs, yet a group whose every pod terminates still answers.
+pub fn serving(mut pods: Vec<&Workload>) -> Vec<&Workload> {
+    if pods.iter().any(|p| !p.terminating) {
+        pods.retain(|p| !p.terminating);
+    }
+    pods
 }
 
 fn default_service_account() -> Name {
@@ -550,12 +562,13 @@ impl LocalConfig {
         self.selection.selected(self, svc).into_iter()
     }
 
-    /// A service's endpoint addresses: the explicit ones, or its selected workloads'.
+    /// A service's endpoint addresses: the explicit ones, or those of its selected workloads
+    /// that take new connections ([`serving`]).
     pub fn endpoint_ips(&self, svc: &Service) -> Vec<IpAddr> {
         match &svc.endpoints {
             Some(ips) => ips.clone(),
-            None => self
-                .endpoints_of(svc)
+            None => serving(self.endpoints_of(svc).collect())
+                .into_iter()
                 .flat_map(|w| w.ips.iter().copied())
                 .collect(),
         }

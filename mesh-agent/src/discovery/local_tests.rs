@@ -220,3 +220,35 @@ fn a_reload_that_unenrols_everything_must_say_so() {
         "{e}"
     );
 }
+
+/// A Service's endpoint addresses leave out its terminating pods while one is not (a rollout
+/// sends new connections to the replacement only), and keep them when all are (the
+/// Service still answers), as Kubernetes' ready / serving-terminating endpoints do.
+#[test]
+fn terminating_pods_get_new_connections_only_when_no_other_pod_serves() {
+    let config = |old: bool, new: bool| {
+        LocalConfig::parse(&format!(
+            "node: {{name: n1}}\nworkloads:\n  \
+             - {{name: old, namespace: x, node: n2, ips: [10.0.0.1], terminating: {old}, labels: {{app: web}}}}\n  \
+             - {{name: new, namespace: x, node: n2, ips: [10.0.0.2], terminating: {new}, labels: {{app: web}}}}\n\
+             services:\n  - {{name: web, namespace: x, vips: [10.96.0.1], ports: [{{port: 80}}], selector: {{app: web}}}}\n"
+        ))
+        .unwrap()
+    };
+    let ips = |c: &LocalConfig| -> Vec<String> {
+        c.endpoint_ips(&c.services[0])
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(ips(&config(false, false)), ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(ips(&config(true, false)), ["10.0.0.2"], "rollout");
+    assert_eq!(
+        ips(&config(true, true)),
+        ["10.0.0.1", "10.0.0.2"],
+        "all drain"
+    );
+    // The selection itself still lists both: their connections are served as any pod's.
+    let c = config(true, false);
+    assert_eq!(c.endpoints_of(&c.services[0]).count(), 2);
+}

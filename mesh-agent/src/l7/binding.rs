@@ -178,11 +178,7 @@ impl Waypoints {
     /// pod is, all of them (a draining waypoint still serves; Kubernetes' terminating
     /// endpoints fallback does the same for Services).
     pub fn serving_pods<'a>(config: &'a LocalConfig, r: &WaypointRef) -> Vec<&'a Workload> {
-        let mut pods = Self::pods(config, r);
-        if pods.iter().any(|p| !p.terminating) {
-            pods.retain(|p| !p.terminating);
-        }
-        pods
+        crate::discovery::local::serving(Self::pods(config, r))
     }
 }
 

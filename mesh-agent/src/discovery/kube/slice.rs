@@ -21,11 +21,26 @@ pub struct EndpointSliceView {
     pub ports: Vec<SlicePort>,
 }
 
-/// One endpoint: its addresses that parse, and whether it is ready (`None`: not said).
+/// One endpoint: its addresses that parse and its conditions (`None`: not said).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointView {
     pub addresses: Addresses,
     pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl EndpointView {
+    /// Takes new connections: ready, or not saying (the API's meaning of an absent condition).
+    pub fn is_ready(&self) -> bool {
+        self.ready != Some(false)
+    }
+
+    /// Terminating yet still serving: what kube-proxy falls back to when a Service has no
+    /// ready endpoint (KEP-1669). An absent `serving` is `ready`'s value, as the API says.
+    pub fn is_serving_terminating(&self) -> bool {
+        self.terminating == Some(true) && self.serving.or(self.ready) != Some(false)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -40,6 +55,8 @@ impl<'de> Deserialize<'de> for EndpointSliceView {
         #[serde(default)]
         struct Conditions {
             ready: Option<bool>,
+            serving: Option<bool>,
+            terminating: Option<bool>,
         }
         #[derive(Deserialize)]
         struct Endpoint<'a> {
@@ -68,9 +85,14 @@ impl<'de> Deserialize<'de> for EndpointSliceView {
                 .endpoints
                 .unwrap_or_default()
                 .into_iter()
-                .map(|e| EndpointView {
-                    addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-                    ready: e.conditions.and_then(|c| c.ready),
+                .map(|e| {
+                    let c = e.conditions.unwrap_or_default();
+                    EndpointView {
+                        addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                        ready: c.ready,
+                        serving: c.serving,
+                        terminating: c.terminating,
+                    }
                 })
                 .collect(),
             ports: raw.ports.unwrap_or_default(),
@@ -153,5 +175,42 @@ mod tests {
         }))
         .unwrap();
         assert!(empty.endpoints.is_empty() && empty.ports.is_empty() && empty.service().is_none());
+    }
+
+    /// Which endpoints take new connections, by their conditions, as kube-proxy reads them
+    /// (KEP-1669; an absent condition: `ready` and `serving` true, `terminating` false, and an
+    /// absent `serving` taken from `ready`). Each row: ready, serving, terminating → ready,
+    /// serving while terminating.
+    #[test]
+    fn endpoint_conditions_are_read_as_kube_proxy_reads_them() {
+        type Row = (Option<bool>, Option<bool>, Option<bool>, bool, bool);
+        let table: [Row; 8] = [
+            (None, None, None, true, false), // nothing said: ready
+            (Some(true), Some(true), Some(false), true, false), // a running pod
+            (Some(false), Some(false), Some(false), false, false), // failing its probe
+            (Some(false), None, None, false, false), // old API server, not ready
+            (Some(false), Some(true), Some(true), false, true), // draining, still serving
+            (Some(false), Some(false), Some(true), false, false), // draining, stopped serving
+            (Some(false), None, Some(true), false, false), // serving unsaid: ready's false
+            (None, None, Some(true), true, true), // only terminating said
+        ];
+        for (ready, serving, terminating, is_ready, fallback) in table {
+            let e = EndpointView {
+                addresses: Default::default(),
+                ready,
+                serving,
+                terminating,
+            };
+            let row = format!("ready {ready:?} serving {serving:?} terminating {terminating:?}");
+            assert_eq!(e.is_ready(), is_ready, "{row}: ready");
+            assert_eq!(e.is_serving_terminating(), fallback, "{row}: fallback");
+        }
+        let decoded: EndpointSliceView = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "n"},
+            "endpoints": [{"addresses": ["10.0.0.1"],
+                           "conditions": {"ready": false, "serving": true, "terminating": true}}]
+        }))
+        .unwrap();
+        assert!(decoded.endpoints[0].is_serving_terminating());
     }
 }

@@ -17,15 +17,18 @@ use crate::names::{Name, intern};
 /// A Service, `(namespace, name)`.
 pub type ServiceKey = (Name, Name);
 
-/// What a Service's endpoints are read from: one slice's ready addresses and its ports. An
-/// endpoint that is not ready is not kept (nothing reads it), and addresses are kept flat: an
-/// endpoint with its readiness took ~40 bytes, an address takes 17 (issue #19).
+/// What a Service's endpoints are read from: one slice's ready addresses, its terminating but
+/// serving ones (the fallback when no slice of the Service has a ready one) and its ports.
+/// Other endpoints are not kept (nothing reads them), and addresses are kept flat: an endpoint
+/// with its conditions took ~40 bytes, an address takes 17 (issue #19).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceRecord {
     /// The slice's own name.
     pub name: Name,
     /// The addresses of its endpoints that are ready (or do not say).
     pub ready: Box<[IpAddr]>,
+    /// The addresses of its endpoints that terminate but still serve.
+    pub terminating: Box<[IpAddr]>,
     pub ports: Box<[SlicePort]>,
 }
 
@@ -36,7 +39,13 @@ impl SliceRecord {
             ready: view
                 .endpoints
                 .iter()
-                .filter(|e| e.ready != Some(false))
+                .filter(|e| e.is_ready())
+                .flat_map(|e| e.addresses.iter().copied())
+                .collect(),
+            terminating: view
+                .endpoints
+                .iter()
+                .filter(|e| !e.is_ready() && e.is_serving_terminating())
                 .flat_map(|e| e.addresses.iter().copied())
                 .collect(),
             ports: view.ports.clone().into_boxed_slice(),
@@ -196,6 +205,8 @@ mod tests {
                 {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
                 {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
                 {"addresses": ["10.0.0.3", "fd00::3"]},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": false, "serving": false, "terminating": true}},
                 {"addresses": ["not-an-address"], "conditions": {"ready": true}}
             ],
             "ports": [{"name": "http", "port": 8080}]
@@ -206,6 +217,16 @@ mod tests {
         let records = store.of("n", "web");
         let ready: Vec<String> = records[0].ready.iter().map(ToString::to_string).collect();
         assert_eq!(ready, ["10.0.0.1", "10.0.0.3", "fd00::3"]);
+        let fallback: Vec<String> = records[0]
+            .terminating
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            fallback,
+            ["10.0.0.4"],
+            "terminating and serving, kept apart"
+        );
         assert_eq!(records[0].ports[0].port, Some(8080));
     }
 

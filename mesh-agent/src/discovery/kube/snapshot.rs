@@ -149,17 +149,25 @@ pub fn service_of(
     if ports.is_empty() {
         return None;
     }
-    let ready: BTreeSet<IpAddr> = slices
+    // Ready endpoints; when there is none, those terminating but still serving (kube-proxy's
+    // rule, KEP-1669): a Service whose every pod drains keeps answering.
+    let mut endpoints: BTreeSet<IpAddr> = slices
         .iter()
         .flat_map(|s| s.ready.iter().copied())
         .collect();
+    if endpoints.is_empty() {
+        endpoints = slices
+            .iter()
+            .flat_map(|s| s.terminating.iter().copied())
+            .collect();
+    }
     Some(Service {
         name: name.clone(),
         namespace: namespace.clone(),
         vips,
         ports,
         selector: svc.selector.clone(),
-        endpoints: Some(ready.into_iter().collect()),
+        endpoints: Some(endpoints.into_iter().collect()),
         labels: svc.labels.clone(),
     })
 }
@@ -303,5 +311,59 @@ pub fn build(
         },
         skipped,
         lost_address,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::kube::service::PortRecord;
+
+    fn record(name: &str, ready: &[&str], terminating: &[&str]) -> SliceRecord {
+        let ips = |list: &[&str]| list.iter().map(|a| a.parse().unwrap()).collect();
+        SliceRecord {
+            name: name.into(),
+            ready: ips(ready),
+            terminating: ips(terminating),
+            ports: Box::default(),
+        }
+    }
+
+    /// A Service's endpoints: the ready ones of all its slices; only when there is none, the
+    /// terminating ones that still serve (kube-proxy's fallback, so a Service whose every pod
+    /// drains still answers, and one with a replacement sends nothing new to the old pods).
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let svc = ServiceRecord {
+            name: "web".into(),
+            namespace: "n".into(),
+            ips: ["10.96.0.1".parse().unwrap()].into_iter().collect(),
+            ports: [PortRecord {
+                name: None,
+                port: 80,
+                target_port: None,
+                tcp: true,
+                app_protocol: None,
+            }]
+            .into(),
+            selector: Default::default(),
+            labels: Default::default(),
+        };
+        let endpoints = |slices: &[SliceRecord]| -> Vec<String> {
+            let service = service_of(&svc, slices, |_| false, &mut Vec::new()).unwrap();
+            let ips = service.endpoints.unwrap();
+            ips.iter().map(ToString::to_string).collect()
+        };
+        // A rollout: the new pod is ready in one slice, the old one drains in another.
+        let rollout = [
+            record("web-1", &[], &["10.0.0.1"]),
+            record("web-2", &["10.0.0.2"], &[]),
+        ];
+        assert_eq!(endpoints(&rollout), ["10.0.0.2"]);
+        // Every pod drains: they still serve.
+        let draining = [record("web-1", &[], &["10.0.0.1", "10.0.0.3"])];
+        assert_eq!(endpoints(&draining), ["10.0.0.1", "10.0.0.3"]);
+        // None at all.
+        assert!(endpoints(&[record("web-1", &[], &[])]).is_empty());
     }
 }
