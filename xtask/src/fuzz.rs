@@ -36,6 +36,13 @@ pub struct RunStats {
     pub seconds: u64,
 }
 
+impl RunStats {
+    /// Executions per second (a run shorter than a second counts as one).
+    fn per_second(&self) -> u64 {
+        self.executions / self.seconds.max(1)
+    }
+}
+
 /// Reads `Done <n> runs in <s> second(s)` from libFuzzer's output.
 pub fn parse_done(output: &str) -> Option<RunStats> {
     output.lines().rev().find_map(|l| {
@@ -112,7 +119,7 @@ pub fn run(args: FuzzArgs) -> Result<()> {
                     "  {t}: {} executions in {} s ({}/s), no crash",
                     stats.executions,
                     stats.seconds,
-                    stats.executions / stats.seconds.max(1)
+                    stats.per_second()
                 );
                 summary.push((t, stats));
             }
@@ -128,7 +135,7 @@ pub fn run(args: FuzzArgs) -> Result<()> {
             "| {t} | {} | {} | {} |",
             s.executions,
             s.seconds,
-            s.executions / s.seconds.max(1)
+            s.per_second()
         );
     }
     if !failed.is_empty() {
