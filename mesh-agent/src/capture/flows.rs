@@ -1,17 +1,25 @@
 //! The agent's side of `MESH_FLOWS`: on accept, the entry the tc program wrote for the
 //! connection's SYN says which interface it came from (the unforgeable source identity) and which
 //! listener it was meant for. The entry is taken (removed) so the LRU only holds pending flows.
-use std::{net::SocketAddr, path::Path, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{MapData, MapType};
 use mesh_common::{FlowInfo, FlowKey, FlowKind, capture::FLOWS_MAP};
 
 use crate::ebpf::ip_key;
 
-/// A handle on the pinned flow table, usable from any task.
+/// A handle on the pinned flow table, usable from any task (system calls on one descriptor).
 pub struct FlowTable {
-    map: Mutex<HashMap<MapData, FlowKey, FlowInfo>>,
+    map: MapData,
+    /// BPF_MAP_LOOKUP_AND_DELETE_ELEM on hash maps needs Linux 5.14; older kernels answer
+    /// EINVAL and the table falls back to a lookup and a delete (two calls per connection).
+    lookup_and_delete: AtomicBool,
 }
 
 /// What the kernel recorded about a captured connection.
@@ -25,27 +33,90 @@ impl FlowTable {
     /// Opens the table the running data path pinned in `maps_dir`.
     pub fn open(maps_dir: &Path) -> anyhow::Result<Self> {
         let path = maps_dir.join(FLOWS_MAP);
-        let data = MapData::from_pin(&path)
+        let map = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned flow table {}", path.display()))?;
-        let map = HashMap::try_from(Map::LruHashMap(data))
-            .with_context(|| format!("{} is not the flow table", path.display()))?;
+        let info = map
+            .info()
+            .with_context(|| format!("reading {}'s description", path.display()))?;
+        let sizes = (info.key_size() as usize, info.value_size() as usize);
+        anyhow::ensure!(
+            info.map_type().ok() == Some(MapType::LruHash)
+                && sizes == (size_of::<FlowKey>(), size_of::<FlowInfo>()),
+            "{} is not the flow table (type {:?}, key and value sizes {sizes:?})",
+            path.display(),
+            info.map_type().ok()
+        );
         Ok(Self {
-            map: Mutex::new(map),
+            map,
+            lookup_and_delete: AtomicBool::new(true),
         })
     }
 
     /// Takes the record of the connection from `client` to `original_dst`, if the kernel made one.
     pub fn take(&self, client: SocketAddr, original_dst: SocketAddr) -> Option<CapturedFlow> {
         let key = flow_key(client, original_dst);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let info = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
+        let info = if self.lookup_and_delete.load(Ordering::Relaxed) {
+            match self.call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &key, true) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.lookup_and_delete.store(false, Ordering::Relaxed);
+                    return self.take(client, original_dst);
+                }
+                other => other.ok()?,
+            }
+        } else {
+            let info = self.call(BPF_MAP_LOOKUP_ELEM, &key, true).ok()?;
+            let _ = self.call(BPF_MAP_DELETE_ELEM, &key, false);
+            info
+        };
         Some(CapturedFlow {
             ifindex: info.ifindex,
             kind: FlowKind::from_u32(info.kind)?,
         })
     }
+
+    /// One element command on `key`, reading the value when `value` (aya offers no
+    /// lookup-and-delete on hash maps).
+    fn call(&self, cmd: libc::c_long, key: &FlowKey, value: bool) -> std::io::Result<FlowInfo> {
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut info = FlowInfo::default();
+        let attr = ElemAttr {
+            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: if value {
+                std::ptr::from_mut(&mut info) as u64
+            } else {
+                0
+            },
+            flags: 0,
+        };
+        // SAFETY: the attribute points at a key and a value of the map's sizes (checked in
+        // `open`) that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &attr as *const ElemAttr,
+                std::mem::size_of::<ElemAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(info)
+    }
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The map key for a connection (addresses v4-mapped, ports host order).
 pub fn flow_key(client: SocketAddr, original_dst: SocketAddr) -> FlowKey {

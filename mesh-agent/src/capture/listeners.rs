@@ -49,7 +49,12 @@ pub fn bind_all(kinds: &[FlowKind], backlog: i32) -> anyhow::Result<Vec<CaptureL
 
 /// A non-blocking IP_TRANSPARENT TCP socket of `addr`'s family, bound to `addr`.
 fn transparent_socket(addr: SocketAddr, listener: bool) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from the start: one system call fewer per connection than setting it after.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         if listener {
             // One socket per family keeps the kernel's listener lookup from the tc program exact.
@@ -64,7 +69,6 @@ fn transparent_socket(addr: SocketAddr, listener: bool) -> std::io::Result<Socke
     } else {
         bind_address_no_port(&socket)?;
     }
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket)
 }

@@ -19,8 +19,8 @@ use http::{Method, Request, StatusCode};
 use tracing::debug;
 
 use super::{
-    CLIENT_MAX_HEADER_LIST, CONNECTION_WINDOW, Connector, MAX_FRAME, MAX_STREAMS_PER_CONNECTION,
-    STREAM_WINDOW, forwarded,
+    CLIENT_MAX_HEADER_LIST, CONNECTION_WINDOW, Connector, EARLY_DATA_HEADER, MAX_FRAME,
+    MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, forwarded,
 };
 use crate::{identity::SpiffeId, tls};
 
@@ -92,6 +92,11 @@ pub struct StreamRequest {
     /// The service hostname the client addressed (a VIP), sent as `forwarded: ...;host=` as
     /// ztunnel does: the destination agent reports it as `destination_service`.
     pub service_host: Option<String>,
+    /// The client's first bytes, already read from its connection (at most
+    /// [`super::EARLY_DATA_MAX`]; empty if none had arrived): sent with the CONNECT to a server
+    /// that accepts early data ([`EARLY_DATA_HEADER`]), otherwise right after its 200. Either
+    /// way an opened stream has carried them; a failed open leaves them to the next attempt.
+    pub early: Bytes,
 }
 
 /// How many times a stream a going-away connection did not take is opened again.
@@ -113,6 +118,8 @@ struct Pooled {
     /// When it was made: a stream refused by a connection going away is retried only on a
     /// newer one.
     born: Instant,
+    /// The server said in a 200 that it takes a stream's first bytes before its answer.
+    early_data: AtomicBool,
 }
 
 /// A stream in use. Its [`StreamSlot`] frees the stream's place in the pooled connection when
@@ -262,7 +269,15 @@ impl Pool {
                 return Err(h2err(e));
             }
         };
-        let (response, send_stream) = ready.send_request(request, false).map_err(h2err)?;
+        let (response, mut send_stream) = ready.send_request(request, false).map_err(h2err)?;
+        // Early data saves the round trip to the 200 before the first bytes can leave, where
+        // the server said it may (h2 writes the HEADERS and the DATA in one flush).
+        let early = !req.early.is_empty() && guard.conn().early_data.load(Ordering::Acquire);
+        if early {
+            send_stream
+                .send_data(req.early.clone(), false)
+                .map_err(h2err)?;
+        }
         let response = response.await.map_err(h2err)?;
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status {
@@ -270,6 +285,18 @@ impl Pool {
                 authority: req.authority,
                 status: response.status(),
             });
+        }
+        if response
+            .headers()
+            .get(EARLY_DATA_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1")
+        {
+            guard.conn().early_data.store(true, Ordering::Release);
+        }
+        if !early && !req.early.is_empty() {
+            send_stream
+                .send_data(req.early.clone(), false)
+                .map_err(h2err)?;
         }
         Ok(PooledStream {
             send: send_stream,
@@ -364,16 +391,29 @@ impl Pool {
             dead,
             last_used: Mutex::new(Instant::now()),
             born: Instant::now(),
+            early_data: AtomicBool::new(false),
         }))
     }
 }
 
-/// A fresh W3C trace context (version 00, random trace and span ids, sampled).
+/// A fresh W3C trace context (version 00, random trace and span ids, sampled). The ids need to
+/// be unique, not secret: a per-thread generator seeded once (no system call per connection).
 fn traceparent() -> String {
-    let mut b = [0u8; 24];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]))
+    fn hex(out: &mut String, v: u128, digits: u32) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for i in (0..digits).rev() {
+            out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+        }
+    }
+    // All-zero ids are invalid.
+    let (trace, span) = (fastrand::u128(1..), fastrand::u64(1..));
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    hex(&mut out, trace, 32);
+    out.push('-');
+    hex(&mut out, u128::from(span), 16);
+    out.push_str("-01");
+    out
 }
 
 #[cfg(test)]

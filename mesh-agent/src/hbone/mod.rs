@@ -21,6 +21,8 @@ pub mod stream_io;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_early;
+#[cfg(test)]
 mod tests_limits;
 
 /// HTTP/2 settings both ends use (ztunnel's): 4 MiB per stream, 16 MiB per connection, 1 MiB
@@ -41,6 +43,15 @@ pub const SERVER_MAX_HEADER_LIST: u32 = 64 << 10;
 /// SETTINGS_MAX_HEADER_LIST_SIZE the client advertises: ztunnel's 16 KiB (a response to CONNECT
 /// carries a status and `baggage`).
 pub const CLIENT_MAX_HEADER_LIST: u32 = 16 << 10;
+
+/// Response header of our HBONE server's 200 (value `1`): "on this connection, send a stream's
+/// first bytes with its CONNECT, before the 200". HTTP/2 allows a request's DATA before its
+/// response; HBONE peers (ztunnel) wait for the 200, so our client does so too until the server
+/// it talks to said this. A peer that never says it (ztunnel) never gets early data.
+pub const EARLY_DATA_HEADER: &str = "x-mesh-early-data";
+/// At most this many of a connection's first bytes travel with its CONNECT: one read of what
+/// the client had sent when the stream opened (a request, a TLS ClientHello).
+pub const EARLY_DATA_MAX: usize = 16 << 10;
 
 /// How either end opens TCP on behalf of a client: `connect(client_ip, addr)` — the client
 /// towards `<pod>:15008`, the server towards the destination pod. The agent connects

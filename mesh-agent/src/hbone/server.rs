@@ -510,9 +510,11 @@ async fn stream(
             return;
         }
     };
+    // Bytes the client sent before this 200 wait in the stream until the relay reads them.
     let ok = Response::builder()
         .status(StatusCode::OK)
         .header("baggage", &target.baggage)
+        .header(super::EARLY_DATA_HEADER, "1")
         .body(())
         .expect("static response");
     let Ok(send) = respond.send_response(ok, false) else {

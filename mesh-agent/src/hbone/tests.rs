@@ -135,6 +135,7 @@ impl Rig {
             authority,
             baggage: "k8s.namespace.name=default,service.name=a".into(),
             service_host: None,
+            early: bytes::Bytes::new(),
         }
     }
 }
@@ -282,6 +283,11 @@ fn traceparent_is_w3c_shaped() {
         (parts[0], parts[1].len(), parts[2].len(), parts[3]),
         ("00", 32, 16, "01")
     );
+    let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    assert!(lower_hex(parts[1]) && lower_hex(parts[2]), "{t}");
+    assert_ne!(parts[1], "0".repeat(32), "an all-zero trace id is invalid");
+    // Ids are fresh per stream.
+    assert_ne!(t, super::client::traceparent_for_tests());
 }
 
 /// An agent handing over to its successor tells its HBONE peers GOAWAY: a stream open across it

@@ -84,11 +84,12 @@ pub fn listener_name(kind: FlowKind) -> &'static str {
     }
 }
 
-/// Serves one accepted connection to completion; `admitted` holds its admission permits
-/// (see [`super::admission`]) until the connection, or its setup, ends.
+/// Serves one accepted connection from `client` (as accept reported it) to completion;
+/// `admitted` holds its admission permits (see [`super::admission`]) until the connection, or
+/// its setup, ends.
 pub async fn handle(
     ctx: Arc<HandlerContext>,
-    stream: TcpStream,
+    (stream, client): (TcpStream, SocketAddr),
     kind: FlowKind,
     admitted: super::admission::Admitted,
 ) {
@@ -96,7 +97,7 @@ pub async fn handle(
         connection: _connection,
         setup,
     } = admitted;
-    let (Ok(client), Ok(original_dst)) = (stream.peer_addr(), stream.local_addr()) else {
+    let Ok(original_dst) = stream.local_addr() else {
         return;
     };
     let client = canonical(client);
@@ -159,8 +160,8 @@ pub async fn handle(
 
 /// Resets a connection admission refused. Its capture record is removed too: it would
 /// otherwise stay in the flow map until evicted, and a flood would evict legitimate ones.
-pub fn refuse(ctx: &HandlerContext, stream: TcpStream) {
-    if let (Ok(client), Ok(original_dst)) = (stream.peer_addr(), stream.local_addr()) {
+pub fn refuse(ctx: &HandlerContext, (stream, client): (TcpStream, SocketAddr)) {
+    if let Ok(original_dst) = stream.local_addr() {
         let _ = ctx.flows.take(canonical(client), canonical(original_dst));
     }
     reset(stream);

@@ -242,12 +242,12 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
                         Ok(admitted) => {
                             tokio::spawn(handler::handle(
                                 Arc::clone(&ctx),
-                                stream,
+                                (stream, peer),
                                 l.kind,
                                 admitted,
                             ));
                         }
-                        Err(_) => handler::refuse(&ctx, stream),
+                        Err(_) => handler::refuse(&ctx, (stream, peer)),
                     },
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning; the connection

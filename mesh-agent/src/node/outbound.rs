@@ -7,17 +7,19 @@ use std::{
     sync::Arc,
 };
 
+use bytes::Bytes;
 use mesh_common::capture::PORT_INBOUND_HBONE;
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tracing::{info, warn};
 
 use super::{
-    direct::{closed, splice_tcp},
+    direct::{Moved, closed, splice_tcp},
     mesh::{MeshContext, MeshWorkload, WaypointRoute},
     sockets::{Upstream, connect_direct},
 };
 use crate::{
     hbone::{
+        EARLY_DATA_MAX,
         client::{HboneError, StreamRequest},
         relay,
     },
@@ -91,10 +93,11 @@ pub async fn outbound(
     let service = service_target
         .as_ref()
         .map(|s| super::telemetry::service_info(&s.key));
+    let mut early = Early::default();
     if let Some(route) = ctx.waypoint_for(client, original_dst, service_target.as_deref()) {
         via_waypoint(
             ctx,
-            tcp,
+            (tcp, &mut early),
             client,
             original_dst,
             &route,
@@ -122,6 +125,7 @@ pub async fn outbound(
         if service.is_some()
             && let Some(route) = ctx.waypoint_for(client, dst, None)
         {
+            let tcp = (tcp, &mut early);
             via_waypoint(ctx, tcp, client, dst, &route, service.as_ref(), pod).await;
             return;
         }
@@ -135,17 +139,24 @@ pub async fn outbound(
                     .telemetry
                     .outbound(client, dst, service.as_ref(), Some(hbone));
                 let host = service.as_ref().map(|s| s.hostname.clone());
+                let first_bytes = match early.read(&tcp) {
+                    Ok(b) => b,
+                    Err(e) => return client_failed(tcp, telemetry, &e),
+                };
                 match open_hbone(
                     ctx,
                     client,
                     (hbone, dst),
-                    &source,
-                    &destination.identity,
+                    (&source, &destination.identity),
                     host,
+                    first_bytes,
                 )
                 .await
                 {
-                    Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
+                    Ok((stream, sent)) => {
+                        early.sent();
+                        return relay_hbone(tcp, stream, telemetry, sent).await;
+                    }
                     Err((flags, e)) => {
                         telemetry.fail(flags, &e);
                         last_error = e;
@@ -187,7 +198,9 @@ pub async fn outbound(
                         src_t.opened();
                         dst_t.opened();
                         let both = BothReporters(&src_t, &dst_t);
-                        let result = splice_tcp(tcp, upstream, &both, admission.revoked()).await;
+                        let result =
+                            relay_direct((tcp, &mut early), upstream, &both, admission.revoked())
+                                .await;
                         closed([src_t, dst_t], &result);
                         return;
                     }
@@ -209,8 +222,9 @@ pub async fn outbound(
                 match connect_direct(client, dst, how).await {
                     Ok(upstream) => {
                         telemetry.opened();
+                        let tcp = (tcp, &mut early);
                         let result =
-                            splice_tcp(tcp, upstream, &telemetry, std::future::pending()).await;
+                            relay_direct(tcp, upstream, &telemetry, std::future::pending()).await;
                         closed([telemetry], &result);
                         return;
                     }
@@ -236,7 +250,7 @@ pub async fn outbound(
 /// waypoint is missing or none of its pods answers — never sent around it.
 async fn via_waypoint(
     ctx: &MeshContext,
-    tcp: TcpStream,
+    (tcp, early): (TcpStream, &mut Early),
     client: SocketAddr,
     original_dst: SocketAddr,
     route: &WaypointRoute,
@@ -280,17 +294,24 @@ async fn via_waypoint(
         let telemetry = ctx
             .telemetry
             .outbound(client, original_dst, service, Some(hbone));
+        let first_bytes = match early.read(&tcp) {
+            Ok(b) => b,
+            Err(e) => return client_failed(tcp, telemetry, &e),
+        };
         match open_hbone(
             ctx,
             client,
             (hbone, original_dst),
-            &source.identity,
-            identity,
+            (&source.identity, identity),
             host.clone(),
+            first_bytes,
         )
         .await
         {
-            Ok(stream) => return relay_hbone(tcp, stream, telemetry).await,
+            Ok((stream, sent)) => {
+                early.sent();
+                return relay_hbone(tcp, stream, telemetry, sent).await;
+            }
             Err((flags, e)) => {
                 telemetry.fail(flags, &e);
                 last_error = e;
@@ -302,14 +323,67 @@ async fn via_waypoint(
     super::sockets::reset(tcp);
 }
 
-/// Carries a captured connection over an open HBONE stream to its end.
+/// The client's first bytes: read once, without waiting, by the first HBONE attempt (they
+/// travel with its CONNECT, see [`StreamRequest::early`]) and kept for every later attempt,
+/// whatever its route.
+#[derive(Default)]
+struct Early(Option<Bytes>);
+
+impl Early {
+    /// What the client had sent when first asked (empty if nothing yet); an error is the
+    /// client's connection failing, which a later read would no longer report.
+    fn read(&mut self, tcp: &TcpStream) -> std::io::Result<Bytes> {
+        if let Some(b) = &self.0 {
+            return Ok(b.clone());
+        }
+        let b = super::sockets::read_ready(tcp, EARLY_DATA_MAX)?;
+        self.0 = Some(b.clone());
+        Ok(b)
+    }
+
+    /// The bytes went with an opened stream: not kept for the connection's life.
+    fn sent(&mut self) {
+        self.0 = Some(Bytes::new());
+    }
+}
+
+/// [`splice_tcp`] after writing to `upstream` what an HBONE attempt read from the client first.
+async fn relay_direct(
+    (tcp, early): (TcpStream, &mut Early),
+    mut upstream: TcpStream,
+    meter: &dyn Meter,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Moved, String> {
+    if let Some(b) = early.0.take().filter(|b| !b.is_empty()) {
+        if let Err(e) = upstream.write_all(&b).await {
+            super::sockets::reset(tcp);
+            super::sockets::reset(upstream);
+            return Err(format!("upstream: {e}"));
+        }
+        meter.request(b.len() as u64);
+    }
+    splice_tcp(tcp, upstream, meter, stop).await
+}
+
+/// The client's connection failed before its stream was opened.
+fn client_failed(tcp: TcpStream, telemetry: ConnectionTelemetry, e: &std::io::Error) {
+    telemetry.fail(
+        ResponseFlags::ConnectFailed,
+        &format!("client connection: {e}"),
+    );
+    super::sockets::reset(tcp);
+}
+
+/// Carries a captured connection over an open HBONE stream to its end; `sent` bytes of the
+/// client's went with the stream's opening.
 async fn relay_hbone(
     tcp: TcpStream,
     stream: crate::hbone::client::PooledStream,
     mut telemetry: ConnectionTelemetry,
+    sent: usize,
 ) {
     telemetry.opened();
-    let _ = tcp.set_nodelay(true);
+    telemetry.request(sent as u64);
     let end = relay::relay(
         tcp,
         stream.send,
@@ -339,16 +413,17 @@ impl Meter for BothReporters<'_> {
     }
 }
 
-/// Opens the HBONE stream; an error says why in Istio's response flags too (401: denied by the
-/// destination's policy, anything else: the connection could not be made).
+/// Opens the HBONE stream, which carries `early` (the client's first bytes; their length is
+/// returned with the stream); an error says why in Istio's response flags too (401: denied by
+/// the destination's policy, anything else: the connection could not be made).
 async fn open_hbone(
     ctx: &MeshContext,
     client: SocketAddr,
     (hbone_addr, authority): (SocketAddr, SocketAddr),
-    source: &SpiffeId,
-    destination: &SpiffeId,
+    (source, destination): (&SpiffeId, &SpiffeId),
     service_host: Option<String>,
-) -> Result<crate::hbone::client::PooledStream, (ResponseFlags, String)> {
+    early: Bytes,
+) -> Result<(crate::hbone::client::PooledStream, usize), (ResponseFlags, String)> {
     let cert = ctx.certs.get(source).await.map_err(|e| {
         (
             ResponseFlags::ConnectFailed,
@@ -367,8 +442,10 @@ async fn open_hbone(
             .map(|w| w.baggage())
             .unwrap_or_default(),
         service_host,
+        early,
     };
-    ctx.pool.open(&req).await.map_err(|e| {
+    let sent = req.early.len();
+    let stream = ctx.pool.open(&req).await.map_err(|e| {
         let flags = match &e {
             HboneError::Status { status, .. } if *status == http::StatusCode::UNAUTHORIZED => {
                 ResponseFlags::Denied
@@ -376,5 +453,6 @@ async fn open_hbone(
             _ => ResponseFlags::ConnectFailed,
         };
         (flags, e.to_string())
-    })
+    })?;
+    Ok((stream, sent))
 }

@@ -120,6 +120,22 @@ pub async fn connect_soon(client_ip: IpAddr, dst: SocketAddr) -> std::io::Result
     ))
 }
 
+/// What `tcp` has received and nobody read yet, at most `max` bytes, without waiting: empty if
+/// nothing has arrived or the peer has closed (a later read sees the end again). Read past
+/// tokio's readiness, which a socket just accepted does not have yet.
+pub fn read_ready(tcp: &TcpStream, max: usize) -> std::io::Result<bytes::Bytes> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); crate::hbone::EARLY_DATA_MAX];
+    let buf = &mut buf[..max.min(crate::hbone::EARLY_DATA_MAX)];
+    match socket2::SockRef::from(tcp).recv_with_flags(buf, libc::MSG_DONTWAIT) {
+        // SAFETY: recv initialised the first `n` bytes.
+        Ok(n) => Ok(bytes::Bytes::copy_from_slice(unsafe {
+            std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n)
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `ip` is an address of this node (binding to it without IP_TRANSPARENT succeeds).
 /// With `net.ipv4.ip_nonlocal_bind=1` every address looks local: pods' connections relayed by
 /// the agent are then refused as node addresses (fail closed).

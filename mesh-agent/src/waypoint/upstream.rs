@@ -124,6 +124,7 @@ impl HboneUpstream {
             authority,
             baggage: self.baggage.clone(),
             service_host: service_host.map(str::to_owned),
+            early: bytes::Bytes::new(),
         };
         let stream = self.pool.open(&req).await.map_err(|e| match e {
             HboneError::Status { status, .. } => {
