@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// Write the targets table as markdown.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Record a CPU profile of both agents (perf record -g) during the first mesh trial's
-    /// cross-node 1-stream throughput and request/response tests, into this directory.
+    /// Record CPU profiles of both agents (perf record -g) during the first mesh trial's
+    /// cross-node tests into this directory: throughput and request/response in
+    /// `cross_node_mesh.perf.data`, the connection-rate tests in `cross_node_connrate.perf.data`.
     #[arg(long)]
     perf: Option<PathBuf>,
     /// Keep the agents' logs in this directory.
@@ -499,25 +500,27 @@ impl Rig<'_> {
     }
 
     /// Every test of one scenario on one path, adding one trial each.
-    /// `perf record` of both agents until the returned process is stopped (SIGINT).
+    /// `perf record` of both agents into `DIR/<file>` until [`stop_perf`] (first default mesh
+    /// trial of cross_node only).
     fn start_perf(
         &self,
         s: &Scenario,
         path: BenchPath,
         results: &Results,
+        file: &str,
     ) -> Result<Option<std::process::Child>> {
         let Some(dir) = &self.perf else {
             return Ok(None);
         };
         let first = !results
             .trials
-            .contains_key(&(s.name.to_owned(), "throughput_1", path.name()));
+            .contains_key(&(s.name.to_owned(), "rss_load", path.name()));
         if !path.is_default_mesh() || s.name != "cross_node" || !first {
             return Ok(None);
         }
         std::fs::create_dir_all(dir)?;
         let pids: Vec<String> = self.agents.iter().map(|a| a.pid().to_string()).collect();
-        let out = dir.join("cross_node_mesh.perf.data");
+        let out = dir.join(file);
         let child = std::process::Command::new("perf")
             .args(["record", "-g", "-F", "999", "-p", &pids.join(","), "-o"])
             .arg(&out)
@@ -530,7 +533,7 @@ impl Rig<'_> {
     }
 
     fn scenario(&self, s: &Scenario, path: BenchPath, results: &mut Results) -> Result<()> {
-        let perf = self.start_perf(s, path, results)?;
+        let perf = self.start_perf(s, path, results, "cross_node_mesh.perf.data")?;
         let p = path.name();
         let secs = self.secs.to_string();
         let idle = self
@@ -572,11 +575,7 @@ impl Rig<'_> {
         }
 
         let rr = self.rr(s, self.secs)?;
-        if let Some(mut child) = perf {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let _ = child.wait();
-        }
+        stop_perf(perf);
         let (p50, p99) = (
             rr["p50_us"].as_f64().context("p50")?,
             rr["p99_us"].as_f64().context("p99")?,
@@ -613,6 +612,7 @@ impl Rig<'_> {
             BenchPath::Plain => ONCE_PORT_PLAIN,
             BenchPath::Mesh(_) => ONCE_PORT_MESH,
         };
+        let perf = self.start_perf(s, path, results, "cross_node_connrate.perf.data")?;
         for (test, conc) in [("connrate_c1", "1"), ("connrate_c8", "8")] {
             let v = self.client_json(s, &["connrate", &self.server_addr(s, once), conc, &secs])?;
             results.add(
@@ -622,6 +622,7 @@ impl Rig<'_> {
                 value(v["per_second"].as_f64().context("rate")?),
             );
         }
+        stop_perf(perf);
 
         let before: Vec<f64> = self
             .agents
@@ -653,6 +654,15 @@ impl Rig<'_> {
             s.name, p
         );
         Ok(())
+    }
+}
+
+/// Ends a recording [`Rig::start_perf`] started (perf writes its file on SIGINT).
+fn stop_perf(perf: Option<std::process::Child>) {
+    if let Some(mut child) = perf {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
     }
 }
 
