@@ -81,9 +81,18 @@ pub struct BenchArgs {
     /// (a profile, an allocator); full runs leave it out.
     #[arg(long, value_delimiter = ',')]
     scale_sizes: Vec<usize>,
+    /// Trials per figure (default 5, 3 with `--quick`): e.g. `--quick --trials 20` for issue
+    /// #17's 20 consecutive trials without a failure (every failed tool run is listed).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    trials: Option<u32>,
 }
 
 impl BenchArgs {
+    /// Trials per figure.
+    fn trials(&self) -> u32 {
+        self.trials.unwrap_or(if self.quick { 3 } else { 5 })
+    }
+
     /// The agent variants to measure, in order.
     fn variants(&self) -> Vec<&'static agents::Variant> {
         if self.variants.is_empty() {
@@ -229,7 +238,7 @@ fn machine_header(args: &BenchArgs) -> Result<Value> {
         "dirty": !out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty(),
         "date": out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "mode": if quick { "quick" } else { "full" },
-        "trials": if quick { 3 } else { 5 },
+        "trials": args.trials(),
         "seconds_per_test": if quick { 2 } else { 5 },
         "variants": args.variants().iter().map(|v| json!({"path": v.path, "agent_args": v.args, "what": v.what})).collect::<Vec<_>>(),
         "build": if args.dev_build { "dev" } else { "release" },
@@ -307,7 +316,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         &variants,
         waypoint_pid,
         &ca,
-        args.quick,
+        args.trials(),
     );
     let running = std::mem::take(&mut rig.agents);
     agents::stop(running, rig.variant, args.logs.as_deref())?;
@@ -321,10 +330,9 @@ fn measure(
     variants: &[&'static agents::Variant],
     waypoint: Option<u32>,
     ca: &Path,
-    quick: bool,
+    trials: u32,
 ) -> Result<Results> {
     rig.warm_up(scenarios, ca)?;
-    let trials = if quick { 3 } else { 5 };
     let mut results = Results::default();
     for trial in 1..=trials {
         let paths =
