@@ -12,13 +12,14 @@ use anyhow::Context as _;
 use aya::maps::{MapData, MapType};
 use mesh_common::{FlowInfo, FlowKey, FlowKind, capture::FLOWS_MAP};
 
-use crate::ebpf::ip_key;
+use crate::ebpf::{ip_key, raw};
 
 /// A handle on the pinned flow table, usable from any task (system calls on one descriptor).
 pub struct FlowTable {
     map: MapData,
     /// BPF_MAP_LOOKUP_AND_DELETE_ELEM on hash maps needs Linux 5.14; older kernels answer
-    /// EINVAL and the table falls back to a lookup and a delete (two calls per connection).
+    /// ENOTSUPP (4.20-5.13) or EINVAL (unknown command) and the table falls back to a lookup
+    /// and a delete (two calls per connection).
     lookup_and_delete: AtomicBool,
 }
 
@@ -56,16 +57,16 @@ impl FlowTable {
     pub fn take(&self, client: SocketAddr, original_dst: SocketAddr) -> Option<CapturedFlow> {
         let key = flow_key(client, original_dst);
         let info = if self.lookup_and_delete.load(Ordering::Relaxed) {
-            match self.call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &key, true) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            match self.call(raw::MAP_LOOKUP_AND_DELETE_ELEM, &key, true) {
+                Err(e) if unsupported(&e) => {
                     self.lookup_and_delete.store(false, Ordering::Relaxed);
                     return self.take(client, original_dst);
                 }
                 other => other.ok()?,
             }
         } else {
-            let info = self.call(BPF_MAP_LOOKUP_ELEM, &key, true).ok()?;
-            let _ = self.call(BPF_MAP_DELETE_ELEM, &key, false);
+            let info = self.call(raw::MAP_LOOKUP_ELEM, &key, true).ok()?;
+            let _ = self.call(raw::MAP_DELETE_ELEM, &key, false);
             info
         };
         Some(CapturedFlow {
@@ -99,24 +100,20 @@ impl FlowTable {
         };
         // SAFETY: the attribute points at a key and a value of the map's sizes (checked in
         // `open`) that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                &attr as *const ElemAttr,
-                std::mem::size_of::<ElemAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        unsafe { raw::bpf(cmd, &attr) }?;
         Ok(info)
     }
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// The kernel does not know lookup-and-delete on hash maps (ENOTSUPP is the kernel's 524, which
+/// libc does not name).
+fn unsupported(e: &std::io::Error) -> bool {
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
+}
 
 /// The map key for a connection (addresses v4-mapped, ports host order).
 pub fn flow_key(client: SocketAddr, original_dst: SocketAddr) -> FlowKey {

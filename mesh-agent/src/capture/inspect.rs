@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use mesh_common::{COUNTERS_MAP, PODS_MAP, PodAddrs, PodIpEntry, capture::POD_IPS_MAP};
 
-use crate::ebpf::{CounterSnapshot, ip_from_key, read_counters};
+use crate::ebpf::{CounterSnapshot, ip_from_key, raw, read_counters};
 
 /// The pinned maps of one data path.
 pub struct PinnedMaps {
@@ -128,7 +128,6 @@ fn count_keys(map: &MapData, key_size: usize, limit: u64) -> (u64, bool) {
         key: u64,
         next_key: u64,
     }
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     let fd = map.fd().as_fd().as_raw_fd() as u32;
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
@@ -143,15 +142,7 @@ fn count_keys(map: &MapData, key_size: usize, limit: u64) -> (u64, bool) {
             next_key: next.as_mut_ptr() as u64,
         };
         // SAFETY: the attribute points at buffers of the map's key size that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const NextKeyAttr,
-                std::mem::size_of::<NextKeyAttr>(),
-            )
-        };
-        if rc != 0 {
+        if unsafe { raw::bpf(raw::MAP_GET_NEXT_KEY, &attr) }.is_err() {
             return (count, false);
         }
         count += 1;

@@ -7,6 +7,7 @@ mod enrollment;
 mod error;
 mod lookup;
 mod node_addrs;
+pub mod raw;
 mod splice;
 mod tc;
 

@@ -56,6 +56,14 @@ pub enum HboneError {
         authority: SocketAddr,
         status: StatusCode,
     },
+    /// The stream failed without an answer after its first bytes went with the CONNECT: the
+    /// server may have passed them on, so they must not be sent anywhere else.
+    #[error("HTTP/2 with {addr} failed after the stream's first bytes were sent: {source}")]
+    EarlyDataInDoubt {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
 }
 
 impl HboneError {
@@ -69,6 +77,12 @@ impl HboneError {
             }
             _ => false,
         }
+    }
+
+    /// The client's first bytes may have reached the destination (see
+    /// [`HboneError::EarlyDataInDoubt`]): the caller must not try another endpoint with them.
+    pub fn may_have_delivered(&self) -> bool {
+        matches!(self, HboneError::EarlyDataInDoubt { .. })
     }
 }
 
@@ -148,6 +162,9 @@ pub struct Pool {
     /// One dial at a time per key: a burst of new streams waits for the connection being opened
     /// instead of each opening its own.
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Streams whose first bytes went with the CONNECT.
+    #[cfg(test)]
+    early_sends: AtomicUsize,
 }
 
 /// Connections and streams, for tests and metrics.
@@ -167,6 +184,8 @@ impl Pool {
             connector,
             conns: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            early_sends: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -273,12 +292,30 @@ impl Pool {
         // Early data saves the round trip to the 200 before the first bytes can leave, where
         // the server said it may (h2 writes the HEADERS and the DATA in one flush).
         let early = !req.early.is_empty() && guard.conn().early_data.load(Ordering::Acquire);
+        #[cfg(test)]
+        if early {
+            self.early_sends.fetch_add(1, Ordering::Relaxed);
+        }
         if early {
             send_stream
                 .send_data(req.early.clone(), false)
                 .map_err(h2err)?;
         }
-        let response = response.await.map_err(h2err)?;
+        let response = match response.await {
+            Ok(r) => r,
+            // A stream the server never took cannot have passed anything on; any other failure
+            // may have come after the server's 200 and its first writes upstream.
+            Err(source) => {
+                let e = h2err(source);
+                let in_doubt = early && !e.unprocessed();
+                return Err(match e {
+                    HboneError::H2 { addr, source } if in_doubt => {
+                        HboneError::EarlyDataInDoubt { addr, source }
+                    }
+                    e => e,
+                });
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status {
                 addr: req.hbone_addr,
@@ -303,6 +340,12 @@ impl Pool {
             recv: response.into_body(),
             slot: StreamSlot(guard.into_conn()),
         })
+    }
+
+    /// Streams so far whose first bytes went with the CONNECT.
+    #[cfg(test)]
+    pub(super) fn early_sends(&self) -> usize {
+        self.early_sends.load(Ordering::Relaxed)
     }
 
     /// Connections and active streams right now.

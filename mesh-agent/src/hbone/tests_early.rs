@@ -17,6 +17,14 @@ use super::{
 /// How long the bare server waits for a stream's DATA before it answers.
 const WAIT_BEFORE_ANSWER: Duration = Duration::from_millis(700);
 
+/// How the bare server answers a stream.
+#[derive(Clone, Copy)]
+enum Answer {
+    Status(StatusCode),
+    /// RST_STREAM with this reason instead of a response.
+    Reset(h2::Reason),
+}
+
 /// What the bare server saw of one stream.
 #[derive(Debug)]
 struct Seen {
@@ -32,7 +40,7 @@ struct Seen {
 async fn bare_server(
     rig: &Rig,
     advertise: bool,
-    answers: &'static [StatusCode],
+    answers: &'static [Answer],
 ) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
     let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let cert = rig.certs.get(&rig.b).await.unwrap();
@@ -53,10 +61,21 @@ async fn bare_server(
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     let tx = tx.clone();
                     let n = streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let status = answers[n.min(answers.len() - 1)];
+                    let answer = answers[n.min(answers.len() - 1)];
                     tokio::spawn(async move {
                         let mut body = req.into_body();
                         let first = tokio::time::timeout(WAIT_BEFORE_ANSWER, body.data()).await;
+                        let status = match answer {
+                            Answer::Status(s) => s,
+                            Answer::Reset(reason) => {
+                                respond.send_reset(reason);
+                                let _ = tx.send(Seen {
+                                    before_answer: first.is_ok(),
+                                    bytes: Vec::new(),
+                                });
+                                return;
+                            }
+                        };
                         let mut answer = Response::builder().status(status);
                         if advertise {
                             answer = answer.header(EARLY_DATA_HEADER, "1");
@@ -110,7 +129,7 @@ async fn rig() -> Rig {
 #[tokio::test]
 async fn first_bytes_go_with_the_connect_once_the_server_said_it_takes_them() {
     let rig = rig().await;
-    let (server, mut seen) = bare_server(&rig, true, &[StatusCode::OK]).await;
+    let (server, mut seen) = bare_server(&rig, true, &[Answer::Status(StatusCode::OK)]).await;
     open_with(&rig, server, "hello").await.unwrap();
     let first = seen.recv().await.unwrap();
     // The connection's first stream cannot know yet: its bytes wait for the 200.
@@ -126,7 +145,7 @@ async fn first_bytes_go_with_the_connect_once_the_server_said_it_takes_them() {
 #[tokio::test]
 async fn nothing_before_the_200_to_a_server_that_never_said_it() {
     let rig = rig().await;
-    let (server, mut seen) = bare_server(&rig, false, &[StatusCode::OK]).await;
+    let (server, mut seen) = bare_server(&rig, false, &[Answer::Status(StatusCode::OK)]).await;
     for early in ["one", "two", "three"] {
         open_with(&rig, server, early).await.unwrap();
         let s = seen.recv().await.unwrap();
@@ -141,7 +160,12 @@ async fn nothing_before_the_200_to_a_server_that_never_said_it() {
 async fn a_refused_stream_reports_the_status_after_early_bytes() {
     use StatusCode as S;
     let rig = rig().await;
-    let (server, mut seen) = bare_server(&rig, true, &[S::OK, S::UNAUTHORIZED, S::OK]).await;
+    let answers = &[
+        Answer::Status(S::OK),
+        Answer::Status(S::UNAUTHORIZED),
+        Answer::Status(S::OK),
+    ];
+    let (server, mut seen) = bare_server(&rig, true, answers).await;
     open_with(&rig, server, "learn").await.unwrap();
     assert!(!seen.recv().await.unwrap().before_answer);
     let e = open_with(&rig, server, "denied").await.unwrap_err();
@@ -157,4 +181,53 @@ async fn a_refused_stream_reports_the_status_after_early_bytes() {
     open_with(&rig, server, "again").await.unwrap();
     let s = seen.recv().await.unwrap();
     assert!(s.before_answer && s.bytes == b"again", "{s:?}");
+}
+
+/// A stream lost without an answer after its first bytes went out may have delivered them: the
+/// error says so (the outbound path then tries no other endpoint). A stream the server refused
+/// unprocessed did not: it is opened again on a new connection, which waits for its 200.
+#[tokio::test]
+async fn a_stream_lost_after_early_bytes_is_in_doubt_a_refused_one_is_not() {
+    use h2::Reason;
+    let rig = rig().await;
+    let answers = &[
+        Answer::Status(StatusCode::OK),
+        Answer::Reset(Reason::INTERNAL_ERROR),
+        Answer::Reset(Reason::REFUSED_STREAM),
+        Answer::Status(StatusCode::OK),
+    ];
+    let (server, mut seen) = bare_server(&rig, true, answers).await;
+    open_with(&rig, server, "learn").await.unwrap();
+    assert!(!seen.recv().await.unwrap().before_answer);
+    let lost = open_with(&rig, server, "lost").await.unwrap_err();
+    assert!(lost.may_have_delivered(), "{lost}");
+    assert!(seen.recv().await.unwrap().before_answer);
+    open_with(&rig, server, "refused").await.unwrap();
+    assert!(seen.recv().await.unwrap().before_answer, "the refused try");
+    let retried = seen.recv().await.unwrap();
+    assert!(
+        !retried.before_answer && retried.bytes == b"refused",
+        "the retry, on a new connection: {retried:?}"
+    );
+}
+
+/// Our own HBONE server says it takes early data, and the bytes that went early reach the
+/// upstream once, before the ones the relay carries after them.
+#[tokio::test]
+async fn our_server_takes_early_data_and_delivers_it_once_in_order() {
+    let rig = rig().await;
+    let upstream = super::tests::echo().await;
+    for (i, early) in ["abc", "ghi"].into_iter().enumerate() {
+        let mut req = rig.request(upstream, &rig.b).await;
+        req.early = Bytes::from_static(early.as_bytes());
+        let mut stream = rig.pool.open(&req).await.unwrap();
+        stream
+            .send
+            .send_data(Bytes::from_static(b"-then"), true)
+            .unwrap();
+        let echoed = read_all(stream.recv).await.unwrap();
+        assert_eq!(echoed, format!("{early}-then").as_bytes());
+        // The first stream learnt it from the 200; the second sent early.
+        assert_eq!(rig.pool.early_sends(), i);
+    }
 }

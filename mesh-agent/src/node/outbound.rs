@@ -84,7 +84,7 @@ pub fn route(
 /// A service VIP tries its endpoints in round-robin order until one answers.
 pub async fn outbound(
     ctx: &MeshContext,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
     pod: &str,
@@ -134,33 +134,16 @@ pub async fn outbound(
                 source,
                 destination,
             }) => {
-                let hbone = SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE);
-                let telemetry = ctx
-                    .telemetry
-                    .outbound(client, dst, service.as_ref(), Some(hbone));
-                let host = service.as_ref().map(|s| s.hostname.clone());
-                let first_bytes = match early.read(&tcp) {
-                    Ok(b) => b,
-                    Err(e) => return client_failed(tcp, telemetry, &e),
+                let target = HboneTarget {
+                    hbone: SocketAddr::new(dst.ip(), PORT_INBOUND_HBONE),
+                    authority: dst,
+                    source: &source,
+                    destination: &destination.identity,
+                    service: service.as_ref(),
                 };
-                match open_hbone(
-                    ctx,
-                    client,
-                    (hbone, dst),
-                    (&source, &destination.identity),
-                    host,
-                    first_bytes,
-                )
-                .await
-                {
-                    Ok((stream, sent)) => {
-                        early.sent();
-                        return relay_hbone(tcp, stream, telemetry, sent).await;
-                    }
-                    Err((flags, e)) => {
-                        telemetry.fail(flags, &e);
-                        last_error = e;
-                    }
+                match attempt_hbone(ctx, (tcp, &mut early), client, target).await {
+                    Ok(()) => return,
+                    Err((given_back, e)) => (tcp, last_error) = (given_back, e),
                 }
             }
             Ok(Route::SameNode) => {
@@ -250,7 +233,7 @@ pub async fn outbound(
 /// waypoint is missing or none of its pods answers — never sent around it.
 async fn via_waypoint(
     ctx: &MeshContext,
-    (tcp, early): (TcpStream, &mut Early),
+    (mut tcp, early): (TcpStream, &mut Early),
     client: SocketAddr,
     original_dst: SocketAddr,
     route: &WaypointRoute,
@@ -286,36 +269,19 @@ async fn via_waypoint(
         return refuse(tcp, "the waypoint has no address of the client's family");
     }
     let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let host = service.map(|s| s.hostname.clone());
     let mut last_error = String::new();
     for i in 0..pods.len() {
         let (ip, identity) = pods[(start + i) % pods.len()];
-        let hbone = SocketAddr::new(*ip, PORT_INBOUND_HBONE);
-        let telemetry = ctx
-            .telemetry
-            .outbound(client, original_dst, service, Some(hbone));
-        let first_bytes = match early.read(&tcp) {
-            Ok(b) => b,
-            Err(e) => return client_failed(tcp, telemetry, &e),
+        let target = HboneTarget {
+            hbone: SocketAddr::new(*ip, PORT_INBOUND_HBONE),
+            authority: original_dst,
+            source: &source.identity,
+            destination: identity,
+            service,
         };
-        match open_hbone(
-            ctx,
-            client,
-            (hbone, original_dst),
-            (&source.identity, identity),
-            host.clone(),
-            first_bytes,
-        )
-        .await
-        {
-            Ok((stream, sent)) => {
-                early.sent();
-                return relay_hbone(tcp, stream, telemetry, sent).await;
-            }
-            Err((flags, e)) => {
-                telemetry.fail(flags, &e);
-                last_error = e;
-            }
+        match attempt_hbone(ctx, (tcp, &mut *early), client, target).await {
+            Ok(()) => return,
+            Err((given_back, e)) => (tcp, last_error) = (given_back, e),
         }
     }
     info!(%client, %original_dst, pod, waypoint = route.name(), error = last_error,
@@ -365,13 +331,67 @@ async fn relay_direct(
     splice_tcp(tcp, upstream, meter, stop).await
 }
 
-/// The client's connection failed before its stream was opened.
-fn client_failed(tcp: TcpStream, telemetry: ConnectionTelemetry, e: &std::io::Error) {
-    telemetry.fail(
-        ResponseFlags::ConnectFailed,
-        &format!("client connection: {e}"),
-    );
-    super::sockets::reset(tcp);
+/// Where one HBONE attempt goes: the `hbone` address (`<pod>:15008`) with `authority` as the
+/// CONNECT's `:authority`, as `source`, to a server proving `destination`.
+struct HboneTarget<'a> {
+    hbone: SocketAddr,
+    authority: SocketAddr,
+    source: &'a SpiffeId,
+    destination: &'a SpiffeId,
+    service: Option<&'a crate::metrics::ServiceInfo>,
+}
+
+/// One HBONE attempt for a captured connection: `Ok` once the connection has been carried to
+/// its end or ended, `Err` with the connection given back and the reason when another
+/// endpoint may be tried.
+async fn attempt_hbone(
+    ctx: &MeshContext,
+    (tcp, early): (TcpStream, &mut Early),
+    client: SocketAddr,
+    to: HboneTarget<'_>,
+) -> Result<(), (TcpStream, String)> {
+    let first_bytes = match early.read(&tcp) {
+        Ok(b) => b,
+        Err(e) => {
+            // Nothing was opened on its behalf yet: not a failure of the destination's.
+            info!(%client, authority = %to.authority, error = %e,
+                "client connection failed before its stream opened");
+            super::sockets::reset(tcp);
+            return Ok(());
+        }
+    };
+    let telemetry = ctx
+        .telemetry
+        .outbound(client, to.authority, to.service, Some(to.hbone));
+    let host = to.service.map(|s| s.hostname.clone());
+    let opened = open_hbone(
+        ctx,
+        client,
+        (to.hbone, to.authority),
+        (to.source, to.destination),
+        host,
+        first_bytes,
+    )
+    .await;
+    match opened {
+        Ok((stream, sent)) => {
+            early.sent();
+            relay_hbone(tcp, stream, telemetry, sent).await;
+            Ok(())
+        }
+        Err(failed) => {
+            telemetry.fail(failed.flags, &failed.message);
+            if failed.in_doubt {
+                // The first bytes may already be with this destination: another one must not
+                // get them too (a request would run twice).
+                info!(%client, authority = %to.authority, error = failed.message,
+                    "HBONE stream lost after the client's first bytes were sent: not tried elsewhere");
+                super::sockets::reset(tcp);
+                return Ok(());
+            }
+            Err((tcp, failed.message))
+        }
+    }
 }
 
 /// Carries a captured connection over an open HBONE stream to its end; `sent` bytes of the
@@ -413,9 +433,17 @@ impl Meter for BothReporters<'_> {
     }
 }
 
+/// Why an HBONE stream did not open: in Istio's response flags (401: denied by the
+/// destination's policy, anything else: the connection could not be made) and in words, and
+/// whether the client's first bytes may have reached the destination anyway.
+struct OpenFailed {
+    flags: ResponseFlags,
+    message: String,
+    in_doubt: bool,
+}
+
 /// Opens the HBONE stream, which carries `early` (the client's first bytes; their length is
-/// returned with the stream); an error says why in Istio's response flags too (401: denied by
-/// the destination's policy, anything else: the connection could not be made).
+/// returned with the stream).
 async fn open_hbone(
     ctx: &MeshContext,
     client: SocketAddr,
@@ -423,12 +451,11 @@ async fn open_hbone(
     (source, destination): (&SpiffeId, &SpiffeId),
     service_host: Option<String>,
     early: Bytes,
-) -> Result<(crate::hbone::client::PooledStream, usize), (ResponseFlags, String)> {
-    let cert = ctx.certs.get(source).await.map_err(|e| {
-        (
-            ResponseFlags::ConnectFailed,
-            format!("certificate of {source}: {e}"),
-        )
+) -> Result<(crate::hbone::client::PooledStream, usize), OpenFailed> {
+    let cert = ctx.certs.get(source).await.map_err(|e| OpenFailed {
+        flags: ResponseFlags::ConnectFailed,
+        message: format!("certificate of {source}: {e}"),
+        in_doubt: false,
     })?;
     let req = StreamRequest {
         client,
@@ -452,7 +479,89 @@ async fn open_hbone(
             }
             _ => ResponseFlags::ConnectFailed,
         };
-        (flags, e.to_string())
+        OpenFailed {
+            flags,
+            message: e.to_string(),
+            in_doubt: e.may_have_delivered(),
+        }
     })?;
     Ok((stream, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counted(AtomicU64, AtomicU64);
+
+    impl Meter for Counted {
+        fn request(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+        fn response(&self, n: u64) {
+            self.1.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// A connected pair: (the side we dial, the side we accept).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    /// Bytes a failed HBONE attempt read from the client reach a direct upstream before
+    /// everything else, once, and count once.
+    #[tokio::test]
+    async fn early_bytes_reach_a_direct_upstream_first_and_count_once() {
+        let (mut client, tcp) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let mut early = Early(Some(Bytes::from_static(b"first-")));
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(b"answer").await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(b"then").await.unwrap();
+        client.shutdown().await.unwrap();
+        let meter = Counted::default();
+        let relayed = relay_direct((tcp, &mut early), upstream, &meter, std::future::pending());
+        let (moved, got) = tokio::join!(relayed, server);
+        moved.unwrap();
+        assert_eq!(got.unwrap(), b"first-then");
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"answer");
+        assert_eq!(meter.0.load(Ordering::Relaxed), 10);
+        assert_eq!(meter.1.load(Ordering::Relaxed), 6);
+        assert!(early.0.is_none(), "not kept for the connection's life");
+    }
+
+    /// Read once, then the same bytes for every later attempt; once sent, not kept.
+    #[tokio::test]
+    async fn early_bytes_are_read_once_and_kept_until_sent() {
+        let (mut client, tcp) = pair().await;
+        client.write_all(b"hello").await.unwrap();
+        tcp.readable().await.unwrap();
+        let mut early = Early::default();
+        assert_eq!(&early.read(&tcp).unwrap()[..], b"hello");
+        client.write_all(b" again").await.unwrap();
+        assert_eq!(
+            &early.read(&tcp).unwrap()[..],
+            b"hello",
+            "kept, not read again"
+        );
+        early.sent();
+        assert!(early.read(&tcp).unwrap().is_empty());
+    }
 }

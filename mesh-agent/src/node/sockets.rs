@@ -226,6 +226,31 @@ mod tests {
         );
     }
 
+    /// What has arrived, at most `max` at a time, never waiting; the end of the stream reads as
+    /// empty, a reset as the error it is (a later read would no longer report it).
+    #[tokio::test]
+    async fn read_ready_takes_what_has_arrived_without_waiting() {
+        use tokio::io::AsyncWriteExt as _;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(read_ready(&s, 16).unwrap().is_empty(), "nothing sent yet");
+        c.write_all(b"0123456789abcdefXYZ").await.unwrap();
+        s.readable().await.unwrap();
+        assert_eq!(&read_ready(&s, 16).unwrap()[..], b"0123456789abcdef");
+        assert_eq!(&read_ready(&s, 16).unwrap()[..], b"XYZ");
+        c.shutdown().await.unwrap();
+        s.readable().await.unwrap();
+        assert!(read_ready(&s, 16).unwrap().is_empty(), "end of stream");
+
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        reset(c);
+        s.readable().await.unwrap();
+        let e = read_ready(&s, 16).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+
     /// The real check, end to end in this process: `::` and `0.0.0.0` are refused without a
     /// connection being attempted (a listener on the loopback never sees one).
     #[tokio::test]
