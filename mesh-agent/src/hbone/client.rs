@@ -292,11 +292,9 @@ impl Pool {
         // Early data saves the round trip to the 200 before the first bytes can leave, where
         // the server said it may (h2 writes the HEADERS and the DATA in one flush).
         let early = !req.early.is_empty() && guard.conn().early_data.load(Ordering::Acquire);
-        #[cfg(test)]
         if early {
+            #[cfg(test)]
             self.early_sends.fetch_add(1, Ordering::Relaxed);
-        }
-        if early {
             send_stream
                 .send_data(req.early.clone(), false)
                 .map_err(h2err)?;

@@ -65,42 +65,38 @@ async fn bare_server(
                     tokio::spawn(async move {
                         let mut body = req.into_body();
                         let first = tokio::time::timeout(WAIT_BEFORE_ANSWER, body.data()).await;
+                        let before_answer = first.is_ok();
+                        let mut bytes = match first {
+                            Ok(Some(Ok(b))) => b.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let report = |bytes| {
+                            let _ = tx.send(Seen {
+                                before_answer,
+                                bytes,
+                            });
+                        };
                         let status = match answer {
                             Answer::Status(s) => s,
                             Answer::Reset(reason) => {
                                 respond.send_reset(reason);
-                                let _ = tx.send(Seen {
-                                    before_answer: first.is_ok(),
-                                    bytes: Vec::new(),
-                                });
-                                return;
+                                return report(bytes);
                             }
                         };
                         let mut answer = Response::builder().status(status);
                         if advertise {
                             answer = answer.header(EARLY_DATA_HEADER, "1");
                         }
-                        let end = status != StatusCode::OK;
-                        let Ok(mut reply) = respond.send_response(answer.body(()).unwrap(), end)
-                        else {
-                            return;
-                        };
-                        let mut bytes = match &first {
-                            Ok(Some(Ok(b))) => b.to_vec(),
-                            _ => Vec::new(),
-                        };
-                        if end {
-                            let _ = tx.send(Seen {
-                                before_answer: first.is_ok(),
-                                bytes,
-                            });
-                            return;
+                        let answer = answer.body(()).unwrap();
+                        if status != StatusCode::OK {
+                            let _ = respond.send_response(answer, true);
+                            return report(bytes);
                         }
+                        let Ok(mut reply) = respond.send_response(answer, false) else {
+                            return;
+                        };
                         bytes.extend(read_all(body).await.unwrap_or_default());
-                        let _ = tx.send(Seen {
-                            before_answer: first.is_ok(),
-                            bytes,
-                        });
+                        report(bytes);
                         let _ = reply.send_data(Bytes::new(), true);
                     });
                 }

@@ -363,17 +363,7 @@ async fn attempt_hbone(
     let telemetry = ctx
         .telemetry
         .outbound(client, to.authority, to.service, Some(to.hbone));
-    let host = to.service.map(|s| s.hostname.clone());
-    let opened = open_hbone(
-        ctx,
-        client,
-        (to.hbone, to.authority),
-        (to.source, to.destination),
-        host,
-        first_bytes,
-    )
-    .await;
-    match opened {
+    match open_hbone(ctx, client, &to, first_bytes).await {
         Ok((stream, sent)) => {
             early.sent();
             relay_hbone(tcp, stream, telemetry, sent).await;
@@ -447,11 +437,10 @@ struct OpenFailed {
 async fn open_hbone(
     ctx: &MeshContext,
     client: SocketAddr,
-    (hbone_addr, authority): (SocketAddr, SocketAddr),
-    (source, destination): (&SpiffeId, &SpiffeId),
-    service_host: Option<String>,
+    to: &HboneTarget<'_>,
     early: Bytes,
 ) -> Result<(crate::hbone::client::PooledStream, usize), OpenFailed> {
+    let source = to.source;
     let cert = ctx.certs.get(source).await.map_err(|e| OpenFailed {
         flags: ResponseFlags::ConnectFailed,
         message: format!("certificate of {source}: {e}"),
@@ -461,14 +450,14 @@ async fn open_hbone(
         client,
         source: source.clone(),
         source_cert: Arc::clone(&cert.key),
-        destination: destination.clone(),
-        hbone_addr,
-        authority,
+        destination: to.destination.clone(),
+        hbone_addr: to.hbone,
+        authority: to.authority,
         baggage: ctx
             .lookup(client.ip())
             .map(|w| w.baggage())
             .unwrap_or_default(),
-        service_host,
+        service_host: to.service.map(|s| s.hostname.clone()),
         early,
     };
     let sent = req.early.len();

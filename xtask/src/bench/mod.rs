@@ -507,7 +507,6 @@ impl Rig<'_> {
         Ok(bps / 1e9)
     }
 
-    /// Every test of one scenario on one path, adding one trial each.
     /// `perf record` of both agents into `DIR/<file>` until [`stop_perf`] (first default mesh
     /// trial of cross_node only).
     fn start_perf(
@@ -540,6 +539,7 @@ impl Rig<'_> {
         Ok(Some(child))
     }
 
+    /// Every test of one scenario on one path, adding one trial each.
     fn scenario(&self, s: &Scenario, path: BenchPath, results: &mut Results) -> Result<()> {
         let perf = self.start_perf(s, path, results, "cross_node_mesh.perf.data")?;
         let p = path.name();
