@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
     grpc()?;
+    code_order();
     if which::which("bpf-linker").is_err() {
         bail!(
             "bpf-linker is not on PATH; run `cargo xtask setup` (it builds bpf-linker against the nightly's LLVM)"
@@ -40,4 +41,27 @@ fn grpc() -> anyhow::Result<()> {
         .compile_fds(fds)
         .context("generating the gRPC code")?;
     Ok(())
+}
+
+/// Release builds lay out first, and together, the functions `cargo xtask code-order` saw run
+/// (code-order.txt): an agent then has a fraction of its code pages resident
+/// (docs/ARCHITECTURE.md "Build pipeline"). It needs lld, rustc's linker on x86_64 Linux since
+/// 1.90; `MESH_CODE_ORDER=off` builds without it (another linker, or the instrumented build).
+fn code_order() {
+    println!("cargo:rerun-if-changed=code-order.txt");
+    println!("cargo:rerun-if-env-changed=MESH_CODE_ORDER");
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    let x86_64_linux = env::var("TARGET").is_ok_and(|t| t == "x86_64-unknown-linux-gnu");
+    let off = env::var("MESH_CODE_ORDER").is_ok_and(|v| v == "off");
+    let file =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join("code-order.txt");
+    if !release || !x86_64_linux || off || !file.is_file() {
+        return;
+    }
+    println!(
+        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+        file.display()
+    );
+    // Names the code no longer has (it changed since the file was made) are expected.
+    println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
 }

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use mesh_testbed::{Background, Testbed};
 
 use super::{
-    Rig,
+    Binaries, Rig,
     report::{Results, Trial},
     sampler::{RssSampler, cpu_seconds_of, rss_mib_of},
     value,
@@ -45,8 +45,8 @@ pub fn config_tail() -> String {
 }
 
 /// Starts the application and the waypoint (reading node 1's config).
-pub fn start(tb: &Testbed, bin: &Path, node1_config: &Path) -> Result<Vec<Background>> {
-    let probe = bin.join("mtb-probe");
+pub fn start(tb: &Testbed, bin: &Binaries, node1_config: &Path) -> Result<Vec<Background>> {
+    let probe = &bin.probe;
     let server = tb.pod(SERVER.0, SERVER.1);
     let mut app = server.place.spawn(
         probe.to_str().context("path")?,
@@ -55,7 +55,7 @@ pub fn start(tb: &Testbed, bin: &Path, node1_config: &Path) -> Result<Vec<Backgr
     app.wait_listening(APP_PORT, Duration::from_secs(10))?;
     let waypoint = crate::demo_l7::spawn_waypoint(
         tb.pod(WAYPOINT.0, WAYPOINT.1),
-        &bin.join("mesh-agent"),
+        &bin.agent,
         node1_config,
         "bench/waypoint",
     )?;

@@ -11,6 +11,7 @@
 //! and the agents' RSS idle and under load (from /proc). A third scenario, `l7` (see `l7.rs`),
 //! adds a `waypoint` path: HTTP through a `mesh-agent waypoint`.
 mod agents;
+mod handoff;
 mod l7;
 mod report;
 mod sampler;
@@ -85,9 +86,32 @@ pub struct BenchArgs {
     /// #17's 20 consecutive trials without a failure (every failed tool run is listed).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     trials: Option<u32>,
+    /// Run this mesh-agent binary instead of the one just built: `cargo xtask code-order`
+    /// drives an instrumented build through the bench this way. The header names it; such
+    /// figures are not comparable with release runs.
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl BenchArgs {
+    /// One quick trial of the default scenarios with `agent`: a workload, not a measurement
+    /// (`cargo xtask code-order`).
+    pub fn for_workload(agent: PathBuf) -> Self {
+        Self {
+            quick: true,
+            json: None,
+            markdown: None,
+            perf: None,
+            logs: None,
+            variants: Vec::new(),
+            dev_build: false,
+            scenarios: Vec::new(),
+            scale_sizes: Vec::new(),
+            trials: Some(1),
+            agent_bin: Some(agent),
+        }
+    }
+
     /// Trials per figure.
     fn trials(&self) -> u32 {
         self.trials.unwrap_or(if self.quick { 3 } else { 5 })
@@ -159,7 +183,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let started = Instant::now();
     ensure_setup()?;
-    let bin = crate::build_binaries(args.dev_build)?;
+    let dir = crate::build_binaries(args.dev_build)?;
+    let bin = Binaries {
+        agent: args
+            .agent_bin
+            .clone()
+            .unwrap_or_else(|| dir.join("mesh-agent")),
+        probe: dir.join("mtb-probe"),
+    };
     let header = machine_header(&args)?;
     println!("• machine: {header}");
     let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
@@ -242,6 +273,8 @@ fn machine_header(args: &BenchArgs) -> Result<Value> {
         "seconds_per_test": if quick { 2 } else { 5 },
         "variants": args.variants().iter().map(|v| json!({"path": v.path, "agent_args": v.args, "what": v.what})).collect::<Vec<_>>(),
         "build": if args.dev_build { "dev" } else { "release" },
+        "agent_bin": args.agent_bin,
+        "handoff": handoff::measure().context("measuring hand-offs")?,
     }))
 }
 
@@ -255,13 +288,19 @@ struct Rig<'a> {
     agent_bin: PathBuf,
     work: PathBuf,
     logs: Option<PathBuf>,
-    _servers: Vec<Background>,
+    servers: Vec<Background>,
     secs: f64,
     perf: Option<PathBuf>,
 }
 
-fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Results> {
-    let (agent, probe) = (bin.join("mesh-agent"), bin.join("mtb-probe"));
+/// The binaries a run uses.
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub probe: PathBuf,
+}
+
+fn bench(tb: &Testbed, bin: &Binaries, work: &Path, args: &BenchArgs) -> Result<Results> {
+    let (agent, probe) = (bin.agent.clone(), bin.probe.clone());
     let ca = throwaway_ca(&agent, work)?;
     for node in 1..=2 {
         std::fs::write(
@@ -302,7 +341,7 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
         agent_bin: agent,
         work: work.to_owned(),
         logs: args.logs.clone(),
-        _servers: servers,
+        servers,
         secs: if args.quick { 2.0 } else { 5.0 },
         perf: args.perf.clone(),
     };
@@ -320,6 +359,12 @@ fn bench(tb: &Testbed, bin: &Path, work: &Path, args: &BenchArgs) -> Result<Resu
     );
     let running = std::mem::take(&mut rig.agents);
     agents::stop(running, rig.variant, args.logs.as_deref())?;
+    // SIGTERM, not the kill of a drop: the waypoint exits as in production (and an
+    // instrumented one writes its profile, `cargo xtask code-order`) after its 5 s of
+    // accepting while it drains.
+    for server in std::mem::take(&mut rig.servers) {
+        let _ = server.terminate(Duration::from_secs(15));
+    }
     outcome
 }
 

@@ -149,6 +149,16 @@ impl Results {
             header["trials"],
             header["mode"].as_str().unwrap_or("?"),
         );
+        let handoff = &header["handoff"];
+        if let (Some(same), Some(across)) = (
+            handoff["same_cpu"].as_object(),
+            handoff["across_cpus"].as_object(),
+        ) {
+            out += &format!(
+                "Hand-offs on this machine (one byte back and forth between two processes over pipes): on one CPU {} µs per round trip ({} µs of CPU), across two CPUs {} µs ({} µs of CPU). Every meshed exchange is a chain of such hand-offs.\n\n",
+                same["round_trip_us"], same["cpu_us"], across["round_trip_us"], across["cpu_us"],
+            );
+        }
         let variants = header["variants"].as_array().cloned().unwrap_or_default();
         out += "Agent configurations measured on the mesh path (the targets are judged on `mesh`):\n\n";
         for v in &variants {

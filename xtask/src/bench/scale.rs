@@ -14,7 +14,7 @@ use mesh_testbed::{
     place::{Background, Place},
 };
 
-use super::{report::Results, sampler::rss_mib_of, throwaway_ca, value};
+use super::{Binaries, report::Results, sampler::rss_mib_of, throwaway_ca, value};
 use crate::cmd;
 
 pub const NAME: &str = "scale";
@@ -120,7 +120,7 @@ pub fn config(n: usize, uplink: &str, ca: &Path, local_pod: &str, changed: &Chan
 }
 
 /// Every size, `trials` times each.
-pub fn run(bin: &Path, work: &Path, sizes: &Sizes) -> Result<Results> {
+pub fn run(bin: &Binaries, work: &Path, sizes: &Sizes) -> Result<Results> {
     let tb = Testbed::build(TestbedSpec {
         nodes: 1,
         // The second pod serves the request/response test during churn (Kubernetes mode).
@@ -131,10 +131,10 @@ pub fn run(bin: &Path, work: &Path, sizes: &Sizes) -> Result<Results> {
     outcome
 }
 
-fn measure(tb: &Testbed, bin: &Path, work: &Path, wanted: &Sizes) -> Result<Results> {
+fn measure(tb: &Testbed, bin: &Binaries, work: &Path, wanted: &Sizes) -> Result<Results> {
     let quick = wanted.quick;
-    let agent = bin.join("mesh-agent");
-    let ca = throwaway_ca(&agent, work)?;
+    let agent = &bin.agent;
+    let ca = throwaway_ca(agent, work)?;
     let pod = tb.pod(1, 1);
     let local_pod = format!(
         "  - {{name: {}, namespace: ns0, serviceAccount: local, node: node1, ips: [{}], hostInterface: {}}}\n",
@@ -166,7 +166,7 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, wanted: &Sizes) -> Result<Resu
             let bpffs = tb.bpffs_dir().join(format!("scale-{path}-{trial}"));
             // Changes on the first trial only (each one rewrites the whole file).
             let churn = if trial == 1 && n > 0 { changes } else { 0 };
-            let outcome = start_once(tb, &agent, &file, &bpffs, n, churn, &write)
+            let outcome = start_once(tb, agent, &file, &bpffs, n, churn, &write)
                 .with_context(|| format!("{n} workloads, trial {trial}"))?;
             println!(
                 "  scale      {path:<6} ready {:.2} s, RSS {:.1} MiB, {:.1} MiB {SETTLE:?} later",
@@ -189,8 +189,8 @@ fn measure(tb: &Testbed, bin: &Path, work: &Path, wanted: &Sizes) -> Result<Resu
     }
     let kube = super::scale_kube::Setup {
         tb,
-        agent: &agent,
-        probe: &bin.join("mtb-probe"),
+        agent,
+        probe: &bin.probe,
         ca: &ca,
         work,
         sizes: wanted,
