@@ -71,14 +71,7 @@ pub fn run(args: CodeOrderArgs) -> Result<()> {
     );
     // Only what the release binary has: the rest was inlined away there.
     println!("• build (release, for its symbol table)");
-    cmd::run(&mut crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "mesh-agent",
-        "--bin",
-        "mesh-agent",
-    ]))?;
+    cmd::run(&mut crate::release_agent_build())?;
     let release = release_dir().join("mesh-agent");
     let symbols = function_symbols(&release)?;
     let instrumented = workspace_root().join(TARGET_DIR).join("release/mesh-agent");
@@ -130,18 +123,11 @@ fn record() -> Result<PathBuf> {
         "• build (the release build, instrumented: -C profile-generate through a RUSTC_WRAPPER)"
     );
     cmd::run(
-        crate::cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "--bin",
-            "mesh-agent",
-        ])
-        .env("CARGO_TARGET_DIR", root.join(TARGET_DIR))
-        .env("RUSTC_WRAPPER", wrapper)
-        .env(WRAPPER_ENV, "1")
-        .env("MESH_CODE_ORDER", "off"),
+        crate::release_agent_build()
+            .env("CARGO_TARGET_DIR", root.join(TARGET_DIR))
+            .env("RUSTC_WRAPPER", wrapper)
+            .env(WRAPPER_ENV, "1")
+            .env("MESH_CODE_ORDER", "off"),
     )?;
     let agent = root.join(TARGET_DIR).join("release/mesh-agent");
     let profiles = root.join(TARGET_DIR).join("profiles");

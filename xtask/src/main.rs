@@ -201,16 +201,22 @@ fn build_binaries(dev_build: bool) -> Result<PathBuf> {
         // build resolves its dependencies' features together with the test crates', which
         // renames its symbols and so misses mesh-agent/code-order.txt (`cargo xtask
         // code-order`).
-        cmd::run(&mut cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "--bin",
-            "mesh-agent",
-        ]))?;
+        cmd::run(&mut release_agent_build())?;
         Ok(workspace_root().join("target/release"))
     }
+}
+
+/// `cargo build` of the release agent alone, as deploy/Dockerfile runs it: the build whose
+/// symbol names mesh-agent/code-order.txt holds.
+fn release_agent_build() -> Command {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "--bin",
+        "mesh-agent",
+    ])
 }
 
 fn cargo(args: &[&str]) -> Command {
