@@ -70,13 +70,38 @@ fn code_order() {
 /// Release builds store their relative relocations packed (`DT_RELR`, glibc ≥ 2.36; the image
 /// runs trixie's 2.41): a position-independent binary has ~25,000 of them, 580 KiB as plain
 /// `RELA` entries that the loader reads once at start and that then stay in the agent's
-/// resident set; packed they take a few KiB. `MESH_PACKED_RELOCS=off` builds without.
+/// resident set; packed they take a few KiB. Only where the binary will run on the build
+/// machine's glibc and that glibc reads them (lld marks the binary as needing
+/// `GLIBC_ABI_DT_RELR`, which an older glibc refuses to load); `MESH_PACKED_RELOCS=off`
+/// builds without.
 fn packed_relocations() {
     println!("cargo:rerun-if-env-changed=MESH_PACKED_RELOCS");
     let release = env::var("PROFILE").is_ok_and(|p| p == "release");
-    let linux_gnu = env::var("TARGET").is_ok_and(|t| t.ends_with("-linux-gnu"));
+    let target = env::var("TARGET").unwrap_or_default();
+    let native = env::var("HOST").is_ok_and(|h| h == target);
     let off = env::var("MESH_PACKED_RELOCS").is_ok_and(|v| v == "off");
-    if release && linux_gnu && !off {
-        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    if !release || !native || !target.ends_with("-linux-gnu") || off {
+        return;
     }
+    match glibc_version() {
+        Some(v) if v >= (2, 36) => {
+            println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+        }
+        v => println!(
+            "cargo:warning=relative relocations not packed: this machine's glibc ({v:?}) is \
+             older than 2.36 or unknown, and would refuse to load such a binary"
+        ),
+    }
+}
+
+/// The build machine's glibc version (`getconf GNU_LIBC_VERSION` prints `glibc 2.36`).
+fn glibc_version() -> Option<(u32, u32)> {
+    let out = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let (major, minor) = text.trim().strip_prefix("glibc ")?.split_once('.')?;
+    let minor = minor.split('.').next()?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
