@@ -736,7 +736,17 @@ fn the_kind_config_and_dockerfile_are_sound() {
         ignore.lines().any(|l| l.trim() == "target/"),
         "the build context must skip target/"
     );
-    // The builder is at least the workspace's rust-version.
+    // The builder (the first FROM) is the workspace's rust-version, and exactly the
+    // toolchain the code layout's names come from.
+    let builder = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("FROM "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a FROM instruction");
+    let tag = builder
+        .strip_prefix("rust:")
+        .unwrap_or_else(|| panic!("the builder is {builder}, not a rust image"));
     let workspace = std::fs::read_to_string(dir.join("../Cargo.toml")).unwrap();
     let want = workspace
         .lines()
@@ -744,8 +754,18 @@ fn the_kind_config_and_dockerfile_are_sound() {
         .unwrap()
         .trim_matches('"');
     assert!(
-        text.contains(&format!("FROM rust:{want}-")),
-        "builder must be rust:{want}"
+        tag.starts_with(&format!("{want}.")) || tag.starts_with(&format!("{want}-")),
+        "builder {builder} must be rust {want}"
+    );
+    let order = std::fs::read_to_string(dir.join("../mesh-agent/code-order.txt")).unwrap();
+    let made_with = order
+        .lines()
+        .find_map(|l| l.strip_prefix("# made with rustc "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("code-order.txt names the toolchain it was made with");
+    assert!(
+        tag.starts_with(&format!("{made_with}-")),
+        "builder {builder} must be rust:{made_with}-…, the toolchain of mesh-agent/code-order.txt"
     );
 }
 
