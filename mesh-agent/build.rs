@@ -7,8 +7,10 @@ use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
     grpc()?;
-    code_order();
-    packed_relocations();
+    // Link options for the release binary only (dev and test builds stay as they are).
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    code_order(release);
+    packed_relocations(release);
     if which::which("bpf-linker").is_err() {
         bail!(
             "bpf-linker is not on PATH; run `cargo xtask setup` (it builds bpf-linker against the nightly's LLVM)"
@@ -48,10 +50,9 @@ fn grpc() -> anyhow::Result<()> {
 /// (code-order.txt): an agent then has a fraction of its code pages resident
 /// (docs/ARCHITECTURE.md "Build pipeline"). It needs lld, rustc's linker on x86_64 Linux since
 /// 1.90; `MESH_CODE_ORDER=off` builds without it (another linker, or the instrumented build).
-fn code_order() {
+fn code_order(release: bool) {
     println!("cargo:rerun-if-changed=code-order.txt");
     println!("cargo:rerun-if-env-changed=MESH_CODE_ORDER");
-    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
     let x86_64_linux = env::var("TARGET").is_ok_and(|t| t == "x86_64-unknown-linux-gnu");
     let off = env::var("MESH_CODE_ORDER").is_ok_and(|v| v == "off");
     let file =
@@ -74,9 +75,8 @@ fn code_order() {
 /// machine's glibc and that glibc reads them (lld marks the binary as needing
 /// `GLIBC_ABI_DT_RELR`, which an older glibc refuses to load); `MESH_PACKED_RELOCS=off`
 /// builds without.
-fn packed_relocations() {
+fn packed_relocations(release: bool) {
     println!("cargo:rerun-if-env-changed=MESH_PACKED_RELOCS");
-    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
     let target = env::var("TARGET").unwrap_or_default();
     let native = env::var("HOST").is_ok_and(|h| h == target);
     let off = env::var("MESH_PACKED_RELOCS").is_ok_and(|v| v == "off");

@@ -75,12 +75,22 @@ pub fn run(args: CodeOrderArgs) -> Result<()> {
     println!("• build (release, for its symbol table)");
     cmd::run(&mut crate::release_agent_build())?;
     let release = release_dir().join("mesh-agent");
-    let symbols = function_symbols(&release)?;
+    let Binary {
+        functions: symbols,
+        rustc,
+    } = Binary::read(&release)?;
+    let toolchain = rustc.with_context(|| {
+        format!(
+            "{} names no rustc in its .comment section",
+            release.display()
+        )
+    })?;
     let instrumented = workspace_root().join(TARGET_DIR).join("release/mesh-agent");
     if instrumented.is_file() {
         // Same flags and features as cargo sees them: the same names. Had anything differed,
         // (almost) none would be shared.
-        let shared = function_symbols(&instrumented)?
+        let shared = Binary::read(&instrumented)?
+            .functions
             .intersection(&symbols)
             .count();
         ensure!(
@@ -95,7 +105,6 @@ pub fn run(args: CodeOrderArgs) -> Result<()> {
     let mut listed = order(&executed, &symbols);
     let ran = listed.len();
     listed.extend(merge_survivors(&executed, &symbols));
-    let toolchain = toolchain_of(&release)?;
     std::fs::write(&out, render(&listed, &toolchain))
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
@@ -218,37 +227,36 @@ fn symbol_of(pgo_name: &str) -> Option<&str> {
     (!symbol.is_empty()).then_some(symbol)
 }
 
-/// The function symbols of an ELF binary.
-fn function_symbols(binary: &Path) -> Result<HashSet<String>> {
-    use object::{Object as _, ObjectSymbol as _, SymbolKind};
-    let data = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
-    let file =
-        object::File::parse(&*data).with_context(|| format!("parsing {}", binary.display()))?;
-    Ok(file
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Text)
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .collect())
+/// What this program needs of an ELF binary, from one read of it.
+struct Binary {
+    /// Its function symbols.
+    functions: HashSet<String>,
+    /// The compiler that built it, as `rustc -V` prints it: from the `.comment` section rustc
+    /// leaves in every binary (`rustc version 1.95.0 (…)`), so it is the one that built the
+    /// release agent even if `rustc` on PATH is another.
+    rustc: Option<String>,
 }
 
-/// The compiler that built `binary`, as `rustc -V` prints it: from the `.comment` section
-/// rustc leaves in every binary (`rustc version 1.95.0 (…)`), so it is the one that built
-/// the release agent even if `rustc` on PATH is another.
-fn toolchain_of(binary: &Path) -> Result<String> {
-    use object::{Object as _, ObjectSection as _};
-    let data = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
-    let file =
-        object::File::parse(&*data).with_context(|| format!("parsing {}", binary.display()))?;
-    let comment = file
-        .section_by_name(".comment")
-        .and_then(|s| s.data().ok())
-        .unwrap_or_default();
-    rustc_of_comment(comment).with_context(|| {
-        format!(
-            "{} names no rustc in its .comment section",
-            binary.display()
-        )
-    })
+impl Binary {
+    fn read(path: &Path) -> Result<Self> {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let file =
+            object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
+        let functions = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text)
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .collect();
+        let comment = file
+            .section_by_name(".comment")
+            .and_then(|s| s.data().ok())
+            .unwrap_or_default();
+        Ok(Self {
+            functions,
+            rustc: rustc_of_comment(comment),
+        })
+    }
 }
 
 /// `rustc 1.95.0 (…)` out of a `.comment` section (NUL-separated producer strings).
@@ -277,9 +285,9 @@ fn order(executed: &HashMap<String, u64>, symbols: &HashSet<String>) -> Vec<Stri
 /// type), and the instance that survives is often one the profile saw at zero (instrumented,
 /// each had its own counters, so nothing was identical). A function can also be missing
 /// because the release build inlined it everywhere; its siblings by name (other closures of
-/// the same function) are then listed for nothing — a few dozen, memory only. So: every release instance of a
-/// generic that has an instance which ran and is missing from the release binary, unless it
-/// ran itself (then it is listed already). Listed after the functions that ran, the group's
+/// the same function) are then listed for nothing — a few dozen, memory only. So: every
+/// release instance of a generic that has an instance which ran and is missing from the
+/// release binary, unless it ran itself (then it is listed already). Listed after the functions that ran, the group's
 /// hottest first: they are candidates, and the few that run sit among them rather than
 /// scattered over `.text`.
 fn merge_survivors(executed: &HashMap<String, u64>, symbols: &HashSet<String>) -> Vec<String> {

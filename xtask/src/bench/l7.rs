@@ -123,20 +123,8 @@ impl Rig<'_> {
             }
         };
         let after = cpu(&pids)?;
-        let (p50, p99) = (
-            paced["p50_us"].as_f64().context("p50")?,
-            paced["p99_us"].as_f64().context("p99")?,
-        );
-        results.add(
-            NAME,
-            "http_rr_1kib",
-            path,
-            Trial {
-                value: p50,
-                p50: Some(p50),
-                p99: Some(p99),
-            },
-        );
+        let latency = Trial::latency(&paced)?;
+        results.add(NAME, "http_rr_1kib", path, latency);
         let (rps, wall) = (
             paced["achieved_rps"].as_f64().context("rps")?,
             paced["seconds"].as_f64().context("seconds")?,
@@ -151,7 +139,9 @@ impl Rig<'_> {
         }
         let errors = paced["errors"].as_u64().unwrap_or(0);
         println!(
-            "  l7         {path:<8} p50 {p50:.0} µs p99 {p99:.0} µs at {rps:.0} req/s ({errors} errors) · waypoint RSS {:.1} MiB",
+            "  l7         {path:<8} p50 {:.0} µs p99 {:.0} µs at {rps:.0} req/s ({errors} errors) · waypoint RSS {:.1} MiB",
+            latency.value,
+            latency.p99.unwrap_or_default(),
             rss_mib_of(waypoint_pid)
         );
         Ok(())

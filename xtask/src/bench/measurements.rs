@@ -212,38 +212,12 @@ impl Rig<'_> {
             }
         }
 
-        let rr = self.rr(s, self.secs)?;
+        let rr = Trial::latency(&self.rr(s, self.secs)?)?;
         stop_perf(perf);
-        let (p50, p99) = (
-            rr["p50_us"].as_f64().context("p50")?,
-            rr["p99_us"].as_f64().context("p99")?,
-        );
-        results.add(
-            s.name,
-            "rr_1kib",
-            p,
-            Trial {
-                value: p50,
-                p50: Some(p50),
-                p99: Some(p99),
-            },
-        );
+        results.add(s.name, "rr_1kib", p, rr);
         if path.is_default_mesh() {
-            let (rr, scrapes) = self.rr_while_scraping(s)?;
-            let (p50, p99) = (
-                rr["p50_us"].as_f64().context("p50")?,
-                rr["p99_us"].as_f64().context("p99")?,
-            );
-            results.add(
-                s.name,
-                "rr_1kib_scraped",
-                p,
-                Trial {
-                    value: p50,
-                    p50: Some(p50),
-                    p99: Some(p99),
-                },
-            );
+            let (scraped, scrapes) = self.rr_while_scraping(s)?;
+            results.add(s.name, "rr_1kib_scraped", p, Trial::latency(&scraped)?);
             results.add(s.name, "scrapes_per_s", p, value(scrapes));
         }
         let once = match path {
@@ -288,8 +262,11 @@ impl Rig<'_> {
 
         results.add(s.name, "rss_load", p, value(sampler.stop()));
         println!(
-            "  {:<10} {:<5} 1 stream {t1:.2} Gbit/s · 16 streams {t16:.2} Gbit/s · rr p50 {p50:.0} µs p99 {p99:.0} µs",
-            s.name, p
+            "  {:<10} {:<5} 1 stream {t1:.2} Gbit/s · 16 streams {t16:.2} Gbit/s · rr p50 {:.0} µs p99 {:.0} µs",
+            s.name,
+            p,
+            rr.value,
+            rr.p99.unwrap_or_default()
         );
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! says whose; #17's replace #8's where both set one).
 use std::collections::BTreeMap;
 
+use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 /// One trial's figure (and, for latency, its percentiles).
@@ -11,6 +12,20 @@ pub struct Trial {
     pub value: f64,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+}
+
+impl Trial {
+    /// A latency figure from a probe's report (`p50_us`, `p99_us`, both required): its value
+    /// is the p50.
+    pub fn latency(report: &Value) -> Result<Self> {
+        let p50 = report["p50_us"].as_f64().context("p50")?;
+        let p99 = report["p99_us"].as_f64().context("p99")?;
+        Ok(Self {
+            value: p50,
+            p50: Some(p50),
+            p99: Some(p99),
+        })
+    }
 }
 
 /// All trials, keyed by (scenario, test, path).
